@@ -1,0 +1,5 @@
+import sys
+
+from streamchat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""The bounded KV cache: fixed-size buffers, cache-relative RoPE positions, eviction delegated to a policy.
+
+`BoundedCache` is a transformers `Cache`, so it plugs into `model(..., past_key_values=cache)` with the SDPA
+attention path. Because `get_seq_length()` is the number of cached tokens, the model places new tokens right after
+the cache (positions L, L+1, ...) by itself. Eviction runs only in `make_room`, between forward passes; afterwards
+the kept keys are rotated afresh at their new places from their raw form (see `rope.py`), so positions stay
+0..L-1 in cache order with no drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from streamchat.config import Settings
+from streamchat.policies import EvictionPolicy, get_policy_class
+from streamchat.rope import RopeTable
+
+
+class BoundedLayer(CacheLayerMixin):
+    """One layer's buffers: rotated keys (what attention reads), raw keys (for exact re-rotation), values, and the
+    stream index each cached place came from. All are [batch, kv_heads, capacity, ...]: GQA heads are never
+    repeated here, and the buffers are allocated once, at the first update."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, capacity: int, rope: RopeTable):
+        super().__init__()
+        self.capacity = capacity
+        self.rope = rope
+        self.length = 0
+        self.raw_keys: torch.Tensor | None = None
+        self.origins: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        shape = (batch, heads, self.capacity, head_dim)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.raw_keys = torch.zeros_like(self.keys)
+        self.values = torch.zeros(shape[:3] + value_states.shape[-1:], dtype=value_states.dtype, device=self.device)
+        self.origins = torch.zeros(shape[:3], dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, first_origin: int = 0, *args, **kwargs):
+        """Append new keys (rotated by the model at places L, L+1, ...) that are stream tokens first_origin, ...."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, count = self.length, key_states.shape[-2]
+        end = start + count
+        if end > self.capacity:
+            raise RuntimeError(
+                f"bounded cache overflow: {start} cached + {count} new > capacity {self.capacity}; "
+                "call BoundedCache.make_room before the forward pass"
+            )
+        self.keys[:, :, start:end] = key_states
+        self.raw_keys[:, :, start:end] = self.rope.unrotate_at(key_states, start, end)
+        self.values[:, :, start:end] = value_states
+        self.origins[:, :, start:end] = torch.arange(first_origin, first_origin + count, device=self.device)
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def compact(self, kept: torch.Tensor) -> None:
+        """Keep places `kept` ([k] for all heads or [batch, heads, k] per head), in that order, at places 0..k-1."""
+        length = self.length
+        if kept.dim() == 1:
+            gather = lambda buffer: buffer[:, :, :length].index_select(2, kept)  # noqa: E731
+        else:
+            gather = lambda buffer: torch.gather(  # noqa: E731
+                buffer[:, :, :length], 2, kept.reshape(kept.shape + (1,) * (buffer.dim() - 3)).expand(
+                    kept.shape + buffer.shape[3:]
+                )
+            )
+        raw_keys, values, origins = gather(self.raw_keys), gather(self.values), gather(self.origins)
+        count = raw_keys.shape[2]
+        self.raw_keys[:, :, :count] = raw_keys
+        self.values[:, :, :count] = values
+        self.origins[:, :, :count] = origins
+        self.keys[:, :, :count] = self.rope.rotate_at(raw_keys, 0, count)
+        self.length = count
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.raw_keys, self.values, self.origins))
+
+
+class BoundedCache(Cache):
+    """A KV cache that never holds more than `capacity` tokens, whatever the length of the stream.
+
+    The first `protected` tokens (the attention sinks, or the whole pinned system prompt) are never evicted;
+    the policy picks which of the others stay. Counters tell the front ends what happened.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: Settings):
+        config = model.config
+        self.settings = settings
+        self.capacity = settings.budget
+        self.sinks = settings.sinks
+        self.pinned = 0
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        device = next(model.parameters()).device
+        rope = RopeTable(model.model.rotary_emb, self.capacity, head_dim, device)
+        layers = [BoundedLayer(self.capacity, rope) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+        self.policy: EvictionPolicy = get_policy_class(settings.policy)(settings, len(layers))
+        self.seen_tokens = 0
+        self.evicted_tokens = 0
+
+    @property
+    def protected(self) -> int:
+        """Places never evicted: the sinks, or the pinned prefix if that is longer."""
+        return max(self.sinks, self.pinned)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def room(self) -> int:
+        """Most tokens one forward pass may add: the capacity less the protected places."""
+        return self.capacity - self.protected
+
+    def pin(self, count: int) -> None:
+        """Protect the first `count` tokens of the stream (e.g. the system prompt) from eviction."""
+        if count >= self.capacity:
+            raise ValueError(f"cannot pin {count} tokens in a cache of {self.capacity}")
+        self.pinned = count
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.layers[layer_idx].update(key_states, value_states, self.seen_tokens)
+        if layer_idx == len(self.layers) - 1:
+            self.seen_tokens += key_states.shape[-2]
+        return keys, values
+
+    @torch.inference_mode()
+    def make_room(self, incoming: int) -> int:
+        """Evict so that `incoming` tokens fit; returns how many were evicted (0 if they already fit).
+
+        Evicts `slack` tokens more than needed so that decode compacts once every `slack` tokens, not every token.
+        """
+        if incoming > self.room:
+            raise ValueError(f"{incoming} tokens cannot fit at once: at most {self.room} per forward pass")
+        length = self.length
+        if length + incoming <= self.capacity:
+            return 0
+        keep = max(self.protected, self.capacity - incoming - self.settings.slack)
+        for layer_idx, layer in enumerate(self.layers):
+            kept = self.policy.keep_indices(layer_idx, length, keep, min(self.protected, length))
+            kept = kept.to(layer.device)
+            layer.compact(kept)
+            self.policy.on_compact(layer_idx, kept)
+        evicted = length - keep
+        self.evicted_tokens += evicted
+        return evicted
+
+    def reset(self) -> None:
+        super().reset()
+        self.policy.reset()
+        self.seen_tokens = self.evicted_tokens = 0
+        self.pinned = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors (allocated once, at the budget)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def stats(self) -> dict[str, Any]:
+        length = self.length
+        return {
+            "policy": self.policy.name,
+            "cache_tokens": length,
+            "cache_capacity": self.capacity,
+            "sink_tokens": min(self.protected, length),
+            "seen_total": self.seen_tokens,
+            "evicted_total": self.evicted_tokens,
+            "kv_bytes": self.nbytes(),
+            **self.policy.stats(),
+        }

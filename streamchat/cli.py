@@ -1,0 +1,73 @@
+"""`python -m streamchat COMMAND`: the command-line entry point shared by every front end.
+
+Each front end module exposes `add_arguments(parser)` and `main(args) -> int`; settings flags are common to all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_settings, parse_assignments
+
+# command -> (module, help)
+COMMANDS = {
+    "chat": ("streamchat.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
+}
+
+# Named flags that map straight onto settings keys (everything else: --set key=value).
+SETTINGS_FLAGS = {
+    "model": str,
+    "device": str,
+    "dtype": str,
+    "policy": str,
+    "sinks": int,
+    "window": int,
+    "heavy": int,
+    "recent": int,
+    "system": str,
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "seed": int,
+}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (override the config file)")
+    group.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
+    for name, kind in SETTINGS_FLAGS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, metavar=kind.__name__.upper())
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The config file, then --set pairs, then named flags; validated once."""
+    overrides = parse_assignments(args.set)
+    for name in SETTINGS_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides["system_prompt" if name == "system" else name] = value
+    return load_settings(args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m streamchat", description="Endless chat in constant memory.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_settings_arguments(sub)
+        importlib.import_module(module_name).add_arguments(sub)
+        sub.set_defaults(module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args.module).main(args)
+    except SettingsError as error:
+        print(f"streamchat: config error: {error}", file=sys.stderr)
+        return 2

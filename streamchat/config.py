@@ -1,0 +1,190 @@
+"""Settings: one flat, typed record loaded from YAML, overridden from the command line, validated here only.
+
+Every front end builds its settings through `load_settings`, so a bad value fails the same way everywhere:
+with a `SettingsError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+MAX_NEW_TOKENS_LIMIT = 1_000_000
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class Settings:
+    # Model
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    # Bounded KV cache
+    policy: str = "sink_window"
+    sinks: int = 4
+    window: int = 1020  # sink_window: recent tokens kept
+    heavy: int = 256  # h2o: heavy-hitter tokens kept
+    recent: int = 764  # h2o: recent tokens kept
+    slack: int = 16  # extra tokens evicted at once, to amortize compaction
+    prefill_chunk: int = 256
+    # Conversation
+    system_prompt: str | None = None  # None: the chat template's own default
+    pin_system_prompt: bool = True  # keep the whole system prompt as sinks, like llama.cpp's --keep
+    # Sampling
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+    # Front ends
+    prompts_file: str | None = None  # scripted user turns for the endless demo and the stress test
+
+    @property
+    def budget(self) -> int:
+        """Tokens the cache may hold, whatever the policy."""
+        from streamchat.policies import get_policy_class
+
+        return get_policy_class(self.policy).budget(self)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A validated copy with `changes` applied (values may be strings, as typed on a command line)."""
+        return load_settings(None, overrides=changes, base=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert `value` to the field's type; strings from the command line are parsed as YAML scalars."""
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            pass
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise SettingsError(f"{key}: a value is required")
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise SettingsError(f"{key}: expected {names}, got {value!r}")
+
+
+def _check_ranges(s: Settings) -> None:
+    from streamchat.policies import POLICIES
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise SettingsError(f"{key}: {message}")
+
+    need(s.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    need(s.device == "cpu" or s.device.startswith("cuda"), "device", f"must be 'cpu' or 'cuda[:N]', got {s.device!r}")
+    need(s.threads is None or s.threads >= 1, "threads", "must be at least 1")
+    need(s.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}, got {s.policy!r}")
+    need(s.sinks >= 0, "sinks", "must be 0 or more")
+    need(s.window >= 1, "window", "must be at least 1")
+    need(s.heavy >= 0, "heavy", "must be 0 or more")
+    need(s.recent >= 1, "recent", "must be at least 1")
+    need(s.slack >= 0, "slack", "must be 0 or more")
+    need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
+    budget = s.budget
+    need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")
+    need(s.slack < budget - s.sinks, "slack", f"must be below the evictable part of the budget ({budget - s.sinks})")
+    need(
+        1 <= s.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+        "max_new_tokens",
+        f"must be between 1 and {MAX_NEW_TOKENS_LIMIT:,}, got {s.max_new_tokens}",
+    )
+    need(s.temperature >= 0, "temperature", "must be 0 (greedy) or more")
+    need(0 < s.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(s.top_k >= 0, "top_k", "must be 0 (off) or more")
+    need(s.repetition_penalty > 0, "repetition_penalty", "must be above 0 (1 is off)")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a SettingsError that says what is wrong with the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(f"cannot read config file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SettingsError(f"invalid YAML in {path}: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def load_settings(
+    path: str | Path | None = DEFAULT_CONFIG,
+    overrides: dict[str, Any] | None = None,
+    base: Settings | None = None,
+) -> Settings:
+    """Settings from `base` (or the defaults), then the YAML file at `path`, then `overrides`; all validated."""
+    hints = _field_types()
+    values = dataclasses.asdict(base) if base is not None else {}
+    layers = []
+    if path is not None:
+        layers.append((str(path), read_yaml(path)))
+    if overrides:
+        layers.append(("override", overrides))
+    for source, layer in layers:
+        for key, value in layer.items():
+            key = str(key).replace("-", "_")
+            if key not in hints:
+                raise SettingsError(f"unknown key {key!r} (in {source}); known keys: {', '.join(hints)}")
+            values[key] = _coerce(key, value, hints[key])
+    settings = Settings(**values)
+    _check_ranges(settings)
+    return settings
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """`["heavy=32", "window=60"]` from `--set` flags into a dict; a pair without '=' is an error."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set expects key=value, got {pair!r}")
+        result[key.strip()] = value.strip()
+    return result

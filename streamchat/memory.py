@@ -1,0 +1,31 @@
+"""Memory probes: what the process and the KV cache hold right now."""
+
+from __future__ import annotations
+
+import resource
+
+import psutil
+import torch
+
+_PROCESS = psutil.Process()
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return _PROCESS.memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Highest resident memory this process has had (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cache_bytes(cache: object) -> int:
+    """Bytes held by any transformers cache's key/value tensors (ours reports its own extra buffers)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(tensor_bytes(layer.keys, layer.values) for layer in getattr(cache, "layers", []))

@@ -1,0 +1,23 @@
+"""Eviction policies: each decides which cached tokens to keep when the bounded cache must make room.
+
+To add one, write a module here with a subclass of `EvictionPolicy` and list it in `POLICIES`.
+"""
+
+from __future__ import annotations
+
+from streamchat.policies.base import EvictionPolicy
+from streamchat.policies.sink_window import SinkWindowPolicy
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    SinkWindowPolicy.name: SinkWindowPolicy,
+}
+
+
+def get_policy_class(name: str) -> type[EvictionPolicy]:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+
+
+__all__ = ["POLICIES", "EvictionPolicy", "get_policy_class"]

@@ -1,0 +1,47 @@
+"""The interface between the bounded cache (which owns the tensors) and a policy (which picks what stays)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from streamchat.config import Settings
+
+
+class EvictionPolicy:
+    """Chooses, per layer and KV head, which cached places survive an eviction.
+
+    The cache calls `keep_indices` between forward passes, compacts its tensors to the chosen places (in the
+    order given, which becomes the new cache order and so the new RoPE positions) and then calls `on_compact`
+    so the policy can gather any per-token state of its own.
+    """
+
+    name: str = ""
+
+    def __init__(self, settings: "Settings", num_layers: int):
+        self.settings = settings
+        self.num_layers = num_layers
+
+    @classmethod
+    def budget(cls, settings: "Settings") -> int:
+        """Tokens the cache may hold under this policy."""
+        raise NotImplementedError
+
+    def keep_indices(self, layer_idx: int, length: int, keep: int, protected: int) -> torch.Tensor:
+        """Ascending places to keep, `keep` of them, always including places 0..protected-1.
+
+        Returns shape [keep] (same for every head) or [batch, kv_heads, keep] (per head).
+        """
+        raise NotImplementedError
+
+    def on_compact(self, layer_idx: int, kept: torch.Tensor) -> None:
+        """The layer kept places `kept` (as returned by `keep_indices`); drop state of the others."""
+
+    def reset(self) -> None:
+        """Forget all per-token state (a new conversation)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for the front ends, such as how many heavy hitters are held."""
+        return {}

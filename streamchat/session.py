@@ -1,0 +1,396 @@
+"""The chat session: the one place that drives the model (turns, chunked prefill, decode, sampling, stats).
+
+Each turn feeds only its new tokens. The chat template is rendered with placeholders in place of message
+contents, so the structure (role headers, end-of-turn markers) is tokenized with special tokens while what a user
+typed is always tokenized as plain text: typing `<|im_end|>` cannot end a turn. The stream rendered so far is kept
+in that placeholder form; a new turn feeds the difference between it and the template applied to the whole
+conversation, so the cache always holds what the template would have produced.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from streamchat.cache import BoundedCache
+from streamchat.config import Settings
+from streamchat.memory import rss_bytes
+from streamchat.model import LoadedModel
+
+CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "slack")
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+def _placeholder(index: int) -> str:
+    return f"\ue000{index}\ue001"
+
+
+class SessionError(ValueError):
+    """Input the session refuses (empty message, system prompt too long...); the session is unchanged."""
+
+
+@dataclass
+class TurnStats:
+    turn: int
+    prompt_tokens: int
+    new_tokens: int
+    stop_reason: str  # "eos", "max_new_tokens", "stopped" (stop flag), "stopped_in_prefill"
+    ttft_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    evicted_turn: int
+    cache: dict[str, Any] = field(default_factory=dict)
+    rss_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        flat = asdict(self)
+        flat.update(flat.pop("cache"))
+        return flat
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates (which UTF-8 cannot encode) with U+FFFD; everything else is kept as typed."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never splitting a multi-byte character (the windowed scheme of TGI/vLLM)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        full = decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+
+class ChatSession:
+    """A conversation with a bounded cache: turn 10,000 works like turn 1, and memory stays at the budget."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.settings = settings
+        self.device = next(self.model.parameters()).device
+        self.cache = BoundedCache(self.model, settings)
+        self.end_of_turn_ids = self._end_of_turn_ids()
+        self.generator = torch.Generator(device=self.device)
+        self.last_turn: TurnStats | None = None
+        self.busy = False
+        self.reset()
+
+    # ----- conversation state -------------------------------------------------------------------------------
+
+    def reset(self, system_prompt: str | None = ..., settings: Settings | None = None) -> None:
+        """Start a new conversation, optionally with another system prompt or settings.
+
+        Raises SessionError (leaving the session as it was) if a pinned system prompt does not fit the budget.
+        """
+        settings = settings or self.settings
+        if system_prompt is not ...:
+            settings = settings.replace(system_prompt=clean_text(system_prompt) if system_prompt else None)
+        cache = self.cache if self.cache_fits(settings) else BoundedCache(self.model, settings)
+        messages = [] if settings.system_prompt is None else [{"role": "system", "content": settings.system_prompt}]
+        pinned = self._pinned_prefix_length(messages, cache.capacity) if settings.pin_system_prompt else 0
+        self.settings, self.cache, self.messages, self.pinned_tokens = settings, cache, messages, pinned
+        cache.reset()
+        cache.pin(pinned)
+        self._fed_template = ""  # the stream so far, rendered with placeholders for contents
+        self._pending: list[int] = []  # sampled tokens not yet in the cache (fed first next turn)
+        self._recent_ids: deque[int] = deque(maxlen=cache.capacity)
+        self.turns = 0
+        self.evicted_last_turn = 0
+        self.last_turn = None
+        if settings.seed is not None:
+            self.generator.manual_seed(settings.seed)
+
+    def cache_fits(self, settings: Settings) -> bool:
+        """Whether the current cache object can serve `settings` (the same cache settings)."""
+        return all(getattr(self.cache.settings, key) == getattr(settings, key) for key in CACHE_KEYS)
+
+    def apply_settings(self, settings: Settings) -> bool:
+        """Use new settings; returns True when that needed a new conversation (cache, model or system prompt
+        changed), False when they apply to the next turn as is (sampling)."""
+        for key in ("model", "device", "dtype"):
+            if getattr(settings, key) != getattr(self.settings, key):
+                raise SessionError(f"{key} cannot change in a running session: start streamchat again with it")
+        restart_keys = (*CACHE_KEYS, "system_prompt", "pin_system_prompt")
+        if any(getattr(settings, key) != getattr(self.settings, key) for key in restart_keys):
+            self.reset(settings=settings)
+            return True
+        self.settings = settings
+        if settings.seed is not None:
+            self.generator.manual_seed(settings.seed)
+        return False
+
+    @property
+    def visible_messages(self) -> list[dict[str, str]]:
+        """The conversation without the system prompt."""
+        return [m for m in self.messages if m["role"] != "system"]
+
+    def stats(self) -> dict[str, Any]:
+        """Live figures, safe to read from another thread while a turn runs."""
+        return {**self.cache.stats(), "rss_bytes": rss_bytes(), "turns": self.turns}
+
+    # ----- tokenization -------------------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        placeholders = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
+        return self.tokenizer.apply_chat_template(
+            placeholders, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _segments(self, template_text: str, messages: list[dict[str, str]]) -> list[tuple[str, int | None]]:
+        """Split rendered template text into (structure text, None) and (content text, message index) parts."""
+        parts: list[tuple[str, int | None]] = []
+        cursor = 0
+        for match in _PLACEHOLDER.finditer(template_text):
+            if match.start() > cursor:
+                parts.append((template_text[cursor : match.start()], None))
+            index = int(match.group(1))
+            parts.append((messages[index]["content"], index))
+            cursor = match.end()
+        if cursor < len(template_text):
+            parts.append((template_text[cursor:], None))
+        return parts
+
+    def _tokenize(self, text: str, is_content: bool) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+
+    def _pinned_prefix_length(self, messages: list[dict[str, str]], capacity: int) -> int:
+        """Tokens before the first user message's content: the system prompt and the first turn header."""
+        probe = [*messages, {"role": "user", "content": ""}]
+        text = self._render(probe, add_generation_prompt=True)
+        before_user = text[: text.index(_placeholder(len(probe) - 1))]
+        count = sum(len(self._tokenize(part, index is not None)) for part, index in self._segments(before_user, probe))
+        limit = capacity // 2
+        if count > limit:
+            raise SessionError(
+                f"the system prompt takes {count} tokens, but a pinned prompt may use at most half the cache "
+                f"budget ({limit} of {capacity}): shorten it, raise the window, or set "
+                "pin_system_prompt: false"
+            )
+        return count
+
+    def encode_turn(self, user_text: str) -> tuple[list[tuple[list[int], int | None, str]], list[dict[str, str]]]:
+        """The token pieces a new user turn feeds, and the conversation it leads to.
+
+        Pieces are (ids, message index or None, placeholder-form text) so that a stop mid-prefill can record
+        exactly what was fed.
+        """
+        messages = [*self.messages, {"role": "user", "content": user_text}]
+        full = self._render(messages, add_generation_prompt=True)
+        fed = self._fed_template
+        if not full.startswith(fed):  # a template that rewrites history: feed from where the two differ
+            common = 0
+            while common < min(len(fed), len(full)) and fed[common] == full[common]:
+                common += 1
+            fed = fed[:common]
+        pieces = []
+        delta = full[len(fed) :]
+        cursor = 0
+        for text, index in self._segments(delta, messages):
+            width = len(_placeholder(index)) if index is not None else len(text)
+            pieces.append((self._tokenize(text, index is not None), index, delta[cursor : cursor + width]))
+            cursor += width
+        return pieces, messages
+
+    # ----- model ----------------------------------------------------------------------------------------------
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids = set()
+        configured = self.model.generation_config.eos_token_id
+        ids.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return ids
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        """Feed ids (at most the cache's room) and return the next-token logits, fp32 [1, vocab]."""
+        self.evicted_last_turn += self.cache.make_room(len(ids))
+        input_ids = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self._recent_ids.extend(ids)
+        return out.logits[:, -1].float()
+
+    def _logits_processors(self, settings: Settings) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if settings.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+        if settings.temperature > 0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k > 0:
+                processors.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(settings.top_p))
+        return processors
+
+    def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, temperature: float) -> int:
+        if processors:
+            history = torch.tensor([list(self._recent_ids)], device=self.device)
+            logits = processors(history, logits)
+        if temperature == 0:
+            return int(logits.argmax(dim=-1))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    # ----- a turn ---------------------------------------------------------------------------------------------
+
+    def send(
+        self, user_text: str, stop: threading.Event | None = None, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """Stream the reply to `user_text` as text pieces; `self.last_turn` holds the turn's stats afterwards.
+
+        Setting `stop` ends the turn at the next chunk or token, leaving the cache consistent.
+        """
+        if not isinstance(user_text, str) or not user_text.strip():
+            raise SessionError("empty message: type something to send")
+        if self.busy:
+            raise SessionError("a reply is still being generated; stop it first")
+        settings = self.settings
+        limit = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= limit <= 1_000_000:
+            raise SessionError(f"max_new_tokens must be between 1 and 1,000,000, got {limit}")
+        stop = stop or threading.Event()
+        user_text = clean_text(user_text)
+        self.busy = True
+        try:
+            yield from self._turn(user_text, stop, limit, settings)
+        finally:
+            self.busy = False
+
+    def _turn(self, user_text: str, stop: threading.Event, limit: int, settings: Settings) -> Iterator[str]:
+        started = time.perf_counter()
+        self.evicted_last_turn = 0
+        pieces, messages = self.encode_turn(user_text)
+        ids = list(self._pending)
+        for piece_ids, _, _ in pieces:
+            ids.extend(piece_ids)
+        chunk = min(settings.prefill_chunk, self.cache.room)
+        fed, logits = 0, None
+        while fed < len(ids) and not stop.is_set():
+            logits = self._forward(ids[fed : fed + chunk])
+            fed += len(ids[fed : fed + chunk])
+        prefill_seconds = time.perf_counter() - started
+        if fed < len(ids):
+            self._record_partial_prefill(pieces, messages, fed - len(self._pending))
+            self._pending = self._pending[fed:]
+            self._finish(len(ids), fed, 0, "stopped_in_prefill", prefill_seconds, 0.0, 0.0)
+            return
+        self._pending = []
+        for _, _, template_text in pieces:
+            self._fed_template += template_text
+        self.messages = messages
+        yield from self._decode(logits, limit, stop, started, len(ids), prefill_seconds, settings)
+
+    def _record_partial_prefill(self, pieces, messages: list[dict[str, str]], fed: int) -> None:
+        """After a stop mid-prefill, make the conversation say exactly what the cache holds."""
+        kept = len(self.messages)
+        for piece_ids, index, template_text in pieces:
+            if fed <= 0:
+                break
+            if fed >= len(piece_ids):
+                self._fed_template += template_text
+            elif index is None:
+                self._fed_template += self.tokenizer.decode(piece_ids[:fed])
+            else:
+                messages[index] = {**messages[index], "content": self.tokenizer.decode(piece_ids[:fed])}
+                self._fed_template += template_text
+            if index is not None:
+                kept = index + 1
+            fed -= len(piece_ids)
+        self.messages = messages[:kept]
+
+    def _decode(self, logits, limit, stop, started, prompt_tokens, prefill_seconds, settings) -> Iterator[str]:
+        processors = self._logits_processors(settings)
+        decoder = IncrementalDecoder(self.tokenizer)
+        reply: list[str] = []
+        ttft, decode_started, new_tokens = 0.0, time.perf_counter(), 0
+        reason = "stopped"  # also what a consumer closing this generator early means
+        try:
+            while True:
+                token_id = self._sample(logits, processors, settings.temperature)
+                new_tokens += 1
+                self._pending = [token_id]
+                if new_tokens == 1:
+                    ttft = time.perf_counter() - started
+                    decode_started = time.perf_counter()
+                if token_id in self.end_of_turn_ids:
+                    reason = "eos"
+                    break
+                text = decoder.push(token_id)
+                if text:
+                    reply.append(text)
+                    yield text
+                if new_tokens >= limit or stop.is_set():
+                    reason = "max_new_tokens" if new_tokens >= limit else "stopped"
+                    break
+                logits = self._forward([token_id])
+                self._pending = []
+        finally:
+            decode_seconds = time.perf_counter() - decode_started
+            index = len(self.messages)
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            self._fed_template += _placeholder(index)
+            if reason == "eos":
+                self._fed_template += self.tokenizer.decode(self._pending)
+            steps = max(new_tokens - 1, 0)  # the first token came from the prefill's logits
+            rate = steps / decode_seconds if steps and decode_seconds > 0 else 0.0
+            self._finish(prompt_tokens, prompt_tokens, new_tokens, reason, prefill_seconds, ttft, rate)
+
+    def _finish(self, prompt_tokens, fed, new_tokens, reason, prefill_seconds, ttft, decode_rate) -> None:
+        self.turns += 1
+        self.last_turn = TurnStats(
+            turn=self.turns,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            stop_reason=reason,
+            ttft_s=ttft,
+            prefill_tokens_per_s=fed / prefill_seconds if prefill_seconds > 0 else 0.0,
+            decode_tokens_per_s=decode_rate,
+            evicted_turn=self.evicted_last_turn,
+            cache=self.cache.stats(),
+            rss_bytes=rss_bytes(),
+        )
+
+    def eviction_note(self) -> str | None:
+        """A sentence for the user when the last turn evicted tokens (evictions are never silent)."""
+        if not self.last_turn or not self.last_turn.evicted_turn:
+            return None
+        cache = self.last_turn.cache
+        kept = cache["cache_tokens"] - cache["sink_tokens"]
+        return (
+            f"context window full: {self.last_turn.evicted_turn} earlier tokens evicted this turn "
+            f"({cache['evicted_total']} in total); {cache['sink_tokens']} pinned/sink + {kept} recent kept"
+        )
