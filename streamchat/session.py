@@ -100,6 +100,7 @@ class ChatSession:
         self.end_of_turn_ids = self._end_of_turn_ids()
         self.generator = torch.Generator(device=self.device)
         self.last_turn: TurnStats | None = None
+        self.last_reply_ids: list[int] = []
         self.busy = False
         self.reset()
 
@@ -335,6 +336,7 @@ class ChatSession:
     def _decode(self, logits, limit, stop, started, prompt_tokens, prefill_seconds, settings) -> Iterator[str]:
         processors = self._logits_processors(settings)
         decoder = IncrementalDecoder(self.tokenizer)
+        self.last_reply_ids = decoder.ids  # what the model generated this turn, end-of-turn token included
         reply: list[str] = []
         ttft, decode_started, new_tokens = 0.0, time.perf_counter(), 0
         reason = "stopped"  # also what a consumer closing this generator early means
@@ -347,6 +349,7 @@ class ChatSession:
                     ttft = time.perf_counter() - started
                     decode_started = time.perf_counter()
                 if token_id in self.end_of_turn_ids:
+                    decoder.ids.append(token_id)
                     reason = "eos"
                     break
                 text = decoder.push(token_id)
