@@ -96,7 +96,7 @@ class ChatSession:
         self.tokenizer = loaded.tokenizer
         self.settings = settings
         self.device = next(self.model.parameters()).device
-        self.cache = BoundedCache(self.model, settings)
+        self.cache = self.make_cache(settings)
         self.end_of_turn_ids = self._end_of_turn_ids()
         self.generator = torch.Generator(device=self.device)
         self.last_turn: TurnStats | None = None
@@ -114,7 +114,7 @@ class ChatSession:
         settings = settings or self.settings
         if system_prompt is not ...:
             settings = settings.replace(system_prompt=clean_text(system_prompt) if system_prompt else None)
-        cache = self.cache if self.cache_fits(settings) else BoundedCache(self.model, settings)
+        cache = self.cache if self.cache_fits(settings) else self.make_cache(settings)
         messages = [] if settings.system_prompt is None else [{"role": "system", "content": settings.system_prompt}]
         pinned = self._pinned_prefix_length(messages, cache.capacity) if settings.pin_system_prompt else 0
         self.settings, self.cache, self.messages, self.pinned_tokens = settings, cache, messages, pinned
@@ -128,6 +128,11 @@ class ChatSession:
         self.last_turn = None
         if settings.seed is not None:
             self.generator.manual_seed(settings.seed)
+
+    def make_cache(self, settings: Settings) -> BoundedCache:
+        """The cache a conversation runs on; a subclass may return another with the same interface (the stress
+        test's dense baseline does)."""
+        return BoundedCache(self.model, settings)
 
     def cache_fits(self, settings: Settings) -> bool:
         """Whether the current cache object can serve `settings` (the same cache settings)."""
