@@ -64,23 +64,28 @@ class BoundedLayer(CacheLayerMixin):
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def compact(self, kept: torch.Tensor) -> None:
-        """Keep places `kept` ([k] for all heads or [batch, heads, k] per head), in that order, at places 0..k-1."""
+    def compact(self, kept: torch.Tensor, fixed: int = 0) -> None:
+        """Keep places `kept` ([k] for all heads or [batch, heads, k] per head), in that order, at places 0..k-1.
+
+        The first `fixed` entries of `kept` must be 0..fixed-1 (the protected prefix): those places do not move, so
+        they are neither copied nor re-rotated and stay bit for bit as they were.
+        """
         length = self.length
-        if kept.dim() == 1:
-            gather = lambda buffer: buffer[:, :, :length].index_select(2, kept)  # noqa: E731
+        moved = kept[..., fixed:]
+        if moved.dim() == 1:
+            gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)  # noqa: E731
         else:
             gather = lambda buffer: torch.gather(  # noqa: E731
-                buffer[:, :, :length], 2, kept.reshape(kept.shape + (1,) * (buffer.dim() - 3)).expand(
-                    kept.shape + buffer.shape[3:]
-                )
+                buffer[:, :, :length],
+                2,
+                moved.reshape(moved.shape + (1,) * (buffer.dim() - 3)).expand(moved.shape + buffer.shape[3:]),
             )
         raw_keys, values, origins = gather(self.raw_keys), gather(self.values), gather(self.origins)
-        count = raw_keys.shape[2]
-        self.raw_keys[:, :, :count] = raw_keys
-        self.values[:, :, :count] = values
-        self.origins[:, :, :count] = origins
-        self.keys[:, :, :count] = self.rope.rotate_at(raw_keys, 0, count)
+        count = fixed + raw_keys.shape[2]
+        self.raw_keys[:, :, fixed:count] = raw_keys
+        self.values[:, :, fixed:count] = values
+        self.origins[:, :, fixed:count] = origins
+        self.keys[:, :, fixed:count] = self.rope.rotate_at(raw_keys, fixed, count)
         self.length = count
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -161,10 +166,10 @@ class BoundedCache(Cache):
         if length + incoming <= self.capacity:
             return 0
         keep = max(self.protected, self.capacity - incoming - self.settings.slack)
+        fixed = min(self.protected, length)
         for layer_idx, layer in enumerate(self.layers):
-            kept = self.policy.keep_indices(layer_idx, length, keep, min(self.protected, length))
-            kept = kept.to(layer.device)
-            layer.compact(kept)
+            kept = self.policy.keep_indices(layer_idx, length, keep, fixed).to(layer.device)
+            layer.compact(kept, fixed)
             self.policy.on_compact(layer_idx, kept)
         evicted = length - keep
         self.evicted_tokens += evicted
