@@ -19,6 +19,9 @@ from streamchat.policies import EvictionPolicy, get_policy_class
 from streamchat.rope import RopeTable
 
 
+LAYER_BUFFERS = ("keys", "raw_keys", "values", "origins")
+
+
 class BoundedLayer(CacheLayerMixin):
     """One layer's buffers: rotated keys (what attention reads), raw keys (for exact re-rotation), values, and the
     stream index each cached place came from. All are [batch, kv_heads, capacity, ...]: GQA heads are never
@@ -100,6 +103,14 @@ class BoundedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
+    def restore(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Fill the buffers from a saved session's (already checked) `LAYER_BUFFERS` tensors [1, heads, length, ...]."""
+        self.lazy_initialization(buffers["keys"], buffers["values"])
+        length = buffers["keys"].shape[2]
+        for name in LAYER_BUFFERS:
+            getattr(self, name)[:, :, :length] = buffers[name]
+        self.length = length
+
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
@@ -121,6 +132,8 @@ class BoundedCache(Cache):
         self.pinned = 0
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = next(model.parameters()).device
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.buffer_shape, self.dtype, self.buffer_device = (1, kv_heads, head_dim), model.dtype, device  # load_state
         rope = RopeTable(model.model.rotary_emb, self.capacity, head_dim, device)
         layers = [BoundedLayer(self.capacity, rope) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
@@ -184,6 +197,59 @@ class BoundedCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (allocated once, at the budget)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to resume exactly (for saving a session): each layer's buffers up to its length, the
+        counters, the pinned count, and the policy's own state (its tensors are prefixed `policy.`)."""
+        tensors = {}
+        for index, layer in enumerate(self.layers):
+            for name in LAYER_BUFFERS if layer.length else ():
+                tensors[f"layer{index}.{name}"] = getattr(layer, name)[:, :, : layer.length]
+        policy_tensors, policy_meta = self.policy.state()
+        tensors.update({f"policy.{name}": tensor for name, tensor in policy_tensors.items()})
+        meta = {
+            "length": self.length,
+            "pinned": self.pinned,
+            "seen_tokens": self.seen_tokens,
+            "evicted_tokens": self.evicted_tokens,
+            "policy": self.policy.name,
+            "policy_state": policy_meta,
+        }
+        return tensors, meta
+
+    @torch.inference_mode()
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take `state()` output into this new, empty cache; raises ValueError naming what does not fit (shape,
+        dtype, counts) before filling anything."""
+        length, pinned, seen, evicted = (meta.get(key) for key in ("length", "pinned", "seen_tokens", "evicted_tokens"))
+        if not all(type(value) is int and value >= 0 for value in (length, pinned, seen, evicted)):
+            raise ValueError("cache counters are missing or not whole numbers")
+        if length > self.capacity or seen - evicted != length or pinned >= self.capacity:
+            raise ValueError(f"cache counters do not add up (length {length}, capacity {self.capacity})")
+        if meta.get("policy") != self.policy.name or not isinstance(meta.get("policy_state"), dict):
+            raise ValueError(f"cache policy {meta.get('policy')!r} does not match the settings' {self.policy.name!r}")
+        batch, heads, head_dim = self.buffer_shape
+        layers = []
+        for index in range(len(self.layers)):
+            buffers = {name: tensors.get(f"layer{index}.{name}") for name in LAYER_BUFFERS} if length else {}
+            for name, tensor in buffers.items():
+                shape = (batch, heads, length) + (() if name == "origins" else (head_dim,))
+                dtype = torch.long if name == "origins" else self.dtype
+                if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                    found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+                    raise ValueError(f"cache tensor layer{index}.{name}: expected {shape} {dtype}, found {found}")
+            layers.append(buffers)
+        expected = {f"layer{index}.{name}" for index, buffers in enumerate(layers) for name in buffers}
+        unknown = sorted(name for name in tensors if name not in expected and not name.startswith("policy."))
+        if unknown:
+            raise ValueError(f"unexpected cache tensors: {', '.join(unknown[:5])}")
+        device = self.buffer_device
+        policy_tensors = {k[len("policy.") :]: v.to(device) for k, v in tensors.items() if k.startswith("policy.")}
+        self.policy.load_state(policy_tensors, meta["policy_state"])
+        for layer, buffers in zip(self.layers, layers):
+            if buffers:
+                layer.restore({name: tensor.to(device) for name, tensor in buffers.items()})
+        self.pinned, self.seen_tokens, self.evicted_tokens = pinned, seen, evicted
 
     def stats(self) -> dict[str, Any]:
         length = self.length

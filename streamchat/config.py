@@ -18,6 +18,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000000000 fails here, not in malloc
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,6 +53,7 @@ class Settings:
     seed: int | None = None
     # Front ends
     prompts_file: str | None = None  # scripted user turns for the endless demo and the stress test
+    sessions_dir: str | None = None  # saved conversations; None: $XDG_DATA_HOME or ~/.local/share, /streamchat/sessions
 
     @property
     def budget(self) -> int:
@@ -122,6 +124,7 @@ def _check_ranges(s: Settings) -> None:
     need(s.slack >= 0, "slack", "must be 0 or more")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
     budget = s.budget
+    need(budget <= MAX_BUDGET, "budget", f"{budget:,} cache tokens is above {MAX_BUDGET:,}: lower window/heavy/recent")
     need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")
     need(s.slack < budget - s.sinks, "slack", f"must be below the evictable part of the budget ({budget - s.sinks})")
     need(

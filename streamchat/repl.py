@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 
 from streamchat.config import SettingsError
+from streamchat import persist
 from streamchat.model import ModelError, load_model
 from streamchat.session import ChatSession, SessionError
 
@@ -19,6 +20,9 @@ HELP = """commands:
   /reset             start a new conversation
   /system TEXT       set the system prompt (starts a new conversation)
   /set key=value     change a setting (sampling applies at once; cache settings start a new conversation)
+  /save NAME         save the conversation, settings and cache (NAME: letters, digits, . _ -)
+  /load NAME         resume a saved conversation exactly where it was
+  /sessions          list saved conversations
   /quit              leave (also Ctrl+D)
 Ctrl+C stops the reply being generated and keeps the conversation."""
 
@@ -80,6 +84,19 @@ def run_command(session: ChatSession, line: str) -> bool:
             print(f"({key.strip()} = {value.strip()}: cache settings changed, new conversation)")
         else:
             print(f"({key.strip()} = {value.strip()})")
+    elif name in ("save", "load"):
+        if not rest:
+            print(f"usage: /{name} NAME   (saved: {', '.join(persist.saved_names(session.settings.sessions_dir)) or 'none'})")
+        elif name == "save":
+            print(f"(saved to {persist.save(session, rest)})")
+        else:
+            persist.load(session, rest)
+            print(f"(loaded {rest}: {len(session.visible_messages)} messages, turn {session.turns})")
+            for message in session.visible_messages[-2:]:
+                print(f"{'you' if message['role'] == 'user' else 'bot'}> {message['content'][-300:]}")
+    elif name == "sessions":
+        names = persist.saved_names(session.settings.sessions_dir)
+        print(f"{persist.sessions_dir(session.settings.sessions_dir)}: {', '.join(names) or 'no saved sessions'}")
     else:
         print(f"unknown command /{name}; /help lists them")
     return True

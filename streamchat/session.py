@@ -27,11 +27,12 @@ from transformers import (
 )
 
 from streamchat.cache import BoundedCache
-from streamchat.config import Settings
+from streamchat.config import Settings, load_settings
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
 CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "slack")
+LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir")  # kept from this run when a session is loaded
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
@@ -96,6 +97,7 @@ class ChatSession:
         self.tokenizer = loaded.tokenizer
         self.settings = settings
         self.device = next(self.model.parameters()).device
+        self._check_budget(settings)
         self.cache = self.make_cache(settings)
         self.end_of_turn_ids = self._end_of_turn_ids()
         self.generator = torch.Generator(device=self.device)
@@ -114,6 +116,8 @@ class ChatSession:
         settings = settings or self.settings
         if system_prompt is not ...:
             settings = settings.replace(system_prompt=clean_text(system_prompt) if system_prompt else None)
+        if not self.cache_fits(settings):
+            self._check_budget(settings)
         cache = self.cache if self.cache_fits(settings) else self.make_cache(settings)
         messages = [] if settings.system_prompt is None else [{"role": "system", "content": settings.system_prompt}]
         pinned = self._pinned_prefix_length(messages, cache.capacity) if settings.pin_system_prompt else 0
@@ -133,6 +137,15 @@ class ChatSession:
         """The cache a conversation runs on; a subclass may return another with the same interface (the stress
         test's dense baseline does)."""
         return BoundedCache(self.model, settings)
+
+    def _check_budget(self, settings: Settings) -> None:
+        """Refuse a cache budget beyond the model's context: positions past it were never trained."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and settings.budget > context:
+            raise SessionError(
+                f"the cache budget ({settings.budget} tokens) exceeds the model's context length ({context}): "
+                "lower window (or heavy/recent)"
+            )
 
     def cache_fits(self, settings: Settings) -> bool:
         """Whether the current cache object can serve `settings` (the same cache settings)."""
@@ -161,6 +174,81 @@ class ChatSession:
     def stats(self) -> dict[str, Any]:
         """Live figures, safe to read from another thread while a turn runs."""
         return {**self.cache.stats(), "rss_bytes": rss_bytes(), "turns": self.turns}
+
+    # ----- saving and resuming (the file format is persist.py's) ----------------------------------------------
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The whole session as tensors (cache buffers, sampler state) and a JSON-able dict."""
+        if self.busy:
+            raise SessionError("a reply is still being generated; stop it before saving")
+        cache_tensors, cache_meta = self.cache.state()
+        tensors = {f"cache.{name}": tensor for name, tensor in cache_tensors.items()}
+        tensors["generator_state"] = self.generator.get_state()
+        meta = {
+            "identity": self.loaded.identity,
+            "settings": self.settings.to_dict(),
+            "messages": self.messages,
+            "pinned_tokens": self.pinned_tokens,
+            "fed_template": self._fed_template,
+            "pending": self._pending,
+            "recent_ids": list(self._recent_ids),
+            "turns": self.turns,
+            "last_turn": asdict(self.last_turn) if self.last_turn else None,
+            "cache": cache_meta,
+        }
+        return tensors, meta
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Become the session `export_state` gave, to continue exactly where it was.
+
+        Everything is checked and built aside first: a SessionError says what does not fit (another model, dtype,
+        shapes, inconsistent fields) and leaves this session as it was.
+        """
+        if self.busy:
+            raise SessionError("a reply is still being generated; stop it before loading")
+        if meta.get("identity") != self.loaded.identity:
+            raise SessionError(
+                f"the session was saved with model {meta.get('identity')!r}, but {self.loaded.identity!r} is loaded: "
+                "start streamchat with that model to resume it"
+            )
+        try:
+            saved = meta["settings"]
+            if saved.get("dtype") != self.settings.dtype:
+                raise ValueError(f"it was saved with dtype {saved.get('dtype')}; start streamchat with that dtype")
+            settings = load_settings(None, {**saved, **{key: getattr(self.settings, key) for key in LOCAL_KEYS}})
+            self._check_budget(settings)
+            messages, template, turns = meta["messages"], meta["fed_template"], meta["turns"]
+            vocab = self.model.get_input_embeddings().num_embeddings
+            pending, recent = meta["pending"], meta["recent_ids"]
+            if not (
+                isinstance(messages, list)
+                and all(isinstance(m, dict) and {*m} == {"role", "content"} for m in messages)
+                and all(isinstance(v, str) for m in messages for v in m.values())
+                and isinstance(template, str)
+                and all(int(index) < len(messages) for index in _PLACEHOLDER.findall(template))
+                and type(turns) is int and turns >= 0
+                and isinstance(pending, list) and isinstance(recent, list)
+                and all(type(i) is int and 0 <= i < vocab for i in (*pending, *recent))
+            ):
+                raise ValueError("messages, template, turns or token ids are malformed")
+            cache = self.make_cache(settings)
+            cache_tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("cache.")}
+            if len(cache_tensors) + 1 != len(tensors):
+                raise ValueError("unexpected tensors besides the cache and the sampler state")
+            cache.load_state(cache_tensors, meta["cache"])
+            if cache.pinned != meta["pinned_tokens"]:
+                raise ValueError("the pinned prefix does not match the cache")
+            generator = torch.Generator(device=self.device)
+            generator.set_state(tensors["generator_state"])
+            last_turn = TurnStats(**meta["last_turn"]) if meta["last_turn"] else None
+        except KeyError as error:
+            raise SessionError(f"the saved session lacks {error}") from None
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise SessionError(f"the saved session does not fit: {error}") from None
+        self.settings, self.cache, self.generator, self.last_turn = settings, cache, generator, last_turn
+        self.messages, self.pinned_tokens, self._fed_template, self.turns = messages, cache.pinned, template, turns
+        self._pending, self._recent_ids = list(pending), deque(recent, maxlen=cache.capacity)
+        self.evicted_last_turn, self.last_reply_ids = 0, []
 
     # ----- tokenization -------------------------------------------------------------------------------------
 

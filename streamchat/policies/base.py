@@ -45,3 +45,15 @@ class EvictionPolicy:
     def stats(self) -> dict[str, Any]:
         """Figures for the front ends, such as how many heavy hitters are held."""
         return {}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Per-token state to save with a session, so a resumed one evicts exactly as this one would: tensors
+        (e.g. accumulated scores) and a JSON-able dict. A stateless policy has none."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take back what `state()` gave (on a fresh policy with the same settings, tensors already on the cache's
+        device); raise ValueError naming what does not fit, before changing anything."""
+        if tensors or meta:
+            found = ", ".join(sorted(tensors) + sorted(meta))
+            raise ValueError(f"policy {self.name} keeps no state, but the saved session has some: {found}")
