@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from streamchat.attention import enable_scoring
 from streamchat.config import Settings
 from streamchat.policies import EvictionPolicy, get_policy_class
 from streamchat.rope import RopeTable
@@ -138,6 +139,8 @@ class BoundedCache(Cache):
         layers = [BoundedLayer(self.capacity, rope) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.policy: EvictionPolicy = get_policy_class(settings.policy)(settings, len(layers))
+        if self.policy.needs_attention_scores:
+            enable_scoring(model)  # forward calls then pass the policy's observer: attention.attention_kwargs
         self.seen_tokens = 0
         self.evicted_tokens = 0
 
@@ -261,5 +264,5 @@ class BoundedCache(Cache):
             "seen_total": self.seen_tokens,
             "evicted_total": self.evicted_tokens,
             "kv_bytes": self.nbytes(),
-            **self.policy.stats(),
+            **self.policy.stats(self),
         }

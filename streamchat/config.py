@@ -39,6 +39,8 @@ class Settings:
     window: int = 1020  # sink_window: recent tokens kept
     heavy: int = 256  # h2o: heavy-hitter tokens kept
     recent: int = 764  # h2o: recent tokens kept
+    h2o_score: str = "normalized"  # h2o ranking: normalized, cumulative or decayed (docs/readme/h2o.md)
+    h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     prefill_chunk: int = 256
     # Conversation
@@ -108,6 +110,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def _check_ranges(s: Settings) -> None:
     from streamchat.policies import POLICIES
+    from streamchat.policies.h2o import H2O_SCORES
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -121,6 +124,8 @@ def _check_ranges(s: Settings) -> None:
     need(s.window >= 1, "window", "must be at least 1")
     need(s.heavy >= 0, "heavy", "must be 0 or more")
     need(s.recent >= 1, "recent", "must be at least 1")
+    need(s.h2o_score in H2O_SCORES, "h2o_score", f"must be one of {', '.join(H2O_SCORES)}, got {s.h2o_score!r}")
+    need(0 < s.h2o_decay < 1, "h2o_decay", f"must be between 0 and 1 (exclusive), got {s.h2o_decay}")
     need(s.slack >= 0, "slack", "must be 0 or more")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
     budget = s.budget

@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def stats_line(stats: dict) -> str:
     """One line after each reply: speed, cache use, evictions, memory."""
     mb = 1024 * 1024
+    held = f", {stats['heavy_tokens']} heavy, {stats['recent_tokens']} recent" if "heavy_tokens" in stats else ""
     return (
         f"[{stats['new_tokens']} tokens, {stats['decode_tokens_per_s']:.1f} tok/s, ttft {stats['ttft_s']:.2f} s"
-        f" | cache {stats['cache_tokens']}/{stats['cache_capacity']} ({stats['sink_tokens']} sink)"
+        f" | {stats['policy']} cache {stats['cache_tokens']}/{stats['cache_capacity']} ({stats['sink_tokens']} sink{held})"
         f" | evicted {stats['evicted_turn']} (total {stats['evicted_total']})"
         f" | KV {stats['kv_bytes'] / mb:.1f} MB | RSS {stats['rss_bytes'] / mb:.0f} MB]"
     )

@@ -26,12 +26,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
-CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "slack")
+CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_decay", "slack")
 LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir")  # kept from this run when a session is loaded
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
@@ -334,7 +335,13 @@ class ChatSession:
         self.evicted_last_turn += self.cache.make_room(len(ids))
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=input_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **attention_kwargs(self.cache),
+            )
         self._recent_ids.extend(ids)
         return out.logits[:, -1].float()
 

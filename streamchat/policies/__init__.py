@@ -6,10 +6,12 @@ To add one, write a module here with a subclass of `EvictionPolicy` and list it 
 from __future__ import annotations
 
 from streamchat.policies.base import EvictionPolicy
+from streamchat.policies.h2o import H2OPolicy
 from streamchat.policies.sink_window import SinkWindowPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     SinkWindowPolicy.name: SinkWindowPolicy,
+    H2OPolicy.name: H2OPolicy,
 }
 
 

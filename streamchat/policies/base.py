@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from streamchat.cache import BoundedCache
     from streamchat.config import Settings
 
 
@@ -16,9 +17,13 @@ class EvictionPolicy:
     The cache calls `keep_indices` between forward passes, compacts its tensors to the chosen places (in the
     order given, which becomes the new cache order and so the new RoPE positions) and then calls `on_compact`
     so the policy can gather any per-token state of its own.
+
+    A policy that ranks tokens by the attention they receive sets `needs_attention_scores`: its cache then runs the
+    model's attention through `streamchat.attention` and every forward pass calls `observe` once per layer.
     """
 
     name: str = ""
+    needs_attention_scores: bool = False
 
     def __init__(self, settings: "Settings", num_layers: int):
         self.settings = settings
@@ -39,11 +44,15 @@ class EvictionPolicy:
     def on_compact(self, layer_idx: int, kept: torch.Tensor) -> None:
         """The layer kept places `kept` (as returned by `keep_indices`); drop state of the others."""
 
+    def observe(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """Attention probabilities of a forward pass's new queries, [batch, kv_heads, new tokens, cache length]
+        (GQA groups averaged; the new tokens are the last places). Called only if `needs_attention_scores`."""
+
     def reset(self) -> None:
         """Forget all per-token state (a new conversation)."""
 
-    def stats(self) -> dict[str, Any]:
-        """Figures for the front ends, such as how many heavy hitters are held."""
+    def stats(self, cache: "BoundedCache") -> dict[str, Any]:
+        """Figures for the front ends, such as how many heavy hitters `cache` holds."""
         return {}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
