@@ -1,0 +1,136 @@
+"""The web UI in a real browser (headless Chromium driven by Playwright) on the tiny random model.
+
+Skipped, with the reason, only when Chromium or Playwright is missing. A screenshot goes to test-output/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamchat.config import load_settings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+WAIT_MS = 20_000
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"Chromium is missing ({CHROMIUM}): apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright is missing: .venv/bin/pip install -r requirements-dev.txt")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    from streamchat.ui import build_app, launch
+    from test_ui_api import endless_talker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # Replies long enough to press Stop in the middle; a small window so that turns evict.
+    settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 4000, "seed": 0})
+    blocks = build_app(endless_talker(), settings)
+    _, address, _ = launch(blocks, port=None, prevent_thread_lock=True, quiet=True)
+    yield address
+    blocks.close()
+    torch.set_num_threads(threads)
+
+
+def stat(page, name: str) -> float:
+    """A number of the memory panel (its first word)."""
+    return float(page.locator(f'[data-stat="{name}"]').inner_text().split()[0].replace(",", ""))
+
+
+def plot_line(page) -> str:
+    """The drawn path of the memory plot's lines (changes when new points arrive)."""
+    paths = page.locator("#token-plot .mark-line path")
+    return "".join(paths.nth(i).get_attribute("d") or "" for i in range(paths.count()))
+
+
+def wait_until(page, predicate, message: str, timeout_ms: int = WAIT_MS) -> None:
+    """Poll `predicate()` (Python, reading the page) until true; fail with `message` otherwise.
+
+    Waits on elements, not on network idle: the panel's timer keeps the network busy for ever.
+    """
+    for _ in range(timeout_ms // 100):
+        if predicate():
+            return
+        page.wait_for_timeout(100)
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "ui-browser-failure.png"), full_page=True)
+    pytest.fail(f"{message} (screenshot: test-output/ui-browser-failure.png)")
+
+
+def test_chat_memory_panel_stop_and_demo(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
+        assert stat(page, "seen_total") == 0 and stat(page, "turns") == 0
+
+        # A streamed reply, with the memory panel and the plot updating while it streams.
+        page.locator("#message textarea").fill("Tell me a story about a dragon.")
+        page.locator("#message textarea").press("Enter")
+        bot = page.locator('#chat [data-testid="bot"]')
+        page.locator('#chat [data-testid="user"]').first.wait_for(timeout=WAIT_MS)
+        wait_until(page, lambda: bot.count() > 0 and len(bot.last.inner_text().strip()) > 0, "no reply appeared")
+        first_text = bot.last.inner_text()
+        wait_until(page, lambda: len(bot.last.inner_text()) > len(first_text), "the reply did not stream")
+        seen = stat(page, "seen_total")
+        line = plot_line(page)
+        wait_until(page, lambda: stat(page, "seen_total") > seen, "the memory panel did not update while generating")
+        wait_until(page, lambda: plot_line(page) and plot_line(page) != line, "the plot did not update")
+        assert stat(page, "kv_mb") > 0 and stat(page, "rss_mb") > 10
+        assert "/ 64" in page.locator('[data-stat="cache_tokens"]').inner_text()
+        assert "generating" in page.locator("#memory-panel").inner_text()
+
+        # Stop really stops; the next message works.
+        page.locator("#stop").click()
+        wait_until(page, lambda: "stopped" in page.locator("#status").inner_text(), "Stop did not stop the reply")
+        assert page.locator("#chat").get_by_text("(stopped)").count() == 1
+        wait_until(page, lambda: stat(page, "turns") == 1, "the panel did not count the stopped turn")
+        assert stat(page, "evicted_total") > 0, "a long reply in a 64-token cache must evict"
+        assert page.locator("#chat").get_by_text("oldest tokens evicted this turn").count() >= 1
+        replies = bot.count()
+        page.locator("#message textarea").fill("Hello there!")
+        page.locator("#send").click()
+        wait_until(page, lambda: bot.count() > replies and bot.last.inner_text().strip(), "no reply after a Stop")
+        page.locator("#stop").click()
+        wait_until(page, lambda: stat(page, "turns") == 2, "the second turn did not finish")
+
+        # The endless demo runs scripted turns until Stop.
+        page.locator("#demo").click()
+        wait_until(page, lambda: "endless demo running" in page.locator("#memory-panel").inner_text(), "no demo")
+        demo_turns = page.locator('#chat [data-testid="user"]').filter(has_text="demo:")
+        wait_until(page, lambda: demo_turns.count() >= 1, "the demo sent no scripted turn")
+        OUTPUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "ui-browser.png"), full_page=True)
+        page.locator("#stop").click()
+        wait_until(page, lambda: "Endless demo stopped" in page.locator("#status").inner_text(), "demo did not stop")
+        turns = stat(page, "turns")
+        page.wait_for_timeout(1500)
+        assert stat(page, "turns") == turns, "the demo went on after Stop"
+    finally:
+        page.close()
