@@ -16,6 +16,8 @@ COMMANDS = {
     "chat": ("streamchat.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
     "ppl": ("streamchat.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
     "soak": ("streamchat.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
+    "stress": ("streamchat.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
+    "bench": ("streamchat.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
 }
 
 # Named flags that map straight onto settings keys (everything else: --set key=value).

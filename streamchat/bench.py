@@ -1,0 +1,529 @@
+"""`python -m streamchat bench`: decode speed of the bounded cache against the alternatives, measured side by side.
+
+Each measurement is one function returning rows that carry a "path" column (a way to decode, see `PATHS`), so a
+new decode path is benchmarked by registering it. Paths that must be compared are stepped in turns, token by
+token, in alternating order: on a shared machine, load changes hit every path alike and the ratios hold.
+
+- decode curve: ms/token vs tokens processed, from an empty cache (bounded paths flatten once full, dense grows);
+- overhead: the bounded cache vs a plain transformers DynamicCache kept at the same length;
+- recompute speedup: vs a sliding window re-computed from scratch for every token (no cache) at the same budget;
+- time to first token for a short and a long prompt (through ChatSession);
+- model load time: cold GGUF conversion into a temporary STREAMCHAT_CACHE, then the cached load.
+Forced tokens (text tokens fed one at a time, logits computed but ignored) stand in for generated ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from streamchat import reporting
+from streamchat.cache import BoundedCache
+from streamchat.config import Settings
+from streamchat.model import CACHE_ENV, LoadedModel, load_model
+from streamchat.prompts import DEFAULT_TURNS
+from streamchat.session import ChatSession
+
+MEASURES = ("curve", "overhead", "recompute", "ttft", "load")
+SHORT_PROMPT = "What is the capital of France?"
+
+
+# ----- decode paths ------------------------------------------------------------------------------------------------
+
+
+class DecodePath:
+    """One way to decode: feed one token per `step`, the model's forward pass included."""
+
+    name = ""
+    bounded = False  # whether the path holds at most `budget` tokens
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.model = loaded.model
+        self.settings = settings
+        self.device = next(self.model.parameters()).device
+        self.budget = settings.budget if self.bounded else None
+
+    def _run(self, ids: list[int], cache: Any, use_cache: bool = True) -> None:
+        with torch.inference_mode():
+            self.model(
+                input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=use_cache,
+                logits_to_keep=1,
+            )
+
+    def step(self, token_id: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def cache_tokens(self) -> int:
+        raise NotImplementedError
+
+
+class BoundedPath(DecodePath):
+    """What ChatSession does per token: make room (evicting `slack` extra at once), then one forward pass."""
+
+    name = "sink_window"
+    bounded = True
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        super().__init__(loaded, settings)
+        self.cache = BoundedCache(self.model, settings)
+
+    def step(self, token_id: int) -> None:
+        self.cache.make_room(1)
+        self._run([token_id], self.cache)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.cache.length
+
+
+class DensePath(DecodePath):
+    """A plain transformers DynamicCache that keeps every token (grows without bound)."""
+
+    name = "dense"
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        super().__init__(loaded, settings)
+        self.cache = DynamicCache()
+
+    def step(self, token_id: int) -> None:
+        self._run([token_id], self.cache)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.cache.get_seq_length()
+
+
+class DenseAtLengthPath(DensePath):
+    """A DynamicCache cropped back after every token, so each step decodes at the same cache length (the
+    reference for the bounded cache's overhead)."""
+
+    name = "dynamic_cache"
+
+    def __init__(self, loaded: LoadedModel, settings: Settings, length: int):
+        super().__init__(loaded, settings)
+        self.length = length
+
+    def step(self, token_id: int) -> None:
+        super().step(token_id)
+        if self.cache_tokens > self.length:
+            self.cache.crop(self.length - self.cache_tokens)
+
+
+class RecomputePath(DecodePath):
+    """Sliding window with re-computation: every token runs a fresh forward pass over the last `budget` tokens."""
+
+    name = "recompute"
+    bounded = True
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        super().__init__(loaded, settings)
+        self.window: deque[int] = deque(maxlen=self.budget)
+
+    def step(self, token_id: int) -> None:
+        self.window.append(token_id)
+        self._run(list(self.window), None, use_cache=False)
+
+    @property
+    def cache_tokens(self) -> int:
+        return len(self.window)
+
+
+# Paths the decode curve, the overhead and the recompute comparison can run; register new ones here.
+PATHS: dict[str, type[DecodePath]] = {BoundedPath.name: BoundedPath, DensePath.name: DensePath}
+
+
+# ----- helpers -----------------------------------------------------------------------------------------------------
+
+
+def forced_tokens(tokenizer, count: int) -> list[int]:
+    """`count` text tokens (the built-in prompts, repeated) to feed as if they were generated."""
+    ids = tokenizer(" ".join(DEFAULT_TURNS), add_special_tokens=False)["input_ids"]
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def budget_settings(settings: Settings, budget: int) -> Settings:
+    """The settings with a sink_window cache of `budget` tokens in all (sinks included)."""
+    return settings.replace(policy="sink_window", window=budget - settings.sinks)
+
+
+def interleaved_seconds(
+    steps: dict[str, Callable[[], None]], rounds: int, per_round: dict[str, int] | None = None, desc: str = "",
+    show_progress: bool = True,
+) -> dict[str, list[float]]:
+    """Seconds of each step call, the named steps taking turns (`per_round[name]` calls each round), in an order
+    reversed every round so that drift in machine load falls on all of them alike."""
+    per_round = per_round or {}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for index in tqdm(range(rounds), desc=desc, disable=not show_progress, file=sys.stderr, leave=False):
+        for name in names if index % 2 == 0 else reversed(names):
+            for _ in range(per_round.get(name, 1)):
+                started = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def _ms(seconds: list[float]) -> float:
+    return 1000 * sum(seconds) / len(seconds)
+
+
+# ----- measurements ------------------------------------------------------------------------------------------------
+
+
+def measure_decode_curve(
+    loaded: LoadedModel, settings: Settings, budgets: list[int], tokens: int, paths: list[str] = ("sink_window", "dense"),
+    bin_size: int | None = None, show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """ms/token vs tokens processed from an empty cache, all paths stepped token by token in turns.
+
+    A bounded path runs once per budget; an unbounded one once. Rows are medians over bins of `bin_size` tokens.
+    """
+    runners: dict[str, DecodePath] = {}
+    for name in paths:
+        cls = PATHS[name]
+        for budget in budgets if cls.bounded else budgets[:1]:
+            path = cls(loaded, budget_settings(settings, budget))
+            runners[f"{name}@{budget}" if cls.bounded else name] = path
+    ids = forced_tokens(loaded.tokenizer, tokens)
+    bin_size = bin_size or max(1, tokens // 48)
+    rows = []
+    window: dict[str, list[float]] = {key: [] for key in runners}
+    keys = list(runners)
+    bar = tqdm(total=tokens, desc="decode curve", unit="tok", disable=not show_progress, file=sys.stderr)
+    for index, token in enumerate(ids):
+        for key in keys if index % 2 == 0 else reversed(keys):  # alternate the order: load drift hits all alike
+            started = time.perf_counter()
+            runners[key].step(token)
+            window[key].append(time.perf_counter() - started)
+        bar.update(1)
+        if (index + 1) % bin_size == 0 or index + 1 == tokens:
+            for key, path in runners.items():
+                rows.append({
+                    "path": path.name,
+                    "budget": path.budget,
+                    "tokens_processed": index + 1,
+                    "cache_tokens": path.cache_tokens,
+                    "ms_per_token": round(1000 * statistics.median(window[key]), 3),
+                })
+                window[key] = []
+    bar.close()
+    return rows
+
+
+def measure_overhead(
+    loaded: LoadedModel, settings: Settings, budget: int, rounds: int = 64, path: str = "sink_window",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The bounded path vs a DynamicCache at the same cache length, per token, interleaved.
+
+    The bounded cache swings between `budget - slack - 1` and `budget` tokens (it compacts every `slack` tokens,
+    and that cost counts), so the reference is kept at the mean of that range; `rounds` should span several
+    compactions. Overhead = mean bounded time / mean DynamicCache time - 1.
+    """
+    budgeted = budget_settings(settings, budget)
+    bounded = PATHS[path](loaded, budgeted)
+    length = budget - (budgeted.slack + 1) // 2
+    reference = DenseAtLengthPath(loaded, budgeted, length)
+    ids = forced_tokens(loaded.tokenizer, budget + rounds + 8)
+    for token in ids[:budget]:  # fill both caches (not timed); the bounded one is now full
+        bounded.step(token)
+    reference._run(ids[:length], reference.cache)
+    ours_feed, theirs_feed = iter(ids[budget:]), iter(ids[budget:])
+    steps = {path: lambda: bounded.step(next(ours_feed)), "dynamic_cache": lambda: reference.step(next(theirs_feed))}
+    times = interleaved_seconds(steps, rounds, desc=f"overhead @{budget}", show_progress=show_progress)
+    ours, theirs = _ms(times[path]), _ms(times["dynamic_cache"])
+    return {
+        "measure": "overhead", "path": path, "baseline": "dynamic_cache", "budget": budget, "cache_tokens": length,
+        "steps": rounds, "ms_per_token": round(ours, 3), "baseline_ms_per_token": round(theirs, 3),
+        "ratio": round(ours / theirs, 4), "overhead": round(ours / theirs - 1, 4),
+        "median_ratio": round(statistics.median(times[path]) / statistics.median(times["dynamic_cache"]), 4),
+    }
+
+
+def measure_recompute_speedup(
+    loaded: LoadedModel, settings: Settings, budget: int, rounds: int = 6, path: str = "sink_window",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The bounded path vs sliding-window re-computation at the same budget, both with a full window.
+
+    Each round times one re-computed token and `slack` bounded tokens (a whole compaction cycle).
+    Speedup = mean re-computation time / mean bounded time.
+    """
+    budgeted = budget_settings(settings, budget)
+    bounded, recompute = PATHS[path](loaded, budgeted), RecomputePath(loaded, budgeted)
+    per_round = max(1, budgeted.slack)
+    ids = forced_tokens(loaded.tokenizer, budget + rounds * (per_round + 1) + 8)
+    for token in ids[:budget]:
+        bounded.step(token)
+    recompute.window.extend(ids[:budget])
+    ours_feed, theirs_feed = iter(ids[budget:]), iter(ids[budget:])
+    steps = {path: lambda: bounded.step(next(ours_feed)), "recompute": lambda: recompute.step(next(theirs_feed))}
+    times = interleaved_seconds(
+        steps, rounds, per_round={path: per_round}, desc=f"recompute @{budget}", show_progress=show_progress
+    )
+    ours, theirs = _ms(times[path]), _ms(times["recompute"])
+    return {
+        "measure": "recompute_speedup", "path": path, "baseline": "recompute", "budget": budget,
+        "steps": len(times[path]), "baseline_steps": len(times["recompute"]), "ms_per_token": round(ours, 3),
+        "baseline_ms_per_token": round(theirs, 3), "speedup": round(theirs / ours, 2),
+    }
+
+
+def long_prompt(tokenizer, tokens: int) -> str:
+    """About `tokens` tokens of text for the long time-to-first-token prompt."""
+    return tokenizer.decode(forced_tokens(tokenizer, tokens))
+
+
+def measure_ttft(
+    loaded: LoadedModel, settings: Settings, budget: int, long_tokens: int = 1000, repeats: int = 3,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time to first token of a fresh conversation (ChatSession.send), short and long prompt, median of `repeats`."""
+    session = ChatSession(loaded, budget_settings(settings, budget))
+    rows = []
+    prompts = {"short": SHORT_PROMPT, "long": long_prompt(loaded.tokenizer, long_tokens)}
+    bar = tqdm(total=2 * repeats, desc=f"ttft @{budget}", disable=not show_progress, file=sys.stderr, leave=False)
+    for kind, text in prompts.items():
+        seconds = []
+        for _ in range(repeats):
+            session.reset()
+            for _ in session.send(text, max_new_tokens=1):
+                pass
+            seconds.append(session.last_turn.ttft_s)
+            bar.update(1)
+        rows.append({
+            "measure": "ttft", "path": session.cache.policy.name, "budget": budget, "prompt": kind,
+            "prompt_tokens": session.last_turn.prompt_tokens, "ttft_s": round(statistics.median(seconds), 4),
+            "prefill_tokens_per_s": round(session.last_turn.prefill_tokens_per_s, 1),
+        })
+    bar.close()
+    return rows
+
+
+def measure_load_time(settings: Settings) -> dict[str, Any]:
+    """Cold load (a GGUF is converted into an empty temporary STREAMCHAT_CACHE) and the cached load after it."""
+    previous = os.environ.get(CACHE_ENV)
+    with tempfile.TemporaryDirectory(prefix="streamchat-bench-") as folder:
+        os.environ[CACHE_ENV] = folder
+        try:
+            cold = load_model(settings.model, settings.device, settings.dtype)
+            del cold.model
+            cached = load_model(settings.model, settings.device, settings.dtype)
+        finally:
+            if previous is None:
+                os.environ.pop(CACHE_ENV, None)
+            else:
+                os.environ[CACHE_ENV] = previous
+    return {
+        "measure": "load", "path": "", "model": cached.source, "cold_s": round(cold.load_seconds, 3),
+        "cold_converted": cold.converted, "cached_s": round(cached.load_seconds, 3),
+    }
+
+
+# ----- the whole benchmark -----------------------------------------------------------------------------------------
+
+
+def run_bench(
+    loaded: LoadedModel, settings: Settings, out: str | Path, budgets: list[int], tokens: int = 1024,
+    measures: tuple[str, ...] = MEASURES, paths: list[str] = ("sink_window", "dense"), rounds: int = 64,
+    recompute_rounds: int = 6, long_tokens: int = 1000, show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the chosen measurements on an already loaded model; write bench.json, bench_curve.csv,
+    bench_summary.csv and bench.png into `out`."""
+    folder = reporting.output_dir(out)
+    bounded_paths = [name for name in paths if PATHS[name].bounded]
+    report: dict[str, Any] = {
+        "command": "bench", "machine": reporting.machine_info(), "model": loaded.source,
+        "settings": settings.to_dict(), "budgets": budgets, "tokens": tokens, "curve": [], "summary": [],
+    }
+    if "curve" in measures:
+        report["curve"] = measure_decode_curve(loaded, settings, budgets, tokens, paths, show_progress=show_progress)
+    for budget in budgets:
+        for name in bounded_paths:
+            if "overhead" in measures:
+                report["summary"].append(measure_overhead(loaded, settings, budget, rounds, name, show_progress))
+            if "recompute" in measures:
+                report["summary"].append(
+                    measure_recompute_speedup(loaded, settings, budget, recompute_rounds, name, show_progress)
+                )
+        if "ttft" in measures:
+            report["summary"].extend(measure_ttft(loaded, settings, budget, long_tokens, show_progress=show_progress))
+    if "load" in measures:
+        report["summary"].append(measure_load_time(settings))
+    reporting.write_json(folder / "bench.json", report)
+    reporting.write_csv(folder / "bench_curve.csv", report["curve"])
+    reporting.write_csv(folder / "bench_summary.csv", _uniform(report["summary"]))
+    plot_bench(report, folder / "bench.png")
+    return report
+
+
+def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the union of all keys, so measurements of different kinds share one CSV."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key, "") for key in keys} for row in rows]
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> Path:
+    """Left: ms/token vs tokens processed per path. Right: ms/token at a full cache, per budget and path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in report["curve"]:
+        label = row["path"] if row["budget"] is None else f"{row['path']} (budget {row['budget']})"
+        series.setdefault(label, []).append(row)
+    for label, rows in series.items():
+        left.plot([r["tokens_processed"] for r in rows], [r["ms_per_token"] for r in rows], marker=".", label=label)
+    for budget in report["budgets"]:
+        left.axvline(budget, color="grey", linestyle=":", linewidth=1)
+    left.set_xlabel("tokens processed")
+    left.set_ylabel("decode ms/token (median per bin)")
+    left.set_title("decode time vs stream length (dotted: cache budgets)")
+    left.grid(alpha=0.3)
+    if series:
+        left.legend(fontsize=8)
+    bars: dict[str, float] = {}
+    for row in report["summary"]:
+        if row["measure"] == "overhead":
+            bars[f"{row['path']}\n@{row['budget']}"] = row["ms_per_token"]
+            bars[f"DynamicCache\n@{row['budget']}"] = row["baseline_ms_per_token"]
+        elif row["measure"] == "recompute_speedup":
+            bars.setdefault(f"{row['path']}\n@{row['budget']}", row["ms_per_token"])
+            bars[f"recompute\n@{row['budget']}"] = row["baseline_ms_per_token"]
+    if bars:
+        right.bar(range(len(bars)), list(bars.values()), color="tab:blue")
+        right.set_xticks(range(len(bars)), list(bars), fontsize=7)
+        right.set_yscale("log")
+    right.set_ylabel("ms/token with a full cache (log)")
+    right.set_title("bounded cache vs DynamicCache vs re-computation")
+    right.grid(alpha=0.3, axis="y")
+    figure.suptitle(f"streamchat bench, {report['machine']['date']}, {report['machine']['cpus']} CPUs, "
+                    f"{report['machine']['torch_threads']} torch threads", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ----- command line ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=int, nargs="+", default=None, metavar="N",
+                        help="cache budgets in tokens, sinks included (default: the configured sinks + window)")
+    parser.add_argument("--tokens", type=int, default=1024, help="length of the decode curve in tokens (default 1024)")
+    parser.add_argument("--only", default=",".join(MEASURES), metavar="LIST",
+                        help=f"measurements to run, comma separated (default all: {','.join(MEASURES)})")
+    parser.add_argument("--paths", default="sink_window,dense", metavar="LIST",
+                        help=f"decode paths to compare (known: {','.join(PATHS)})")
+    parser.add_argument("--rounds", type=int, default=64, help="interleaved tokens for the overhead (default 64)")
+    parser.add_argument("--recompute-rounds", type=int, default=6, help="re-computed tokens timed (default 6)")
+    parser.add_argument("--long-prompt", type=int, default=1000, metavar="N", help="tokens of the long TTFT prompt")
+    parser.add_argument("--out", default="out/bench", metavar="DIR", help="output folder (default out/bench)")
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of the `--json` line and the printed summary, keyed by measurement and budget."""
+    figures: dict[str, Any] = {"command": "bench"}
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for row in report["curve"]:
+        by_path.setdefault(f"{row['path']}@{row['budget']}" if row["budget"] else row["path"], []).append(row)
+    for key, rows in by_path.items():
+        full = [r["ms_per_token"] for r in rows if r["budget"] and r["tokens_processed"] > 2 * r["budget"]]
+        figures[f"curve_{key}"] = {
+            "first_ms": rows[0]["ms_per_token"], "last_ms": rows[-1]["ms_per_token"],
+            **({"full_cache_min_ms": min(full), "full_cache_max_ms": max(full)} if full else {}),
+        }
+    for row in report["summary"]:
+        tag = f"{row['path']}@{row.get('budget')}"
+        if row["measure"] == "overhead":
+            figures[f"overhead_{tag}"] = row["overhead"]
+        elif row["measure"] == "recompute_speedup":
+            figures[f"recompute_speedup_{tag}"] = row["speedup"]
+        elif row["measure"] == "ttft":
+            figures[f"ttft_{row['prompt']}_s@{row['budget']}"] = row["ttft_s"]
+        elif row["measure"] == "load":
+            figures["load_cold_s"], figures["load_cached_s"] = row["cold_s"], row["cached_s"]
+    return figures
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    for key, value in headline(report).items():
+        if key.startswith("curve_"):
+            flat = ""
+            if "full_cache_min_ms" in value:
+                flat = f", full cache {value['full_cache_min_ms']:.1f}-{value['full_cache_max_ms']:.1f}"
+            print(f"decode {key[6:]}: {value['first_ms']:.1f} ms/token at start{flat}, {value['last_ms']:.1f} at the end")
+    for row in report["summary"]:
+        if row["measure"] == "overhead":
+            print(f"overhead {row['path']} @{row['budget']}: {row['ms_per_token']:.1f} vs DynamicCache "
+                  f"{row['baseline_ms_per_token']:.1f} ms/token at {row['cache_tokens']} tokens: {row['overhead']:+.1%}")
+        elif row["measure"] == "recompute_speedup":
+            print(f"speedup vs re-computation @{row['budget']}: {row['speedup']:.1f}x "
+                  f"({row['ms_per_token']:.1f} vs {row['baseline_ms_per_token']:.1f} ms/token)")
+        elif row["measure"] == "ttft":
+            print(f"time to first token @{row['budget']}, {row['prompt']} prompt ({row['prompt_tokens']} tokens): "
+                  f"{row['ttft_s']:.3f} s")
+        elif row["measure"] == "load":
+            print(f"model load: cold {row['cold_s']:.1f} s (converted: {row['cold_converted']}), cached {row['cached_s']:.2f} s")
+
+
+def parse_list(text: str, known: tuple[str, ...] | list[str], flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in known]
+    if unknown or not items:
+        raise ValueError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; known: {', '.join(known)}")
+    return items
+
+
+def main(args: argparse.Namespace) -> int:
+    from streamchat.cli import settings_from_args
+    from streamchat.model import ModelError
+
+    settings = settings_from_args(args)
+    try:
+        measures = tuple(parse_list(args.only, MEASURES, "--only"))
+        paths = parse_list(args.paths, list(PATHS), "--paths")
+        budgets = args.budget or [settings.budget]
+        for budget in budgets:
+            if budget <= settings.sinks + settings.slack + 1:
+                raise ValueError(f"--budget {budget} is too small for {settings.sinks} sinks and slack {settings.slack}")
+        if args.tokens < 1 or args.rounds < 1 or args.recompute_rounds < 1 or args.long_prompt < 1:
+            raise ValueError("--tokens, --rounds, --recompute-rounds and --long-prompt must be at least 1")
+    except ValueError as error:
+        print(f"streamchat bench: {error}", file=sys.stderr)
+        return 2
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        loaded = load_model(settings.model, settings.device, settings.dtype)
+    except ModelError as error:
+        print(f"streamchat bench: {error}", file=sys.stderr)
+        return 2
+    report = run_bench(
+        loaded, settings, args.out, budgets, args.tokens, measures, paths, args.rounds, args.recompute_rounds,
+        args.long_prompt,
+    )
+    print_summary(report)
+    print(f"results: {Path(args.out) / 'bench.json'}, bench_curve.csv, bench_summary.csv, bench.png")
+    if args.json:
+        reporting.print_json_line(headline(report))
+    return 0

@@ -1,0 +1,103 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from streamchat import bench, cli
+from streamchat.config import load_settings
+
+BUDGET = 48  # the tiny template's system prompt (17 tokens) must fit in half the budget
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two threads on two shared cores crawl; the tiny model runs best on one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_settings(None, {"sinks": 4, "window": 44, "slack": 4})
+
+
+def test_paths_hold_the_tokens_they_should(tiny, settings):
+    ids = bench.forced_tokens(tiny.tokenizer, 70)
+    assert len(ids) == 70
+    bounded = bench.BoundedPath(tiny, bench.budget_settings(settings, BUDGET))
+    dense = bench.DensePath(tiny, settings)
+    at_length = bench.DenseAtLengthPath(tiny, settings, length=20)
+    recompute = bench.RecomputePath(tiny, bench.budget_settings(settings, BUDGET))
+    for token in ids:
+        for path in (bounded, dense, at_length, recompute):
+            path.step(token)
+    assert BUDGET - settings.slack - 1 <= bounded.cache_tokens <= BUDGET
+    assert dense.cache_tokens == 70 and at_length.cache_tokens == 20 and recompute.cache_tokens == BUDGET
+
+
+def test_decode_curve_rows_per_path_and_bin(tiny, settings):
+    rows = bench.measure_decode_curve(tiny, settings, [BUDGET], tokens=60, bin_size=20, show_progress=False)
+    assert [(r["path"], r["budget"], r["tokens_processed"]) for r in rows] == [
+        ("sink_window", BUDGET, 20), ("dense", None, 20),
+        ("sink_window", BUDGET, 40), ("dense", None, 40),
+        ("sink_window", BUDGET, 60), ("dense", None, 60),
+    ]
+    assert rows[-2]["cache_tokens"] <= BUDGET < rows[-1]["cache_tokens"] == 60
+    assert all(r["ms_per_token"] > 0 for r in rows)
+
+
+def test_overhead_and_recompute_compare_at_the_same_budget(tiny, settings):
+    overhead = bench.measure_overhead(tiny, settings, BUDGET, rounds=8, show_progress=False)
+    assert overhead["cache_tokens"] == BUDGET - 2 and overhead["steps"] == 8
+    assert overhead["ratio"] == pytest.approx(overhead["ms_per_token"] / overhead["baseline_ms_per_token"], rel=1e-2)
+    speedup = bench.measure_recompute_speedup(tiny, settings, BUDGET, rounds=2, show_progress=False)
+    assert speedup["steps"] == 2 * settings.slack and speedup["baseline_steps"] == 2
+    assert speedup["speedup"] == pytest.approx(speedup["baseline_ms_per_token"] / speedup["ms_per_token"], rel=1e-2)
+
+
+def test_ttft_short_and_long_prompt(tiny, settings):
+    rows = bench.measure_ttft(tiny, settings, BUDGET, long_tokens=120, repeats=1, show_progress=False)
+    short, long = rows
+    assert (short["prompt"], long["prompt"]) == ("short", "long")
+    assert short["prompt_tokens"] + 60 < 120 <= long["prompt_tokens"]
+    assert short["ttft_s"] > 0 and long["ttft_s"] > 0
+
+
+def test_load_time_uses_a_temporary_model_cache_and_restores_it(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "tiny-model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("STREAMCHAT_CACHE", "/somewhere/else")
+    row = bench.measure_load_time(load_settings(None, {"model": str(folder)}))
+    assert row["cold_s"] > 0 and row["cached_s"] > 0 and row["cold_converted"] is False
+    import os
+
+    assert os.environ["STREAMCHAT_CACHE"] == "/somewhere/else"
+
+
+def test_command_writes_results_and_a_json_line(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "load_model", lambda *args: tiny)
+    status = cli.main([
+        "bench", "--budget", str(BUDGET), "--tokens", "40", "--only", "curve,overhead,recompute", "--rounds", "4",
+        "--recompute-rounds", "1", "--window", "44", "--sinks", "4", "--set", "slack=4", "--out", str(tmp_path),
+        "--json",
+    ])
+    assert status == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["command"] == "bench" and f"overhead_sink_window@{BUDGET}" in last
+    assert f"recompute_speedup_sink_window@{BUDGET}" in last and "curve_dense" in last
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["budgets"] == [BUDGET] and len(saved["summary"]) == 2
+    with (tmp_path / "bench_curve.csv").open() as handle:
+        assert {row["path"] for row in csv.DictReader(handle)} == {"sink_window", "dense"}
+    with (tmp_path / "bench_summary.csv").open() as handle:
+        assert [row["measure"] for row in csv.DictReader(handle)] == ["overhead", "recompute_speedup"]
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_command_refuses_bad_lists(tmp_path, capsys):
+    assert cli.main(["bench", "--only", "curve,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown nope" in capsys.readouterr().err
