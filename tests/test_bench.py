@@ -36,6 +36,9 @@ def test_paths_hold_the_tokens_they_should(tiny, settings):
             path.step(token)
     assert BUDGET - settings.slack - 1 <= bounded.cache_tokens <= BUDGET
     assert dense.cache_tokens == 70 and at_length.cache_tokens == 20 and recompute.cache_tokens == BUDGET
+    filled = bench.BoundedPath(tiny, bench.budget_settings(settings, BUDGET))
+    filled.prefill(ids)  # in chunks of at most the room, evicting between them
+    assert filled.cache.stats()["seen_total"] == 70 and filled.cache_tokens <= BUDGET
 
 
 def test_decode_curve_rows_per_path_and_bin(tiny, settings):
@@ -52,10 +55,10 @@ def test_decode_curve_rows_per_path_and_bin(tiny, settings):
 def test_overhead_and_recompute_compare_at_the_same_budget(tiny, settings):
     overhead = bench.measure_overhead(tiny, settings, BUDGET, rounds=8, show_progress=False)
     assert overhead["cache_tokens"] == BUDGET - 2 and overhead["steps"] == 8
-    assert overhead["ratio"] == pytest.approx(overhead["ms_per_token"] / overhead["baseline_ms_per_token"], rel=1e-2)
+    assert overhead["ratio"] == pytest.approx(overhead["ms_per_token"] / overhead["baseline_ms_per_token"], abs=0.01)
     speedup = bench.measure_recompute_speedup(tiny, settings, BUDGET, rounds=2, show_progress=False)
     assert speedup["steps"] == 2 * settings.slack and speedup["baseline_steps"] == 2
-    assert speedup["speedup"] == pytest.approx(speedup["baseline_ms_per_token"] / speedup["ms_per_token"], rel=1e-2)
+    assert speedup["speedup"] == pytest.approx(speedup["baseline_ms_per_token"] / speedup["ms_per_token"], abs=0.01)
 
 
 def test_ttft_short_and_long_prompt(tiny, settings):
