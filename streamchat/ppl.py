@@ -168,8 +168,11 @@ def perplexity(nll: np.ndarray) -> float:
     return float(math.exp(values.mean())) if len(values) else float("nan")
 
 
-def summarize(nll: dict[str, np.ndarray], seconds: dict[str, float], modes: dict[str, str]) -> list[dict[str, Any]]:
-    """One row per policy: perplexity overall, over the last tokens, at the recompute tokens, and time."""
+def summarize(
+    nll: dict[str, np.ndarray], seconds: dict[str, float], modes: dict[str, str], budget: int
+) -> list[dict[str, Any]]:
+    """One row per policy: perplexity overall, past the budget (where policies differ), over the last tokens, at
+    the recompute tokens, and time."""
     sampled = ~np.isnan(nll[RECOMPUTE]) if RECOMPUTE in nll else None
     rows = []
     for name, values in nll.items():
@@ -178,6 +181,7 @@ def summarize(nll: dict[str, np.ndarray], seconds: dict[str, float], modes: dict
             {
                 "policy": name,
                 "ppl": round(perplexity(values), 4),
+                "ppl_after_budget": round(perplexity(values[budget - 1 :]), 4),
                 f"ppl_last_{LAST}": round(perplexity(values[-LAST:]), 4),
                 "ppl_at_recompute_tokens": round(perplexity(values[sampled]), 4) if sampled is not None else None,
                 "tokens_evaluated": evaluated,
@@ -235,6 +239,7 @@ def headline(rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, An
         "tokens": report["tokens"],
         "budget": report["budget"],
         "ppl": {name: row["ppl"] for name, row in by_name.items()},
+        "ppl_after_budget": {name: row["ppl_after_budget"] for name, row in by_name.items()},
         f"ppl_last_{LAST}": {name: row[f"ppl_last_{LAST}"] for name, row in by_name.items()},
         "ms_per_token": {name: row["ms_per_token"] for name, row in by_name.items()},
         "out": report["out"],
@@ -291,7 +296,7 @@ def run_ppl(
         nll[name], seconds[name], modes[name] = run.nll, run.seconds, "token by token"
         peaks[name] = run.peak_tokens
     nll = {name: nll[name] for name in POLICY_NAMES if name in nll}
-    rows = summarize(nll, seconds, modes)
+    rows = summarize(nll, seconds, modes, budget)
     folder = reporting.output_dir(out)
     report = {
         "command": "ppl",

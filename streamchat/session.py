@@ -492,8 +492,10 @@ class ChatSession:
         if not self.last_turn or not self.last_turn.evicted_turn:
             return None
         cache = self.last_turn.cache
-        kept = cache["cache_tokens"] - cache["sink_tokens"]
+        kept = f"{cache['cache_tokens'] - cache['sink_tokens']} recent"
+        if "heavy_tokens" in cache:  # h2o
+            kept = f"{cache['heavy_tokens']} heavy-hitter + {cache['recent_tokens']} recent"
         return (
             f"context window full: {self.last_turn.evicted_turn} earlier tokens evicted this turn "
-            f"({cache['evicted_total']} in total); {cache['sink_tokens']} pinned/sink + {kept} recent kept"
+            f"({cache['evicted_total']} in total); {cache['sink_tokens']} pinned/sink + {kept} kept"
         )

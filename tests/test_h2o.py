@@ -268,6 +268,7 @@ def test_jsonl_reports_policy_heavy_and_recent(loaded, monkeypatch, capsys):
         assert record["policy"] == "h2o" and record["cache_tokens"] <= record["cache_capacity"] == 40
         assert record["sink_tokens"] + record["heavy_tokens"] + record["recent_tokens"] == record["cache_tokens"]
     assert records[-1]["recent_tokens"] == 16 and records[-1]["evicted_total"] > 0
+    assert any("heavy-hitter" in record.get("eviction_note", "") for record in records)
     line = repl.stats_line(records[-1])
     assert "h2o cache" in line and f"{records[-1]['heavy_tokens']} heavy, 16 recent" in line
 
