@@ -268,10 +268,9 @@ class ChatApp:
 
     def new_clicked(self, request: gr.Request) -> tuple[list, str]:
         session = self.session(request)
-        try:
-            session.new_conversation()
-        except SessionError as error:
-            raise gr.Error(str(error)) from None
+        if session.busy:  # keep the page as it is (the chat box's own clear button empties it at once)
+            return session.page_messages(), "A reply is being generated: press Stop first."
+        session.new_conversation()
         return session.page_messages(), self._status(session, "New conversation: the cache is empty again.")
 
     def apply_settings(
@@ -313,7 +312,7 @@ class ChatApp:
             session.start_demo()
         except (SessionError, PromptsError) as error:
             raise gr.Error(str(error)) from None
-        source = session.chat.settings.prompts_file or "the built-in prompts"
+        source = session.demo_prompts_file or "the built-in prompts"
         return gr.Timer(active=True), f"Endless demo: scripted turns from {source}, one after another, until Stop."
 
     def demo_turn(self, temperature, top_p, top_k, max_new_tokens, request: gr.Request) -> Iterator[tuple]:
@@ -357,7 +356,7 @@ class ChatApp:
         key = None
         if session is not None:
             key = (session.chat.cache.seen_tokens, session.chat.turns, session.busy, len(self.sessions))
-            if key == getattr(session, "rendered_key", None):
+            if key == session.rendered_key:
                 return gr.skip(), gr.skip(), gr.skip()
             session.rendered_key = key
         return self.panel(request)

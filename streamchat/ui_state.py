@@ -12,12 +12,13 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from streamchat.config import Settings
+from streamchat.config import CONFIG_DIR, Settings
 from streamchat.model import LoadedModel
 from streamchat.prompts import endless_turns
 from streamchat.session import ChatSession, SessionError
 
 MB = 1024 * 1024
+DEMO_PROMPTS = CONFIG_DIR / "demo_prompts.txt"  # the endless demo's script when prompts_file is not set
 HISTORY_POINT_SECONDS = 0.25  # at most one plot point this often while a reply streams
 PAGE_UPDATE_SECONDS = 0.08  # at most ~12 page updates a second, however fast the model: the browser keeps up
 
@@ -84,6 +85,7 @@ class UISession:
         self.demo_running = False
         self.demo_prompts: Iterator[str] | None = None
         self.notice: str | None = None  # one-off line for the status bar
+        self.rendered_key: tuple | None = None  # what the memory panel last showed, to skip unchanged refreshes
         self._turn_started = 0.0
         self._first_piece_at: float | None = None
         self._seen_at_first_piece = 0
@@ -132,9 +134,16 @@ class UISession:
         if self.busy:
             raise SessionError("a reply is being generated: press Stop first")
         if self.demo_prompts is None:
-            self.demo_prompts = endless_turns(self.chat.settings.prompts_file)
+            self.demo_prompts = endless_turns(self.demo_prompts_file)
         self.arm_stop()
         self.demo_running = True
+
+    @property
+    def demo_prompts_file(self) -> str | None:
+        """settings.prompts_file, else configs/demo_prompts.txt, else (None) the built-in list."""
+        if self.chat.settings.prompts_file:
+            return self.chat.settings.prompts_file
+        return str(DEMO_PROMPTS) if DEMO_PROMPTS.is_file() else None
 
     def next_demo_prompt(self) -> str:
         return next(self.demo_prompts)

@@ -14,31 +14,24 @@ from streamchat.config import load_settings
 from streamchat.ui_sessions import SessionLimitError, SessionRegistry
 from streamchat.ui_state import MemoryHistory, UISession
 
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's queue
 SETTINGS = {"sinks": 4, "window": 60, "max_new_tokens": 30, "seed": 0}
 
 
 def endless_talker():
-    """The tiny model, made never to end a reply by itself, so a test can stop one in the middle for sure."""
+    """The tiny model, made never to end a reply by itself (a large negative output bias on its special tokens),
+    so a test can stop a reply in the middle for sure."""
     from tiny import SPECIALS, tiny_loaded
 
     loaded = tiny_loaded()
-    special_ids = [loaded.tokenizer.convert_tokens_to_ids(token) for token in SPECIALS]
-
-    def never_end(module, inputs, logits):
-        logits[..., special_ids] = float("-inf")
-        return logits
-
-    loaded.model.lm_head.register_forward_hook(never_end)
+    head = loaded.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[[loaded.tokenizer.convert_tokens_to_ids(token) for token in SPECIALS]] = -1e4
+    loaded.model.lm_head = biased
     return loaded
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----- session registry -------------------------------------------------------------------------------------
@@ -183,6 +176,23 @@ def test_ui_session_stop_before_start_and_bad_input(tiny):
     assert not session.busy
 
 
+def test_ui_session_demo_reads_the_prompts_file(tiny, tmp_path):
+    from streamchat.prompts import PromptsError
+
+    script = tmp_path / "script.txt"
+    script.write_text("first line\n\nsecond line\n", encoding="utf-8")
+    session = UISession(tiny, load_settings(overrides={**SETTINGS, "prompts_file": str(script)}))
+    session.start_demo()
+    assert session.demo_running and session.busy
+    assert [session.next_demo_prompt() for _ in range(3)] == ["first line", "second line", "first line"]
+    session.request_stop()
+    assert not session.demo_running and session.stop.is_set()
+    missing = UISession(tiny, load_settings(overrides={**SETTINGS, "prompts_file": str(tmp_path / "nope.txt")}))
+    with pytest.raises(PromptsError, match="not found"):
+        missing.start_demo()
+    assert not missing.demo_running
+
+
 # ----- the API, through gradio_client -------------------------------------------------------------------------
 
 
@@ -195,6 +205,7 @@ def server():
     _, url, _ = launch(blocks, port=None, prevent_thread_lock=True, quiet=True)
     yield blocks, url, gradio_client.Client
     blocks.close()
+    blocks.chat_app.sessions.close()
 
 
 def client(server):
@@ -269,3 +280,14 @@ def test_api_cache_settings_start_a_new_conversation(server):
     with pytest.raises(Exception, match="window"):
         c.predict({"window": 0}, api_name="/configure")
     assert c.predict(api_name="/stats")["cache_capacity"] == 44  # a refused change leaves the session as it was
+
+
+def test_api_h2o_policy_splits_the_cache(server):
+    c = client(server)
+    reset = c.predict({"policy": "h2o", "sinks": 4, "heavy": 32, "recent": 24}, api_name="/configure")
+    assert reset["reset"] is True
+    c.predict("Tell me a story about a dragon.", 120, api_name="/chat")
+    stats = c.predict(api_name="/stats")
+    assert stats["policy"] == "h2o" and stats["cache_capacity"] == 60
+    assert stats["evicted_total"] > 0 and stats["heavy_tokens"] > 0
+    assert stats["sink_tokens"] + stats["heavy_tokens"] + stats["recent_tokens"] == stats["cache_tokens"]

@@ -25,7 +25,7 @@ CHROMIUM_ARGS = [
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 WAIT_MS = 20_000
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::pandas.errors.Pandas4Warning")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,12 @@ def url():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # Replies long enough to press Stop in the middle; a small window so that turns evict.
-    settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 4000, "seed": 0})
+    settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 100_000, "seed": 0})
     blocks = build_app(endless_talker(), settings)
     _, address, _ = launch(blocks, port=None, prevent_thread_lock=True, quiet=True)
     yield address
     blocks.close()
+    blocks.chat_app.sessions.close()
     torch.set_num_threads(threads)
 
 
@@ -129,8 +130,19 @@ def test_chat_memory_panel_stop_and_demo(browser, url):
         page.screenshot(path=str(OUTPUT / "ui-browser.png"), full_page=True)
         page.locator("#stop").click()
         wait_until(page, lambda: "Endless demo stopped" in page.locator("#status").inner_text(), "demo did not stop")
+        wait_until(page, lambda: "idle" in page.locator("#memory-panel").inner_text(), "the panel still shows the demo")
         turns = stat(page, "turns")
-        page.wait_for_timeout(1500)
+        page.wait_for_timeout(2000)
         assert stat(page, "turns") == turns, "the demo went on after Stop"
+
+        # Each tab has its own session; closing a tab frees it.
+        sessions = page.locator('[data-stat="sessions"]')
+        other = browser.new_page()
+        other.goto(url, wait_until="domcontentloaded")
+        other.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
+        assert stat(other, "seen_total") == 0 and stat(other, "turns") == 0
+        wait_until(page, lambda: sessions.inner_text().startswith("2 /"), "the second tab got no session")
+        other.close()
+        wait_until(page, lambda: sessions.inner_text().startswith("1 /"), "closing a tab did not free its session")
     finally:
         page.close()
