@@ -90,19 +90,33 @@ def _cached_conversion_ok(folder: Path) -> bool:
         return False
 
 
-def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Dequantize the GGUF file once and write an HF folder (weights, config, tokenizer) atomically."""
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A GGUF-loaded model refuses to serialize while it carries its quantization config; the weights are
-    # already dequantized to plain tensors, so dropping it is exact.
-    model.config.quantization_config = None
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+def _staging_folder(folder: Path) -> Path:
+    """An empty folder beside `folder` to convert into; OSError when the model cache is not writable (found out
+    before the slow conversion, not after)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    return Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, object]:
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=dtype, attn_implementation="sdpa"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model.to(device).eval(), tokenizer
+
+
+def _convert_gguf(gguf: Path, folder: Path, staging: Path) -> None:
+    """Dequantize the GGUF file once into `staging`, a complete HF folder (weights, config, tokenizer, manifest),
+    then move it to `folder` in one step."""
     try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses to serialize while it carries its quantization config; the weights are
+        # already dequantized to plain tensors, so dropping it is exact.
+        model.config.quantization_config = None
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         weights = staging / WEIGHTS
@@ -163,26 +177,27 @@ def load_model(path: str | None = None, device: str = "cpu", dtype: str = "float
     if gguf is not None:
         folder = cache_root() / _gguf_key(gguf)
         identity = folder.name
-        if not _cached_conversion_ok(folder):
+        if not _cached_conversion_ok(folder):  # missing, partial or corrupted: (re)build it
+            converted = True
             try:
-                _convert_gguf(gguf, folder)
-                converted = True
+                staging = _staging_folder(folder)
             except OSError as error:
-                warnings.warn(f"cannot write the model cache in {folder.parent} ({error}); loading the GGUF directly")
-                model = AutoModelForCausalLM.from_pretrained(
-                    gguf.parent, gguf_file=gguf.name, dtype=torch_dtype, attn_implementation="sdpa"
+                warnings.warn(
+                    f"cannot write the model cache in {folder.parent} ({error}); loading the GGUF file directly "
+                    f"(slower, and again at every start): set {CACHE_ENV} to a writable folder"
                 )
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = model.to(device).eval()
-                _check_supported(model, source)
-                return LoadedModel(model, tokenizer, identity, source, time.perf_counter() - started, True)
-            except Exception as error:
-                raise ModelError(f"cannot read GGUF file {gguf}: {error}") from error
+                folder = gguf
+            else:
+                try:
+                    _convert_gguf(gguf, folder, staging)
+                except Exception as error:
+                    raise ModelError(f"cannot convert GGUF file {gguf}: {error}") from error
     else:
         folder = Path(path).expanduser()
         identity = f"{folder.resolve().name}"
     try:
-        model, tokenizer = _load_folder(folder, torch_dtype, device)
+        loader = _load_gguf if folder == gguf else _load_folder
+        model, tokenizer = loader(folder, torch_dtype, device)
     except Exception as error:
         raise ModelError(f"cannot load the model in {folder}: {error}") from error
     _check_supported(model, source)
