@@ -35,7 +35,7 @@ def test_soak_pushes_the_tokens_through_one_conversation(tiny, single_thread):
     kinds = [r["kind"] for r in result["turns"]]
     assert "paste" in kinds and "question" in kinds and kinds[-1] == "final"
     assert max(r["cache_tokens"] for r in result["turns"]) <= session.cache.capacity
-    assert checkpoints and len(checkpoints[0]) == 10
+    assert len(checkpoints) == (len(result["turns"]) - 1) // 10 >= 1  # partial results every 10 turns
 
 
 def test_passages_cycle_the_text_and_generated_text_never_ends():
