@@ -142,6 +142,12 @@ def history_frames(session: UISession | None) -> tuple[pd.DataFrame, pd.DataFram
     return frame(memory, ["tokens processed", "MB", "series"]), frame(tokens, ["tokens processed", "tokens", "series"])
 
 
+def refuse(message: str) -> str:
+    """Show `message` as a warning toast and return it for the status line; the session goes on."""
+    gr.Warning(message)
+    return message
+
+
 def turn_summary(session: UISession) -> str:
     """The status line after a turn."""
     turn = session.chat.last_turn
@@ -203,14 +209,14 @@ class ChatApp:
         """The tab was closed: stop its generation and free its cache."""
         self.sessions.release(request.session_hash)
 
-    def _apply_sampling(self, session: UISession, temperature, top_p, top_k, max_new_tokens) -> None:
-        try:
-            settings = session.chat.settings.replace(
+    @staticmethod
+    def _apply_sampling(session: UISession, temperature, top_p, top_k, max_new_tokens) -> None:
+        """Raises SettingsError for a value the sliders should not have let through."""
+        session.chat.apply_settings(
+            session.chat.settings.replace(
                 temperature=temperature, top_p=top_p, top_k=int(top_k), max_new_tokens=int(max_new_tokens)
             )
-        except SettingsError as error:
-            raise gr.Error(f"Sampling settings: {error}") from None
-        session.chat.apply_settings(settings)
+        )
 
     def _status(self, session: UISession, text: str) -> str:
         notice, session.notice = session.notice, None
@@ -218,13 +224,16 @@ class ChatApp:
 
     # ----- chat -----------------------------------------------------------------------------------------------
 
-    def accept(self, message: str, request: gr.Request) -> tuple[str, str]:
-        """Take a typed message off the box and into the queue (fast, outside the generation slot)."""
+    def accept(self, message: str, request: gr.Request) -> tuple[Any, str]:
+        """Take a typed message off the box and into the queue (fast, outside the generation slot).
+
+        A refusal is a toast and a status line, not a gr.Error (that would mark the chat box as failed); the
+        generation step that follows then finds nothing pending and does nothing."""
         session = self.session(request)
         if not message or not message.strip():
-            raise gr.Error("Type a message first.")
+            return gr.skip(), refuse("Type a message first.")
         if session.busy:
-            raise gr.Error("A reply is still being generated: press Stop first.")
+            return gr.skip(), refuse("A reply is still being generated: press Stop first.")
         session.arm_stop()
         session.pending, session.pending_label = message, ""
         return "", "Waiting for the model…"
@@ -232,10 +241,10 @@ class ChatApp:
     def accept_retry(self, request: gr.Request) -> str:
         session = self.session(request)
         if session.busy:
-            raise gr.Error("A reply is still being generated: press Stop first.")
+            return refuse("A reply is still being generated: press Stop first.")
         last = session.last_user_message()
         if last is None:
-            raise gr.Error("Nothing to retry yet.")
+            return refuse("Nothing to retry yet.")
         session.arm_stop()
         session.pending, session.pending_label = last, RETRY_LABEL
         return "Retrying: the last message is sent again as a new turn."
@@ -243,15 +252,16 @@ class ChatApp:
     def generate(self, temperature, top_p, top_k, max_new_tokens, request: gr.Request) -> Iterator[tuple]:
         """Stream the reply to the pending message (in the single generation slot)."""
         session = self.session(request)
-        if session.pending is None:
-            yield session.page_messages(), self._status(session, "")
+        if session.pending is None or session.generating:  # the message was refused
+            yield gr.skip(), gr.skip()
             return
         text, label = session.pending, session.pending_label
         try:
             self._apply_sampling(session, temperature, top_p, top_k, max_new_tokens)
-        except gr.Error:
+        except SettingsError as error:
             session.pending = None
-            raise
+            yield gr.skip(), refuse(f"Not sent: {error}")
+            return
         status = self._status(session, "Generating… (Stop ends it at the next token)")
         for messages in session.stream_turn(text, label):
             yield messages, status
@@ -294,7 +304,7 @@ class ChatApp:
             )
             reset = session.new_conversation(settings)
         except (SettingsError, SessionError) as error:
-            raise gr.Error(f"Settings not applied: {error}") from None
+            return gr.skip(), refuse(f"Settings not applied: {error}")
         if not reset:
             return gr.skip(), self._status(session, "Sampling settings applied; the conversation goes on.")
         budget = session.chat.cache.capacity
@@ -311,7 +321,7 @@ class ChatApp:
         try:
             session.start_demo()
         except (SessionError, PromptsError) as error:
-            raise gr.Error(str(error)) from None
+            return gr.skip(), refuse(f"Endless demo not started: {error}")
         source = session.demo_prompts_file or "the built-in prompts"
         return gr.Timer(active=True), f"Endless demo: scripted turns from {source}, one after another, until Stop."
 
@@ -325,7 +335,7 @@ class ChatApp:
         try:
             self._apply_sampling(session, temperature, top_p, top_k, max_new_tokens)
             prompt = session.next_demo_prompt()
-        except gr.Error as error:
+        except SettingsError as error:
             session.demo_running = False
             yield gr.skip(), f"Endless demo stopped: {error}", gr.Timer(active=False)
             return
@@ -355,7 +365,10 @@ class ChatApp:
         session = self.sessions.peek(request.session_hash)
         key = None
         if session is not None:
-            key = (session.chat.cache.seen_tokens, session.chat.turns, session.busy, len(self.sessions))
+            key = (
+                session.conversations, session.chat.cache.seen_tokens, session.chat.turns, session.busy,
+                len(self.sessions),
+            )
             if key == session.rendered_key:
                 return gr.skip(), gr.skip(), gr.skip()
             session.rendered_key = key
@@ -509,10 +522,10 @@ def build_app(
 
         sampling = [temperature, top_p, top_k, max_new]
         for trigger in (message.submit, send.click):
-            trigger(app.accept, message, [message, status], queue=False, api_visibility="private").success(
+            trigger(app.accept, message, [message, status], queue=False, api_visibility="private").then(
                 app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **GENERATE
             )
-        retry.click(app.accept_retry, None, status, queue=False, api_visibility="private").success(
+        retry.click(app.accept_retry, None, status, queue=False, api_visibility="private").then(
             app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **GENERATE
         )
         stop.click(app.stop_clicked, None, [demo_timer, status], queue=False, api_visibility="private")

@@ -85,6 +85,7 @@ class UISession:
         self.demo_running = False
         self.demo_prompts: Iterator[str] | None = None
         self.notice: str | None = None  # one-off line for the status bar
+        self.conversations = 1  # how many this tab has started (the panel redraws when it changes)
         self.rendered_key: tuple | None = None  # what the memory panel last showed, to skip unchanged refreshes
         self._turn_started = 0.0
         self._first_piece_at: float | None = None
@@ -110,6 +111,7 @@ class UISession:
         else:
             reset = self.chat.apply_settings(settings)
         if reset:
+            self.conversations += 1
             self.messages.clear()
             self.dropped_messages = 0
             self.history.clear()

@@ -90,6 +90,8 @@ def test_chat_memory_panel_stop_and_demo(browser, url):
         page.goto(url, wait_until="domcontentloaded")
         page.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
         assert stat(page, "seen_total") == 0 and stat(page, "turns") == 0
+        page.locator("#send").click()  # nothing typed: refused with a message, nothing breaks
+        wait_until(page, lambda: "Type a message first" in page.locator("#status").inner_text(), "no refusal shown")
 
         # A streamed reply, with the memory panel and the plot updating while it streams.
         page.locator("#message textarea").fill("Tell me a story about a dragon.")
