@@ -33,7 +33,9 @@ from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
 CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_decay", "slack")
-LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir")  # kept from this run when a session is loaded
+# Settings that name files or machine resources: fixed for a run, never taken from a chat front end (`/set`, the
+# UI's configure API) nor from a loaded session file, so no chat input can make streamchat read or write a path.
+LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir", "prompts_file")
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
@@ -155,7 +157,7 @@ class ChatSession:
     def apply_settings(self, settings: Settings) -> bool:
         """Use new settings; returns True when that needed a new conversation (cache, model or system prompt
         changed), False when they apply to the next turn as is (sampling)."""
-        for key in ("model", "device", "dtype"):
+        for key in LOCAL_KEYS:
             if getattr(settings, key) != getattr(self.settings, key):
                 raise SessionError(f"{key} cannot change in a running session: start streamchat again with it")
         restart_keys = (*CACHE_KEYS, "system_prompt", "pin_system_prompt")

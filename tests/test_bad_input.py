@@ -285,3 +285,14 @@ def test_unwritable_cache_folder_falls_back_with_a_warning(tiny, tmp_path, monke
     assert direct == [gguf] and loaded.converted
     assert any("cannot write the model cache" in str(w.message) and model.CACHE_ENV in str(w.message) for w in caught)
     still_answers(ChatSession(loaded, load_settings(None, {"window": 60, "max_new_tokens": 3})))
+
+
+@pytest.mark.parametrize(
+    "key, value", [("prompts_file", "/etc/passwd"), ("sessions_dir", "/tmp/x"), ("model", "/x.gguf"), ("threads", "1")]
+)
+def test_chat_input_cannot_change_paths_or_machine_settings(session, key, value):
+    """`/set` (and the UI's configure API, which goes through the same apply_settings) never reaches a path."""
+    with pytest.raises(SessionError, match=f"{key} cannot change in a running session"):
+        run_command(session, f"/set {key}={value}")
+    assert getattr(session.settings, key) is None
+    still_answers(session)

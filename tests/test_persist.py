@@ -178,6 +178,13 @@ def test_refuses_inconsistent_fields(saved):
         refused(target, forge(data, edit_meta=edit), match)
 
 
+def test_paths_in_a_session_file_are_ignored(saved):
+    """A session file cannot point this run at files: path and machine settings stay this run's own."""
+    data, target = saved
+    persist.loads(target, forge(data, edit_meta=lambda m: m["settings"].update(prompts_file="/etc/passwd", threads=64)))
+    assert target.settings.prompts_file is None and target.settings.threads is None
+
+
 def test_refuses_other_formats_and_versions(saved):
     data, target = saved
     refused(target, b"\x00" * 64, "cannot load")
