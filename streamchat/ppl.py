@@ -8,7 +8,8 @@ token of a text, for
 - `window`: a rolling window without sinks (`sink_window` with sinks 0).
 - `recompute`: each token predicted by a fresh forward over the `budget` tokens before it: the quality reference,
   and slow (a full forward per token), so it is batched and by default evaluated at every Nth token only
-  (`--recompute-every`); every policy's perplexity at those same tokens is reported beside it for comparison.
+  (`--recompute-every`); every policy's perplexity at those same tokens past the budget is reported beside it
+  (`ppl_at_recompute_tokens`, and `vs_recompute` in the JSON line: the ratio to recompute's).
 - `sink_window` and `h2o`: the chat's own `BoundedCache`, fed one token at a time through `make_room` and a model
   forward, exactly as a chat decodes. H2O splits the budget less the sinks half heavy hitters, half recent
   (`--heavy` sets the heavy part).
@@ -173,7 +174,10 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per policy: perplexity overall, past the budget (where policies differ), over the last tokens, at
     the recompute tokens, and time."""
-    sampled = ~np.isnan(nll[RECOMPUTE]) if RECOMPUTE in nll else None
+    sampled = None
+    if RECOMPUTE in nll:  # the tokens recompute evaluated past the budget (before it, every policy is dense)
+        sampled = ~np.isnan(nll[RECOMPUTE])
+        sampled[: budget - 1] = False
     rows = []
     for name, values in nll.items():
         evaluated = int((~np.isnan(values)).sum())
@@ -192,8 +196,21 @@ def summarize(
     return rows
 
 
+def trailing_mean(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the evaluated values among the last `width` tokens, at each evaluated token from `width` on:
+    (token indices, means). Skipped tokens (NaN, as with recompute) leave the window `width` tokens wide."""
+    valid = ~np.isnan(values)
+    sums = np.concatenate(([0.0], np.cumsum(np.where(valid, values, 0.0))))
+    counts = np.concatenate(([0], np.cumsum(valid)))
+    index = np.arange(len(values))
+    start = np.maximum(index - width + 1, 0)
+    shown = valid & (index >= width - 1)
+    means = (sums[index + 1] - sums[start]) / np.maximum(counts[index + 1] - counts[start], 1)
+    return index[shown] + 1, means[shown]
+
+
 def plot(nll: dict[str, np.ndarray], budget: int, path: Path) -> Path:
-    """Running log-perplexity (mean NLL so far) against tokens, as in the paper's Fig. 3, and a moving average."""
+    """Running log-perplexity (mean NLL so far) against tokens, as in the paper's Fig. 3, and a trailing mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,14 +218,13 @@ def plot(nll: dict[str, np.ndarray], budget: int, path: Path) -> Path:
 
     figure, (running, local) = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, values in nll.items():
-        positions = np.flatnonzero(~np.isnan(values)) + 1  # token index of each prediction
-        kept = values[positions - 1]
+        valid = ~np.isnan(values)
+        positions = np.flatnonzero(valid) + 1  # token index of each prediction
+        kept = values[valid]
         running.plot(positions, np.cumsum(kept) / np.arange(1, len(kept) + 1), label=name, linewidth=1.2)
-        width = max(1, min(200, len(kept) // 10))
-        if len(kept) >= width:
-            smooth = np.convolve(kept, np.ones(width) / width, mode="valid")
-            local.plot(positions[width - 1 :], smooth, label=name, linewidth=1.0)
-    for axes, title in ((running, "running log-perplexity (mean NLL so far)"), (local, "moving average of NLL")):
+        local.plot(*trailing_mean(values, max(1, min(100, len(values) // 10))), label=name, linewidth=1.0)
+    titles = ("running log-perplexity (mean NLL so far)", "mean NLL over the last 100 tokens")
+    for axes, title in zip((running, local), titles):
         axes.axvline(budget, color="grey", linestyle=":", linewidth=0.8)
         axes.set_xlabel("tokens")
         axes.set_ylabel("log perplexity")

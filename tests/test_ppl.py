@@ -87,6 +87,8 @@ def test_nlls_against_direct_forwards(loaded, text, tmp_path):
             assert table["recompute"][target - 1] == pytest.approx(expected, abs=1e-4)
     assert set(nll) == set(POLICY_NAMES)
     dense_row = next(row for row in rows if row["policy"] == "dense")
+    recompute_tokens = [target - 1 for target in range(32, 120, 7)]
+    assert dense_row["ppl_at_recompute_tokens"] == pytest.approx(np.exp(dense[recompute_tokens].mean()), rel=1e-4)
     assert dense_row["ppl"] == pytest.approx(np.exp(dense.mean()), rel=1e-4)
     assert dense_row["ppl_after_budget"] == pytest.approx(np.exp(dense[31:].mean()), rel=1e-4)
     assert report["peak_cache_tokens"] == {"window": 32, "sink_window": 32, "h2o": 32}
