@@ -344,7 +344,8 @@ class ChatApp:
             yield messages, status, gr.skip()
         if session.stop.is_set():
             session.demo_running = False
-            yield session.page_messages(), self._status(session, "Endless demo stopped. " + turn_summary(session)), gr.Timer(active=False)
+            status = self._status(session, "Endless demo stopped. " + turn_summary(session))
+            yield session.page_messages(), status, gr.Timer(active=False)
         else:
             yield session.page_messages(), f"Endless demo: {turn_summary(session)}", gr.skip()
 
@@ -384,10 +385,10 @@ class ChatApp:
         session.arm_stop()
         session.pending = message
         for _ in session.stream_turn(message, max_new_tokens=max_new_tokens or None):
-            yield session.last_reply["content"] if session.last_reply else ""
-        if session.notice:
-            raise gr.Error(self._status(session, ""))
-        yield session.last_reply["content"]
+            if session.refused:
+                session.notice = None
+                raise gr.Error(f"Not sent: {session.refused}")
+            yield session.last_reply["content"]
 
     def api_stop(self, request: gr.Request = None) -> str:
         """Stop the reply being generated in this client's conversation (it keeps what was said so far)."""

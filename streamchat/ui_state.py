@@ -85,6 +85,7 @@ class UISession:
         self.demo_running = False
         self.demo_prompts: Iterator[str] | None = None
         self.notice: str | None = None  # one-off line for the status bar
+        self.refused: str | None = None  # why the last message was not sent (None: it was)
         self.conversations = 1  # how many this tab has started (the panel redraws when it changes)
         self.rendered_key: tuple | None = None  # what the memory panel last showed, to skip unchanged refreshes
         self._turn_started = 0.0
@@ -181,6 +182,7 @@ class UISession:
         user = self._append({"role": "user", "content": f"{label}{text}"})
         reply = self.last_reply = self._append({"role": "assistant", "content": ""})
         self.generating = True
+        self.refused = None
         self._turn_started = time.perf_counter()
         self._first_piece_at = None
         last_point = last_page = 0.0
@@ -208,6 +210,7 @@ class UISession:
             for message in (reply, user):  # nothing was sent: take the bubbles back off the page
                 if self.messages and self.messages[-1] is message:
                     self.messages.pop()
+            self.refused = str(error)
             self.notice = f"Not sent: {error}"
             yield self.page_messages()
             return

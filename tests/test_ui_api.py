@@ -193,6 +193,26 @@ def test_ui_session_demo_reads_the_prompts_file(tiny, tmp_path):
     assert not missing.demo_running
 
 
+def test_chat_app_frees_idle_sessions_and_says_so(tiny):
+    import gradio as gr
+
+    from streamchat.ui import ChatApp
+
+    app = ChatApp(tiny, load_settings(overrides=SETTINGS), max_sessions=2, idle_seconds=60)
+    app.sessions.clock = clock = Clock()
+    first, second = gr.Request(session_hash="first"), gr.Request(session_hash="second")
+    session = app.session(first)
+    list(session.stream_turn("Hello there!"))
+    assert app.session(first) is session and session.chat.turns == 1
+    clock.now = 61
+    app.session(second)  # any lookup sweeps
+    assert app.sessions.peek("first") is None and len(app.sessions) == 1
+    renewed = app.session(first)
+    assert renewed is not session and renewed.chat.turns == 0
+    assert "freed after" in app._status(renewed, "")
+    assert session.stop.is_set(), "a freed session is told to stop"
+
+
 # ----- the API, through gradio_client -------------------------------------------------------------------------
 
 
@@ -256,6 +276,9 @@ def test_api_stop_mid_reply_then_chat_again(server):
     assert reply.strip() and "stopped" not in reply
     assert c.predict(api_name="/stats")["turns"] == 2
     assert c.predict(api_name="/stop") == "nothing is running"
+    with pytest.raises(Exception, match="empty message"):
+        c.predict("   ", api_name="/chat")
+    assert c.predict(api_name="/stats")["turns"] == 2
 
 
 def test_api_clients_have_separate_conversations(server):

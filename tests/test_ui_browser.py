@@ -25,7 +25,9 @@ CHROMIUM_ARGS = [
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 WAIT_MS = 20_000
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::pandas.errors.Pandas4Warning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::pandas.errors.Pandas4Warning", "ignore:Type a message first:UserWarning"
+)
 
 
 @pytest.fixture(scope="module")
