@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 
-from streamchat.config import SettingsError
 from streamchat import persist
+from streamchat.config import SettingsError
 from streamchat.model import ModelError, load_model
 from streamchat.session import ChatSession, SessionError
 
@@ -25,6 +26,15 @@ HELP = """commands:
   /sessions          list saved conversations
   /quit              leave (also Ctrl+D)
 Ctrl+C stops the reply being generated and keeps the conversation."""
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Text with control characters (newline and tab aside) shown as \\xNN, so neither a reply nor a loaded
+    conversation can move the cursor, recolour or retitle the terminal (escape-sequence injection)."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +104,7 @@ def run_command(session: ChatSession, line: str) -> bool:
             persist.load(session, rest)
             print(f"(loaded {rest}: {len(session.visible_messages)} messages, turn {session.turns})")
             for message in session.visible_messages[-2:]:
-                print(f"{'you' if message['role'] == 'user' else 'bot'}> {message['content'][-300:]}")
+                print(f"{'you' if message['role'] == 'user' else 'bot'}> {terminal_safe(message['content'][-300:])}")
     elif name == "sessions":
         names = persist.saved_names(session.settings.sessions_dir)
         print(f"{persist.sessions_dir(session.settings.sessions_dir)}: {', '.join(names) or 'no saved sessions'}")
@@ -134,7 +144,7 @@ def interactive(session: ChatSession) -> int:
         try:
             with stop_on_ctrl_c(stop):
                 for piece in session.send(line, stop):
-                    print(piece, end="", flush=True)
+                    print(terminal_safe(piece), end="", flush=True)
         except SessionError as error:
             print(f"error: {error}")
             continue
