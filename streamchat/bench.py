@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from streamchat import reporting
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
+from streamchat.fastpath import decoder_for_step
 from streamchat.model import CACHE_ENV, LoadedModel, load_model
 from streamchat.prompts import DEFAULT_TURNS
 from streamchat.session import ChatSession
@@ -99,6 +100,21 @@ class BoundedPath(DecodePath):
         return self.cache.length
 
 
+class FastPath(BoundedPath):
+    """What a chat does per token by default: the same bounded cache, stepped by the fast decode path
+    (streamchat/fastpath, with the configured decode_weights); transformers where the fast path cannot run."""
+
+    name = "fast"
+
+    def step(self, token_id: int) -> None:
+        self.cache.make_room(1)
+        decoder = decoder_for_step(self.model, self.cache, self.settings)
+        if decoder is None:
+            self._run([token_id], self.cache)
+        else:
+            decoder.decode(token_id, self.cache)
+
+
 class DensePath(DecodePath):
     """A plain transformers DynamicCache that keeps every token (grows without bound)."""
 
@@ -155,7 +171,9 @@ class RecomputePath(DecodePath):
 
 
 # Paths the decode curve, the overhead and the recompute comparison can run; register new ones here.
-PATHS: dict[str, type[DecodePath]] = {BoundedPath.name: BoundedPath, DensePath.name: DensePath}
+PATHS: dict[str, type[DecodePath]] = {
+    BoundedPath.name: BoundedPath, DensePath.name: DensePath, FastPath.name: FastPath,
+}
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ COMMANDS = {
     "soak": ("streamchat.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
     "stress": ("streamchat.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
     "bench": ("streamchat.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
+    "speed": ("streamchat.fastpath.speed", "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity"),
 }
 
 # Named flags that map straight onto settings keys (everything else: --set key=value).

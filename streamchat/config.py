@@ -20,6 +20,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000000000 fails here, not in malloc
 DTYPES = ("float32", "bfloat16", "float16")
+DECODE_PATHS = ("fast", "transformers")
+DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4")  # see streamchat/quant.py
 
 
 class SettingsError(ValueError):
@@ -43,6 +45,10 @@ class Settings:
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     prefill_chunk: int = 256
+    # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
+    decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers
+    decode_weights: str = "auto"  # auto (int4 for 4-bit GGUF weights, else model) | model | bf16 | int8 | int4
+    decode_compile: bool = False  # torch.compile the fast step (paid once on the first reply; minutes on 2 cores)
     # Conversation
     system_prompt: str | None = None  # None: the chat template's own default
     pin_system_prompt: bool = True  # keep the whole system prompt as sinks, like llama.cpp's --keep
@@ -128,6 +134,12 @@ def _check_ranges(s: Settings) -> None:
     need(0 < s.h2o_decay < 1, "h2o_decay", f"must be between 0 and 1 (exclusive), got {s.h2o_decay}")
     need(s.slack >= 0, "slack", "must be 0 or more")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
+    need(s.decode_path in DECODE_PATHS, "decode_path", f"must be one of {', '.join(DECODE_PATHS)}, got {s.decode_path!r}")
+    need(
+        s.decode_weights in DECODE_WEIGHTS,
+        "decode_weights",
+        f"must be one of {', '.join(DECODE_WEIGHTS)}, got {s.decode_weights!r}",
+    )
     budget = s.budget
     need(budget <= MAX_BUDGET, "budget", f"{budget:,} cache tokens is above {MAX_BUDGET:,}: lower window/heavy/recent")
     need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")

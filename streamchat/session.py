@@ -29,6 +29,7 @@ from transformers import (
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
+from streamchat.fastpath import decoder_for_step
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
@@ -335,6 +336,10 @@ class ChatSession:
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """Feed ids (at most the cache's room) and return the next-token logits, fp32 [1, vocab]."""
         self.evicted_last_turn += self.cache.make_room(len(ids))
+        fast = decoder_for_step(self.model, self.cache, self.settings) if len(ids) == 1 else None
+        if fast is not None:  # single-token decode: the flat fast path, same cache semantics (streamchat/fastpath)
+            self._recent_ids.extend(ids)
+            return fast.decode(ids[0], self.cache)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             out = self.model(

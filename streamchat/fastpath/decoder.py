@@ -1,0 +1,214 @@
+"""The fast decode step: one token through a flat Llama forward over the HF model's weights (gpt-fast style).
+
+The transformers forward spends most of a decode step in Python and module machinery, not in matmuls. Decode here
+is a single function over pre-extracted weights (q/k/v and gate/up fused) that writes straight into the
+`BoundedLayer` buffers: the new key is stored raw and rotated at place L (the cache length), the value and stream
+index at place L, and the query attends over places 0..L. That is what the transformers path does through
+`BoundedCache.update`, so both paths leave the same cache and give the same logits; eviction (`make_room`) stays
+in the cache, between steps, untouched. Prefill keeps using the transformers path.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from streamchat.cache import BoundedCache
+from streamchat.quant import PackedLinear, fuse, resolve_weights
+from streamchat.rope import rotate
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class FastPathUnavailable(RuntimeError):
+    """The fast path cannot run this model or policy; the message says why (the caller falls back)."""
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the flat forward cannot reproduce this model's decode step, or None when it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (fast path: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases"
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if any(hasattr(attention, name) for name in ("q_norm", "k_norm")) or not hasattr(layer.mlp, "gate_proj"):
+            return "a layer layout other than Llama's"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (fp32 statistics)."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+class _Layer:
+    def __init__(self, layer: torch.nn.Module, weights: str):
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv = fuse([p.weight for p in projections], [p.bias for p in projections], weights)
+        self.out = PackedLinear(attention.o_proj.weight, attention.o_proj.bias, weights)
+        self.gate_up = fuse([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None], weights)
+        self.down = PackedLinear(mlp.down_proj.weight, None, weights)
+        self.input_norm = layer.input_layernorm.weight.detach()
+        self.post_norm = layer.post_attention_layernorm.weight.detach()
+
+
+class FastDecoder:
+    """Decode steps for one model and weight option; works with any `BoundedCache` of that model.
+
+    `compile=True` wraps the step in `torch.compile` (inductor; C++ on CPU): compiled on the first step, which
+    then takes long (`compile_seconds` says how long). Without it the step runs eagerly, which needs nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, weights: str = "model", compile: bool = False):
+        reason = unsupported_reason(model)
+        if reason:
+            raise FastPathUnavailable(f"the fast decode path does not support {reason}")
+        config = model.config
+        inner = model.model
+        weights = resolve_weights(inner.layers, weights)
+        self.weights = weights
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        self.embedding = inner.embed_tokens.weight.detach()
+        self.layers = [_Layer(layer, weights) for layer in inner.layers]
+        self.final_norm = inner.norm.weight.detach()
+        head_weights = "int8" if weights == "int4" else weights  # the GGUF's output projection is 8-bit
+        self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
+        self.device = self.embedding.device
+        self.compiled = compile
+        self.compile_seconds: float | None = None
+        self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
+        self._token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._origin = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._bound: tuple | None = None  # (cache, buffers) of the cache last decoded into
+
+    def nbytes(self) -> int:
+        """Bytes of the weights this decoder holds of its own (converted copies; 0 extra for "model")."""
+        linears = [self.lm_head] + [l for layer in self.layers for l in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        return sum(linear.nbytes() for linear in linears)
+
+    @staticmethod
+    def refusal(cache: BoundedCache, batch: int = 1) -> str | None:
+        """Why this cache's next step must take the transformers path, or None when the fast path can run it."""
+        if not isinstance(cache, BoundedCache):
+            return f"{type(cache).__name__} is not a bounded cache"
+        if getattr(cache.policy, "needs_attention_scores", False):
+            return f"policy {cache.policy.name} needs attention scores"
+        layer = cache.layers[0]
+        if not layer.is_initialized:
+            return "the cache is empty (prefill first)"
+        if layer.keys.shape[0] != batch:
+            return "batch size other than 1"
+        if cache.length >= cache.capacity:
+            return "the cache is full (make_room first)"
+        return None
+
+    def _buffers(self, cache: BoundedCache) -> tuple:
+        if self._bound is None or self._bound[0]() is not cache or self._bound[1][0][0] is not cache.layers[0].keys:
+            layers = cache.layers
+            rope = layers[0].rope
+            dtype = layers[0].keys.dtype
+            buffers = (
+                [layer.keys for layer in layers],
+                [layer.raw_keys for layer in layers],
+                [layer.values for layer in layers],
+                [layer.origins for layer in layers],
+                rope.cos.to(dtype),
+                rope.sin.to(dtype),
+            )
+            self._bound = (weakref.ref(cache), buffers)
+        return self._bound[1]
+
+    @torch.inference_mode()
+    def decode(self, token_id: int, cache: BoundedCache) -> torch.Tensor:
+        """Feed one token at place `cache.length`; returns fp32 logits [1, vocab]. Call `make_room(1)` first."""
+        refusal = self.refusal(cache)
+        if refusal:
+            raise FastPathUnavailable(refusal)
+        length = cache.length
+        self._token.fill_(token_id)
+        self._origin.fill_(cache.seen_tokens)
+        arguments = (self._token, self._origin, length, *self._buffers(cache))
+        if self.compiled and self.compile_seconds is None:
+            logits = self._compile_first(arguments)
+        else:
+            logits = self._step(*arguments)
+        for layer in cache.layers:
+            layer.length = length + 1
+        cache.seen_tokens += 1
+        return logits
+
+    def _compile_first(self, arguments: tuple) -> torch.Tensor:
+        """The first compiled step compiles (said on stderr, with its duration); where compilation is not
+        available (no C++ compiler...), the step stays eager from then on."""
+        print("streamchat: compiling the fast decode step (once; minutes on a few CPU cores)...", file=sys.stderr)
+        started = time.perf_counter()
+        try:
+            logits = self._step(*arguments)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
+            print(f"streamchat: compilation failed ({type(error).__name__}: {error}); decoding eagerly", file=sys.stderr)
+            self.compiled, self._step = False, self._forward
+            logits = self._step(*arguments)
+        self.compile_seconds = time.perf_counter() - started
+        if self.compiled:
+            print(f"streamchat: fast decode step compiled in {self.compile_seconds:.0f} s", file=sys.stderr)
+        return logits
+
+    def _forward(self, token, origin, length: int, keys, raw_keys, values, origins, cos_table, sin_table):
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        group, rotated = heads // kv_heads, heads + kv_heads
+        end = length + 1
+        x = F.embedding(token, self.embedding)  # [1, hidden]
+        cos, sin = cos_table[length:end], sin_table[length:end]  # [1, head_dim]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(_rms_norm(x, layer.input_norm, self.eps)).view(rotated + kv_heads, head_dim)
+            qk = rotate(qkv[:rotated], cos, sin)  # queries and keys rotated at place `length` in one go
+            keys[i][0, :, length] = qk[heads:]
+            raw_keys[i][0, :, length] = qkv[heads:rotated]
+            values[i][0, :, length] = qkv[rotated:]
+            origins[i][0, :, length] = origin
+            # Grouped-query attention without repeating K/V: the `group` query heads of KV head j (heads
+            # j*group..j*group+group-1, as transformers' repeat_kv pairs them) are `group` queries of one head.
+            attended = F.scaled_dot_product_attention(
+                qk[:heads].view(1, kv_heads, group, head_dim), keys[i][:, :, :end], values[i][:, :, :end],
+                scale=self.scaling,
+            )
+            x = x + layer.out(attended.view(1, heads * head_dim))
+            gate, up = layer.gate_up(_rms_norm(x, layer.post_norm, self.eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return self.lm_head(_rms_norm(x, self.final_norm, self.eps)).float()
+
+
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = False) -> FastDecoder:
+    """The model's decoder for these options, built once and shared by every session on the model."""
+    decoders = _DECODERS.setdefault(model, {})
+    key = (weights, compile)
+    if key not in decoders and weights == "auto":
+        decoders[key] = decoder_for(model, resolve_weights(model.model.layers, weights), compile)
+    if key not in decoders:
+        started = time.perf_counter()
+        decoders[key] = FastDecoder(model, weights, compile)
+        if weights != "model":
+            seconds = time.perf_counter() - started
+            print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)", file=sys.stderr)
+    return decoders[key]

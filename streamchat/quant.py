@@ -1,0 +1,112 @@
+"""Weight options for the fast decode path: the model's own weights, bf16 copies, int8 or int4 weight-only.
+
+Decode reads every weight once per token, so its speed is set by weight bytes and by how well the matmul kernel
+streams them. torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are fast only
+with bf16 activations, so quantized linears take bf16 in and give the caller's dtype back; everything else (norms,
+RoPE, attention, the residual stream, the KV cache) stays in the model's dtype.
+
+- int8: symmetric, one scale per output row.
+- int4: asymmetric, a scale and an offset per group of 32 inputs. The embedded GGUF stores its linears as Q4_1
+  (4-bit, per 32-block scale and minimum), so int4 with the block's own minimum and step recovers those weights
+  up to the bf16 rounding of the scales: it is the GGUF's own precision, not a further loss. The output
+  projection (Q8_0 in the GGUF) stays int8 with int4.
+- auto (the default): int4 when every layer linear is already on a 4-bit grid (a Q4 GGUF such as the embedded
+  model), else the model's own weights, so a model loaded in full precision decodes in full precision.
+Both kernels are CPU kernels here: on other devices the fast path uses the model's own weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP = 32  # Q4_1's block size
+LINEAR_MODES = ("model", "bf16", "int8", "int4")
+
+
+class PackedLinear:
+    """y = x W^T (+ b) over weights stored as `mode`: "model" (as loaded), "bf16", or "int8" (per-row scales)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
+        if mode not in LINEAR_MODES:
+            raise ValueError(f"weights must be one of {', '.join(LINEAR_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.bias = bias
+        self.scales: torch.Tensor | None = None
+        weight = weight.detach()
+        if mode == "model":
+            self.weight = weight
+        elif mode == "bf16":
+            self.weight = weight.to(torch.bfloat16).contiguous()
+        elif mode == "int8":
+            self.weight, self.scales = quantize_int8(weight)
+        else:
+            self.weight, self.scales = quantize_int4(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "model":
+            return F.linear(x, self.weight, self.bias)
+        if self.mode == "bf16":
+            out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        elif self.mode == "int8":
+            out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scales)
+            out = out.to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.weight, self.scales, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: W ~ q * scale, scale = max|row| / 127 (bf16, as the kernel wants)."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return quantized, scales.to(torch.bfloat16)
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group` inputs: W ~ (q - 8) * scale + zero with q in 0..15, scale =
+    (max - min) / 15 and zero = min + 8 * scale (exactly Q4_1's w = q * d + min). Packed for torch's CPU kernel;
+    scales and zeros as [in / group, out, 2] bf16."""
+    rows, columns = weight.shape
+    if columns % group:
+        raise ValueError(f"int4 needs input sizes that are multiples of {group}, got {columns}")
+    blocks = weight.float().reshape(rows, columns // group, group)
+    low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    quantized = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(quantized.reshape(rows, columns), 1)
+    scales_and_zeros = torch.stack([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16)
+
+
+def on_int4_grid(weight: torch.Tensor, group: int = INT4_GROUP, rows: int = 64) -> bool:
+    """Whether a weight is already 4-bit per group of `group` inputs (16 evenly spaced levels from the group's
+    minimum, as Q4_0/Q4_1/Q4_K dequantize to), judged on its first `rows` rows: then int4 loses nothing more."""
+    if weight.dim() != 2 or weight.shape[1] % group:
+        return False
+    blocks = weight[:rows].detach().float().reshape(-1, group)
+    low = blocks.amin(dim=-1, keepdim=True)
+    step = (blocks.amax(dim=-1, keepdim=True) - low) / 15
+    levels = (blocks - low) / step.clamp(min=1e-12)
+    return bool(((levels - levels.round()).abs() <= 1e-3).all())
+
+
+def resolve_weights(layers: torch.nn.Module, weights: str) -> str:
+    """The linear mode that `weights` means for these decoder layers ("auto": int4 when all are 4-bit already)."""
+    if weights != "auto":
+        return weights
+    return "int4" if all(on_int4_grid(p) for p in layers.parameters() if p.dim() == 2) else "model"
+
+
+def fuse(weights: list[torch.Tensor], biases: list[torch.Tensor | None], mode: str) -> PackedLinear:
+    """One linear for several that read the same input (q/k/v, gate/up): fewer, larger matmuls per token."""
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        bias = bias.detach()
+    return PackedLinear(torch.cat([w.detach() for w in weights]), bias, mode)

@@ -1,0 +1,183 @@
+"""The fast decode path (streamchat/fastpath) against the transformers path, on the tiny model.
+
+Same logits (fp32, 1e-4) token for token past the budget with evictions, the same cache contents, the same greedy
+chat; fallbacks (scoring policies, unsupported models, a failing compiler) decode exactly like transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from streamchat.cache import BoundedCache
+from streamchat.config import SettingsError, load_settings
+from streamchat.fastpath import FastDecoder, FastPathUnavailable, decoder_for, decoder_for_step
+from streamchat.model import LoadedModel
+from streamchat.session import ChatSession
+from tiny import tiny_model
+
+SMALL = {"sinks": 2, "window": 46, "slack": 4, "temperature": 0, "repetition_penalty": 1.0, "max_new_tokens": 24}
+
+
+def small_settings(**overrides):
+    return load_settings(None, {**SMALL, **overrides})
+
+
+def stream(loaded: LoadedModel, count: int) -> list[int]:
+    text = "Tell me a story about a dragon who lived in a castle by the sea. " * 12
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:count]
+
+
+@torch.inference_mode()
+def transformers_step(model, cache: BoundedCache, ids: list[int]) -> torch.Tensor:
+    cache.make_room(len(ids))
+    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def assert_same_cache(a: BoundedCache, b: BoundedCache) -> None:
+    assert (a.length, a.seen_tokens, a.evicted_tokens) == (b.length, b.seen_tokens, b.evicted_tokens)
+    for layer_a, layer_b in zip(a.layers, b.layers):
+        end = layer_a.length
+        assert torch.equal(layer_a.origins[..., :end], layer_b.origins[..., :end])
+        for name in ("keys", "raw_keys", "values"):
+            torch.testing.assert_close(getattr(layer_a, name)[:, :, :end], getattr(layer_b, name)[:, :, :end],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_fast_step_matches_transformers_past_the_budget(tiny):
+    settings = small_settings()
+    reference, fast = BoundedCache(tiny.model, settings), BoundedCache(tiny.model, settings)
+    decoder = FastDecoder(tiny.model)
+    ids = stream(tiny, 64)
+    transformers_step(tiny.model, reference, ids[:10])  # prefill: the transformers path for both
+    transformers_step(tiny.model, fast, ids[:10])
+    for token in ids[10:]:
+        expected = transformers_step(tiny.model, reference, [token])
+        fast.make_room(1)
+        got = decoder.decode(token, fast)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert_same_cache(reference, fast)
+    assert fast.evicted_tokens > 0 and fast.seen_tokens == 64  # evictions happened along the way
+
+
+def test_greedy_chat_is_identical(tiny, monkeypatch):
+    steps = []
+    original = FastDecoder.decode
+    monkeypatch.setattr(FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache))
+    fast = ChatSession(tiny, small_settings(decode_path="fast", decode_weights="model"))
+    plain = ChatSession(tiny, small_settings(decode_path="transformers"))
+    decoded = 0
+    for message in ("Hello there! How are you today?", "Tell me a story about a dragon."):
+        assert "".join(fast.send(message)) == "".join(plain.send(message))
+        decoded += fast.last_turn.new_tokens - 1
+        assert fast.last_reply_ids == plain.last_reply_ids
+        assert fast.last_turn.new_tokens == plain.last_turn.new_tokens
+        assert_same_cache(fast.cache, plain.cache)
+    assert fast.cache.evicted_tokens > 0
+    assert len(steps) == decoded > 0  # every reply token after the first went through the fast path
+
+
+def test_scoring_policy_falls_back_to_transformers(tiny, capsys):
+    settings = small_settings(policy="h2o", heavy=16, recent=30, decode_path="fast", decode_weights="model")
+    session = ChatSession(tiny, settings)
+    reference = ChatSession(tiny, settings.replace(decode_path="transformers"))
+    assert decoder_for_step(tiny.model, session.cache, settings) is None
+    for message in ("Hello there!", "Tell me a story about a dragon."):
+        assert "".join(session.send(message)) == "".join(reference.send(message))
+    assert session.cache.stats() == reference.cache.stats()
+    assert "needs attention scores" in capsys.readouterr().err
+
+
+def test_refuses_what_it_cannot_reproduce(tiny):
+    cache = BoundedCache(tiny.model, small_settings())
+    decoder = FastDecoder(tiny.model)
+    with pytest.raises(FastPathUnavailable, match="prefill first"):
+        decoder.decode(5, cache)
+    ids = stream(tiny, 48)
+    transformers_step(tiny.model, cache, ids[:46])
+    transformers_step(tiny.model, cache, ids[46:])  # 48 of 48: full
+    with pytest.raises(FastPathUnavailable, match="full"):
+        decoder.decode(5, cache)  # no make_room: the step would overflow the buffers
+
+
+def test_unsupported_model_chats_through_transformers(tiny):
+    gelu = LoadedModel(tiny_model(len(tiny.tokenizer), hidden_act="gelu"), tiny.tokenizer, "tiny-gelu", "tiny", 0.0, False)
+    with pytest.raises(FastPathUnavailable, match="activation"):
+        decoder_for(gelu.model, "model")
+    session = ChatSession(gelu, small_settings(decode_path="fast"))
+    reference = ChatSession(gelu, small_settings(decode_path="transformers"))
+    assert "".join(session.send("Hello there!")) == "".join(reference.send("Hello there!"))
+
+
+def test_compiler_failure_falls_back_to_eager(tiny, capsys):
+    settings = small_settings()
+    decoder = FastDecoder(tiny.model, compile=True)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+
+    decoder._step = no_compiler
+    fast, reference = BoundedCache(tiny.model, settings), BoundedCache(tiny.model, settings)
+    ids = stream(tiny, 12)
+    transformers_step(tiny.model, fast, ids[:8])
+    transformers_step(tiny.model, reference, ids[:8])
+    for token in ids[8:]:
+        fast.make_room(1)
+        torch.testing.assert_close(decoder.decode(token, fast), transformers_step(tiny.model, reference, [token]),
+                                   atol=1e-4, rtol=1e-4)
+    assert not decoder.compiled and decoder.compile_seconds is not None
+    assert "compilation failed" in capsys.readouterr().err
+
+
+def on_q4_1_grid(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose layer linears lie on a Q4_1 grid (per 32 inputs: min + k * (max - min) / 15, k in 0..15), as
+    the embedded GGUF's do."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in model.model.layers.named_parameters():
+            if parameter.dim() == 2:
+                blocks = parameter.view(parameter.shape[0], -1, 32)
+                low = blocks.amin(-1, keepdim=True)
+                step = (blocks.amax(-1, keepdim=True) - low) / 15
+                blocks.copy_(low + torch.round((blocks - low) / step) * step)
+    return model
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_lighter_weights_stay_close(tiny, weights):
+    """Lighter weights change logits by rounding only (int4 on Q4_1-grid weights, where it is exact up to bf16
+    scales), and leave the cache's places and origins as they are."""
+    settings = small_settings()
+    model = on_q4_1_grid(tiny.model) if weights == "int4" else tiny.model
+    reference, light = BoundedCache(model, settings), BoundedCache(model, settings)
+    exact, decoder = FastDecoder(model), FastDecoder(model, weights)
+    assert decoder.nbytes() < exact.nbytes()
+    ids = stream(tiny, 60)
+    transformers_step(model, reference, ids[:8])
+    transformers_step(model, light, ids[:8])
+    agree = 0
+    for token in ids[8:]:
+        reference.make_room(1)
+        light.make_room(1)
+        expected, got = exact.decode(token, reference), decoder.decode(token, light)
+        assert torch.isfinite(got).all()
+        assert (got - expected).norm() < 0.1 * expected.norm()
+        agree += int(got.argmax() == expected.argmax())
+        assert torch.equal(reference.layers[0].origins, light.layers[0].origins)
+    assert agree >= 0.8 * len(ids[8:])
+
+
+def test_decode_settings_are_validated():
+    assert load_settings(None, {"decode_weights": "int4"}).decode_weights == "int4"
+    with pytest.raises(SettingsError, match="decode_weights"):
+        load_settings(None, {"decode_weights": "int3"})
+    with pytest.raises(SettingsError, match="decode_path"):
+        load_settings(None, {"decode_path": "turbo"})
+
+
+def test_auto_weights_are_int4_only_for_4bit_models(tiny):
+    assert FastDecoder(tiny.model, "auto").weights == "model"  # full-precision weights decode as they are
+    assert FastDecoder(on_q4_1_grid(tiny.model), "auto").weights == "int4"  # a Q4 GGUF's weights: no further loss
