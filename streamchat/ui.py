@@ -179,8 +179,6 @@ class ChatApp:
         idle_seconds: float = 1800.0,
         max_visible: int = 60,
     ):
-        self.loaded = loaded
-        self.settings = settings
         self.idle_seconds = idle_seconds
         self.sessions: SessionRegistry[UISession] = SessionRegistry(
             lambda: UISession(loaded, settings, max_visible),

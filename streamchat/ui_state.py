@@ -243,7 +243,7 @@ class UISession:
                         "cache budget."
                     ),
                     "metadata": {
-                        "title": f"Memory: {turn.evicted_turn:,} oldest tokens evicted this turn",
+                        "title": f"Memory: {turn.evicted_turn:,} earlier tokens evicted this turn",
                         "status": "done",
                     },
                 }

@@ -117,7 +117,7 @@ def test_chat_memory_panel_stop_and_demo(browser, url):
         assert page.locator("#chat").get_by_text("(stopped)").count() == 1
         wait_until(page, lambda: stat(page, "turns") == 1, "the panel did not count the stopped turn")
         assert stat(page, "evicted_total") > 0, "a long reply in a 64-token cache must evict"
-        assert page.locator("#chat").get_by_text("oldest tokens evicted this turn").count() >= 1
+        assert page.locator("#chat").get_by_text("earlier tokens evicted this turn").count() >= 1
         replies = bot.count()
         page.locator("#message textarea").fill("Hello there!")
         page.locator("#send").click()
