@@ -9,7 +9,7 @@ import torch
 
 from streamchat import cli
 from streamchat.config import load_settings
-from streamchat.ppl import POLICY_NAMES, run_ppl
+from streamchat.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
 from tiny import CORPUS, tiny_loaded
 
 
@@ -92,3 +92,15 @@ def test_nlls_against_direct_forwards(loaded, text, tmp_path):
     assert dense_row["ppl"] == pytest.approx(np.exp(dense.mean()), rel=1e-4)
     assert dense_row["ppl_after_budget"] == pytest.approx(np.exp(dense[31:].mean()), rel=1e-4)
     assert report["peak_cache_tokens"] == {"window": 32, "sink_window": 32, "h2o": 32}
+
+
+def test_every_bounded_policy_gets_the_same_budget():
+    settings = load_settings(None, {})
+    for name in ("window", "sink_window", "h2o"):
+        assert policy_settings(settings, name, 256).budget == 256
+    assert policy_settings(settings, "window", 256).sinks == 0
+    halves = policy_settings(settings, "h2o", 256)
+    assert (halves.sinks, halves.heavy, halves.recent) == (4, 126, 126)
+    assert policy_settings(settings, "h2o", 256, heavy=200).recent == 52
+    with pytest.raises(PplError, match="--heavy"):
+        policy_settings(settings, "h2o", 256, heavy=252)
