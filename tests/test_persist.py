@@ -59,6 +59,20 @@ def test_resumed_session_continues_token_for_token(tiny, tmp_path, sampling):
     assert fresh.cache.stats() == original.cache.stats()
 
 
+def test_h2o_scores_travel_with_the_session(tiny, tmp_path):
+    """H2O ranks tokens by accumulated attention: a resumed session evicts, and so answers, the same."""
+    h2o = {"policy": "h2o", "heavy": 16, "recent": 40}
+    original = ChatSession(tiny, settings(tmp_path, **h2o))
+    talk(original, TURNS)
+    assert original.cache.evicted_tokens > 0
+    data = persist.dumps(original)
+    assert any(name.startswith("cache.policy.scores") for name in load_tensors(data))
+    replies_a = talk(original, NEXT)
+    fresh = ChatSession(tiny, settings(tmp_path))
+    persist.loads(fresh, data)
+    assert talk(fresh, NEXT) == replies_a and fresh.cache.stats() == original.cache.stats()
+
+
 def test_file_is_safetensors_with_versioned_checksummed_header(tiny, tmp_path):
     session = ChatSession(tiny, settings(tmp_path))
     talk(session, TURNS[:1])
