@@ -407,44 +407,56 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_bench(report: dict[str, Any], path: Path) -> Path:
-    """Left: ms/token vs tokens processed per path. Right: ms/token at a full cache, per budget and path."""
+    """Left: ms/token vs tokens processed per path. Right: ms/token with a full cache, one group per budget of
+    paths measured side by side (compare within a group). A panel without data is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     series: dict[str, list[dict[str, Any]]] = {}
     for row in report["curve"]:
         label = row["path"] if row["budget"] is None else f"{row['path']} (budget {row['budget']})"
         series.setdefault(label, []).append(row)
-    for label, rows in series.items():
-        left.plot([r["tokens_processed"] for r in rows], [r["ms_per_token"] for r in rows], marker=".", label=label)
-    for budget in report["budgets"]:
-        left.axvline(budget, color="grey", linestyle=":", linewidth=1)
-    left.set_xlabel("tokens processed")
-    left.set_ylabel("decode ms/token (median per bin)")
-    left.set_title("decode time vs stream length (dotted: cache budgets)")
-    left.grid(alpha=0.3)
-    if series:
-        left.legend(fontsize=8)
-    bars: dict[str, float] = {}
+    groups: list[tuple[str, float, float, str]] = []  # (label, ours ms, theirs ms, baseline)
     for row in report["summary"]:
-        if row["measure"] == "overhead":
-            bars[f"{row['path']}\n@{row['budget']}"] = row["ms_per_token"]
-            bars[f"DynamicCache\n@{row['budget']}"] = row["baseline_ms_per_token"]
-        elif row["measure"] == "recompute_speedup":
-            bars.setdefault(f"{row['path']}\n@{row['budget']}", row["ms_per_token"])
-            bars[f"recompute\n@{row['budget']}"] = row["baseline_ms_per_token"]
-    if bars:
-        right.bar(range(len(bars)), list(bars.values()), color="tab:blue")
-        right.set_xticks(range(len(bars)), list(bars), fontsize=7)
-        right.set_yscale("log")
-    right.set_ylabel("ms/token with a full cache (log)")
-    right.set_title("bounded cache vs DynamicCache vs re-computation")
-    right.grid(alpha=0.3, axis="y")
-    figure.suptitle(f"streamchat bench, {report['machine']['date']}, {report['machine']['cpus']} CPUs, "
-                    f"{report['machine']['torch_threads']} torch threads", fontsize=9)
+        if row["measure"] in ("overhead", "recompute_speedup"):
+            groups.append((f"{row['path']} @{row['budget']}", row["ms_per_token"], row["baseline_ms_per_token"],
+                           row["baseline"]))
+    panels = [kind for kind, present in (("curve", series), ("bars", groups)) if present]
+    if not panels:
+        panels = ["curve"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    for axis, kind in zip(axes[0], panels):
+        if kind == "curve":
+            for label, rows in series.items():
+                axis.plot([r["tokens_processed"] for r in rows], [r["ms_per_token"] for r in rows], marker=".",
+                          label=label)
+            for budget in report["budgets"]:
+                axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
+            axis.set_xlabel("tokens processed")
+            axis.set_ylabel("decode ms/token (median per bin)")
+            axis.set_title("decode time vs stream length (dotted: cache budgets)")
+            axis.set_ylim(bottom=0)
+            if series:
+                axis.legend(fontsize=8)
+        else:
+            for index, (label, ours, theirs, baseline) in enumerate(groups):
+                axis.bar(index - 0.2, ours, width=0.4, color="tab:blue", label="bounded cache" if index == 0 else None)
+                axis.bar(index + 0.2, theirs, width=0.4, color="tab:orange" if baseline == "dynamic_cache" else "tab:red",
+                         label=baseline)
+                axis.text(index, max(ours, theirs) * 1.08, f"x{theirs / ours:.2f}", ha="center", fontsize=8)
+            handles, labels = axis.get_legend_handles_labels()
+            unique = dict(zip(labels, handles))
+            axis.legend(unique.values(), unique.keys(), fontsize=8)
+            axis.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+            axis.set_yscale("log")
+            axis.set_ylabel("ms/token with a full cache (log)")
+            axis.set_title("measured side by side (label: baseline ms / bounded ms)")
+        axis.grid(alpha=0.3)
+    machine = report["machine"]
+    figure.suptitle(f"streamchat bench, {machine['date']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch "
+                    "thread(s)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -234,12 +234,12 @@ def run_stress(
     for run in runs:
         session = DenseSession(loaded, settings, dense_tokens) if run == DENSE else ChatSession(loaded, settings)
         limit = tokens if run != DENSE else min(tokens or dense_tokens, dense_tokens)
+        name = DENSE if run == DENSE else settings.policy
         records = run_conversation(
-            session, endless_turns(settings.prompts_file), run, turns, limit, reply_tokens, show_progress
+            session, endless_turns(settings.prompts_file), name, turns, limit, reply_tokens, show_progress
         )
         if run == DENSE and turns is not None and len(records) < turns:
             print(f"(dense run stopped at its token limit, {dense_tokens} tokens, after {len(records)} turns)")
-        name = DENSE if run == DENSE else settings.policy
         results[name] = {"records": records, "verdict": memory_verdict(records, budget, rss_threshold).to_dict()}
         del session
     primary = DENSE if mode == DENSE else settings.policy
@@ -276,6 +276,7 @@ def plot_stress(results: dict[str, Any], budget: int, path: Path) -> Path:
             axis.plot(x, [r[key] / scale for r in records], marker=".", markersize=3, label=label)
     for axis, (_, title, _) in zip(axes, panels):
         axis.set_ylabel(title)
+        axis.set_ylim(bottom=0)
         axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
         axis.grid(alpha=0.3)
     axes[0].legend(loc="upper left", fontsize=8)
