@@ -77,7 +77,8 @@ def dumps(session: ChatSession) -> bytes:
     tensors, meta = session.export_state()
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     session_json = json.dumps(meta, ensure_ascii=False, sort_keys=True)
-    header = {"format": FORMAT, "version": str(VERSION), "session": session_json, "sha256": _digest(session_json, tensors)}
+    digest = _digest(session_json, tensors)
+    header = {"format": FORMAT, "version": str(VERSION), "session": session_json, "sha256": digest}
     return save_tensors(tensors, metadata=header)
 
 

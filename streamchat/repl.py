@@ -97,7 +97,8 @@ def run_command(session: ChatSession, line: str) -> bool:
             print(f"({key.strip()} = {value.strip()})")
     elif name in ("save", "load"):
         if not rest:
-            print(f"usage: /{name} NAME   (saved: {', '.join(persist.saved_names(session.settings.sessions_dir)) or 'none'})")
+            saved = ", ".join(persist.saved_names(session.settings.sessions_dir)) or "none"
+            print(f"usage: /{name} NAME   (saved: {saved})")
         elif name == "save":
             print(f"(saved to {persist.save(session, rest)})")
         else:

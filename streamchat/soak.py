@@ -194,14 +194,14 @@ def _median(values: list[float]) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to push (default {DEFAULT_TOKENS:,})")
-    parser.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to paste in passages (default: generated)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens to push (default {DEFAULT_TOKENS})")
+    parser.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text to paste (default: generated text)")
     parser.add_argument("--paste-chars", type=int, default=DEFAULT_PASTE_CHARS, help="characters per pasted passage")
     parser.add_argument("--reply-tokens", type=int, default=DEFAULT_REPLY_TOKENS, help="most tokens per reply")
     parser.add_argument("--rss-threshold", type=float, default=0.05, help="allowed RSS growth after the cache filled")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early (the soak then fails)")
     parser.add_argument("--out", default="out/soak", metavar="DIR", help="output folder (default out/soak)")
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -301,4 +301,5 @@ def test_chat_input_cannot_change_paths_or_machine_settings(session, key, value)
 def test_terminal_output_cannot_carry_escape_sequences():
     from streamchat.repl import terminal_safe
 
-    assert terminal_safe("\x1b]0;owned\x07\x1b[2J\x9b31m\rred\n\tok é 😀") == "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x0dred\n\tok é 😀"
+    shown = terminal_safe("\x1b]0;owned\x07\x1b[2J\x9b31m\rred\n\tok é 😀")
+    assert shown == "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x0dred\n\tok é 😀"

@@ -79,7 +79,8 @@ def test_soak_command(tiny, tmp_path, monkeypatch, capsys, single_thread):
     config = tmp_path / "empty.yaml"
     config.write_text("")
     args = ["soak", "--config", str(config), "--window", "60", "--temperature", "0", "--tokens", "600",
-            "--paste-chars", "300", "--reply-tokens", "2", "--text", str(text), "--out", str(tmp_path / "out"), "--json"]
+            "--paste-chars", "300", "--reply-tokens", "2", "--text", str(text), "--out", str(tmp_path / "out"),
+            "--json"]
     assert cli.main(args) == 0
     headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert headline["command"] == "soak" and headline["passed"] and headline["tokens_processed"] >= 600

@@ -51,7 +51,8 @@ def assert_consistent(session: ChatSession, recorder: FeedRecorder) -> None:
     origins = session.cache.layers[0].origins[0, 0, : session.cache.length].tolist()
     assert origins == sorted(origins) and origins[-1] == len(recorder.fed) - 1  # the newest token is the last fed
     # (U+FFFD aside: the random tiny model emits byte tokens that are not valid UTF-8, which a reply's text drops)
-    assert expand(session).replace("\ufffd", "") == decode(session, recorder.fed + session._pending).replace("\ufffd", "")
+    fed_text = decode(session, recorder.fed + session._pending)
+    assert expand(session).replace("\ufffd", "") == fed_text.replace("\ufffd", "")
     full = session._render(session.messages, add_generation_prompt=False)
     assert full.startswith(session._fed_template) or session._fed_template.startswith(full)
 
