@@ -269,3 +269,24 @@ def test_policy_state_travels_with_the_cache(tiny, tmp_path, monkeypatch):
     other = ChatSession(tiny, settings(tmp_path))
     persist.loads(other, persist.dumps(session))
     assert received["steps"] == 5 and torch.equal(received["scores"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_repl_save_load_and_list(tiny, tmp_path, capsys):
+    from streamchat.repl import run_command
+
+    session = ChatSession(tiny, settings(tmp_path))
+    talk(session, TURNS[:2])
+    before = {k: v for k, v in session.stats().items() if k != "rss_bytes"}
+    assert run_command(session, "/save evening")
+    assert "saved to" in capsys.readouterr().out
+    run_command(session, "/reset")
+    run_command(session, "/sessions")
+    assert "evening" in capsys.readouterr().out
+    run_command(session, "/load evening")
+    out = capsys.readouterr().out
+    assert "(loaded evening: 4 messages, turn 2)" in out and f"you> {TURNS[1]}" in out
+    assert {k: v for k, v in session.stats().items() if k != "rss_bytes"} == before
+    run_command(session, "/load")
+    assert "usage: /load NAME   (saved: evening)" in capsys.readouterr().out
+    with pytest.raises(SessionFileError, match="invalid session name"):
+        run_command(session, "/load ../../etc/passwd")
