@@ -23,7 +23,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-WAIT_MS = 20_000
+WAIT_MS = 45_000  # generous: the machine may be busy; a healthy run takes a few seconds per step
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::pandas.errors.Pandas4Warning", "ignore:Type a message first:UserWarning"
@@ -88,6 +88,7 @@ def wait_until(page, predicate, message: str, timeout_ms: int = WAIT_MS) -> None
 
 def test_chat_memory_panel_stop_and_demo(browser, url):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
     try:
         page.goto(url, wait_until="domcontentloaded")
         page.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
@@ -142,6 +143,7 @@ def test_chat_memory_panel_stop_and_demo(browser, url):
         # Each tab has its own session; closing a tab frees it.
         sessions = page.locator('[data-stat="sessions"]')
         other = browser.new_page()
+        other.set_default_timeout(WAIT_MS)
         other.goto(url, wait_until="domcontentloaded")
         other.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
         assert stat(other, "seen_total") == 0 and stat(other, "turns") == 0
