@@ -184,7 +184,7 @@ class ChatApp:
             lambda: UISession(loaded, settings, max_visible),
             max_sessions=max_sessions,
             idle_seconds=idle_seconds,
-            is_busy=lambda session: session.busy,
+            is_busy=lambda session: session.generating,  # a demo marks its session used at every turn
             on_free=lambda session: session.request_stop(),
         )
 
@@ -269,10 +269,16 @@ class ChatApp:
         session = self.sessions.peek(request.session_hash)
         if session is None:
             return gr.Timer(active=False), ""
-        running = session.busy
+        if session.generating:  # the turn's own last update says how it ended; writing here too would race
+            status = gr.skip()
+        elif session.demo_running:
+            status = "Endless demo stopped."
+        elif session.pending is not None:
+            status = "Stopped: the message waiting for the model was not sent."
+        else:
+            status = "Nothing is running."
         session.request_stop()
-        # While a turn runs, its own last update says how it ended; writing here too would race with it.
-        return gr.Timer(active=False), gr.skip() if running else "Nothing is running."
+        return gr.Timer(active=False), status
 
     def new_clicked(self, request: gr.Request) -> tuple[list, str]:
         session = self.session(request)

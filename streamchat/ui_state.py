@@ -125,7 +125,10 @@ class UISession:
         return self.stop
 
     def request_stop(self) -> None:
+        """Stop the running turn (at its next token) and the demo; forget a message still waiting to start."""
         self.demo_running = False
+        if not self.generating:
+            self.pending = None
         self.stop.set()
 
     def last_user_message(self) -> str | None:

@@ -174,6 +174,9 @@ def test_ui_session_stop_before_start_and_bad_input(tiny):
     assert page == [m for m in page if m["content"] != "   "]  # the refused message leaves no bubble
     assert "empty message" in session.notice
     assert not session.busy
+    session.pending = "waiting in the queue"
+    session.request_stop()  # Stop before the turn started: the waiting message is dropped, the tab is free
+    assert session.pending is None and not session.busy
 
 
 def test_ui_session_demo_reads_the_prompts_file(tiny, tmp_path):
