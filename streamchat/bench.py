@@ -423,7 +423,8 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
         if row["measure"] in ("overhead", "recompute_speedup"):
             groups.append((f"{row['path']} @{row['budget']}", row["ms_per_token"], row["baseline_ms_per_token"],
                            row["baseline"]))
-    panels = [kind for kind, present in (("curve", series), ("bars", groups)) if present]
+    reference = next(iter(series), None)
+    panels = [kind for kind, present in (("curve", series), ("ratio", len(series) > 1), ("bars", groups)) if present]
     if not panels:
         panels = ["curve"]
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
@@ -440,6 +441,18 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
             axis.set_ylim(bottom=0)
             if series:
                 axis.legend(fontsize=8)
+        elif kind == "ratio":
+            base = {r["tokens_processed"]: r["ms_per_token"] for r in series[reference]}
+            for label, rows in list(series.items())[1:]:
+                axis.plot([r["tokens_processed"] for r in rows],
+                          [r["ms_per_token"] / base[r["tokens_processed"]] for r in rows], marker=".", label=label)
+            axis.axhline(1, color="grey", linewidth=1)
+            for budget in report["budgets"]:
+                axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
+            axis.set_xlabel("tokens processed")
+            axis.set_ylabel(f"ms/token relative to {reference}")
+            axis.set_title("same bins, measured side by side (load cancels)")
+            axis.legend(fontsize=8)
         else:
             for index, (label, ours, theirs, baseline) in enumerate(groups):
                 axis.bar(index - 0.2, ours, width=0.4, color="tab:blue", label="bounded cache" if index == 0 else None)
