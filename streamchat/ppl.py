@@ -51,19 +51,24 @@ class PplError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", required=True, metavar="FILE", help="a long UTF-8 text (e.g. ../shared/data/frankenstein.txt)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"first tokens of the text to use (default {DEFAULT_TOKENS})")
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"cache tokens of every bounded policy (default {DEFAULT_BUDGET}); --sinks sets the sinks")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--text", required=True, metavar="FILE", help="a long UTF-8 text (e.g. ../shared/data/frankenstein.txt)")
+    add("--tokens", type=int, default=DEFAULT_TOKENS, help=f"first tokens of the text (default {DEFAULT_TOKENS})")
+    add(
+        "--budget", type=int, default=DEFAULT_BUDGET,
+        help=f"cache tokens of every bounded policy (default {DEFAULT_BUDGET}); --sinks sets the sinks, --heavy "
+        "the heavy hitters of h2o (default: half the budget less the sinks)",
+    )
+    add(
         "--policies", nargs="+", default=list(POLICY_NAMES), choices=POLICY_NAMES, metavar="NAME",
         help=f"what to run (default all: {' '.join(POLICY_NAMES)})",
     )
-    parser.add_argument(
+    add(
         "--recompute-every", type=int, default=DEFAULT_RECOMPUTE_EVERY, metavar="N",
-        help=f"evaluate recompute at every Nth token only (default {DEFAULT_RECOMPUTE_EVERY}; 1 = every token, slow)",
+        help=f"evaluate recompute at every Nth token only (default {DEFAULT_RECOMPUTE_EVERY}; 1: all, slow)",
     )
-    parser.add_argument("--out", default="out/ppl", metavar="DIR", help="output folder (default out/ppl)")
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+    add("--out", default="out/ppl", metavar="DIR", help="output folder (default out/ppl)")
+    add("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
 
 
 # ----- settings of each policy ----------------------------------------------------------------------------------
@@ -86,7 +91,9 @@ def policy_settings(settings: Settings, name: str, budget: int, heavy: int | Non
 
 def policy_keys(settings: Settings) -> dict[str, Any]:
     """The cache settings a policy ran with, for the report."""
-    keys = ("policy", "sinks", "window") if settings.policy == "sink_window" else ("policy", "sinks", "heavy", "recent", "h2o_score")
+    keys = ("policy", "sinks", "window")
+    if settings.policy == "h2o":
+        keys = ("policy", "sinks", "heavy", "recent", "h2o_score")
     return {key: getattr(settings, key) for key in keys}
 
 
@@ -266,7 +273,8 @@ def headline(rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, An
             name: round(row["ppl_at_recompute_tokens"] / reference, 4) for name, row in by_name.items()
         }
     if "h2o" in by_name and "sink_window" in by_name:
-        figures["h2o_time_overhead"] = round(by_name["h2o"]["ms_per_token"] / by_name["sink_window"]["ms_per_token"] - 1, 4)
+        ratio = by_name["h2o"]["ms_per_token"] / by_name["sink_window"]["ms_per_token"]
+        figures["h2o_time_overhead"] = round(ratio - 1, 4)
     return figures
 
 
@@ -292,7 +300,10 @@ def run_ppl(
     ids = ids.to(next(loaded.model.parameters()).device)
     model = loaded.model
     stepped = {name: policy_settings(settings, name, budget, heavy) for name in STEPPED if name in policies}
-    progress = lambda iterable, desc: tqdm(iterable, desc=desc, disable=not show_progress, file=sys.stderr)  # noqa: E731
+
+    def progress(iterable, desc: str):
+        return tqdm(iterable, desc=desc, disable=not show_progress, file=sys.stderr)
+
     nll: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     modes: dict[str, str] = {}
@@ -332,7 +343,7 @@ def run_ppl(
     reporting.write_csv(folder / "ppl.csv", rows)
     reporting.write_json(folder / "ppl.json", report)
     per_token = [
-        {"token": index + 1, **{name: (None if np.isnan(v[index]) else round(float(v[index]), 5)) for name, v in nll.items()}}
+        {"token": index + 1, **{name: None if np.isnan(v[index]) else round(float(v[index]), 5) for name, v in nll.items()}}
         for index in range(len(ids) - 1)
     ]
     reporting.write_csv(folder / "nll.csv", per_token)
@@ -362,7 +373,7 @@ def main(args: argparse.Namespace) -> int:
     except (ModelError, PplError) as error:
         print(f"streamchat ppl: {error}", file=sys.stderr)
         return 2
-    print(f"{report['tokens']} tokens of {args.text}, budget {args.budget} ({settings.sinks} sinks), slack {settings.slack}")
+    print(f"{report['tokens']} tokens of {args.text}, budget {args.budget} ({settings.sinks} sinks, slack {settings.slack})")
     print(format_table(rows))
     print(f"results: {report['out']}/ppl.csv, ppl.json, nll.csv, ppl.png")
     if args.json:
