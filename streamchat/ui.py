@@ -60,7 +60,8 @@ CSS = """
   background: var(--background-fill-secondary); }
 .sc-card .v { font-size: 20px; font-weight: 700; line-height: 1.25; font-variant-numeric: tabular-nums;
   white-space: nowrap; }
-.sc-card .k { font-size: 11px; text-transform: uppercase; letter-spacing: .04em; color: var(--body-text-color-subdued); }
+.sc-card .k { font-size: 11px; text-transform: uppercase; letter-spacing: .04em;
+  color: var(--body-text-color-subdued); }
 .sc-card .s { font-size: 11px; color: var(--body-text-color-subdued); }
 .sc-card.wide { grid-column: 1 / -1; }
 .sc-bar { display: flex; height: 12px; border-radius: 6px; overflow: hidden; background: var(--neutral-200);
@@ -87,7 +88,8 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
             "new one.</div></div>"
         )
     capacity = max(stats["cache_capacity"], 1)
-    used, sinks, heavy, recent = stats["cache_tokens"], stats["sink_tokens"], stats["heavy_tokens"], stats["recent_tokens"]
+    used, sinks = stats["cache_tokens"], stats["sink_tokens"]
+    heavy, recent = stats["heavy_tokens"], stats["recent_tokens"]
     if stats["demo_running"]:
         state = '<span class="sc-state demo">● endless demo running</span>'
     elif stats["generating"]:
@@ -119,7 +121,7 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
             wide=True,
         ),
         card("Tokens seen", f"{stats['seen_total']:,}", "fed to the model in total", "seen_total"),
-        card("Evicted", f"{stats['evicted_total']:,}", f"{stats['evicted_last_turn']:,} in the last turn", "evicted_total"),
+        card("Evicted", f"{stats['evicted_total']:,}", f"{stats['evicted_last_turn']:,} last turn", "evicted_total"),
         card("Decode", f"{stats['decode_tokens_per_s']:.1f} tok/s", "live while generating", "decode_tokens_per_s"),
         card("First token", f"{stats['ttft_s']:.2f} s", "time to first token", "ttft_s"),
         card("Sessions", f"{live_sessions} / {max_sessions}", "live browser tabs", "sessions"),
@@ -137,9 +139,13 @@ def history_frames(session: UISession | None) -> tuple[pd.DataFrame, pd.DataFram
         for seen, _, _, used, capacity in points
         for value, name in ((used, "cache tokens used"), (capacity, "cache capacity"))
     ]
-    types = {"tokens processed": "int64", "MB": "float64", "tokens": "int64", "series": "str"}
-    frame = lambda rows, columns: pd.DataFrame(rows, columns=columns).astype({c: types[c] for c in columns})  # noqa: E731
-    return frame(memory, ["tokens processed", "MB", "series"]), frame(tokens, ["tokens processed", "tokens", "series"])
+    return _frame(memory, "MB"), _frame(tokens, "tokens")
+
+
+def _frame(rows: list[tuple], value: str) -> pd.DataFrame:
+    """Typed columns even when empty: an untyped empty frame would make the plot's axes categorical for good."""
+    frame = pd.DataFrame(rows, columns=["tokens processed", value, "series"])
+    return frame.astype({"tokens processed": "int64", value: "float64" if value == "MB" else "int64", "series": "str"})
 
 
 def refuse(message: str) -> str:
@@ -512,7 +518,9 @@ def build_app(
                     temperature = gr.Slider(0, 2, s.temperature, step=0.05, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.05, 1, s.top_p, step=0.05, label="Top-p")
                     top_k = gr.Slider(0, 200, s.top_k, step=1, label="Top-k (0: off)")
-                    max_new = gr.Slider(1, max(2048, s.max_new_tokens), s.max_new_tokens, step=1, label="Max new tokens")
+                    max_new = gr.Slider(
+                        1, max(2048, s.max_new_tokens), s.max_new_tokens, step=1, label="Max new tokens"
+                    )
                 with gr.Column():
                     gr.Markdown("**Cache** (changing it starts a new conversation)")
                     policy = gr.Dropdown(sorted(POLICIES), value=s.policy, label="Eviction policy")
@@ -537,7 +545,10 @@ def build_app(
         new.click(app.new_clicked, None, [chatbot, status], **LIGHT)
         chatbot.clear(app.new_clicked, None, [chatbot, status], **LIGHT)
         apply.click(
-            app.apply_settings, [system_prompt, policy, sinks, window, heavy, recent, *sampling], [chatbot, status], **LIGHT
+            app.apply_settings,
+            [system_prompt, policy, sinks, window, heavy, recent, *sampling],
+            [chatbot, status],
+            **LIGHT,
         )
         policy.change(_cache_field_visibility, policy, [sinks, window, heavy, recent], **LIGHT)
         demo.click(app.start_demo, None, [demo_timer, status], **LIGHT)

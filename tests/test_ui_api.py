@@ -140,9 +140,10 @@ def test_memory_history_stays_bounded_and_spread():
 
 def test_ui_session_streams_a_reply_and_notes_evictions(tiny):
     session = UISession(tiny, load_settings(overrides=SETTINGS), max_visible=60)
-    pages = list(session.stream_turn("Tell me a story about a dragon who lived in a castle by the sea."))
+    story = "Tell me a story about a dragon who lived in a castle by the sea."
+    pages = list(session.stream_turn(story))
     assert len(pages) >= 3
-    assert pages[-1][0] == {"role": "user", "content": "Tell me a story about a dragon who lived in a castle by the sea."}
+    assert pages[-1][0] == {"role": "user", "content": story}
     assert pages[-1][1]["role"] == "assistant" and pages[-1][1]["content"]
     for _ in range(3):
         pages = list(session.stream_turn("Hello there! How are you today?"))
