@@ -11,6 +11,7 @@ in the cache, between steps, untouched. Prefill keeps using the transformers pat
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -95,9 +96,6 @@ class FastDecoder:
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
-        self._token = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._origin = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._bound: tuple | None = None  # (cache, buffers) of the cache last decoded into
 
     def nbytes(self) -> int:
         """Bytes of the weights this decoder holds of its own (converted copies; 0 extra for "model")."""
@@ -120,21 +118,19 @@ class FastDecoder:
             return "the cache is full (make_room first)"
         return None
 
-    def _buffers(self, cache: BoundedCache) -> tuple:
-        if self._bound is None or self._bound[0]() is not cache or self._bound[1][0][0] is not cache.layers[0].keys:
-            layers = cache.layers
-            rope = layers[0].rope
-            dtype = layers[0].keys.dtype
-            buffers = (
-                [layer.keys for layer in layers],
-                [layer.raw_keys for layer in layers],
-                [layer.values for layer in layers],
-                [layer.origins for layer in layers],
-                rope.cos.to(dtype),
-                rope.sin.to(dtype),
-            )
-            self._bound = (weakref.ref(cache), buffers)
-        return self._bound[1]
+    @staticmethod
+    def _buffers(cache: BoundedCache) -> tuple:
+        """The cache's tensors, gathered per call (microseconds): a decoder serves many sessions and threads."""
+        layers = cache.layers
+        dtype = layers[0].keys.dtype
+        return (
+            [layer.keys for layer in layers],
+            [layer.raw_keys for layer in layers],
+            [layer.values for layer in layers],
+            [layer.origins for layer in layers],
+            layers[0].rope.cos.to(dtype),
+            layers[0].rope.sin.to(dtype),
+        )
 
     @torch.inference_mode()
     def decode(self, token_id: int, cache: BoundedCache) -> torch.Tensor:
@@ -143,9 +139,9 @@ class FastDecoder:
         if refusal:
             raise FastPathUnavailable(refusal)
         length = cache.length
-        self._token.fill_(token_id)
-        self._origin.fill_(cache.seen_tokens)
-        arguments = (self._token, self._origin, length, *self._buffers(cache))
+        token = torch.tensor([token_id], device=self.device)
+        origin = torch.tensor([cache.seen_tokens], device=self.device)
+        arguments = (token, origin, length, *self._buffers(cache))
         if self.compiled and self.compile_seconds is None:
             logits = self._compile_first(arguments)
         else:
@@ -180,10 +176,10 @@ class FastDecoder:
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms_norm(x, layer.input_norm, self.eps)).view(rotated + kv_heads, head_dim)
             qk = rotate(qkv[:rotated], cos, sin)  # queries and keys rotated at place `length` in one go
-            keys[i][0, :, length] = qk[heads:]
-            raw_keys[i][0, :, length] = qkv[heads:rotated]
-            values[i][0, :, length] = qkv[rotated:]
-            origins[i][0, :, length] = origin
+            keys[i][:, :, length:end] = qk[heads:].view(1, kv_heads, 1, head_dim)  # slices, not integer indexing:
+            raw_keys[i][:, :, length:end] = qkv[heads:rotated].view(1, kv_heads, 1, head_dim)  # one compiled graph
+            values[i][:, :, length:end] = qkv[rotated:].view(1, kv_heads, 1, head_dim)  # serves every length
+            origins[i][:, :, length:end] = origin
             # Grouped-query attention without repeating K/V: the `group` query heads of KV head j (heads
             # j*group..j*group+group-1, as transformers' repeat_kv pairs them) are `group` queries of one head.
             attended = F.scaled_dot_product_attention(
@@ -197,18 +193,29 @@ class FastDecoder:
 
 
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_BUILDING = threading.RLock()
 
 
 def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = False) -> FastDecoder:
-    """The model's decoder for these options, built once and shared by every session on the model."""
-    decoders = _DECODERS.setdefault(model, {})
-    key = (weights, compile)
-    if key not in decoders and weights == "auto":
-        decoders[key] = decoder_for(model, resolve_weights(model.model.layers, weights), compile)
-    if key not in decoders:
-        started = time.perf_counter()
-        decoders[key] = FastDecoder(model, weights, compile)
-        if weights != "model":
-            seconds = time.perf_counter() - started
-            print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)", file=sys.stderr)
-    return decoders[key]
+    """The model's decoder for these options, built once and shared by every session (and thread) on the model.
+    Raises FastPathUnavailable, also on later calls, for a model the fast path cannot run."""
+    with _BUILDING:
+        decoders = _DECODERS.setdefault(model, {})
+        key = (weights, compile)
+        if key not in decoders:
+            try:
+                if weights == "auto":
+                    decoders[key] = decoder_for(model, resolve_weights(model.model.layers, weights), compile)
+                else:
+                    started = time.perf_counter()
+                    decoders[key] = FastDecoder(model, weights, compile)
+                    if weights != "model":
+                        seconds = time.perf_counter() - started
+                        print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)",
+                              file=sys.stderr)
+            except FastPathUnavailable as error:
+                decoders[key] = error
+        found = decoders[key]
+    if isinstance(found, FastPathUnavailable):
+        raise found
+    return found
