@@ -40,8 +40,9 @@ from streamchat.config import Settings
 from streamchat.model import LoadedModel
 
 DENSE, WINDOW, RECOMPUTE = "dense", "window", "recompute"
-STEPPED = (WINDOW, "sink_window", "h2o")  # fed token by token through a BoundedCache
-POLICY_NAMES = (DENSE, WINDOW, RECOMPUTE, "sink_window", "h2o")
+STEPPED = (WINDOW, "sink_window", "h2o", "tova")  # fed token by token through a BoundedCache
+POLICY_NAMES = (DENSE, WINDOW, RECOMPUTE, "sink_window", "h2o")  # the default run
+CHOICES = (*POLICY_NAMES, "tova")
 LAST = 1000  # the table's second perplexity: over the last 1,000 predicted tokens
 DEFAULT_TOKENS, DEFAULT_BUDGET, DEFAULT_RECOMPUTE_EVERY = 5000, 256, 16
 
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the heavy hitters of h2o (default: half the budget less the sinks)",
     )
     add(
-        "--policies", nargs="+", default=list(POLICY_NAMES), choices=POLICY_NAMES, metavar="NAME",
-        help=f"what to run (default all: {' '.join(POLICY_NAMES)})",
+        "--policies", nargs="+", default=list(POLICY_NAMES), choices=CHOICES, metavar="NAME",
+        help=f"what to run: {', '.join(CHOICES)} (default: {' '.join(POLICY_NAMES)})",
     )
     add(
         "--recompute-every", type=int, default=DEFAULT_RECOMPUTE_EVERY, metavar="N",
@@ -80,20 +81,20 @@ def policy_settings(settings: Settings, name: str, budget: int, heavy: int | Non
         return settings.replace(policy="sink_window", sinks=0, window=budget)
     if name == "sink_window":
         return settings.replace(policy="sink_window", window=budget - settings.sinks)
-    if name == "h2o":
+    if name in ("h2o", "tova"):  # sinks + heavy hitters + recent; they differ in how they rank tokens
         split = budget - settings.sinks
         heavy = split // 2 if heavy is None else heavy
         if not 0 <= heavy < split:
             raise PplError(f"--heavy must be between 0 and {split - 1} (the budget less the sinks, less 1)")
-        return settings.replace(policy="h2o", heavy=heavy, recent=split - heavy)
+        return settings.replace(policy=name, heavy=heavy, recent=split - heavy)
     raise ValueError(f"{name} runs without a bounded cache")
 
 
 def policy_keys(settings: Settings) -> dict[str, Any]:
     """The cache settings a policy ran with, for the report."""
     keys = ("policy", "sinks", "window")
-    if settings.policy == "h2o":
-        keys = ("policy", "sinks", "heavy", "recent", "h2o_score")
+    if settings.policy in ("h2o", "tova"):
+        keys = ("policy", "sinks", "heavy", "recent") + (("h2o_score",) if settings.policy == "h2o" else ())
     return {key: getattr(settings, key) for key in keys}
 
 
@@ -322,7 +323,7 @@ def run_ppl(
     for name, run in runs.items():
         nll[name], seconds[name], modes[name] = run.nll, run.seconds, "token by token"
         peaks[name] = run.peak_tokens
-    nll = {name: nll[name] for name in POLICY_NAMES if name in nll}
+    nll = {name: nll[name] for name in CHOICES if name in nll}
     rows = summarize(nll, seconds, modes, budget)
     folder = reporting.output_dir(out)
     report = {

@@ -87,6 +87,22 @@ def test_scores_equal_naive_eager_attention(loaded, mode):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_tova_ranks_by_the_newest_query(loaded):
+    model = loaded.model
+    cache = BoundedCache(model, h2o_settings(policy="tova", heavy=100, recent=100))
+    ids = random_ids(18, model.config.vocab_size, seed=5)
+    for start, end in ((0, 10), (10, 17), (17, 18)):
+        feed(model, cache, ids[start:end])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, probs in enumerate(attentions):
+        newest = probs[0, :, -1].view(-1, group, len(ids)).mean(dim=1)  # [kv heads, keys]
+        torch.testing.assert_close(cache.policy.ranking(layer, len(ids))[0], newest, atol=1e-5, rtol=0)
+
+
 def test_probabilities_follow_a_given_mask():
     """With the model's boolean mask the probabilities equal those of the built-in causal rule."""
     torch.manual_seed(0)
@@ -111,10 +127,10 @@ def expected_kept(ranking, length, keep, protected, heavy):
     ]
 
 
-@pytest.mark.parametrize("mode", ["normalized", "cumulative"])
-def test_kept_set_is_sinks_top_k_and_recent_per_layer_and_head(loaded, mode):
+@pytest.mark.parametrize("policy, mode", [("h2o", "normalized"), ("h2o", "cumulative"), ("tova", "normalized")])
+def test_kept_set_is_sinks_top_k_and_recent_per_layer_and_head(loaded, policy, mode):
     model = loaded.model
-    settings = h2o_settings(h2o_score=mode)
+    settings = h2o_settings(policy=policy, h2o_score=mode)
     cache = BoundedCache(model, settings)
     ids = random_ids(120, model.config.vocab_size, seed=3)
     checked, differing_heads, position = 0, False, 0

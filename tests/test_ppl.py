@@ -96,7 +96,7 @@ def test_nlls_against_direct_forwards(loaded, text, tmp_path):
 
 def test_every_bounded_policy_gets_the_same_budget():
     settings = load_settings(None, {})
-    for name in ("window", "sink_window", "h2o"):
+    for name in ("window", "sink_window", "h2o", "tova"):
         assert policy_settings(settings, name, 256).budget == 256
     assert policy_settings(settings, "window", 256).sinks == 0
     halves = policy_settings(settings, "h2o", 256)

@@ -8,10 +8,12 @@ from __future__ import annotations
 from streamchat.policies.base import EvictionPolicy
 from streamchat.policies.h2o import H2OPolicy
 from streamchat.policies.sink_window import SinkWindowPolicy
+from streamchat.policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     SinkWindowPolicy.name: SinkWindowPolicy,
     H2OPolicy.name: H2OPolicy,
+    TOVAPolicy.name: TOVAPolicy,
 }
 
 
