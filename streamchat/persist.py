@@ -89,7 +89,11 @@ def _read_header(data: bytes) -> dict[str, str]:
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
         raise ValueError("the file is truncated")
-    metadata = json.loads(data[8 : 8 + size]).get("__metadata__")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise ValueError("it is not a streamchat session file (no readable header)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ValueError("it has no streamchat metadata")
     return metadata
@@ -110,7 +114,7 @@ def loads(session: ChatSession, data: bytes, source: str = "the file") -> None:
         meta: Any = json.loads(session_json)
         if not isinstance(meta, dict):
             raise ValueError("the session record is not a mapping")
-    except (ValueError, RuntimeError, SafetensorError, UnicodeDecodeError, AttributeError) as error:
+    except (ValueError, RuntimeError, SafetensorError, AttributeError) as error:
         raise SessionFileError(f"cannot load {source}: {error}") from None
     try:
         session.import_state(tensors, meta)

@@ -12,9 +12,12 @@ left running still lets other tabs take their turn.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -23,6 +26,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from streamchat import persist  # noqa: E402
 from streamchat.config import Settings, SettingsError  # noqa: E402
 from streamchat.model import LoadedModel, ModelError, load_model  # noqa: E402
 from streamchat.policies import POLICIES  # noqa: E402
@@ -186,6 +190,7 @@ class ChatApp:
         max_visible: int = 60,
     ):
         self.idle_seconds = idle_seconds
+        self.save_dir = Path(tempfile.mkdtemp(prefix="streamchat-saves-"))  # one file per tab, replaced at each save
         self.sessions: SessionRegistry[UISession] = SessionRegistry(
             lambda: UISession(loaded, settings, max_visible),
             max_sessions=max_sessions,
@@ -322,6 +327,49 @@ class ChatApp:
             session,
             f"New conversation: the cache or system prompt changed (policy {settings.policy}, budget {budget:,} "
             "tokens). A cache cannot be resized in place.",
+        )
+
+    # ----- save and resume (a download and an upload: nothing is kept on the server by name) ------------------
+
+    def save_clicked(self, request: gr.Request) -> tuple[Any, str]:
+        """This tab's conversation (messages, settings, cache) as a .streamchat file to download."""
+        session = self.session(request)
+        if session.busy:
+            return gr.skip(), refuse("A reply is being generated: press Stop first.")
+        tab = hashlib.sha256(request.session_hash.encode()).hexdigest()[:16]  # the client picks session_hash
+        try:
+            path = persist.save_file(session.chat, self.save_dir / tab / "conversation.streamchat")
+        except SessionError as error:
+            return gr.skip(), refuse(f"Not saved: {error}")
+        return gr.update(value=str(path), visible=True), self._status(
+            session, "Saved: download the file below; Load it later (here or in `/load`) to continue exactly here."
+        )
+
+    def load_uploaded(self, path: str | None, request: gr.Request) -> tuple:
+        """Resume an uploaded .streamchat file in this tab; the settings boxes show its settings."""
+        session = self.session(request)
+        skip = (gr.skip(),) * 10
+        if not path:
+            return gr.skip(), refuse("No file was uploaded."), *skip
+        if session.busy:
+            return gr.skip(), refuse("A reply is being generated: press Stop first."), *skip
+        try:
+            persist.load_file(session.chat, path)
+        except SessionError as error:
+            return gr.skip(), refuse(f"Not loaded: {error}"), *skip
+        visible = session.chat.visible_messages
+        session.messages.clear()
+        session.messages.extend(dict(m) for m in visible[-session.max_visible :])
+        session.dropped_messages = max(len(visible) - session.max_visible, 0)
+        session.last_reply, session.conversations = None, session.conversations + 1
+        session.history.clear()
+        session.history.add(session.chat.stats())
+        s = session.chat.settings
+        status = self._status(session, f"Loaded: {len(visible)} messages, the cache as it was ({s.policy}).")
+        return (
+            session.page_messages(), status, s.system_prompt or "", s.temperature, s.top_p, s.top_k,
+            gr.update(value=s.max_new_tokens, maximum=max(2048, s.max_new_tokens)), s.policy, s.sinks, s.window,
+            s.heavy, s.recent,
         )
 
     # ----- endless demo ---------------------------------------------------------------------------------------
@@ -479,6 +527,12 @@ def build_app(
                     retry = gr.Button("↻ Retry", size="md", elem_id="retry")
                     new = gr.Button("New chat", size="md", elem_id="new")
                     demo = gr.Button("▶ Endless demo", size="md", elem_id="demo", scale=2)
+                with gr.Row():
+                    save = gr.Button("Save conversation", size="md", elem_id="save")
+                    load = gr.UploadButton(
+                        "Load conversation", file_types=[persist.SUFFIX], type="filepath", size="md", elem_id="load"
+                    )
+                saved_file = gr.File(label="Saved conversation", visible=False, interactive=False, elem_id="saved")
                 status = gr.Markdown("", elem_id="status")
                 gr.Markdown(
                     "*Retry sends your last message again as a new turn: a cache cannot un-read tokens, so the model "
@@ -551,6 +605,13 @@ def build_app(
             **LIGHT,
         )
         policy.change(_cache_field_visibility, policy, [sinks, window, heavy, recent], **LIGHT)
+        save.click(app.save_clicked, None, [saved_file, status], **LIGHT)
+        load.upload(
+            app.load_uploaded,
+            load,
+            [chatbot, status, system_prompt, *sampling, policy, sinks, window, heavy, recent],
+            **LIGHT,
+        )
         demo.click(app.start_demo, None, [demo_timer, status], **LIGHT)
         demo_timer.tick(
             app.demo_turn, sampling, [chatbot, status, demo_timer], api_visibility="private", show_progress="hidden",
@@ -572,6 +633,7 @@ def build_app(
 def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any):
     """Serve the UI (blocking unless prevent_thread_lock=True); returns what gr.Blocks.launch returns."""
     blocks.chat_app.sessions.start_sweeper()
+    kwargs.setdefault("max_file_size", "1gb")  # uploads are session files: a full 8k-token cache is ~0.6 GB
     return blocks.launch(
         server_name=host, server_port=port, theme=THEME, css=CSS, ssr_mode=False, show_error=True, **kwargs
     )

@@ -2,6 +2,7 @@
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,46 @@ def test_repl_save_load_and_list(tiny, tmp_path, capsys):
     assert "usage: /load NAME   (saved: evening)" in capsys.readouterr().out
     with pytest.raises(SessionFileError, match="invalid session name"):
         run_command(session, "/load ../../etc/passwd")
+
+
+# ----- the browser UI: save as a download, load from an upload ------------------------------------------------
+
+
+def test_ui_save_download_and_load_upload(tiny, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from streamchat.ui import ChatApp, build_app
+
+    base = settings(tmp_path, temperature=0.0)
+    saver, loader = ChatApp(tiny, base), ChatApp(tiny, settings(tmp_path, window=100, temperature=0.9))
+    tab = gr.Request(session_hash="../../escape")
+    session = saver.session(tab)
+    for text in TURNS:
+        list(session.stream_turn(text))
+    update, status = saver.save_clicked(tab)
+    path = update["value"]
+    assert "Saved" in status and path.endswith("conversation.streamchat")
+    assert saver.save_dir in Path(path).resolve().parents  # the client's session hash is not used as a path
+    replies_a = talk(session.chat, NEXT)
+
+    other = gr.Request(session_hash="other")
+    page, status, system, temperature, top_p, top_k, max_new, policy, sinks, window, heavy, recent = (
+        loader.load_uploaded(path, other)
+    )
+    resumed = loader.session(other)
+    assert "Loaded: 6 messages" in status and window == 60 and temperature == 0.0 and max_new["value"] == 12
+    assert [(m["role"], m["content"]) for m in page] == [
+        (m["role"], m["content"]) for m in resumed.chat.visible_messages
+    ]
+    assert talk(resumed.chat, NEXT) == replies_a
+
+    garbage = tmp_path / "bad.streamchat"
+    garbage.write_bytes(b"\x00" * 100)
+    before = snapshot(resumed.chat)
+    result = loader.load_uploaded(str(garbage), other)
+    assert "Not loaded: cannot load" in result[1] and "not a streamchat session file" in result[1]
+    assert snapshot(resumed.chat) == before
+    resumed.generating = True
+    assert "press Stop first" in loader.load_uploaded(path, other)[1]
+    assert "press Stop first" in loader.save_clicked(other)[1]
+    resumed.generating = False
+    build_app(tiny, base)  # the buttons are wired
