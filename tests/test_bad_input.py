@@ -303,3 +303,30 @@ def test_terminal_output_cannot_carry_escape_sequences():
 
     shown = terminal_safe("\x1b]0;owned\x07\x1b[2J\x9b31m\rred\n\tok é 😀")
     assert shown == "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x0dred\n\tok é 😀"
+
+
+def test_corrupted_real_conversion_is_rebuilt(tmp_path, monkeypatch):
+    """Integration, on a copy in a temporary STREAMCHAT_CACHE: one flipped bit in the converted SmolLM2 weights
+    is found and the GGUF converted again (~20 s)."""
+    import shutil
+
+    try:
+        gguf = model.embedded_gguf_path()
+    except ModelError as error:
+        pytest.skip(str(error))
+    real = model.cache_root() / model._gguf_key(gguf)
+    monkeypatch.setenv(model.CACHE_ENV, str(tmp_path))
+    folder = tmp_path / real.name
+    if _cached_conversion_ok(real):
+        shutil.copytree(real, folder)
+    else:
+        load_model()
+    weights = folder / WEIGHTS
+    with weights.open("r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(-1, 1)
+        handle.write(bytes([byte ^ 0x01]))
+    assert not _cached_conversion_ok(folder)
+    rebuilt = load_model()
+    assert rebuilt.converted and _cached_conversion_ok(folder) and rebuilt.identity == real.name
