@@ -25,15 +25,20 @@ LINEAR_MODES = ("model", "bf16", "int8", "int4")
 
 
 class PackedLinear:
-    """y = x W^T (+ b) over weights stored as `mode`: "model" (as loaded), "bf16", or "int8" (per-row scales)."""
+    """y = x W^T (+ b) over weights stored as `mode`: "model" (as loaded), "bf16", "int8" or "int4".
+
+    `x` must already be in `input_dtype` (the model's dtype for "model", bf16 otherwise) and `y` comes out in it:
+    the caller converts once where a value crosses between the residual stream and the matmuls, not per call.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
         if mode not in LINEAR_MODES:
             raise ValueError(f"weights must be one of {', '.join(LINEAR_MODES)}, got {mode!r}")
         self.mode = mode
-        self.bias = bias
         self.scales: torch.Tensor | None = None
         weight = weight.detach()
+        self.input_dtype = weight.dtype if mode == "model" else torch.bfloat16
+        self.bias = None if bias is None else bias.detach().to(self.input_dtype)
         if mode == "model":
             self.weight = weight
         elif mode == "bf16":
@@ -44,15 +49,12 @@ class PackedLinear:
             self.weight, self.scales = quantize_int4(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "model":
+        if self.mode in ("model", "bf16"):
             return F.linear(x, self.weight, self.bias)
-        if self.mode == "bf16":
-            out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-        elif self.mode == "int8":
-            out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        if self.mode == "int8":
+            out = torch._weight_int8pack_mm(x, self.weight, self.scales)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scales)
-            out = out.to(x.dtype)
+            out = torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scales)
         return out if self.bias is None else out + self.bias
 
     def nbytes(self) -> int:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from streamchat.cache import BoundedCache
 from streamchat.quant import PackedLinear, fuse, resolve_weights
-from streamchat.rope import rotate
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -46,13 +45,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         if any(hasattr(attention, name) for name in ("q_norm", "k_norm")) or not hasattr(layer.mlp, "gate_proj"):
             return "a layer layout other than Llama's"
     return None
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (fp32 statistics)."""
-    hidden = x.float()
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hidden.to(x.dtype)
 
 
 class _Layer:
@@ -93,6 +85,8 @@ class FastDecoder:
         head_weights = "int8" if weights == "int4" else weights  # the GGUF's output projection is 8-bit
         self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
         self.device = self.embedding.device
+        half = self.head_dim // 2
+        self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.embedding.dtype)
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
@@ -168,28 +162,39 @@ class FastDecoder:
         return logits
 
     def _forward(self, token, origin, length: int, keys, raw_keys, values, origins, cos_table, sin_table):
+        """One token through every layer. Written for few eager ops (each costs microseconds of Python and
+        dispatch, a large share of a 135M model's step): fused norms, one rotation for q and k, narrow+copy_
+        writes, in-place residual adds, and activations converted only where they cross into the matmuls."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        group, rotated = heads // kv_heads, heads + kv_heads
+        group, rotated, half = heads // kv_heads, heads + kv_heads, head_dim // 2
         end = length + 1
-        x = F.embedding(token, self.embedding)  # [1, hidden]
-        cos, sin = cos_table[length:end], sin_table[length:end]  # [1, head_dim]
+        cos = cos_table.narrow(0, length, 1)  # [1, head_dim]
+        signed_sin = sin_table.narrow(0, length, 1) * self._sin_signs  # rotate_half(x) * sin == roll(x) * signed
+        x = F.embedding(token, self.embedding)  # [1, hidden], the residual stream in the model's dtype
+        hidden = (x.shape[-1],)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.input_norm, self.eps)).view(rotated + kv_heads, head_dim)
-            qk = rotate(qkv[:rotated], cos, sin)  # queries and keys rotated at place `length` in one go
-            keys[i][:, :, length:end] = qk[heads:].view(1, kv_heads, 1, head_dim)  # slices, not integer indexing:
-            raw_keys[i][:, :, length:end] = qkv[heads:rotated].view(1, kv_heads, 1, head_dim)  # one compiled graph
-            values[i][:, :, length:end] = qkv[rotated:].view(1, kv_heads, 1, head_dim)  # serves every length
-            origins[i][:, :, length:end] = origin
+            matmul_dtype = layer.qkv.input_dtype
+            normed = F.rms_norm(x, hidden, layer.input_norm, self.eps).to(matmul_dtype)
+            qkv = layer.qkv(normed).to(x.dtype).view(rotated + kv_heads, head_dim)
+            qk = qkv.narrow(0, 0, rotated)
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin)  # q and k rotated at place `length`
+            # narrow + copy_ (not integer indexing): one compiled graph then serves every length
+            keys[i].narrow(2, length, 1).copy_(qk.narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
+            raw_keys[i].narrow(2, length, 1).copy_(qkv.narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
+            values[i].narrow(2, length, 1).copy_(qkv.narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
+            origins[i].narrow(2, length, 1).copy_(origin.view(1, 1, 1).expand(1, kv_heads, 1))
             # Grouped-query attention without repeating K/V: the `group` query heads of KV head j (heads
             # j*group..j*group+group-1, as transformers' repeat_kv pairs them) are `group` queries of one head.
             attended = F.scaled_dot_product_attention(
-                qk[:heads].view(1, kv_heads, group, head_dim), keys[i][:, :, :end], values[i][:, :, :end],
-                scale=self.scaling,
+                qk.narrow(0, 0, heads).view(1, kv_heads, group, head_dim),
+                keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end), scale=self.scaling,
             )
-            x = x + layer.out(attended.view(1, heads * head_dim))
-            gate, up = layer.gate_up(_rms_norm(x, layer.post_norm, self.eps)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        return self.lm_head(_rms_norm(x, self.final_norm, self.eps)).float()
+            x.add_(layer.out(attended.view(1, heads * head_dim).to(matmul_dtype)))
+            normed = F.rms_norm(x, hidden, layer.post_norm, self.eps).to(matmul_dtype)
+            gate, up = layer.gate_up(normed).chunk(2, dim=-1)
+            x.add_(layer.down(F.silu(gate).mul_(up)))
+        normed = F.rms_norm(x, hidden, self.final_norm, self.eps).to(self.lm_head.input_dtype)
+        return self.lm_head(normed).float()
 
 
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
