@@ -12,7 +12,7 @@ token of a text, for
   (`ppl_at_recompute_tokens`, and `vs_recompute` in the JSON line: the ratio to recompute's).
 - `sink_window` and `h2o`: the chat's own `BoundedCache`, fed one token at a time through `make_room` and a model
   forward, exactly as a chat decodes. H2O splits the budget less the sinks half heavy hitters, half recent
-  (`--heavy` sets the heavy part).
+  (`--heavy` sets the heavy part). `tova` (not in the default run) is run the same way.
 
 All bounded policies have the same budget. The token-by-token policies run in lock step, one token each in turn,
 so a shared CPU's load changes hit them alike and their times per token compare within one run.
