@@ -38,6 +38,8 @@ CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_
 # UI's configure API) nor from a loaded session file, so no chat input can make streamchat read or write a path.
 LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir", "prompts_file")
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+HISTORY_KEEP = 64  # conversation messages the session keeps as text (the cache holds far less of them anyway)
+HISTORY_LIMIT = 96  # trimming back to HISTORY_KEEP happens past this, so its cost is paid once per 32 messages
 
 
 def _placeholder(index: int) -> str:
@@ -479,7 +481,31 @@ class ChatSession:
             rate = steps / decode_seconds if steps and decode_seconds > 0 else 0.0
             self._finish(prompt_tokens, prompt_tokens, new_tokens, reason, prefill_seconds, ttft, rate)
 
+    def _trim_history(self) -> None:
+        """Forget the oldest messages' text so an endless conversation keeps bounded text and renders in bounded
+        time. The placeholder-form stream is rebased onto the template of the kept messages; a template for
+        which that is not exact (one that renders earlier turns differently) keeps its full history instead."""
+        talk = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
+        if len(talk) <= HISTORY_LIMIT:
+            return
+        first = talk[-HISTORY_KEEP]
+        while first < talk[-1] and self.messages[first]["role"] != "user":
+            first += 1
+        if _placeholder(first) not in self._fed_template:
+            return
+        dropped = {i for i in talk if i < first}
+        kept = [m for i, m in enumerate(self.messages) if i not in dropped]
+        renumber = {old: new for new, old in enumerate(i for i in range(len(self.messages)) if i not in dropped)}
+        tail = self._fed_template[self._fed_template.index(_placeholder(first)) :]
+        tail = _PLACEHOLDER.sub(lambda match: _placeholder(renumber[int(match.group(1))]), tail)
+        rendered = self._render(kept, add_generation_prompt=False)
+        new_first = _placeholder(renumber[first])
+        rebased = rendered[: rendered.index(new_first)] + tail
+        if rendered.startswith(rebased):
+            self.messages, self._fed_template = kept, rebased
+
     def _finish(self, prompt_tokens, fed, new_tokens, reason, prefill_seconds, ttft, decode_rate) -> None:
+        self._trim_history()
         self.turns += 1
         self.last_turn = TurnStats(
             turn=self.turns,

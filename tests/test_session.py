@@ -186,3 +186,22 @@ def test_incremental_decoder_never_splits_characters(tiny):
     pieces = [decoder.push(i) for i in ids]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_history_text_stays_bounded_and_turns_stay_well_formed(tiny):
+    from streamchat.session import HISTORY_LIMIT
+
+    session = make_session(tiny, sinks=4, window=60, max_new_tokens=50)
+    scripted_replies(session, ["Fine, thanks."] * 80)
+    for turn in range(70):
+        "".join(session.send(f"turn {turn}"))
+        assert len(session.visible_messages) <= HISTORY_LIMIT
+    assert len(session.visible_messages) < 140
+    assert session.visible_messages[-1] == {"role": "assistant", "content": "Fine, thanks."}
+    assert session._fed_template.count("<|im_start|>user") == len(session.visible_messages) // 2
+    fed, _ = record_forwards(session)
+    pending = list(session._pending)
+    "".join(session.send("last one"))
+    tail = "\n<|im_start|>user\nlast one<|im_end|>\n<|im_start|>assistant\n"
+    expected = pending + tiny.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    assert fed[: len(expected)] == expected  # then the reply's own tokens
