@@ -36,7 +36,6 @@ from streamchat.ui_sessions import SessionLimitError, SessionRegistry  # noqa: E
 from streamchat.ui_state import UISession  # noqa: E402
 
 # Which cache fields each policy reads (the others are hidden); a policy not listed shows them all.
-POLICY_FIELDS = {"sink_window": ("sinks", "window"), "h2o": ("sinks", "heavy", "recent")}
 CACHE_FIELDS = ("sinks", "window", "heavy", "recent")
 GENERATE = {"concurrency_id": "generate", "concurrency_limit": 1}
 LIGHT = {"concurrency_limit": None, "show_progress": "hidden", "api_visibility": "private"}
@@ -482,7 +481,7 @@ class ChatApp:
 
 
 def _cache_field_visibility(policy: str) -> list[Any]:
-    shown = POLICY_FIELDS.get(policy, CACHE_FIELDS)
+    shown = POLICIES[policy].settings_keys if policy in POLICIES else CACHE_FIELDS
     return [gr.update(visible=name in shown) for name in CACHE_FIELDS]
 
 
@@ -578,7 +577,7 @@ def build_app(
                 with gr.Column():
                     gr.Markdown("**Cache** (changing it starts a new conversation)")
                     policy = gr.Dropdown(sorted(POLICIES), value=s.policy, label="Eviction policy")
-                    shown = POLICY_FIELDS.get(s.policy, CACHE_FIELDS)
+                    shown = POLICIES[s.policy].settings_keys
                     sinks = gr.Number(s.sinks, label="Attention sinks", precision=0, visible="sinks" in shown)
                     window = gr.Number(s.window, label="Window (recent tokens)", precision=0, visible="window" in shown)
                     heavy = gr.Number(s.heavy, label="Heavy hitters (H2O)", precision=0, visible="heavy" in shown)

@@ -24,6 +24,7 @@ class EvictionPolicy:
 
     name: str = ""
     needs_attention_scores: bool = False
+    settings_keys: tuple[str, ...] = ("sinks",)  # the size settings this policy reads (front ends show these)
 
     def __init__(self, settings: "Settings", num_layers: int):
         self.settings = settings

@@ -32,6 +32,7 @@ H2O_SCORES = ("normalized", "cumulative", "decayed")
 
 class H2OPolicy(EvictionPolicy):
     name = "h2o"
+    settings_keys = ("sinks", "heavy", "recent")
     needs_attention_scores = True
 
     def __init__(self, settings: "Settings", num_layers: int):

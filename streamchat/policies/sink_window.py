@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 class SinkWindowPolicy(EvictionPolicy):
     name = "sink_window"
+    settings_keys = ("sinks", "window")
 
     @classmethod
     def budget(cls, settings: "Settings") -> int:
