@@ -296,6 +296,7 @@ def test_repl_save_load_and_list(tiny, tmp_path, capsys):
 # ----- the browser UI: save as a download, load from an upload ------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Not loaded:UserWarning", "ignore:A reply is being generated:UserWarning")
 def test_ui_save_download_and_load_upload(tiny, tmp_path):
     gr = pytest.importorskip("gradio")
     from streamchat.ui import ChatApp, build_app
