@@ -14,6 +14,7 @@ from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_sett
 # command -> (module, help)
 COMMANDS = {
     "chat": ("streamchat.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
+    "ui": ("streamchat.ui", "chat in the browser (the same as python app.py)"),
     "ppl": ("streamchat.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
     "soak": ("streamchat.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
     "stress": ("streamchat.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
