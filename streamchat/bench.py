@@ -565,8 +565,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"streamchat bench: {error}", file=sys.stderr)
         return 2
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
     except ModelError as error:

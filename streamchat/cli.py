@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_settings, parse_assignments
 
 # command -> (module, help)
@@ -50,13 +52,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The config file, then --set pairs, then named flags; validated once."""
+    """The config file, then --set pairs, then named flags; validated once. Also applies `threads`, which is
+    process-wide, so every command honours it."""
     overrides = parse_assignments(args.set)
     for name in SETTINGS_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             overrides["system_prompt" if name == "system" else name] = value
-    return load_settings(args.config, overrides)
+    settings = load_settings(args.config, overrides)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -363,8 +363,6 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as error:
         print(f"streamchat ppl: cannot read --text {args.text}: {error}", file=sys.stderr)
         return 2
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
         rows, report = run_ppl(

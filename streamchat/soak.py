@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from streamchat import reporting
-from streamchat.memory import peak_rss_bytes, rss_bytes
+from streamchat.memory import peak_rss_bytes
 from streamchat.model import ModelError, load_model
 from streamchat.session import ChatSession, SessionError
 
@@ -211,8 +210,6 @@ def main(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.paste_chars < 1 or args.reply_tokens < 1:
         print("streamchat soak: --tokens, --paste-chars and --reply-tokens must be at least 1", file=sys.stderr)
         return 2
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     try:
         text = Path(args.text).read_text(encoding="utf-8") if args.text else None
         if text is not None and not text.strip():

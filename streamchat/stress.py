@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
@@ -345,8 +344,6 @@ def main(args: argparse.Namespace) -> int:
     settings = settings.replace(seed=0 if settings.seed is None else settings.seed, **overrides)
     try:
         load_turns(settings.prompts_file)
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
         loaded = load_model(settings.model, settings.device, settings.dtype)
         turns = args.turns if args.turns is not None else (None if args.tokens is not None else DEFAULT_TURNS)
         report = run_stress(

@@ -24,7 +24,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from streamchat import persist  # noqa: E402
 from streamchat.config import Settings, SettingsError  # noqa: E402
@@ -654,8 +653,6 @@ def main(args: argparse.Namespace) -> int:
         print("streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
               file=sys.stderr)
         return 2
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
     except ModelError as error:

@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from streamchat import cli, model
@@ -51,16 +50,7 @@ def test_empty_or_whitespace_message(session, text):
     still_answers(session)
 
 
-@pytest.fixture()
-def single_thread():
-    """Tiny models run many small ops: on a busy machine one thread avoids waiting on a descheduled second one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_one_megabyte_paste_streams_through_at_budget(tiny, single_thread):
+def test_one_megabyte_paste_streams_through_at_budget(tiny):
     # ~390,000 tokens: a one-layer, one-head model keeps this to seconds; the session code path is the same
     config = LlamaConfig(
         vocab_size=len(tiny.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

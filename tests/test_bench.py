@@ -2,21 +2,11 @@ import csv
 import json
 
 import pytest
-import torch
 
 from streamchat import bench, cli
 from streamchat.config import load_settings
 
 BUDGET = 48  # the tiny template's system prompt (17 tokens) must fit in half the budget
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on two shared cores crawl; the tiny model runs best on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

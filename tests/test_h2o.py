@@ -19,15 +19,6 @@ from streamchat.session import ChatSession
 from tiny import tiny_loaded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model forwards are op-dispatch bound: one thread is several times faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded():
     """A tiny model of this module's own: scoring switches its attention function, which the shared one keeps."""

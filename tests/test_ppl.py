@@ -13,15 +13,6 @@ from streamchat.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
 from tiny import CORPUS, tiny_loaded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model forwards are op-dispatch bound: one thread is several times faster on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def loaded():
     return tiny_loaded(seed=2)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from streamchat import cli, soak
 from streamchat.config import load_settings
@@ -12,15 +11,7 @@ from streamchat.session import ChatSession
 TEXT = "It was a dreary night of November. " * 40 + "The rain pattered dismally against the panes. " * 40
 
 
-@pytest.fixture()
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_soak_pushes_the_tokens_through_one_conversation(tiny, single_thread):
+def test_soak_pushes_the_tokens_through_one_conversation(tiny):
     session = ChatSession(tiny, load_settings(None, {"window": 60, "prefill_chunk": 32, "temperature": 0}))
     checkpoints = []
     result = soak.run_soak(
@@ -72,7 +63,7 @@ def test_verdict_fails_when_it_should(records, target, failing):
     assert good["passed"] and summary[failing] != good[failing]
 
 
-def test_soak_command(tiny, tmp_path, monkeypatch, capsys, single_thread):
+def test_soak_command(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(soak, "load_model", lambda *args: tiny)
     text = tmp_path / "book.txt"
     text.write_text(TEXT)

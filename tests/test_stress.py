@@ -2,7 +2,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from streamchat import cli, stress
 from streamchat.config import load_settings
@@ -42,15 +41,6 @@ def test_verdict_too_short_when_cache_never_fills_or_nothing_after_warmup():
     assert memory_verdict(records([30] * 3, [1000] * 3), budget=1000).status == "too_short"
     too_short = memory_verdict(records([30] * 3, [1000] * 3), budget=250)
     assert not too_short.passed and too_short.status == "too_short" and too_short.warmup_turn == 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on two shared cores crawl; the tiny model runs best on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from streamchat.config import load_settings
 
@@ -49,8 +48,6 @@ def url():
     from streamchat.ui import build_app, launch
     from test_ui_api import endless_talker
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     # Replies long enough to press Stop in the middle; a small window so that turns evict.
     settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 100_000, "seed": 0})
     blocks = build_app(endless_talker(), settings)
@@ -58,7 +55,6 @@ def url():
     yield address
     blocks.close()
     blocks.chat_app.sessions.close()
-    torch.set_num_threads(threads)
 
 
 def stat(page, name: str) -> float:
