@@ -10,13 +10,18 @@ import copy
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from streamchat.cache import BoundedCache
 from streamchat.config import SettingsError, load_settings
-from streamchat.fastpath import FastDecoder, FastPathUnavailable, decoder_for, decoder_for_step
+from streamchat.fastpath import (
+    FastDecoder,
+    FastPathUnavailable,
+    decoder_for,
+    decoder_for_step,
+)
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession
-from tiny import tiny_model
 
 SMALL = {"sinks": 2, "window": 46, "slack": 4, "temperature": 0, "repetition_penalty": 1.0, "max_new_tokens": 24}
 

@@ -12,7 +12,12 @@ import torch
 
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
-from streamchat.fastpath.decoder import FastDecoder, FastPathUnavailable, decoder_for, unsupported_reason
+from streamchat.fastpath.decoder import (
+    FastDecoder,
+    FastPathUnavailable,
+    decoder_for,
+    unsupported_reason,
+)
 
 __all__ = ["FastDecoder", "FastPathUnavailable", "decoder_for", "decoder_for_step", "unsupported_reason"]
 

@@ -197,7 +197,7 @@ class FastDecoder:
         return self.lm_head(normed).float()
 
 
-_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 _BUILDING = threading.RLock()
 
 

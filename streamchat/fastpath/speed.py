@@ -19,7 +19,6 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ from streamchat import reporting
 from streamchat.cache import BoundedCache
 from streamchat.config import DECODE_WEIGHTS, Settings
 from streamchat.fastpath.decoder import decoder_for
-from streamchat.quant import LINEAR_MODES
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
+from streamchat.quant import LINEAR_MODES
 
 REFERENCE = "transformers_dynamic"
 
@@ -247,8 +246,6 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"streamchat speed: unknown weights {unknown}; known: {', '.join(DECODE_WEIGHTS)}", file=sys.stderr)
         return 2
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, settings.device, settings.dtype)
     report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
     report["speed"] = measure_speed(loaded, settings, args.text, args.tokens, weights, args.compile, not args.no_llama_cpp)
