@@ -11,16 +11,9 @@ from pathlib import Path
 import pytest
 
 from streamchat.config import load_settings
+from streamchat.ui_screenshot import CHROMIUM_ARGS
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 WAIT_MS = 45_000  # generous: the machine may be busy; a healthy run takes a few seconds per step
 
@@ -45,8 +38,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def url():
-    from streamchat.ui import build_app, launch
     from test_ui_api import endless_talker
+
+    from streamchat.ui import build_app, launch
 
     # Replies long enough to press Stop in the middle; a small window so that turns evict.
     settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 100_000, "seed": 0})
