@@ -550,7 +550,6 @@ def parse_list(text: str, known: tuple[str, ...] | list[str], flag: str) -> list
 
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
-    from streamchat.model import ModelError
 
     settings = settings_from_args(args)
     try:
@@ -565,11 +564,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"streamchat bench: {error}", file=sys.stderr)
         return 2
-    try:
-        loaded = load_model(settings.model, settings.device, settings.dtype)
-    except ModelError as error:
-        print(f"streamchat bench: {error}", file=sys.stderr)
-        return 2
+    loaded = load_model(settings.model, settings.device, settings.dtype)
     report = run_bench(
         loaded, settings, args.out, budgets, args.tokens, measures, paths, args.rounds, args.recompute_rounds,
         args.long_prompt,

@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from streamchat.model import ModelError  # imports transformers: not before the arguments are known
+
     try:
         return importlib.import_module(args.module).main(args)
     except SettingsError as error:
         print(f"streamchat: config error: {error}", file=sys.stderr)
+        return 2
+    except ModelError as error:  # a missing or unusable model, for every command alike
+        print(f"streamchat {args.command}: {error}", file=sys.stderr)
         return 2

@@ -320,3 +320,11 @@ def test_corrupted_real_conversion_is_rebuilt(tmp_path, monkeypatch):
     assert not _cached_conversion_ok(folder)
     rebuilt = load_model()
     assert rebuilt.converted and _cached_conversion_ok(folder) and rebuilt.identity == real.name
+
+
+@pytest.mark.parametrize("command", ["ui", "bench", "speed", "stress", "soak", "chat --jsonl"])
+def test_every_command_reports_a_missing_model(command, capsys):
+    from streamchat.cli import main
+
+    assert main([*command.split(), "--model", "/nonexistent/model.gguf"]) == 2
+    assert "model path not found: /nonexistent/model.gguf" in capsys.readouterr().err
