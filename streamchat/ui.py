@@ -484,6 +484,14 @@ def _cache_field_visibility(policy: str) -> list[Any]:
     return [gr.update(visible=name in shown) for name in CACHE_FIELDS]
 
 
+def conversation_plot(y: str, title: str, colors: dict[str, str], elem_id: str) -> gr.LinePlot:
+    """A line per series against tokens processed, as the memory panel draws them."""
+    return gr.LinePlot(
+        x="tokens processed", y=y, color="series", title=title, color_map=colors, color_title=" ", height=210,
+        elem_id=elem_id, show_label=False,
+    )
+
+
 def build_app(
     loaded: LoadedModel,
     settings: Settings,
@@ -538,27 +546,13 @@ def build_app(
                 )
             with gr.Column(scale=2, min_width=380):
                 panel = gr.HTML(memory_panel_html(None, 0, max_sessions), elem_id="memory-panel", label="Memory")
-                memory_plot = gr.LinePlot(
-                    x="tokens processed",
-                    y="MB",
-                    color="series",
-                    title="Memory: flat while the token count climbs",
-                    color_map={"KV cache": "#6366f1", "RSS": "#64748b"},
-                    color_title=" ",
-                    height=210,
-                    elem_id="memory-plot",
-                    show_label=False,
+                memory_plot = conversation_plot(
+                    "MB", "Memory: flat while the token count climbs", {"KV cache": "#6366f1", "RSS": "#64748b"},
+                    "memory-plot",
                 )
-                token_plot = gr.LinePlot(
-                    x="tokens processed",
-                    y="tokens",
-                    color="series",
-                    title="Cache tokens: climb, then flat when full",
-                    color_map={"cache tokens used": "#f59e0b", "cache capacity": "#64748b"},
-                    color_title=" ",
-                    height=210,
-                    elem_id="token-plot",
-                    show_label=False,
+                token_plot = conversation_plot(
+                    "tokens", "Cache tokens: climb, then flat when full",
+                    {"cache tokens used": "#f59e0b", "cache capacity": "#64748b"}, "token-plot",
                 )
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             with gr.Row():
