@@ -42,14 +42,13 @@ def decoder_for_step(model: torch.nn.Module, cache: BoundedCache, settings: Sett
     if weights in CPU_ONLY_WEIGHTS and model.device.type != "cpu":
         _note_once(f"{weights} decode weights are CPU-only; decoding on {model.device} with the model's own weights")
         weights = "model"
-    try:
-        decoder = decoder_for(model, weights, settings.decode_compile)
-    except FastPathUnavailable as error:
-        _note_once(f"{error}; decoding with transformers")
-        return None
-    refusal = decoder.refusal(cache)
+    refusal = FastDecoder.refusal(cache)  # before building: a refused cache needs no (quantized) weights
     if refusal:
         if "needs attention scores" in refusal:
             _note_once(f"{refusal}: decoding with transformers")
         return None
-    return decoder
+    try:
+        return decoder_for(model, weights, settings.decode_compile)
+    except FastPathUnavailable as error:
+        _note_once(f"{error}; decoding with transformers")
+        return None
