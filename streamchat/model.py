@@ -109,11 +109,9 @@ def _convert_gguf(gguf: Path, folder: Path, staging: Path) -> None:
     """Dequantize the GGUF file once into `staging`, a complete HF folder (weights, config, tokenizer, manifest),
     then move it to `folder` in one step."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model, tokenizer = _load_gguf(gguf, torch.float32, "cpu")
         # A GGUF-loaded model refuses to serialize while it carries its quantization config; the weights are
         # already dequantized to plain tensors, so dropping it is exact.
-        model.config.quantization_config = None
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
