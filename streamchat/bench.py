@@ -80,10 +80,11 @@ class BoundedPath(DecodePath):
 
     name = "sink_window"
     bounded = True
+    decode_path = "transformers"  # this path's steps; with `kv_dtype: auto` it also sets the cache's dtype
 
     def __init__(self, loaded: LoadedModel, settings: Settings):
         super().__init__(loaded, settings)
-        self.cache = BoundedCache(self.model, settings)
+        self.cache = BoundedCache(self.model, settings.replace(decode_path=self.decode_path))
 
     def step(self, token_id: int) -> None:
         self.cache.make_room(1)
@@ -105,6 +106,7 @@ class FastPath(BoundedPath):
     (streamchat/fastpath, with the configured decode_weights); transformers where the fast path cannot run."""
 
     name = "fast"
+    decode_path = "fast"
 
     def step(self, token_id: int) -> None:
         self.cache.make_room(1)

@@ -23,19 +23,44 @@ from streamchat.rope import RopeTable
 LAYER_BUFFERS = ("keys", "raw_keys", "values", "origins")
 
 
+def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
+    """The dtype the cache stores keys and values in (`kv_dtype`).
+
+    `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports, a policy
+    without attention scores): attention over the cache is a quarter of a decode step, bound by the bytes it reads,
+    and bf16 halves them (and the cache's memory) for a perplexity change of a few hundredths of a percent (README:
+    Decode speed). Elsewhere the model's own dtype, so the transformers path needs no conversion.
+    """
+    if settings.kv_dtype == "model":
+        return model.dtype
+    if settings.kv_dtype != "auto":
+        return getattr(torch, settings.kv_dtype)
+    from streamchat.fastpath.decoder import unsupported_reason  # that module imports this one
+
+    fast = (
+        settings.decode_path == "fast"
+        and model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and not get_policy_class(settings.policy).needs_attention_scores
+        and unsupported_reason(model) is None
+    )
+    return torch.bfloat16 if fast else model.dtype
+
+
 class BoundedLayer(CacheLayerMixin):
     """One layer's buffers: rotated keys (what attention reads), raw keys (for exact re-rotation), values, and the
     stream index each cached place came from. All are [batch, kv_heads, capacity, ...]: GQA heads are never
-    repeated here, and the buffers are allocated once, at the first update."""
+    repeated here, and the buffers are allocated once, at the first update, in `dtype` (keys and values)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, capacity: int, rope: RopeTable):
+    def __init__(self, capacity: int, rope: RopeTable, dtype: torch.dtype):
         super().__init__()
         self.capacity = capacity
         self.rope = rope
+        self.dtype = dtype
         self.length = 0
         self.raw_keys: torch.Tensor | None = None
         self.origins: torch.Tensor | None = None
@@ -43,15 +68,16 @@ class BoundedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         shape = (batch, heads, self.capacity, head_dim)
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.device = key_states.device
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.raw_keys = torch.zeros_like(self.keys)
-        self.values = torch.zeros(shape[:3] + value_states.shape[-1:], dtype=value_states.dtype, device=self.device)
+        self.values = torch.zeros(shape[:3] + value_states.shape[-1:], dtype=self.dtype, device=self.device)
         self.origins = torch.zeros(shape[:3], dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, first_origin: int = 0, *args, **kwargs):
-        """Append new keys (rotated by the model at places L, L+1, ...) that are stream tokens first_origin, ...."""
+        """Append new keys (rotated by the model at places L, L+1, ...) that are stream tokens first_origin, ....
+        Returns the cached keys and values for attention, in the dtype of the new ones."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, count = self.length, key_states.shape[-2]
@@ -66,7 +92,10 @@ class BoundedLayer(CacheLayerMixin):
         self.values[:, :, start:end] = value_states
         self.origins[:, :, start:end] = torch.arange(first_origin, first_origin + count, device=self.device)
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        if self.dtype != key_states.dtype:  # a lighter cache than the model (kv_dtype): attend in the model's dtype
+            keys, values = keys.to(key_states.dtype), values.to(value_states.dtype)
+        return keys, values
 
     def compact(self, kept: torch.Tensor, fixed: int = 0) -> None:
         """Keep places `kept` ([k] for all heads or [batch, heads, k] per head), in that order, at places 0..k-1.
@@ -134,9 +163,10 @@ class BoundedCache(Cache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = next(model.parameters()).device
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.buffer_shape, self.dtype, self.buffer_device = (1, kv_heads, head_dim), model.dtype, device  # load_state
+        self.dtype = kv_dtype_for(model, settings)
+        self.buffer_shape, self.buffer_device = (1, kv_heads, head_dim), device  # for load_state
         rope = RopeTable(model.model.rotary_emb, self.capacity, head_dim, device)
-        layers = [BoundedLayer(self.capacity, rope) for _ in range(config.num_hidden_layers)]
+        layers = [BoundedLayer(self.capacity, rope, self.dtype) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.policy: EvictionPolicy = get_policy_class(settings.policy)(settings, len(layers))
         if self.policy.needs_attention_scores:
@@ -264,5 +294,6 @@ class BoundedCache(Cache):
             "seen_total": self.seen_tokens,
             "evicted_total": self.evicted_tokens,
             "kv_bytes": self.nbytes(),
+            "kv_dtype": str(self.dtype).removeprefix("torch."),
             **self.policy.stats(self),
         }

@@ -22,6 +22,7 @@ MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000
 DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
 DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4")  # see streamchat/quant.py
+KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/cache.py: kv_dtype_for
 
 
 class SettingsError(ValueError):
@@ -44,6 +45,7 @@ class Settings:
     h2o_score: str = "normalized"  # h2o ranking: normalized, cumulative or decayed (README: H2O)
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
+    kv_dtype: str = "auto"  # auto (bfloat16 where the fast path decodes on a CPU over fp32, else model) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
     decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers
@@ -133,6 +135,7 @@ def _check_ranges(s: Settings) -> None:
     need(s.h2o_score in H2O_SCORES, "h2o_score", f"must be one of {', '.join(H2O_SCORES)}, got {s.h2o_score!r}")
     need(0 < s.h2o_decay < 1, "h2o_decay", f"must be between 0 and 1 (exclusive), got {s.h2o_decay}")
     need(s.slack >= 0, "slack", "must be 0 or more")
+    need(s.kv_dtype in KV_DTYPES, "kv_dtype", f"must be one of {', '.join(KV_DTYPES)}, got {s.kv_dtype!r}")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
     need(s.decode_path in DECODE_PATHS, "decode_path", f"must be one of {', '.join(DECODE_PATHS)}, got {s.decode_path!r}")
     need(

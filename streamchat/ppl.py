@@ -137,10 +137,11 @@ def run_recompute(
 
 
 class SteppedRun:
-    """One policy's BoundedCache, fed one token per step exactly as a chat decodes."""
+    """One policy's BoundedCache, fed one token per step through the transformers forward (so `kv_dtype: auto`
+    keeps K/V in the model's dtype: policies are compared on the model's own numerics)."""
 
     def __init__(self, model: torch.nn.Module, settings: Settings, steps: int):
-        self.model, self.cache = model, BoundedCache(model, settings)
+        self.model, self.cache = model, BoundedCache(model, settings.replace(decode_path="transformers"))
         self.nll = np.empty(steps)
         self.seconds = 0.0
         self.peak_tokens = 0

@@ -221,6 +221,7 @@ class ChatSession:
             saved = meta["settings"]
             if saved.get("dtype") != self.settings.dtype:
                 raise ValueError(f"it was saved with dtype {saved.get('dtype')}; start streamchat with that dtype")
+            saved = {"kv_dtype": "model", **saved}  # files from before kv_dtype kept K/V in the model's dtype
             settings = load_settings(None, {**saved, **{key: getattr(self.settings, key) for key in LOCAL_KEYS}})
             self._check_budget(settings)
             messages, template, turns = meta["messages"], meta["fed_template"], meta["turns"]

@@ -115,7 +115,7 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
         )
 
     cards = [
-        card("KV cache", _mb(stats["kv_mb"]), "tensors held, fixed at the budget", "kv_mb"),
+        card("KV cache", _mb(stats["kv_mb"]), f"{stats['kv_dtype']} tensors, fixed at the budget", "kv_mb"),
         card("Process RSS", _mb(stats["rss_mb"]), "whole server, model included", "rss_mb"),
         card("Turns", f"{stats['turns']:,}", f"policy {stats['policy']}", "turns"),
         card(

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from streamchat.cache import BoundedCache
+from streamchat.cache import BoundedCache, kv_dtype_for
 from streamchat.config import load_settings
 from streamchat.rope import rotate
 from tiny import tiny_model
 
 
 def settings(**overrides):
-    return load_settings(None, overrides)
+    """The cache in the model's dtype (fp32): these tests hold it to fp32 tolerances."""
+    return load_settings(None, {"kv_dtype": "model", **overrides})
 
 
 def rope_tables(model, positions):
@@ -64,8 +65,26 @@ def test_no_drift_after_20000_tokens(model):
         assert torch.equal(origins[0], torch.cat((torch.arange(4), recent)))
 
 
-def test_sinks_unchanged_across_10000_evictions(model):
-    cache = BoundedCache(model, settings(sinks=4, window=12, slack=0))
+def test_bf16_cache_does_not_drift_either(model):
+    """In bf16 every kept key is its raw key (rounded to bf16 once, when it arrived) rotated at its current place
+    in fp32 and rounded once more: two roundings (2**-8 each), however often it moved."""
+    cache = BoundedCache(model, settings(sinks=4, window=28, slack=3, kv_dtype="bfloat16"))
+    raw_history = stream_random_keys(model, cache, total=5_000, chunk=1)
+    for layer in cache.layers:
+        assert layer.keys.dtype == layer.raw_keys.dtype == layer.values.dtype == torch.bfloat16
+        length = layer.length
+        origins = layer.origins[0, :, :length]
+        raw = torch.stack([raw_history[0, h, origins[h]] for h in range(origins.shape[0])])
+        torch.testing.assert_close(layer.raw_keys[0, :, :length].float(), raw, atol=0, rtol=2**-8)
+        cos, sin = rope_tables(model, torch.arange(length))
+        fresh = rotate(raw, cos, sin)
+        error = (layer.keys[0, :, :length].float() - fresh).norm() / fresh.norm()
+        assert error <= 2**-7, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "bfloat16"])
+def test_sinks_unchanged_across_10000_evictions(model, kv_dtype):
+    cache = BoundedCache(model, settings(sinks=4, window=12, slack=0, kv_dtype=kv_dtype))
     stream_random_keys(model, cache, total=16, chunk=8)
     before = [(layer.keys[:, :, :4].clone(), layer.values[:, :, :4].clone()) for layer in cache.layers]
     stream_random_keys(model, cache, total=10_000, chunk=1, seed=1)
@@ -105,6 +124,23 @@ def test_stats_report_state(model):
     layer = cache.layers[0]
     per_layer = 3 * layer.keys.numel() * 4 + layer.origins.numel() * 8  # keys, raw keys, values (fp32) + origins
     assert stats["kv_bytes"] == per_layer * len(cache.layers)
+    light = BoundedCache(model, settings(sinks=4, window=28, slack=0, kv_dtype="bfloat16"))
+    stream_random_keys(model, light, total=100, chunk=1)
+    assert light.stats()["kv_bytes"] == (3 * layer.keys.numel() * 2 + layer.origins.numel() * 8) * len(cache.layers)
+
+
+def test_kv_dtype_auto_is_bf16_only_where_the_fast_path_decodes(model):
+    def resolved(**overrides):
+        return kv_dtype_for(model, load_settings(None, overrides))
+
+    assert resolved() == torch.bfloat16  # fp32 model on the CPU, sink_window, fast decode path
+    assert resolved(decode_path="transformers") == torch.float32  # no conversion per transformers step
+    assert resolved(policy="h2o") == torch.float32  # h2o decodes through transformers (attention scores)
+    gelu = tiny_model(vocab_size=400, hidden_act="gelu")
+    assert kv_dtype_for(gelu, load_settings(None, {})) == torch.float32  # a model the fast path cannot run
+    half = tiny_model(vocab_size=400).to(torch.bfloat16)
+    assert kv_dtype_for(half, load_settings(None, {})) == torch.bfloat16  # the model's own
+    assert resolved(kv_dtype="float16") == torch.float16 and resolved(kv_dtype="model") == torch.float32
 
 
 class NaiveStreamingLLM:

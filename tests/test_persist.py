@@ -172,7 +172,7 @@ def test_refuses_wrong_shapes_and_dtypes(saved):
         tensors["cache.layer7.keys"] = torch.zeros(1)
 
     refused(target, forge(data, edit_tensors=narrow), r"layer0.keys: expected \(1, 2, \d+, 16\)")
-    refused(target, forge(data, edit_tensors=half), "layer1.values: expected .* torch.float32, found .*float16")
+    refused(target, forge(data, edit_tensors=half), f"layer1.values: expected .* {target.cache.dtype}, found .*float16")
     refused(target, forge(data, edit_tensors=drop), "layer1.raw_keys: .* found missing")
     refused(target, forge(data, edit_tensors=extra), "unexpected cache tensors: layer7.keys")
 

@@ -112,11 +112,10 @@ class FastDecoder:
             return "the cache is full (make_room first)"
         return None
 
-    @staticmethod
-    def _buffers(cache: BoundedCache) -> tuple:
+    def _buffers(self, cache: BoundedCache) -> tuple:
         """The cache's tensors, gathered per call (microseconds): a decoder serves many sessions and threads."""
         layers = cache.layers
-        dtype = layers[0].keys.dtype
+        dtype = self.embedding.dtype  # RoPE in the residual stream's dtype, whatever the cache stores
         return (
             [layer.keys for layer in layers],
             [layer.raw_keys for layer in layers],
@@ -166,7 +165,7 @@ class FastDecoder:
         dispatch, a large share of a 135M model's step): fused norms, one rotation for q and k, narrow+copy_
         writes, in-place residual adds, and activations converted only where they cross into the matmuls."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        group, rotated, half = heads // kv_heads, heads + kv_heads, head_dim // 2
+        rotated, half, kv_dtype = heads + kv_heads, head_dim // 2, keys[0].dtype
         end = length + 1
         cos = cos_table.narrow(0, length, 1)  # [1, head_dim]
         signed_sin = sin_table.narrow(0, length, 1) * self._sin_signs  # rotate_half(x) * sin == roll(x) * signed
@@ -183,11 +182,11 @@ class FastDecoder:
             raw_keys[i].narrow(2, length, 1).copy_(qkv.narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
             values[i].narrow(2, length, 1).copy_(qkv.narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
             origins[i].narrow(2, length, 1).copy_(origin.view(1, 1, 1).expand(1, kv_heads, 1))
-            # Grouped-query attention without repeating K/V: the `group` query heads of KV head j (heads
-            # j*group..j*group+group-1, as transformers' repeat_kv pairs them) are `group` queries of one head.
+            # Grouped-query attention without repeating K/V (query head h reads KV head h // group, as
+            # transformers' repeat_kv pairs them), in the cache's dtype: bf16 halves the bytes read (kv_dtype).
             attended = F.scaled_dot_product_attention(
-                qk.narrow(0, 0, heads).view(1, kv_heads, group, head_dim),
-                keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end), scale=self.scaling,
+                qk.narrow(0, 0, heads).view(1, heads, 1, head_dim).to(kv_dtype),
+                keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end), scale=self.scaling, enable_gqa=True,
             )
             x.add_(layer.out(attended.view(1, heads * head_dim).to(matmul_dtype)))
             normed = F.rms_norm(x, hidden, layer.post_norm, self.eps).to(matmul_dtype)

@@ -2,7 +2,7 @@
 perplexity change.
 
 Speed: every path holds a full cache of `budget` tokens and decodes forced text tokens one at a time; the paths
-take turns token by token, in an order reversed every round, so a shared CPU's load falls on all alike and the
+take turns in short blocks, in an order reversed every round, so a shared CPU's load falls on all alike and the
 ratios hold within the run. Paths: plain transformers with a DynamicCache kept at the budget (the reference),
 transformers on the bounded cache, the fast path with each weight option (and compiled, on request), and
 llama.cpp on the same GGUF file when `llama-cpp-python` is installed (skipped with a note otherwise).
@@ -15,8 +15,10 @@ weights is the reference (it matches transformers within float rounding, see tes
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,13 +29,15 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
-from streamchat.cache import BoundedCache
-from streamchat.config import DECODE_WEIGHTS, Settings
+from streamchat.cache import BoundedCache, kv_dtype_for
+from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
 from streamchat.fastpath.decoder import decoder_for
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
-from streamchat.quant import LINEAR_MODES
+from streamchat.quant import LINEAR_MODES, resolve_weights
 
 REFERENCE = "transformers_dynamic"
+LLAMA_CPP = "llama_cpp"
+BLOCK = 8  # tokens a path decodes per turn in the speed measurement
 
 
 class Stepper:
@@ -44,6 +48,15 @@ class Stepper:
 
     def step(self, token_id: int) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def timed_step(self, token_id: int) -> float:
+        """Seconds one `step` takes."""
+        started = time.perf_counter()
+        self.step(token_id)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Release what the path holds outside this process (nothing, but for llama.cpp)."""
 
 
 class DynamicStepper(Stepper):
@@ -67,9 +80,11 @@ class DynamicStepper(Stepper):
 
 
 class BoundedStepper(Stepper):
-    """What a chat does per token on the bounded cache: make room, then the transformers or the fast step."""
+    """What a chat does per token on the bounded cache: make room, then the transformers step (`weights` None) or
+    the fast step with those weights; the cache's K/V dtype follows `settings.kv_dtype` for that path."""
 
     def __init__(self, model: torch.nn.Module, settings: Settings, weights: str | None, compile: bool = False):
+        settings = settings.replace(decode_path="fast" if weights else "transformers")
         self.model, self.cache = model, BoundedCache(model, settings)
         self.decoder = decoder_for(model, weights, compile) if weights else None
 
@@ -89,23 +104,52 @@ class BoundedStepper(Stepper):
         return out.logits[:, -1].float()
 
 
+class LlamaCppFailed(RuntimeError):
+    """llama.cpp could not run (not installed, refused the file, or its process died)."""
+
+
 class LlamaCppStepper(Stepper):
-    """llama.cpp (through llama-cpp-python) on the GGUF file, one token per eval, context trimmed at the budget."""
+    """llama.cpp (llama-cpp-python) on the GGUF file, one token per eval with the context kept at the budget, run in
+    its own process (`llama_cpp_worker`), which times each eval itself."""
 
     def __init__(self, gguf: Path, budget: int, threads: int):
-        from llama_cpp import Llama
+        self.worker = subprocess.Popen(
+            self.command(gguf, budget, threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        answer = self._read()
+        if "error" in answer:
+            raise LlamaCppFailed(answer["error"])
 
-        self.budget = budget
-        self.llm = Llama(model_path=str(gguf), n_ctx=budget + 64, n_threads=threads, n_batch=256, verbose=False)
+    @staticmethod
+    def command(gguf: Path, budget: int, threads: int) -> list[str]:
+        return [sys.executable, "-m", "streamchat.fastpath.llama_cpp_worker", str(gguf), str(budget), str(threads)]
+
+    def _read(self) -> dict[str, Any]:
+        line = self.worker.stdout.readline()
+        if not line:
+            raise LlamaCppFailed(f"its process exited with code {self.worker.wait()}")
+        return json.loads(line)
+
+    def _ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.worker.stdin.write(json.dumps(command) + "\n")
+            self.worker.stdin.flush()
+        except BrokenPipeError:
+            raise LlamaCppFailed(f"its process exited with code {self.worker.wait()}") from None
+        return self._read()
 
     def prefill(self, ids: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(ids)
+        self._ask({"prefill": ids})
 
     def step(self, token_id: int) -> None:
-        if self.llm.n_tokens >= self.budget:  # keep the cached length at the budget, as the other paths do
-            self.llm.n_tokens = self.budget - 1
-        self.llm.eval([token_id])
+        self._ask({"step": token_id})
+
+    def timed_step(self, token_id: int) -> float:
+        return self._ask({"step": token_id})["seconds"]
+
+    def close(self) -> None:
+        self.worker.kill()
+        self.worker.wait()
 
 
 def text_ids(tokenizer, path: str | Path, count: int) -> list[int]:
@@ -117,8 +161,30 @@ def text_ids(tokenizer, path: str | Path, count: int) -> list[int]:
     return ids
 
 
+KV_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def fast_variants(loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str]) -> dict[str, tuple]:
+    """Each fast path to measure, by name (e.g. `fast_int4_kv_bf16`): (weights, settings with its kv_dtype).
+    Options that resolve alike (auto and int4 on the embedded model) are measured once."""
+    layers = loaded.model.model.layers
+    variants = {}
+    for option in weights:
+        resolved = resolve_weights(layers, option)
+        for kv in kv_dtypes:
+            path_settings = settings.replace(kv_dtype=kv, decode_path="fast")
+            name = f"fast_{resolved}_kv_{KV_NAMES[kv_dtype_for(loaded.model, path_settings)]}"
+            variants.setdefault(name, (resolved, path_settings))
+    return variants
+
+
+def default_variant(loaded: LoadedModel, settings: Settings) -> str:
+    """The name `fast_variants` gives the configuration a chat decodes with by default."""
+    return next(iter(fast_variants(loaded, settings.replace(decode_path="fast"), [settings.decode_weights], [settings.kv_dtype])))
+
+
 def build_paths(
-    loaded: LoadedModel, settings: Settings, weights: list[str], compile: bool, llama_cpp: bool
+    loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str], compile: bool, llama_cpp: bool
 ) -> tuple[dict[str, Stepper], list[str]]:
     """The steppers to compare, and notes on paths skipped."""
     model, budget = loaded.model, settings.budget
@@ -126,47 +192,61 @@ def build_paths(
         REFERENCE: DynamicStepper(model, budget),
         "transformers_bounded": BoundedStepper(model, settings, None),
     }
-    for option in weights:
-        paths[f"fast_{option}"] = BoundedStepper(model, settings, option)
+    for name, (option, path_settings) in fast_variants(loaded, settings, weights, kv_dtypes).items():
+        paths[name] = BoundedStepper(model, path_settings, option)
         if compile:
-            paths[f"fast_{option}_compiled"] = BoundedStepper(model, settings, option, compile=True)
+            paths[f"{name}_compiled"] = BoundedStepper(model, path_settings, option, compile=True)
     notes = []
     if llama_cpp:
+        gguf = embedded_gguf_path() if settings.model is None else Path(settings.model)
         try:
-            gguf = embedded_gguf_path() if settings.model is None else Path(settings.model)
             if gguf.suffix != ".gguf":
-                raise ValueError(f"{gguf} is not a GGUF file")
-            paths[f"llama_cpp ({gguf.name})"] = LlamaCppStepper(gguf, budget, torch.get_num_threads())
-        except ImportError:
-            notes.append("llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)")
-        except Exception as error:  # noqa: BLE001 - an optional comparison must not stop the benchmark
+                raise LlamaCppFailed(f"{gguf} is not a GGUF file")
+            paths[LLAMA_CPP] = LlamaCppStepper(gguf, budget, torch.get_num_threads())
+        except LlamaCppFailed as error:
             notes.append(f"llama.cpp skipped: {error}")
     return paths, notes
 
 
 def measure_speed(
     loaded: LoadedModel, settings: Settings, text: str | Path, tokens: int, weights: list[str],
-    compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
+    kv_dtypes: list[str], compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Median ms/token of each path decoding `tokens` tokens at a full cache, and tokens/s ratios to plain
-    transformers. A compiled path's first step (the compilation) is timed apart and left out of its median."""
+    """Median ms/token of each path decoding at least `tokens` counted tokens at a full cache, and tokens/s ratios
+    to plain transformers. Paths take turns in blocks of `BLOCK` tokens (order reversed every round); the first
+    step of each block is not counted: it pays for the previous path's threads winding down (llama.cpp's OpenMP
+    threads in its own process spin on the same cores for a while after each eval, as torch's do). The warm-up
+    step (first-call allocations; a compiled path's compilation) is timed apart."""
     budget = settings.budget
-    paths, notes = build_paths(loaded, settings, weights, compile, llama_cpp)
-    ids = text_ids(loaded.tokenizer, text, budget + tokens + 1)
-    warmup = {}
-    for name, path in paths.items():
-        path.prefill(ids[:budget])
-        started = time.perf_counter()
-        path.step(ids[budget])  # warm-up: first-call allocations, and the compilation of compiled paths
-        warmup[name] = time.perf_counter() - started
+    paths, notes = build_paths(loaded, settings, weights, kv_dtypes, compile, llama_cpp)
+    rounds = -(-tokens // (BLOCK - 1))
+    ids = text_ids(loaded.tokenizer, text, budget + 1 + rounds * BLOCK)
+    warmup: dict[str, float] = {}
     times: dict[str, list[float]] = {name: [] for name in paths}
+
+    def turn(name: str, block: list[int]) -> None:
+        try:
+            if name not in warmup:
+                paths[name].prefill(ids[:budget])
+                warmup[name] = paths[name].timed_step(ids[budget])
+            else:
+                times[name] += [paths[name].timed_step(token) for token in block][1:]
+        except LlamaCppFailed as error:
+            notes.append(f"llama.cpp dropped: {error}")
+            paths.pop(name).close()
+            del times[name]
+
+    try:
+        for name in list(paths):
+            turn(name, [])
+        for index in tqdm(range(rounds), desc="decode", disable=not show_progress, file=sys.stderr, leave=False):
+            block = ids[budget + 1 + index * BLOCK : budget + 1 + (index + 1) * BLOCK]
+            for name in list(paths) if index % 2 == 0 else reversed(list(paths)):
+                turn(name, block)
+    finally:
+        for path in paths.values():
+            path.close()
     names = list(paths)
-    for index in tqdm(range(tokens), desc="decode", disable=not show_progress, file=sys.stderr, leave=False):
-        token = ids[budget + 1 + index]
-        for name in names if index % 2 == 0 else reversed(names):
-            started = time.perf_counter()
-            paths[name].step(token)
-            times[name].append(time.perf_counter() - started)
     reference = statistics.median(times[REFERENCE])
     rows = []
     for name in names:
@@ -178,31 +258,37 @@ def measure_speed(
             "speedup_vs_transformers": round(reference / median, 2),
             "first_step_s": round(warmup[name], 2),
         })
-    return {"budget": budget, "tokens": tokens, "threads": torch.get_num_threads(), "rows": rows, "notes": notes}
+    return {
+        "budget": budget, "tokens": len(times[REFERENCE]), "threads": torch.get_num_threads(), "rows": rows,
+        "notes": notes,
+        "default_path": default_variant(loaded, settings),
+    }
 
 
 @torch.inference_mode()
 def measure_quality(
     loaded: LoadedModel, settings: Settings, text: str | Path, tokens: int, weights: list[str],
-    show_progress: bool = True,
+    kv_dtypes: list[str], show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Perplexity of the first `tokens` tokens of `text`, token by token through the bounded cache, for each
-    weight option of the fast path (in lock step), and its change relative to the model's own weights."""
-    options = ["model", *[option for option in weights if option != "model"]]
+    """Perplexity of the first `tokens` tokens of `text`, token by token through the bounded cache, for each fast
+    path variant (weights x K/V dtype, in lock step), and its change relative to the model's own weights and dtype."""
+    variants = fast_variants(loaded, settings, ["model"], ["model"])
+    variants.update(fast_variants(loaded, settings, weights, kv_dtypes))
+    reference = next(iter(variants))
     ids = torch.tensor(text_ids(loaded.tokenizer, text, tokens))
-    steppers = {option: BoundedStepper(loaded.model, settings, option) for option in options}
-    nll = {option: 0.0 for option in options}
+    steppers = {name: BoundedStepper(loaded.model, path_settings, option) for name, (option, path_settings) in variants.items()}
+    nll = {name: 0.0 for name in steppers}
     for stepper in steppers.values():
         stepper.prefill(ids[:1].tolist())  # the first token goes through the transformers path, like a prompt
     for index in tqdm(range(1, tokens - 1), desc="perplexity", disable=not show_progress, file=sys.stderr, leave=False):
-        for option, stepper in steppers.items():
+        for name, stepper in steppers.items():
             logits = stepper.step(int(ids[index]))
-            nll[option] += float(torch.nn.functional.cross_entropy(logits, ids[index + 1 : index + 2]))
-    reference = math.exp(nll["model"] / (tokens - 2))
+            nll[name] += float(torch.nn.functional.cross_entropy(logits, ids[index + 1 : index + 2]))
+    reference_ppl = math.exp(nll[reference] / (tokens - 2))
     rows = []
-    for option in options:
-        value = math.exp(nll[option] / (tokens - 2))
-        rows.append({"weights": option, "perplexity": round(value, 4), "change_pct": round(100 * (value / reference - 1), 2)})
+    for name in steppers:
+        value = math.exp(nll[name] / (tokens - 2))
+        rows.append({"path": name, "perplexity": round(value, 4), "change_pct": round(100 * (value / reference_ppl - 1), 3)})
     return rows
 
 
@@ -217,8 +303,9 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s)"
             )
         lines += [f"  note: {note}" for note in speed["notes"]]
+        lines.append(f"  default configuration: {speed['default_path']}")
     for row in report.get("quality", []):
-        lines.append(f"  perplexity with {row['weights']:<6} weights: {row['perplexity']:.3f} ({row['change_pct']:+.2f}%)")
+        lines.append(f"  perplexity, {row['path']:<22} {row['perplexity']:.3f} ({row['change_pct']:+.3f}%)")
     return "\n".join(lines)
 
 
@@ -228,6 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=48, help="decoded tokens timed per path (default 48)")
     parser.add_argument("--weights", default=",".join(LINEAR_MODES), metavar="LIST",
                         help=f"fast path weight options to run (default {','.join(LINEAR_MODES)}; auto is one of them)")
+    parser.add_argument("--kv-dtypes", default="model,bfloat16", metavar="LIST",
+                        help="K/V cache dtypes for each fast path (default model,bfloat16; also float16, auto)")
     parser.add_argument("--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     parser.add_argument("--quality-tokens", type=int, default=0, metavar="N",
@@ -236,21 +325,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the figures")
 
 
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
 
     settings = settings_from_args(args)
     settings = settings.replace(policy="sink_window", window=args.budget - settings.sinks)
-    weights = [option.strip() for option in args.weights.split(",") if option.strip()]
-    unknown = [option for option in weights if option not in DECODE_WEIGHTS]
-    if unknown:
-        print(f"streamchat speed: unknown weights {unknown}; known: {', '.join(DECODE_WEIGHTS)}", file=sys.stderr)
-        return 2
+    weights, kv_dtypes = split_list(args.weights), split_list(args.kv_dtypes)
+    for flag, values, known in (("weights", weights, DECODE_WEIGHTS), ("kv-dtypes", kv_dtypes, KV_DTYPES)):
+        unknown = [value for value in values if value not in known]
+        if unknown or not values:
+            print(f"streamchat speed: --{flag} {unknown or 'is empty'}; known: {', '.join(known)}", file=sys.stderr)
+            return 2
     loaded = load_model(settings.model, settings.device, settings.dtype)
     report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
-    report["speed"] = measure_speed(loaded, settings, args.text, args.tokens, weights, args.compile, not args.no_llama_cpp)
+    report["speed"] = measure_speed(
+        loaded, settings, args.text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp
+    )
     if args.quality_tokens:
-        report["quality"] = measure_quality(loaded, settings, args.text, args.quality_tokens, weights)
+        report["quality"] = measure_quality(loaded, settings, args.text, args.quality_tokens, weights, kv_dtypes)
     folder = reporting.output_dir(args.out)
     reporting.write_json(folder / "speed.json", report)
     print(format_report(report))

@@ -1,0 +1,91 @@
+"""The speed command on the tiny model: every path and K/V dtype in the table, ratios from the medians, the
+default configuration named, quality rows, and llama.cpp skipped or dropped with a note, never a crash."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from streamchat import cli
+from streamchat.config import load_settings
+from streamchat.fastpath import speed
+from tiny import CORPUS, tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded(seed=3)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    words = " ".join(CORPUS).split()
+    order = np.random.default_rng(1).permutation(len(words) * 4) % len(words)
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    path.write_text(" ".join(words[i] for i in order), encoding="utf-8")
+    return path
+
+
+def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys):
+    folder = tmp_path / "model"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    argv = ["speed", "--model", str(folder), "--text", str(text), "--budget", "40", "--tokens", "5",
+            "--weights", "auto,model,int8", "--kv-dtypes", "model,bfloat16", "--quality-tokens", "60",
+            "--set", "slack=4", "--out", str(tmp_path / "speed"), "--json"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    figures = report["speed"]
+    names = [row["path"] for row in figures["rows"]]
+    # auto resolves to the model's own weights for this fp32 model: measured once, not twice
+    assert names == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32", "fast_model_kv_bf16",
+                     "fast_int8_kv_fp32", "fast_int8_kv_bf16"]
+    assert figures["default_path"] == "fast_model_kv_bf16"
+    reference = figures["rows"][0]["tokens_per_s"]
+    for row in figures["rows"]:
+        assert row["ms_per_token"] > 0
+        assert row["speedup_vs_transformers"] == pytest.approx(row["tokens_per_s"] / reference, abs=0.006)
+    assert any("llama.cpp skipped" in note and "not a GGUF file" in note for note in figures["notes"])
+    quality = {row["path"]: row for row in report["quality"]}
+    assert set(quality) == set(names[2:])
+    assert quality["fast_model_kv_fp32"]["change_pct"] == 0  # the reference
+    assert all(np.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in quality.values())
+    assert json.loads((tmp_path / "speed" / "speed.json").read_text())["speed"]["rows"] == figures["rows"]
+
+
+def test_bad_lists_are_refused(loaded, text, capsys):
+    assert cli.main(["speed", "--text", str(text), "--weights", "int3"]) == 2
+    assert "--weights ['int3']" in capsys.readouterr().err
+    assert cli.main(["speed", "--text", str(text), "--kv-dtypes", ","]) == 2
+    assert "--kv-dtypes is empty" in capsys.readouterr().err
+
+
+class CrashingWorker(speed.LlamaCppStepper):
+    """A llama.cpp process that starts, then dies on its first step, as a native crash would."""
+
+    @staticmethod
+    def command(gguf, budget, threads):
+        script = "import os, sys; print('{\"ready\": true}', flush=True); sys.stdin.readline(); os.abort()"
+        return [sys.executable, "-c", script]
+
+
+def test_a_dying_llama_cpp_costs_its_row_only(loaded, text, tmp_path, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(speed, "LlamaCppStepper", CrashingWorker)
+    settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
+    figures = speed.measure_speed(loaded, settings, text, 3, ["model"], ["model"], show_progress=False)
+    assert [row["path"] for row in figures["rows"]] == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32"]
+    assert any(note.startswith("llama.cpp dropped: its process exited with code") for note in figures["notes"])
+
+
+def test_missing_llama_cpp_is_a_note(loaded, text, tmp_path):
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
+    figures = speed.measure_speed(loaded, settings, text, 2, ["model"], ["model"], show_progress=False)
+    assert "llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)" in figures["notes"]
