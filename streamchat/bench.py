@@ -8,7 +8,9 @@ token, in alternating order: on a shared machine, load changes hit every path al
 - overhead: the bounded cache vs a plain transformers DynamicCache kept at the same length;
 - recompute speedup: vs a sliding window re-computed from scratch for every token (no cache) at the same budget;
 - time to first token for a short and a long prompt (through ChatSession);
-- model load time: cold GGUF conversion into a temporary STREAMCHAT_CACHE, then the cached load.
+- model load time: cold GGUF conversion into a temporary STREAMCHAT_CACHE, then the cached load;
+- decode speed of every decode path at a full cache: plain transformers, the fast path with each weight option and
+  K/V dtype, and llama.cpp when installed (`streamchat.fastpath.speed`, also its own command: `speed`).
 Forced tokens (text tokens fed one at a time, logits computed but ignored) stand in for generated ones.
 """
 
@@ -32,12 +34,14 @@ from transformers import DynamicCache
 from streamchat import reporting
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
-from streamchat.fastpath import decoder_for_step
+from streamchat.fastpath import decoder_for_step, speed
 from streamchat.model import CACHE_ENV, LoadedModel, load_model
-from streamchat.prompts import DEFAULT_TURNS
+from streamchat.prompts import demo_token_ids
+from streamchat.quant import LINEAR_MODES
 from streamchat.session import ChatSession
 
-MEASURES = ("curve", "overhead", "recompute", "ttft", "load")
+MEASURES = ("curve", "overhead", "recompute", "ttft", "load", "speed")
+SPEED_KV_DTYPES = ("model", "bfloat16")
 SHORT_PROMPT = "What is the capital of France?"
 
 
@@ -181,12 +185,6 @@ PATHS: dict[str, type[DecodePath]] = {
 # ----- helpers -----------------------------------------------------------------------------------------------------
 
 
-def forced_tokens(tokenizer, count: int) -> list[int]:
-    """`count` text tokens (the built-in prompts, repeated) to feed as if they were generated."""
-    ids = tokenizer(" ".join(DEFAULT_TURNS), add_special_tokens=False)["input_ids"]
-    return (ids * (count // len(ids) + 1))[:count]
-
-
 def budget_settings(settings: Settings, budget: int) -> Settings:
     """The settings with a sink_window cache of `budget` tokens in all (sinks included)."""
     return settings.replace(policy="sink_window", window=budget - settings.sinks)
@@ -231,7 +229,7 @@ def measure_decode_curve(
         for budget in budgets if cls.bounded else budgets[:1]:
             path = cls(loaded, budget_settings(settings, budget))
             runners[f"{name}@{budget}" if cls.bounded else name] = path
-    ids = forced_tokens(loaded.tokenizer, tokens)
+    ids = demo_token_ids(loaded.tokenizer, tokens)
     bin_size = bin_size or max(1, tokens // 48)
     rows = []
     window: dict[str, list[float]] = {key: [] for key in runners}
@@ -271,7 +269,7 @@ def measure_overhead(
     bounded = PATHS[path](loaded, budgeted)
     length = budget - (budgeted.slack + 1) // 2
     reference = DenseAtLengthPath(loaded, budgeted, length)
-    ids = forced_tokens(loaded.tokenizer, budget + rounds + 8)
+    ids = demo_token_ids(loaded.tokenizer, budget + rounds + 8)
     bounded.prefill(ids[:budget])  # the bounded cache is now full
     reference.prefill(ids[:length])
     ours_feed, theirs_feed = iter(ids[budget:]), iter(ids[budget:])
@@ -298,7 +296,7 @@ def measure_recompute_speedup(
     budgeted = budget_settings(settings, budget)
     bounded, recompute = PATHS[path](loaded, budgeted), RecomputePath(loaded, budgeted)
     per_round = max(1, budgeted.slack)
-    ids = forced_tokens(loaded.tokenizer, budget + rounds * (per_round + 1) + 8)
+    ids = demo_token_ids(loaded.tokenizer, budget + rounds * (per_round + 1) + 8)
     bounded.prefill(ids[:budget])
     recompute.prefill(ids[:budget])
     ours_feed, theirs_feed = iter(ids[budget:]), iter(ids[budget:])
@@ -316,7 +314,7 @@ def measure_recompute_speedup(
 
 def long_prompt(tokenizer, tokens: int) -> str:
     """About `tokens` tokens of text for the long time-to-first-token prompt."""
-    return tokenizer.decode(forced_tokens(tokenizer, tokens))
+    return tokenizer.decode(demo_token_ids(tokenizer, tokens))
 
 
 def measure_ttft(
@@ -365,6 +363,20 @@ def measure_load_time(settings: Settings) -> dict[str, Any]:
     }
 
 
+def measure_path_speeds(
+    loaded: LoadedModel, settings: Settings, budget: int, tokens: int, show_progress: bool = True
+) -> list[dict[str, Any]]:
+    """Decode tokens/s of every decode path at a full cache of `budget` tokens, side by side (see `speed`)."""
+    figures = speed.measure_speed(
+        loaded, budget_settings(settings, budget), None, tokens, list(LINEAR_MODES), list(SPEED_KV_DTYPES),
+        show_progress=show_progress,
+    )
+    rows = [{"measure": "speed", "budget": budget, **row, "default": row["path"] == figures["default_path"]}
+            for row in figures["rows"]]
+    rows += [{"measure": "speed", "budget": budget, "path": "note", "note": note} for note in figures["notes"]]
+    return rows
+
+
 # ----- the whole benchmark -----------------------------------------------------------------------------------------
 
 
@@ -393,6 +405,8 @@ def run_bench(
                 )
         if "ttft" in measures:
             report["summary"].extend(measure_ttft(loaded, settings, budget, long_tokens, show_progress=show_progress))
+        if "speed" in measures:
+            report["summary"].extend(measure_path_speeds(loaded, settings, budget, rounds, show_progress))
     if "load" in measures:
         report["summary"].append(measure_load_time(settings))
     reporting.write_json(folder / "bench.json", report)
@@ -518,6 +532,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             figures[f"ttft_{row['prompt']}_s@{row['budget']}"] = row["ttft_s"]
         elif row["measure"] == "load":
             figures["load_cold_s"], figures["load_cached_s"] = row["cold_s"], row["cached_s"]
+        elif row["measure"] == "speed" and "note" not in row:
+            figures[f"speed_{tag}"] = {"tokens_per_s": row["tokens_per_s"], "speedup": row["speedup_vs_transformers"]}
     return figures
 
 
@@ -540,6 +556,11 @@ def print_summary(report: dict[str, Any]) -> None:
                   f"{row['ttft_s']:.3f} s")
         elif row["measure"] == "load":
             print(f"model load: cold {row['cold_s']:.1f} s (converted: {row['cold_converted']}), cached {row['cached_s']:.2f} s")
+        elif row["measure"] == "speed" and "note" in row:
+            print(f"decode speed @{row['budget']}: {row['note']}")
+        elif row["measure"] == "speed":
+            print(f"decode speed @{row['budget']}, {row['path']}{' (default)' if row['default'] else ''}: "
+                  f"{row['tokens_per_s']:.1f} tok/s, {row['speedup_vs_transformers']:.2f}x plain transformers")
 
 
 def parse_list(text: str, known: tuple[str, ...] | list[str], flag: str) -> list[str]:

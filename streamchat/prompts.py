@@ -26,6 +26,12 @@ DEFAULT_TURNS = (
 )
 
 
+def demo_token_ids(tokenizer, count: int) -> list[int]:
+    """`count` token ids of the built-in turns, repeated: text that benchmarks feed as if it were generated."""
+    ids = tokenizer(" ".join(DEFAULT_TURNS), add_special_tokens=False)["input_ids"]
+    return (ids * (count // len(ids) + 1))[:count]
+
+
 class PromptsError(ValueError):
     """The prompts file is missing, unreadable, empty or malformed; the message names the file and line."""
 

@@ -4,7 +4,9 @@ import json
 import pytest
 
 from streamchat import bench, cli
+from streamchat.fastpath import speed
 from streamchat.config import load_settings
+from streamchat.prompts import demo_token_ids
 
 BUDGET = 48  # the tiny template's system prompt (17 tokens) must fit in half the budget
 
@@ -15,7 +17,7 @@ def settings():
 
 
 def test_paths_hold_the_tokens_they_should(tiny, settings):
-    ids = bench.forced_tokens(tiny.tokenizer, 70)
+    ids = demo_token_ids(tiny.tokenizer, 70)
     assert len(ids) == 70
     bounded = bench.BoundedPath(tiny, bench.budget_settings(settings, BUDGET))
     dense = bench.DensePath(tiny, settings)
@@ -89,6 +91,27 @@ def test_command_writes_results_and_a_json_line(tiny, tmp_path, monkeypatch, cap
     with (tmp_path / "bench_summary.csv").open() as handle:
         assert [row["measure"] for row in csv.DictReader(handle)] == ["overhead", "recompute_speedup"]
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_speed_measure_reports_every_decode_path(tiny, tmp_path, monkeypatch, capsys):
+    """`bench` also reports the decode paths' tokens/s side by side (the `speed` measurement)."""
+    monkeypatch.setattr(bench, "load_model", lambda *args: tiny)
+
+    def no_llama_cpp(*args):
+        raise speed.LlamaCppFailed("not in this test")
+
+    monkeypatch.setattr(speed, "LlamaCppStepper", no_llama_cpp)
+    status = cli.main(["bench", "--budget", str(BUDGET), "--only", "speed", "--rounds", "3", "--set", "slack=4",
+                       "--out", str(tmp_path), "--json"])
+    assert status == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(printed[-1])
+    for path in ("transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32", "fast_int4_kv_bf16"):
+        figures = last[f"speed_{path}@{BUDGET}"]
+        assert figures["tokens_per_s"] > 0 and figures["speedup"] > 0
+    assert last[f"speed_transformers_dynamic@{BUDGET}"]["speedup"] == 1.0
+    assert any("(default)" in line and "fast_model_kv_bf16" in line for line in printed)
+    assert f"decode speed @{BUDGET}: llama.cpp skipped: not in this test" in printed
 
 
 def test_command_refuses_bad_lists(tmp_path, capsys):

@@ -33,6 +33,7 @@ from streamchat.cache import BoundedCache, kv_dtype_for
 from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
 from streamchat.fastpath.decoder import decoder_for
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
+from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES, resolve_weights
 
 REFERENCE = "transformers_dynamic"
@@ -152,8 +153,10 @@ class LlamaCppStepper(Stepper):
         self.worker.wait()
 
 
-def text_ids(tokenizer, path: str | Path, count: int) -> list[int]:
-    """The first `count` tokens of a text file."""
+def text_ids(tokenizer, path: str | Path | None, count: int) -> list[int]:
+    """The first `count` tokens of a text file (None: the built-in demo prompts, repeated as needed)."""
+    if path is None:
+        return demo_token_ids(tokenizer, count)
     text = Path(path).read_text(encoding="utf-8")
     ids = tokenizer(text[: count * 8], add_special_tokens=False)["input_ids"][:count]
     if len(ids) < count:
@@ -209,7 +212,7 @@ def build_paths(
 
 
 def measure_speed(
-    loaded: LoadedModel, settings: Settings, text: str | Path, tokens: int, weights: list[str],
+    loaded: LoadedModel, settings: Settings, text: str | Path | None, tokens: int, weights: list[str],
     kv_dtypes: list[str], compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
 ) -> dict[str, Any]:
     """Median ms/token of each path decoding at least `tokens` counted tokens at a full cache, and tokens/s ratios
