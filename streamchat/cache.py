@@ -27,10 +27,9 @@ def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
     """The dtype the cache stores keys and values in (`kv_dtype`).
 
     `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports, a policy
-    without attention scores): attention over the cache is a quarter of a decode step, bound by the bytes it reads,
-    and bf16 halves them (and the cache's memory) for a perplexity change of a few hundredths of a percent (README:
-    Decode speed). Elsewhere the model's own dtype, so the transformers path needs no conversion.
-    """
+    without attention scores): attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes
+    it reads, and bf16 halves them (and the cache's memory) for +0.01% perplexity (README: Decode speed).
+    Elsewhere the model's own dtype, so the transformers path needs no conversion."""
     if settings.kv_dtype == "model":
         return model.dtype
     if settings.kv_dtype != "auto":

@@ -22,7 +22,6 @@ from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -92,6 +91,22 @@ class IncrementalDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
+
+
+def candidate_probabilities(
+    logits: torch.Tensor, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampling probabilities [1, n] after top-k then top-p, and the token ids they belong to (None: all of them).
+
+    With top-k on, top-p runs over the k candidates only, not the whole vocabulary: the same distribution (every
+    other token already has probability 0) without sorting 49,152 logits per token, which transformers'
+    TopPLogitsWarper does (3 ms: a quarter of a decode step on 2 cores)."""
+    indices = None
+    if 0 < top_k < logits.shape[-1]:
+        logits, indices = logits.topk(top_k, dim=-1)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return torch.softmax(logits, dim=-1), indices
 
 
 class ChatSession:
@@ -356,25 +371,23 @@ class ChatSession:
         return out.logits[:, -1].float()
 
     def _logits_processors(self, settings: Settings) -> LogitsProcessorList:
+        """The processors over the whole vocabulary: repetition penalty and temperature (top-k and top-p: `_sample`)."""
         processors = LogitsProcessorList()
         if settings.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
         if settings.temperature > 0:
             processors.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_k > 0:
-                processors.append(TopKLogitsWarper(settings.top_k))
-            if settings.top_p < 1.0:
-                processors.append(TopPLogitsWarper(settings.top_p))
         return processors
 
-    def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, temperature: float) -> int:
-        if processors:
-            history = torch.tensor([list(self._recent_ids)], device=self.device)
-            logits = processors(history, logits)
-        if temperature == 0:
+    def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, settings: Settings) -> int:
+        """The next token: greedy at temperature 0, else drawn after top-k and top-p."""
+        history = torch.tensor([list(self._recent_ids)], device=self.device)
+        logits = processors(history, logits) if processors else logits
+        if settings.temperature == 0:
             return int(logits.argmax(dim=-1))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        probabilities, indices = candidate_probabilities(logits, settings.top_k, settings.top_p)
+        choice = torch.multinomial(probabilities, 1, generator=self.generator)
+        return int(choice if indices is None else indices[0, choice])
 
     # ----- a turn ---------------------------------------------------------------------------------------------
 
@@ -452,7 +465,7 @@ class ChatSession:
         reason = "stopped"  # also what a consumer closing this generator early means
         try:
             while True:
-                token_id = self._sample(logits, processors, settings.temperature)
+                token_id = self._sample(logits, processors, settings)
                 new_tokens += 1
                 self._pending = [token_id]
                 if new_tokens == 1:

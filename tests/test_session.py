@@ -4,9 +4,10 @@ import threading
 
 import pytest
 import torch
+from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from streamchat.config import load_settings
-from streamchat.session import ChatSession, IncrementalDecoder, SessionError
+from streamchat.session import ChatSession, IncrementalDecoder, SessionError, candidate_probabilities
 
 
 def make_session(tiny, **overrides):
@@ -205,3 +206,20 @@ def test_history_text_stays_bounded_and_turns_stay_well_formed(tiny):
     tail = "\n<|im_start|>user\nlast one<|im_end|>\n<|im_start|>assistant\n"
     expected = pending + tiny.tokenizer(tail, add_special_tokens=False)["input_ids"]
     assert fed[: len(expected)] == expected  # then the reply's own tokens
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (5, 1.0), (0, 0.8), (50, 0.05), (0, 1.0)])
+def test_candidate_probabilities_match_transformers_over_the_whole_vocabulary(top_k, top_p):
+    """Top-p over the top-k candidates only gives transformers' top-k + top-p distribution over the vocabulary."""
+    logits = torch.randn(1, 49152, generator=torch.Generator().manual_seed(top_k)) * 4
+    warpers = LogitsProcessorList()
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = torch.softmax(warpers(None, logits.clone()), dim=-1)
+    probabilities, indices = candidate_probabilities(logits.clone(), top_k, top_p)
+    got = torch.zeros_like(expected)
+    got[0, indices[0] if indices is not None else torch.arange(logits.shape[-1])] = probabilities[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert int((got > 0).sum()) == int((expected > 0).sum()) <= (top_k or logits.shape[-1])

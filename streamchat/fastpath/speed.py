@@ -1,15 +1,15 @@
-"""`python -m streamchat speed`: decode tokens/s of every decode path side by side, and each weight option's
+"""`python -m streamchat speed`: decode tokens/s of every decode path side by side, and each fast variant's
 perplexity change.
 
 Speed: every path holds a full cache of `budget` tokens and decodes forced text tokens one at a time; the paths
 take turns in short blocks, in an order reversed every round, so a shared CPU's load falls on all alike and the
 ratios hold within the run. Paths: plain transformers with a DynamicCache kept at the budget (the reference),
-transformers on the bounded cache, the fast path with each weight option (and compiled, on request), and
-llama.cpp on the same GGUF file when `llama-cpp-python` is installed (skipped with a note otherwise).
+transformers on the bounded cache, the fast path with each weight option and K/V cache dtype (and compiled, on
+request), and llama.cpp on the same GGUF file when `llama-cpp-python` is installed (skipped with a note otherwise).
 
 Quality: the NLL of each next token of a long text fed token by token through the bounded cache at the budget (so
-the second half runs with evictions), for each weight option in lock step; the fast path with the model's own
-weights is the reference (it matches transformers within float rounding, see tests/test_fast.py).
+the second half runs with evictions), for each of those fast path variants in lock step; the fast path with the
+model's own weights and dtype is the reference (it matches transformers within float rounding, tests/test_fast.py).
 """
 
 from __future__ import annotations
