@@ -26,10 +26,10 @@ LAYER_BUFFERS = ("keys", "raw_keys", "values", "origins")
 def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
     """The dtype the cache stores keys and values in (`kv_dtype`).
 
-    `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports, a policy
-    without attention scores): attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes
-    it reads, and bf16 halves them (and the cache's memory) for +0.01% perplexity (README: Decode speed).
-    Elsewhere the model's own dtype, so the transformers path needs no conversion."""
+    `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports):
+    attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes it reads, and bf16 halves
+    them (and the cache's memory) for +0.01% perplexity (README: Decode speed). Elsewhere the model's own dtype,
+    so the transformers path needs no conversion."""
     if settings.kv_dtype == "model":
         return model.dtype
     if settings.kv_dtype != "auto":
@@ -40,7 +40,6 @@ def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
         settings.decode_path == "fast"
         and model.device.type == "cpu"
         and model.dtype == torch.float32
-        and not get_policy_class(settings.policy).needs_attention_scores
         and unsupported_reason(model) is None
     )
     return torch.bfloat16 if fast else model.dtype

@@ -135,7 +135,7 @@ def test_kv_dtype_auto_is_bf16_only_where_the_fast_path_decodes(model):
 
     assert resolved() == torch.bfloat16  # fp32 model on the CPU, sink_window, fast decode path
     assert resolved(decode_path="transformers") == torch.float32  # no conversion per transformers step
-    assert resolved(policy="h2o") == torch.float32  # h2o decodes through transformers (attention scores)
+    assert resolved(policy="h2o") == torch.bfloat16  # the fast path scores attention too
     gelu = tiny_model(vocab_size=400, hidden_act="gelu")
     assert kv_dtype_for(gelu, load_settings(None, {})) == torch.float32  # a model the fast path cannot run
     half = tiny_model(vocab_size=400).to(torch.bfloat16)

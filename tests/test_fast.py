@@ -1,7 +1,8 @@
 """The fast decode path (streamchat/fastpath) against the transformers path, on the tiny model.
 
 Same logits (fp32, 1e-4) token for token past the budget with evictions, the same cache contents, the same greedy
-chat; fallbacks (scoring policies, unsupported models, a failing compiler) decode exactly like transformers.
+chat, the same choices of the scoring policies (H2O, TOVA); fallbacks (unsupported models, a failing compiler)
+decode exactly like transformers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from tiny import tiny_model
 
 from streamchat.cache import BoundedCache
 from streamchat.config import SettingsError, load_settings
-from streamchat import fastpath
 from streamchat.fastpath import (
     FastDecoder,
     FastPathUnavailable,
@@ -99,16 +99,25 @@ def test_greedy_chat_is_identical(tiny, monkeypatch):
     assert len(steps) == decoded > 0  # every reply token after the first went through the fast path
 
 
-def test_scoring_policy_falls_back_to_transformers(tiny, capsys, monkeypatch):
-    monkeypatch.setattr(fastpath, "_WARNED", set())  # the note is said once per process: forget earlier tests'
-    settings = small_settings(policy="h2o", heavy=16, recent=30, decode_path="fast", decode_weights="model")
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_scoring_policies_decode_on_the_fast_path_with_the_same_choices(tiny, monkeypatch, policy):
+    """H2O and TOVA rank cached tokens by the attention they receive: the fast path hands their observer the same
+    probabilities as the transformers path's scoring attention, so they keep the same tokens, token for token."""
+    steps = []
+    original = FastDecoder.decode
+    monkeypatch.setattr(FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache))
+    settings = small_settings(policy=policy, heavy=16, recent=30, decode_path="fast", decode_weights="model")
     session = ChatSession(tiny, settings)
     reference = ChatSession(tiny, settings.replace(decode_path="transformers"))
-    assert decoder_for_step(tiny.model, session.cache, settings) is None
-    for message in ("Hello there!", "Tell me a story about a dragon."):
+    for message in ("Hello there!", "Tell me a story about a dragon.", "And then?"):
         assert "".join(session.send(message)) == "".join(reference.send(message))
-    assert session.cache.stats() == reference.cache.stats()
-    assert "needs attention scores" in capsys.readouterr().err
+        assert session.last_reply_ids == reference.last_reply_ids
+    assert session.cache.stats() == reference.cache.stats() and session.cache.evicted_tokens > 0
+    assert len(steps) > 0  # replies went through the fast path
+    for fast_layer, reference_layer in zip(session.cache.layers, reference.cache.layers):
+        assert torch.equal(fast_layer.origins, reference_layer.origins)  # the same tokens kept, per head
+    for fast_scores, reference_scores in zip(session.cache.policy.scores, reference.cache.policy.scores):
+        torch.testing.assert_close(fast_scores, reference_scores, atol=1e-5, rtol=1e-4)
 
 
 def test_refuses_what_it_cannot_reproduce(tiny):

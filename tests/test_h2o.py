@@ -26,7 +26,8 @@ def loaded():
 
 
 def h2o_settings(**overrides):
-    values = {"policy": "h2o", "sinks": 4, "heavy": 12, "recent": 10, "slack": 3, **overrides}
+    """A small H2O cache in the model's dtype (fp32): these tests hold scores and keys to fp32 tolerances."""
+    values = {"policy": "h2o", "sinks": 4, "heavy": 12, "recent": 10, "slack": 3, "kv_dtype": "model", **overrides}
     return load_settings(None, values)
 
 

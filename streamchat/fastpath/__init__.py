@@ -1,7 +1,7 @@
 """The fast decode path (issue 7): a flat, optionally compiled, optionally quantized single-token forward.
 
 `ChatSession._forward` asks `decoder_for_step` before each single-token step; prefill and every case the fast
-path cannot reproduce exactly (policies that need attention scores, unsupported models) take the transformers path.
+path cannot reproduce exactly (unsupported models, other caches) take the transformers path.
 """
 
 from __future__ import annotations
@@ -42,10 +42,7 @@ def decoder_for_step(model: torch.nn.Module, cache: BoundedCache, settings: Sett
     if weights in CPU_ONLY_WEIGHTS and model.device.type != "cpu":
         _note_once(f"{weights} decode weights are CPU-only; decoding on {model.device} with the model's own weights")
         weights = "model"
-    refusal = FastDecoder.refusal(cache)  # before building: a refused cache needs no (quantized) weights
-    if refusal:
-        if "needs attention scores" in refusal:
-            _note_once(f"{refusal}: decoding with transformers")
+    if FastDecoder.refusal(cache):  # before building: a refused cache needs no (quantized) weights
         return None
     try:
         return decoder_for(model, weights, settings.decode_compile)

@@ -101,8 +101,6 @@ class FastDecoder:
         """Why this cache's next step must take the transformers path, or None when the fast path can run it."""
         if not isinstance(cache, BoundedCache):
             return f"{type(cache).__name__} is not a bounded cache"
-        if getattr(cache.policy, "needs_attention_scores", False):
-            return f"policy {cache.policy.name} needs attention scores"
         layer = cache.layers[0]
         if not layer.is_initialized:
             return "the cache is empty (prefill first)"
@@ -134,7 +132,8 @@ class FastDecoder:
         length = cache.length
         token = torch.tensor([token_id], device=self.device)
         origin = torch.tensor([cache.seen_tokens], device=self.device)
-        arguments = (token, origin, length, *self._buffers(cache))
+        observe = cache.policy.observe if cache.policy.needs_attention_scores else None
+        arguments = (token, origin, length, *self._buffers(cache), observe)
         if self.compiled and self.compile_seconds is None:
             logits = self._compile_first(arguments)
         else:
@@ -160,10 +159,11 @@ class FastDecoder:
             print(f"streamchat: fast decode step compiled in {self.compile_seconds:.0f} s", file=sys.stderr)
         return logits
 
-    def _forward(self, token, origin, length: int, keys, raw_keys, values, origins, cos_table, sin_table):
+    def _forward(self, token, origin, length: int, keys, raw_keys, values, origins, cos_table, sin_table, observe):
         """One token through every layer. Written for few eager ops (each costs microseconds of Python and
         dispatch, a large share of a 135M model's step): fused norms, one rotation for q and k, narrow+copy_
-        writes, in-place residual adds, and activations converted only where they cross into the matmuls."""
+        writes, in-place residual adds, and activations converted only where they cross into the matmuls.
+        `observe`: the policy's attention-score observer (H2O), or None."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rotated, half, kv_dtype = heads + kv_heads, head_dim // 2, keys[0].dtype
         end = length + 1
@@ -182,18 +182,33 @@ class FastDecoder:
             raw_keys[i].narrow(2, length, 1).copy_(qkv.narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
             values[i].narrow(2, length, 1).copy_(qkv.narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
             origins[i].narrow(2, length, 1).copy_(origin.view(1, 1, 1).expand(1, kv_heads, 1))
-            # Grouped-query attention without repeating K/V (query head h reads KV head h // group, as
-            # transformers' repeat_kv pairs them), in the cache's dtype: bf16 halves the bytes read (kv_dtype).
-            attended = F.scaled_dot_product_attention(
-                qk.narrow(0, 0, heads).view(1, heads, 1, head_dim).to(kv_dtype),
-                keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end), scale=self.scaling, enable_gqa=True,
-            )
+            query, layer_keys, layer_values = qk.narrow(0, 0, heads), keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end)
+            if observe is None:
+                # Grouped-query attention without repeating K/V (query head h reads KV head h // group, as
+                # transformers' repeat_kv pairs them), in the cache's dtype: bf16 halves the bytes read (kv_dtype).
+                attended = F.scaled_dot_product_attention(
+                    query.view(1, heads, 1, head_dim).to(kv_dtype), layer_keys, layer_values, scale=self.scaling,
+                    enable_gqa=True,
+                )
+            else:
+                attended = self._scored_attention(i, query, layer_keys, layer_values, observe)
             x.add_(layer.out(attended.view(1, heads * head_dim).to(matmul_dtype)))
             normed = F.rms_norm(x, hidden, layer.post_norm, self.eps).to(matmul_dtype)
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
             x.add_(layer.down(F.silu(gate).mul_(up)))
         normed = F.rms_norm(x, hidden, self.final_norm, self.eps).to(self.lm_head.input_dtype)
         return self.lm_head(normed).float()
+
+
+    def _scored_attention(self, layer_idx: int, query, keys, values, observe: Callable) -> torch.Tensor:
+        """Attention written out in fp32, for policies that rank cached tokens by the attention they receive: the
+        new query's probabilities, averaged over each GQA group ([1, kv_heads, 1, length]), go to the policy as
+        the transformers path's scoring attention gives them (streamchat/attention.py), and weigh the values."""
+        kv_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        grouped = query.float().view(kv_heads, group, self.head_dim) * self.scaling  # heads j*group.. read KV head j
+        probabilities = torch.softmax(torch.matmul(grouped, keys[0].float().transpose(-1, -2)), dim=-1)
+        observe(layer_idx, probabilities.mean(dim=1)[None, :, None])
+        return torch.matmul(probabilities, values[0].float())  # [kv_heads, group, head_dim]
 
 
 _DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()

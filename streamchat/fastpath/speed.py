@@ -29,6 +29,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
+from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache, kv_dtype_for
 from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
 from streamchat.fastpath.decoder import decoder_for
@@ -94,14 +95,16 @@ class BoundedStepper(Stepper):
         for start in range(0, len(ids), self.cache.room):
             chunk = ids[start : start + self.cache.room]
             self.cache.make_room(len(chunk))
-            self.model(input_ids=torch.tensor([chunk], device=self.model.device), past_key_values=self.cache)
+            self.model(input_ids=torch.tensor([chunk], device=self.model.device), past_key_values=self.cache,
+                       **attention_kwargs(self.cache))
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         self.cache.make_room(1)
         if self.decoder is not None:
             return self.decoder.decode(token_id, self.cache)
-        out = self.model(input_ids=torch.tensor([[token_id]], device=self.model.device), past_key_values=self.cache)
+        out = self.model(input_ids=torch.tensor([[token_id]], device=self.model.device), past_key_values=self.cache,
+                         **attention_kwargs(self.cache))
         return out.logits[:, -1].float()
 
 
