@@ -19,7 +19,6 @@ from streamchat.fastpath import (
     FastDecoder,
     FastPathUnavailable,
     decoder_for,
-    decoder_for_step,
 )
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession

@@ -10,7 +10,7 @@ import torch
 from streamchat import cli
 from streamchat.config import load_settings
 from streamchat.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
-from tiny import CORPUS, tiny_loaded
+from tiny import shuffled_story, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,8 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    words = " ".join(CORPUS).split()
-    order = np.random.default_rng(0).permutation(len(words) * 6) % len(words)
     path = tmp_path_factory.mktemp("text") / "story.txt"
-    path.write_text("\ufeff" + " ".join(words[i] for i in order), encoding="utf-8")
+    path.write_text("\ufeff" + shuffled_story(repeats=6), encoding="utf-8")  # with a byte-order mark
     return path
 
 

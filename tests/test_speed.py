@@ -11,7 +11,7 @@ import pytest
 from streamchat import cli
 from streamchat.config import load_settings
 from streamchat.fastpath import speed
-from tiny import CORPUS, tiny_loaded
+from tiny import shuffled_story, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,8 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    words = " ".join(CORPUS).split()
-    order = np.random.default_rng(1).permutation(len(words) * 4) % len(words)
     path = tmp_path_factory.mktemp("text") / "story.txt"
-    path.write_text(" ".join(words[i] for i in order), encoding="utf-8")
+    path.write_text(shuffled_story(repeats=4, seed=1), encoding="utf-8")
     return path
 
 

@@ -68,3 +68,10 @@ def tiny_loaded(seed: int = 0) -> LoadedModel:
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer), seed)
     return LoadedModel(model, tokenizer, identity="tiny-llama", source="tiny", load_seconds=0.0, converted=False)
+
+
+def shuffled_story(repeats: int, seed: int = 0) -> str:
+    """The corpus's words, each used `repeats` times, in a seeded random order: a long text the tiny tokenizer knows."""
+    words = " ".join(CORPUS).split()
+    order = torch.randperm(len(words) * repeats, generator=torch.Generator().manual_seed(seed)) % len(words)
+    return " ".join(words[i] for i in order.tolist())
