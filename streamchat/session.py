@@ -28,7 +28,7 @@ from transformers import (
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
-from streamchat.fastpath import decoder_for_step
+from streamchat.fastpath import decoder_for_step, prepare_decoder
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
@@ -120,6 +120,7 @@ class ChatSession:
         self.device = next(self.model.parameters()).device
         self._check_budget(settings)
         self.cache = self.make_cache(settings)
+        prepare_decoder(self.model, settings)  # once per model and weight option, before the first reply
         self.end_of_turn_ids = self._end_of_turn_ids()
         self.generator = torch.Generator(device=self.device)
         self.last_turn: TurnStats | None = None
