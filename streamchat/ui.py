@@ -188,7 +188,9 @@ class ChatApp:
         max_visible: int = 60,
     ):
         self.idle_seconds = idle_seconds
-        self.save_dir = Path(tempfile.mkdtemp(prefix="streamchat-saves-"))  # one file per tab, replaced at each save
+        # One file per tab, replaced at each save; the folder goes when the app does (at exit at the latest).
+        self._save_folder = tempfile.TemporaryDirectory(prefix="streamchat-saves-")
+        self.save_dir = Path(self._save_folder.name)
         self.sessions: SessionRegistry[UISession] = SessionRegistry(
             lambda: UISession(loaded, settings, max_visible),
             max_sessions=max_sessions,

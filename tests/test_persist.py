@@ -1,5 +1,6 @@
 """Saving and resuming a session: exact continuation, and refusal of anything that does not fit, unchanged."""
 
+import gc
 import json
 import stat
 from pathlib import Path
@@ -335,3 +336,7 @@ def test_ui_save_download_and_load_upload(tiny, tmp_path):
     assert "press Stop first" in loader.save_clicked(other)[1]
     resumed.generating = False
     build_app(tiny, base)  # the buttons are wired
+    folder = saver.save_dir
+    del saver, update
+    gc.collect()
+    assert not folder.exists()  # the saved downloads go with the app
