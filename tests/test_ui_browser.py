@@ -142,3 +142,42 @@ def test_chat_memory_panel_stop_and_demo(browser, url):
         wait_until(page, lambda: sessions.inner_text().startswith("1 /"), "closing a tab did not free its session")
     finally:
         page.close()
+
+
+def test_save_downloads_and_load_resumes_in_another_tab(browser, url, tmp_path):
+    """Save conversation gives a file to download; Load conversation in a fresh tab resumes it: the same messages
+    on the page, the same cache figures in the panel."""
+    page, other = browser.new_page(), browser.new_page()
+    for tab in (page, other):
+        tab.set_default_timeout(WAIT_MS)
+        tab.goto(url, wait_until="domcontentloaded")
+        tab.locator('[data-stat="seen_total"]').wait_for(timeout=WAIT_MS)
+    try:
+        page.locator("#message textarea").fill("Tell me about the sea.")
+        page.locator("#send").click()
+        bot = page.locator('#chat [data-testid="bot"]')
+        wait_until(page, lambda: bot.count() > 0 and len(bot.last.inner_text().strip()) > 20, "no reply appeared")
+        page.locator("#stop").click()
+        wait_until(page, lambda: stat(page, "turns") == 1, "the turn did not finish")
+        seen = stat(page, "seen_total")
+
+        page.locator("#save").click()
+        link = page.locator('#saved a[download="conversation.streamchat"]')
+        wait_until(page, lambda: link.count() > 0, "no download link after Save")
+        with page.expect_download() as download:
+            link.first.click()
+        saved = tmp_path / "conversation.streamchat"
+        download.value.save_as(saved)
+        assert saved.stat().st_size > 1000
+
+        with other.expect_file_chooser() as chooser:
+            other.locator("#load").click()
+        chooser.value.set_files(str(saved))
+        wait_until(other, lambda: "Loaded" in other.locator("#status").inner_text(), "Load did not resume the file")
+        assert other.locator('#chat [data-testid="user"]').filter(has_text="Tell me about the sea.").count() == 1
+        assert other.locator('#chat [data-testid="bot"]').count() == 1
+        wait_until(other, lambda: stat(other, "seen_total") == seen, "the panel does not show the resumed cache")
+        assert stat(other, "turns") == 1
+    finally:
+        page.close()
+        other.close()
