@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from streamchat.reporting import read_text_file
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
@@ -160,13 +162,7 @@ def _check_ranges(s: Settings) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file, or a SettingsError that says what is wrong with the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SettingsError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SettingsError(f"cannot read config file {path}: {error}") from None
+    text = read_text_file(path, "config file", SettingsError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -360,9 +360,9 @@ def main(args: argparse.Namespace) -> int:
     heavy, args.heavy = args.heavy, None  # --heavy is the h2o split here, not the chat default
     settings = settings_from_args(args)
     try:
-        text = Path(args.text).read_text(encoding="utf-8-sig")  # a byte-order mark is not text
-    except (OSError, UnicodeDecodeError) as error:
-        print(f"streamchat ppl: cannot read --text {args.text}: {error}", file=sys.stderr)
+        text = reporting.read_text_file(args.text, "--text file", encoding="utf-8-sig")  # a byte-order mark is not text
+    except ValueError as error:
+        print(f"streamchat ppl: {error}", file=sys.stderr)
         return 2
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)

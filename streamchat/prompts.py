@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from streamchat.reporting import read_text_file
+
 DEFAULT_TURNS = (
     "Hi! Can you introduce yourself in two sentences?",
     "Tell me a short story about a lighthouse keeper and a storm.",
@@ -52,12 +54,7 @@ def load_turns(path: str | Path | None = None) -> list[str]:
     if path is None:
         return list(DEFAULT_TURNS)
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptsError(f"prompts file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise PromptsError(f"cannot read prompts file {path}: {error}") from None
+    text = read_text_file(path, "prompts file", PromptsError)
     lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     is_jsonl = path.suffix == ".jsonl" or (lines and lines[0][1].startswith("{"))
     if is_jsonl:

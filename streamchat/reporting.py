@@ -1,4 +1,5 @@
-"""Result files shared by the stress test and the benchmarks: an output folder, JSON, CSV, and a last JSON line."""
+"""Files the front ends share: text files a user names (read with an error that says what is wrong), and the
+result files of the stress test and the benchmarks (an output folder, JSON, CSV, a last JSON line)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def read_text_file(
+    path: str | Path, what: str, error: type[Exception] = ValueError, encoding: str = "utf-8"
+) -> str:
+    """The text of a file the user named (`what`: "config file", "--text file"...), or `error` saying whether it is
+    missing or unreadable (not UTF-8, a folder, no permission)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        raise error(f"cannot read {what} {path}: {problem}") from None
 
 
 def output_dir(path: str | Path) -> Path:

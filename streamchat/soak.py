@@ -14,7 +14,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -211,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
         print("streamchat soak: --tokens, --paste-chars and --reply-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
-        text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+        text = reporting.read_text_file(args.text, "--text file") if args.text else None
         if text is not None and not text.strip():
             raise ValueError(f"{args.text} is empty")
         loaded = load_model(settings.model, settings.device, settings.dtype)

@@ -53,6 +53,21 @@ def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys)
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())["speed"]["rows"] == figures["rows"]
 
 
+def test_bad_text_and_counts_are_refused(loaded, text, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(speed, "load_model", lambda *args: loaded)
+    short = tmp_path / "short.txt"
+    short.write_text("once upon a time")
+    for argv, message in (
+        (["--text", str(tmp_path / "missing.txt")], "--text file not found"),
+        (["--text", str(tmp_path)], "cannot read --text file"),
+        (["--text", str(short), "--budget", "40", "--set", "slack=4"], "the --text file has only"),
+        (["--text", str(text), "--tokens", "0"], "--tokens must be at least 1"),
+        (["--text", str(text), "--quality-tokens", "2"], "--quality-tokens 0 (off) or at least 3"),
+    ):
+        assert cli.main(["speed", *argv, "--no-llama-cpp", "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_bad_lists_are_refused(loaded, text, capsys):
     assert cli.main(["speed", "--text", str(text), "--weights", "int3"]) == 2
     assert "--weights ['int3']" in capsys.readouterr().err
@@ -74,7 +89,7 @@ def test_a_dying_llama_cpp_costs_its_row_only(loaded, text, tmp_path, monkeypatc
     gguf.write_bytes(b"GGUF")
     monkeypatch.setattr(speed, "LlamaCppStepper", CrashingWorker)
     settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
-    figures = speed.measure_speed(loaded, settings, text, 3, ["model"], ["model"], show_progress=False)
+    figures = speed.measure_speed(loaded, settings, text.read_text(), 3, ["model"], ["model"], show_progress=False)
     assert [row["path"] for row in figures["rows"]] == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32"]
     assert any(note.startswith("llama.cpp dropped: its process exited with code") for note in figures["notes"])
 
@@ -85,5 +100,5 @@ def test_missing_llama_cpp_is_a_note(loaded, text, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
-    figures = speed.measure_speed(loaded, settings, text, 2, ["model"], ["model"], show_progress=False)
+    figures = speed.measure_speed(loaded, settings, text.read_text(), 2, ["model"], ["model"], show_progress=False)
     assert "llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)" in figures["notes"]

@@ -156,14 +156,14 @@ class LlamaCppStepper(Stepper):
         self.worker.wait()
 
 
-def text_ids(tokenizer, path: str | Path | None, count: int) -> list[int]:
-    """The first `count` tokens of a text file (None: the built-in demo prompts, repeated as needed)."""
-    if path is None:
+def text_ids(tokenizer, text: str | None, count: int) -> list[int]:
+    """The first `count` tokens of `text` (None: the built-in demo prompts, repeated as needed); a ValueError if
+    the text is shorter."""
+    if text is None:
         return demo_token_ids(tokenizer, count)
-    text = Path(path).read_text(encoding="utf-8")
     ids = tokenizer(text[: count * 8], add_special_tokens=False)["input_ids"][:count]
     if len(ids) < count:
-        raise ValueError(f"{path} has only {len(ids)} tokens; {count} asked for")
+        raise ValueError(f"the --text file has only {len(ids)} tokens; {count} are needed")
     return ids
 
 
@@ -215,7 +215,7 @@ def build_paths(
 
 
 def measure_speed(
-    loaded: LoadedModel, settings: Settings, text: str | Path | None, tokens: int, weights: list[str],
+    loaded: LoadedModel, settings: Settings, text: str | None, tokens: int, weights: list[str],
     kv_dtypes: list[str], compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
 ) -> dict[str, Any]:
     """Median ms/token of each path decoding at least `tokens` counted tokens at a full cache, and tokens/s ratios
@@ -273,7 +273,7 @@ def measure_speed(
 
 @torch.inference_mode()
 def measure_quality(
-    loaded: LoadedModel, settings: Settings, text: str | Path, tokens: int, weights: list[str],
+    loaded: LoadedModel, settings: Settings, text: str, tokens: int, weights: list[str],
     kv_dtypes: list[str], show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity of the first `tokens` tokens of `text`, token by token through the bounded cache, for each fast
@@ -346,13 +346,20 @@ def main(args: argparse.Namespace) -> int:
         if unknown or not values:
             print(f"streamchat speed: --{flag} {unknown or 'is empty'}; known: {', '.join(known)}", file=sys.stderr)
             return 2
-    loaded = load_model(settings.model, settings.device, settings.dtype)
-    report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
-    report["speed"] = measure_speed(
-        loaded, settings, args.text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp
-    )
-    if args.quality_tokens:
-        report["quality"] = measure_quality(loaded, settings, args.text, args.quality_tokens, weights, kv_dtypes)
+    try:
+        if args.tokens < 1 or not (args.quality_tokens == 0 or args.quality_tokens >= 3):
+            raise ValueError("--tokens must be at least 1, --quality-tokens 0 (off) or at least 3")
+        text = reporting.read_text_file(args.text, "--text file")
+        loaded = load_model(settings.model, settings.device, settings.dtype)
+        report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
+        report["speed"] = measure_speed(
+            loaded, settings, text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp
+        )
+        if args.quality_tokens:
+            report["quality"] = measure_quality(loaded, settings, text, args.quality_tokens, weights, kv_dtypes)
+    except ValueError as error:  # a bad flag, an unreadable or too short --text file
+        print(f"streamchat speed: {error}", file=sys.stderr)
+        return 2
     folder = reporting.output_dir(args.out)
     reporting.write_json(folder / "speed.json", report)
     print(format_report(report))
