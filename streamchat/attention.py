@@ -30,11 +30,11 @@ OBSERVER_KWARG = "attention_observer"
 Observer = Callable[[int, torch.Tensor], None]
 
 
-def attention_probabilities(
+def grouped_probabilities(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """Softmax(q·Kᵀ) of the new queries [batch, heads, q, dim] over the keys [batch, kv_heads, length, dim]
-    (new ones last), averaged over each GQA group: [batch, kv_heads, q, length], fp32.
+    (new ones last), per query head and grouped by the KV head it reads: [batch, kv_heads, group, q, length], fp32.
 
     Without a mask, query i (0-based among the q new ones) sees keys 0..length-q+i, the causal rule of a cache
     that appends; a mask from the model (bool: True attends; float: added) takes precedence.
@@ -54,7 +54,15 @@ def attention_probabilities(
         places = torch.arange(length, device=key.device)
         last_visible = torch.arange(length - count, length, device=key.device)[:, None]
         logits = logits.masked_fill(places > last_visible, float("-inf"))
-    return torch.softmax(logits, dim=-1).mean(dim=2)
+    return torch.softmax(logits, dim=-1)
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """What a scoring policy observes: `grouped_probabilities` averaged over each GQA group,
+    [batch, kv_heads, q, length]."""
+    return grouped_probabilities(query, key, attention_mask, scaling).mean(dim=2)
 
 
 def scoring_attention_forward(

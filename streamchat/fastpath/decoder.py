@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from streamchat.attention import grouped_probabilities
 from streamchat.cache import BoundedCache
 from streamchat.quant import PackedLinear, fuse, resolve_weights
 
@@ -199,16 +200,13 @@ class FastDecoder:
         normed = F.rms_norm(x, hidden, self.final_norm, self.eps).to(self.lm_head.input_dtype)
         return self.lm_head(normed).float()
 
-
     def _scored_attention(self, layer_idx: int, query, keys, values, observe: Callable) -> torch.Tensor:
         """Attention written out in fp32, for policies that rank cached tokens by the attention they receive: the
-        new query's probabilities, averaged over each GQA group ([1, kv_heads, 1, length]), go to the policy as
-        the transformers path's scoring attention gives them (streamchat/attention.py), and weigh the values."""
-        kv_heads, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        grouped = query.float().view(kv_heads, group, self.head_dim) * self.scaling  # heads j*group.. read KV head j
-        probabilities = torch.softmax(torch.matmul(grouped, keys[0].float().transpose(-1, -2)), dim=-1)
-        observe(layer_idx, probabilities.mean(dim=1)[None, :, None])
-        return torch.matmul(probabilities, values[0].float())  # [kv_heads, group, head_dim]
+        probabilities come from the function the transformers path's scoring attention uses
+        (streamchat/attention.py), go to the policy averaged over each GQA group, and weigh the values."""
+        probabilities = grouped_probabilities(query.view(1, self.num_heads, 1, self.head_dim), keys, None, self.scaling)
+        observe(layer_idx, probabilities.mean(dim=2))  # [1, kv_heads, 1, length]
+        return torch.matmul(probabilities[0, :, :, 0], values[0].float())  # [kv_heads, group, head_dim]
 
 
 _DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
