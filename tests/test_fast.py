@@ -81,10 +81,16 @@ def test_fast_step_matches_transformers_past_the_budget(tiny, kv_dtype):
     assert fast.evicted_tokens > 0 and fast.seen_tokens == 64  # evictions happened along the way
 
 
-def test_greedy_chat_is_identical(tiny, monkeypatch):
+@pytest.fixture
+def fast_steps(monkeypatch) -> list[int]:
+    """The tokens decoded through the fast path from now on in this test."""
     steps = []
     original = FastDecoder.decode
     monkeypatch.setattr(FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache))
+    return steps
+
+
+def test_greedy_chat_is_identical(tiny, fast_steps):
     fast = ChatSession(tiny, small_settings(decode_path="fast", decode_weights="model"))
     plain = ChatSession(tiny, small_settings(decode_path="transformers"))
     decoded = 0
@@ -95,16 +101,13 @@ def test_greedy_chat_is_identical(tiny, monkeypatch):
         assert fast.last_turn.new_tokens == plain.last_turn.new_tokens
         assert_same_cache(fast.cache, plain.cache)
     assert fast.cache.evicted_tokens > 0
-    assert len(steps) == decoded > 0  # every reply token after the first went through the fast path
+    assert len(fast_steps) == decoded > 0  # every reply token after the first went through the fast path
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova"])
-def test_scoring_policies_decode_on_the_fast_path_with_the_same_choices(tiny, monkeypatch, policy):
+def test_scoring_policies_decode_on_the_fast_path_with_the_same_choices(tiny, fast_steps, policy):
     """H2O and TOVA rank cached tokens by the attention they receive: the fast path hands their observer the same
     probabilities as the transformers path's scoring attention, so they keep the same tokens, token for token."""
-    steps = []
-    original = FastDecoder.decode
-    monkeypatch.setattr(FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache))
     settings = small_settings(policy=policy, heavy=16, recent=30, decode_path="fast", decode_weights="model")
     session = ChatSession(tiny, settings)
     reference = ChatSession(tiny, settings.replace(decode_path="transformers"))
@@ -112,7 +115,7 @@ def test_scoring_policies_decode_on_the_fast_path_with_the_same_choices(tiny, mo
         assert "".join(session.send(message)) == "".join(reference.send(message))
         assert session.last_reply_ids == reference.last_reply_ids
     assert session.cache.stats() == reference.cache.stats() and session.cache.evicted_tokens > 0
-    assert len(steps) > 0  # replies went through the fast path
+    assert len(fast_steps) > 0  # replies went through the fast path
     for fast_layer, reference_layer in zip(session.cache.layers, reference.cache.layers):
         assert torch.equal(fast_layer.origins, reference_layer.origins)  # the same tokens kept, per head
     for fast_scores, reference_scores in zip(session.cache.policy.scores, reference.cache.policy.scores):

@@ -186,7 +186,8 @@ def fast_variants(loaded: LoadedModel, settings: Settings, weights: list[str], k
 
 def default_variant(loaded: LoadedModel, settings: Settings) -> str:
     """The name `fast_variants` gives the configuration a chat decodes with by default."""
-    return next(iter(fast_variants(loaded, settings.replace(decode_path="fast"), [settings.decode_weights], [settings.kv_dtype])))
+    variants = fast_variants(loaded, settings.replace(decode_path="fast"), [settings.decode_weights], [settings.kv_dtype])
+    return next(iter(variants))
 
 
 def build_paths(
