@@ -15,13 +15,13 @@ from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_sett
 
 # command -> (module, help)
 COMMANDS = {
-    "chat": ("streamchat.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
-    "ui": ("streamchat.ui", "chat in the browser (the same as python app.py)"),
-    "ppl": ("streamchat.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
-    "soak": ("streamchat.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
-    "stress": ("streamchat.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
-    "bench": ("streamchat.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
-    "speed": ("streamchat.fastpath.speed", "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity"),
+    "chat": ("streamchat.frontends.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
+    "ui": ("streamchat.frontends.web", "chat in the browser (the same as python app.py)"),
+    "ppl": ("streamchat.evaluate.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
+    "soak": ("streamchat.evaluate.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
+    "stress": ("streamchat.evaluate.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
+    "bench": ("streamchat.evaluate.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
+    "speed": ("streamchat.evaluate.speed", "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity"),
 }
 
 # Named flags that map straight onto settings keys (everything else: --set key=value).

@@ -20,7 +20,7 @@ from streamchat.model import (
     _file_digest,
     load_model,
 )
-from streamchat.repl import run_command
+from streamchat.frontends.repl import run_command
 from streamchat.session import ChatSession, SessionError
 
 MB = 1024 * 1024
@@ -289,7 +289,7 @@ def test_chat_input_cannot_change_paths_or_machine_settings(session, key, value)
 
 
 def test_terminal_output_cannot_carry_escape_sequences():
-    from streamchat.repl import terminal_safe
+    from streamchat.frontends.repl import terminal_safe
 
     shown = terminal_safe("\x1b]0;owned\x07\x1b[2J\x9b31m\rred\n\tok é 😀")
     assert shown == "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x0dred\n\tok é 😀"

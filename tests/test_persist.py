@@ -274,7 +274,7 @@ def test_policy_state_travels_with_the_cache(tiny, tmp_path, monkeypatch):
 
 
 def test_repl_save_load_and_list(tiny, tmp_path, capsys):
-    from streamchat.repl import run_command
+    from streamchat.frontends.repl import run_command
 
     session = ChatSession(tiny, settings(tmp_path))
     talk(session, TURNS[:2])
@@ -300,7 +300,7 @@ def test_repl_save_load_and_list(tiny, tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:Not loaded:UserWarning", "ignore:A reply is being generated:UserWarning")
 def test_ui_save_download_and_load_upload(tiny, tmp_path):
     gr = pytest.importorskip("gradio")
-    from streamchat.ui import ChatApp, build_app
+    from streamchat.frontends.web import ChatApp, build_app
 
     base = settings(tmp_path, temperature=0.0)
     saver, loader = ChatApp(tiny, base), ChatApp(tiny, settings(tmp_path, window=100, temperature=0.9))

@@ -9,7 +9,7 @@ import torch
 
 from streamchat import cli
 from streamchat.config import load_settings
-from streamchat.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
+from streamchat.evaluate.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
 from tiny import shuffled_story, tiny_loaded
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from streamchat.config import load_settings
-from streamchat.repl import stop_on_ctrl_c
+from streamchat.frontends.repl import stop_on_ctrl_c
 from streamchat.session import _PLACEHOLDER, ChatSession
 
 LONG = "Tell me a story about a dragon who lived in a castle by the sea. " * 6

@@ -5,7 +5,7 @@ import pytest
 
 from streamchat import cli, stress
 from streamchat.config import load_settings
-from streamchat.stress import DenseSession, headline, memory_verdict, run_stress
+from streamchat.evaluate.stress import DenseSession, headline, memory_verdict, run_stress
 
 MB = 1024 * 1024
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from streamchat.config import load_settings
-from streamchat.ui_sessions import SessionLimitError, SessionRegistry
-from streamchat.ui_state import MemoryHistory, UISession
+from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry
+from streamchat.frontends.web_state import MemoryHistory, UISession
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's queue
 SETTINGS = {"sinks": 4, "window": 60, "max_new_tokens": 30, "seed": 0}
@@ -200,7 +200,7 @@ def test_ui_session_demo_reads_the_prompts_file(tiny, tmp_path):
 def test_chat_app_frees_idle_sessions_and_says_so(tiny):
     import gradio as gr
 
-    from streamchat.ui import ChatApp
+    from streamchat.frontends.web import ChatApp
 
     app = ChatApp(tiny, load_settings(overrides=SETTINGS), max_sessions=2, idle_seconds=60)
     app.sessions.clock = clock = Clock()
@@ -223,7 +223,7 @@ def test_chat_app_frees_idle_sessions_and_says_so(tiny):
 @pytest.fixture(scope="module")
 def server():
     gradio_client = pytest.importorskip("gradio_client")
-    from streamchat.ui import build_app, launch
+    from streamchat.frontends.web import build_app, launch
 
     blocks = build_app(endless_talker(), load_settings(overrides=SETTINGS), max_sessions=4)
     _, url, _ = launch(blocks, port=None, prevent_thread_lock=True, quiet=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamchat.config import load_settings
-from streamchat.ui_screenshot import CHROMIUM_ARGS
+from streamchat.frontends.web_screenshot import CHROMIUM_ARGS
 
 CHROMIUM = "/usr/bin/chromium"
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -40,7 +40,7 @@ def browser():
 def url():
     from test_ui_api import endless_talker
 
-    from streamchat.ui import build_app, launch
+    from streamchat.frontends.web import build_app, launch
 
     # Replies long enough to press Stop in the middle; a small window so that turns evict.
     settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 100_000, "seed": 0})

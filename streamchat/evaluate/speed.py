@@ -126,7 +126,7 @@ class LlamaCppStepper(Stepper):
 
     @staticmethod
     def command(gguf: Path, budget: int, threads: int) -> list[str]:
-        return [sys.executable, "-m", "streamchat.fastpath.llama_cpp_worker", str(gguf), str(budget), str(threads)]
+        return [sys.executable, "-m", "streamchat.evaluate.llama_cpp_worker", str(gguf), str(budget), str(threads)]
 
     def _read(self) -> dict[str, Any]:
         line = self.worker.stdout.readline()

@@ -10,7 +10,7 @@ token, in alternating order: on a shared machine, load changes hit every path al
 - time to first token for a short and a long prompt (through ChatSession);
 - model load time: cold GGUF conversion into a temporary STREAMCHAT_CACHE, then the cached load;
 - decode speed of every decode path at a full cache: plain transformers, the fast path with each weight option and
-  K/V dtype, and llama.cpp when installed (`streamchat.fastpath.speed`, also its own command: `speed`).
+  K/V dtype, and llama.cpp when installed (`streamchat.evaluate.speed`, also its own command: `speed`).
 Forced tokens (text tokens fed one at a time, logits computed but ignored) stand in for generated ones.
 """
 

@@ -31,8 +31,8 @@ from streamchat.model import LoadedModel, load_model  # noqa: E402
 from streamchat.policies import POLICIES  # noqa: E402
 from streamchat.prompts import PromptsError  # noqa: E402
 from streamchat.session import SessionError  # noqa: E402
-from streamchat.ui_sessions import SessionLimitError, SessionRegistry  # noqa: E402
-from streamchat.ui_state import UISession  # noqa: E402
+from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry  # noqa: E402
+from streamchat.frontends.web_state import UISession  # noqa: E402
 
 # Which cache fields each policy reads (the others are hidden); a policy not listed shows them all.
 CACHE_FIELDS = ("sinks", "window", "heavy", "recent")

@@ -1,7 +1,7 @@
 """Screenshot the running UI during the endless demo (how docs/screenshot.png is made).
 
     python app.py &                      # the real app, embedded model
-    python -m streamchat.ui_screenshot --seconds 300 --out docs/screenshot.png
+    python -m streamchat.frontends.web_screenshot --seconds 300 --out docs/screenshot.png
 
 Drives headless Chromium (/usr/bin/chromium) with Playwright: opens the page, starts the endless demo, waits,
 takes the screenshot, then presses Stop.
