@@ -23,26 +23,12 @@ from streamchat.rope import RopeTable
 LAYER_BUFFERS = ("keys", "raw_keys", "values", "origins")
 
 
-def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
-    """The dtype the cache stores keys and values in (`kv_dtype`).
-
-    `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports):
-    attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes it reads, and bf16 halves
-    them (and the cache's memory) for +0.01% perplexity (README: Decode speed). Elsewhere the model's own dtype,
-    so the transformers path needs no conversion."""
-    if settings.kv_dtype == "model":
+def stored_dtype(model: torch.nn.Module, settings: Settings) -> torch.dtype:
+    """The K/V dtype `settings.kv_dtype` names when it names one; `model` and `auto` give the model's dtype here.
+    What `auto` picks for the fast decode path is the fast path's to say: `streamchat.fastpath.kv_dtype_for`."""
+    if settings.kv_dtype in ("model", "auto"):
         return model.dtype
-    if settings.kv_dtype != "auto":
-        return getattr(torch, settings.kv_dtype)
-    from streamchat.fastpath.decoder import unsupported_reason  # that module imports this one
-
-    fast = (
-        settings.decode_path == "fast"
-        and model.device.type == "cpu"
-        and model.dtype == torch.float32
-        and unsupported_reason(model) is None
-    )
-    return torch.bfloat16 if fast else model.dtype
+    return getattr(torch, settings.kv_dtype)
 
 
 class BoundedLayer(CacheLayerMixin):
@@ -152,7 +138,9 @@ class BoundedCache(Cache):
     the policy picks which of the others stay. Counters tell the front ends what happened.
     """
 
-    def __init__(self, model: torch.nn.Module, settings: Settings):
+    def __init__(self, model: torch.nn.Module, settings: Settings, dtype: torch.dtype | None = None):
+        """`dtype`: the K/V dtype, chosen by the caller (the session asks `streamchat.fastpath.kv_dtype_for`);
+        None: `stored_dtype(model, settings)`."""
         config = model.config
         self.settings = settings
         self.capacity = settings.budget
@@ -161,7 +149,7 @@ class BoundedCache(Cache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = next(model.parameters()).device
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.dtype = kv_dtype_for(model, settings)
+        self.dtype = dtype or stored_dtype(model, settings)
         self.buffer_shape, self.buffer_device = (1, kv_heads, head_dim), device  # for load_state
         rope = RopeTable(model.model.rotary_emb, self.capacity, head_dim, device)
         layers = [BoundedLayer(self.capacity, rope, self.dtype) for _ in range(config.num_hidden_layers)]

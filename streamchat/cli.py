@@ -43,6 +43,41 @@ SETTINGS_FLAGS = {
 }
 
 
+class _ListAction(argparse.Action):
+    """Collects `--flag a b`, `--flag a,b` and `--flag a --flag b` alike into one list, checked against `choices`."""
+
+    def __init__(self, *args, item_type=str, known=None, **kwargs):
+        self.item_type, self.known = item_type, known
+        super().__init__(*args, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+        if not items:
+            parser.error(f"{option_string}: empty list")
+        if self.known is not None:
+            unknown = [item for item in items if item not in self.known]
+            if unknown:
+                parser.error(f"{option_string}: unknown {', '.join(unknown)}; valid: {', '.join(map(str, self.known))}")
+        try:
+            items = [self.item_type(item) for item in items]
+        except ValueError:
+            parser.error(f"{option_string}: expected {self.item_type.__name__} values, got {' '.join(values)}")
+        previous = getattr(namespace, self.dest, None)
+        seen = list(previous) if previous is not None and previous is not self.default else []
+        setattr(namespace, self.dest, list(dict.fromkeys(seen + items)))
+
+
+def add_list_argument(
+    parser: argparse.ArgumentParser, flag: str, *, default: list | None, help: str,
+    choices: tuple | list | None = None, type: type = str, metavar: str = "ITEM",
+) -> None:
+    """The one way every command takes a list: space- or comma-separated (`--policies h2o tova`, `--policies
+    h2o,tova`), repeatable, checked against `choices` with an error naming the valid ones."""
+    known = list(choices) if choices is not None else None
+    parser.add_argument(flag, action=_ListAction, known=known, item_type=type, default=default, metavar=metavar,
+                        help=help + " (space- or comma-separated)")
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the config file)")
     group.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
@@ -77,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # argparse printed the usage error (or --help): a status, not an exception, for callers
+        return int(done.code or 0)
     from streamchat.model import ModelError  # imports transformers: not before the arguments are known
 
     try:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from streamchat.policies import POLICIES, get_policy_class
+from streamchat.policies.h2o import H2O_SCORES
 from streamchat.reporting import read_text_file
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -24,7 +26,7 @@ MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000
 DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
 DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4")  # see streamchat/quant.py
-KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/cache.py: kv_dtype_for
+KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/fastpath: kv_dtype_for
 
 
 class SettingsError(ValueError):
@@ -70,8 +72,6 @@ class Settings:
     @property
     def budget(self) -> int:
         """Tokens the cache may hold, whatever the policy."""
-        from streamchat.policies import get_policy_class
-
         return get_policy_class(self.policy).budget(self)
 
     def replace(self, **changes: Any) -> "Settings":
@@ -119,9 +119,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def _check_ranges(s: Settings) -> None:
-    from streamchat.policies import POLICIES
-    from streamchat.policies.h2o import H2O_SCORES
-
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise SettingsError(f"{key}: {message}")

@@ -28,7 +28,7 @@ from transformers import (
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
-from streamchat.fastpath import decoder_for_step, prepare_decoder
+from streamchat.fastpath import decoder_for_step, kv_dtype_for, prepare_decoder
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
 
@@ -158,7 +158,7 @@ class ChatSession:
     def make_cache(self, settings: Settings) -> BoundedCache:
         """The cache a conversation runs on; a subclass may return another with the same interface (the stress
         test's dense baseline does)."""
-        return BoundedCache(self.model, settings)
+        return BoundedCache(self.model, settings, kv_dtype_for(self.model, settings))
 
     def _check_budget(self, settings: Settings) -> None:
         """Refuse a cache budget beyond the model's context: positions past it were never trained."""

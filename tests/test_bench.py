@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from streamchat import bench, cli
-from streamchat.fastpath import speed
+from streamchat import cli
+from streamchat.evaluate import bench
+from streamchat.evaluate import speed
 from streamchat.config import load_settings
 from streamchat.prompts import demo_token_ids
 

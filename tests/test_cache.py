@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from streamchat.cache import BoundedCache, kv_dtype_for
+from streamchat.cache import BoundedCache
+from streamchat.fastpath import kv_dtype_for
 from streamchat.config import load_settings
 from streamchat.rope import rotate
 from tiny import tiny_model

@@ -73,3 +73,27 @@ def test_parse_assignments():
 def test_every_shipped_config_is_valid():
     for path in CONFIG_DIR.glob("*.yaml"):
         load_settings(path)
+
+
+def test_every_command_takes_lists_the_same_way():
+    """Space- and comma-separated lists, and repeated flags, give the same list; unknown items name the valid ones."""
+    from streamchat.cli import build_parser
+
+    parser = build_parser()
+    forms = (["--policies", "window", "h2o"], ["--policies", "window,h2o"], ["--policies", "window", "--policies", "h2o"])
+    for form in forms:
+        assert parser.parse_args(["ppl", "--text", "x", *form]).policies == ["window", "h2o"]
+    assert parser.parse_args(["bench", "--only", "curve", "speed"]).only == ["curve", "speed"]
+    assert parser.parse_args(["bench", "--budget", "256,1024"]).budget == [256, 1024]
+    assert parser.parse_args(["speed", "--weights", "int4", "int8"]).weights == ["int4", "int8"]
+    assert parser.parse_args(["bench"]).only == list(parser.parse_args(["bench"]).only)  # defaults are lists too
+
+
+def test_a_bad_list_item_names_the_valid_choices(capsys):
+    from streamchat import cli
+
+    assert cli.main(["ppl", "--text", "x", "--policies", "window,recompute,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--policies: unknown nope; valid:" in err and "sink_window" in err
+    assert cli.main(["bench", "--budget", "12,abc"]) == 2
+    assert "--budget: expected int values" in capsys.readouterr().err

@@ -265,7 +265,7 @@ def test_a_new_policy_needs_nothing_outside_its_module(loaded, monkeypatch):
 
 
 def test_jsonl_reports_policy_heavy_and_recent(loaded, monkeypatch, capsys):
-    from streamchat import repl
+    from streamchat.frontends import repl
 
     session = greedy_session(loaded, policy="h2o", sinks=4, heavy=20, recent=16)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nTell me a story.\nWhat is 2+2?\n"))

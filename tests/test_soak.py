@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from streamchat import cli, soak
+from streamchat import cli
+from streamchat.evaluate import soak
 from streamchat.config import load_settings
 from streamchat.session import ChatSession
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from streamchat import cli, stress
+from streamchat import cli
+from streamchat.evaluate import stress
 from streamchat.config import load_settings
 from streamchat.evaluate.stress import DenseSession, headline, memory_verdict, run_stress
 

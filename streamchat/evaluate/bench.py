@@ -32,9 +32,11 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
+from streamchat.cli import add_list_argument
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
-from streamchat.fastpath import decoder_for_step, speed
+from streamchat.evaluate import speed
+from streamchat.fastpath import decoder_for_step, kv_dtype_for
 from streamchat.model import CACHE_ENV, LoadedModel, load_model
 from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES
@@ -88,7 +90,8 @@ class BoundedPath(DecodePath):
 
     def __init__(self, loaded: LoadedModel, settings: Settings):
         super().__init__(loaded, settings)
-        self.cache = BoundedCache(self.model, settings.replace(decode_path=self.decode_path))
+        path_settings = settings.replace(decode_path=self.decode_path)
+        self.cache = BoundedCache(self.model, path_settings, kv_dtype_for(self.model, path_settings))
 
     def step(self, token_id: int) -> None:
         self.cache.make_room(1)
@@ -496,13 +499,13 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", type=int, nargs="+", default=None, metavar="N",
-                        help="cache budgets in tokens, sinks included (default: the configured sinks + window)")
+    add_list_argument(parser, "--budget", type=int, default=None, metavar="N",
+                      help="cache budgets in tokens, sinks included (default: the configured sinks + window)")
     parser.add_argument("--tokens", type=int, default=1024, help="length of the decode curve in tokens (default 1024)")
-    parser.add_argument("--only", default=",".join(MEASURES), metavar="LIST",
-                        help=f"measurements to run, comma separated (default all: {','.join(MEASURES)})")
-    parser.add_argument("--paths", default="sink_window,dense", metavar="LIST",
-                        help=f"decode paths to compare (known: {','.join(PATHS)})")
+    add_list_argument(parser, "--only", default=list(MEASURES), choices=MEASURES, metavar="NAME",
+                      help=f"measurements to run (default all: {' '.join(MEASURES)})")
+    add_list_argument(parser, "--paths", default=["sink_window", "dense"], choices=list(PATHS), metavar="NAME",
+                      help="decode paths to compare (default: sink_window dense)")
     parser.add_argument("--rounds", type=int, default=64, help="interleaved tokens for the overhead (default 64)")
     parser.add_argument("--recompute-rounds", type=int, default=6, help="re-computed tokens timed (default 6)")
     parser.add_argument("--long-prompt", type=int, default=1000, metavar="N", help="tokens of the long TTFT prompt")
@@ -563,21 +566,12 @@ def print_summary(report: dict[str, Any]) -> None:
                   f"{row['tokens_per_s']:.1f} tok/s, {row['speedup_vs_transformers']:.2f}x plain transformers")
 
 
-def parse_list(text: str, known: tuple[str, ...] | list[str], flag: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in known]
-    if unknown or not items:
-        raise ValueError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; known: {', '.join(known)}")
-    return items
-
-
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
 
     settings = settings_from_args(args)
     try:
-        measures = tuple(parse_list(args.only, MEASURES, "--only"))
-        paths = parse_list(args.paths, list(PATHS), "--paths")
+        measures, paths = tuple(args.only), list(args.paths)
         budgets = args.budget or [settings.budget]
         for budget in budgets:
             if budget <= settings.sinks + settings.slack + 1:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
+from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"cache tokens of every bounded policy (default {DEFAULT_BUDGET}); --sinks sets the sinks, --heavy "
         "the heavy hitters of h2o (default: half the budget less the sinks)",
     )
-    add(
-        "--policies", nargs="+", default=list(POLICY_NAMES), choices=CHOICES, metavar="NAME",
+    add_list_argument(
+        parser, "--policies", default=list(POLICY_NAMES), choices=CHOICES, metavar="NAME",
         help=f"what to run: {', '.join(CHOICES)} (default: {' '.join(POLICY_NAMES)})",
     )
     add(

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
+from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
-from streamchat.cache import BoundedCache, kv_dtype_for
+from streamchat.cache import BoundedCache
 from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
-from streamchat.fastpath.decoder import decoder_for
+from streamchat.fastpath import decoder_for, kv_dtype_for
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
 from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES, resolve_weights
@@ -87,7 +88,7 @@ class BoundedStepper(Stepper):
 
     def __init__(self, model: torch.nn.Module, settings: Settings, weights: str | None, compile: bool = False):
         settings = settings.replace(decode_path="fast" if weights else "transformers")
-        self.model, self.cache = model, BoundedCache(model, settings)
+        self.model, self.cache = model, BoundedCache(model, settings, kv_dtype_for(model, settings))
         self.decoder = decoder_for(model, weights, compile) if weights else None
 
     @torch.inference_mode()
@@ -320,10 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default="../shared/data/frankenstein.txt", metavar="FILE", help="text to decode")
     parser.add_argument("--budget", type=int, default=1024, help="cache tokens, sinks included (default 1024)")
     parser.add_argument("--tokens", type=int, default=48, help="decoded tokens timed per path (default 48)")
-    parser.add_argument("--weights", default=",".join(LINEAR_MODES), metavar="LIST",
-                        help=f"fast path weight options to run (default {','.join(LINEAR_MODES)}; auto is one of them)")
-    parser.add_argument("--kv-dtypes", default="model,bfloat16", metavar="LIST",
-                        help="K/V cache dtypes for each fast path (default model,bfloat16; also float16, auto)")
+    add_list_argument(parser, "--weights", default=list(LINEAR_MODES), choices=DECODE_WEIGHTS, metavar="NAME",
+                      help=f"fast path weight options to run (default {' '.join(LINEAR_MODES)}; auto is one of them)")
+    add_list_argument(parser, "--kv-dtypes", default=["model", "bfloat16"], choices=KV_DTYPES, metavar="NAME",
+                      help="K/V cache dtypes for each fast path (default model bfloat16; also float16, auto)")
     parser.add_argument("--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     parser.add_argument("--quality-tokens", type=int, default=0, metavar="N",
@@ -332,21 +333,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the figures")
 
 
-def split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
 
     settings = settings_from_args(args)
     settings = settings.replace(policy="sink_window", window=args.budget - settings.sinks)
-    weights, kv_dtypes = split_list(args.weights), split_list(args.kv_dtypes)
-    for flag, values, known in (("weights", weights, DECODE_WEIGHTS), ("kv-dtypes", kv_dtypes, KV_DTYPES)):
-        unknown = [value for value in values if value not in known]
-        if unknown or not values:
-            print(f"streamchat speed: --{flag} {unknown or 'is empty'}; known: {', '.join(known)}", file=sys.stderr)
-            return 2
+    weights, kv_dtypes = list(args.weights), list(args.kv_dtypes)
     try:
         if args.tokens < 1 or not (args.quality_tokens == 0 or args.quality_tokens >= 3):
             raise ValueError("--tokens must be at least 1, --quality-tokens 0 (off) or at least 3")

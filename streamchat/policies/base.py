@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
-    from streamchat.cache import BoundedCache
-    from streamchat.config import Settings
+    from streamchat.cache import BoundedCache  # annotations only: the cache imports the policies, not the reverse
+
+
+class PolicySettings(Protocol):
+    """The settings a policy reads. `streamchat.config.Settings` has them; the config module imports the policies to
+    validate names, so the policies never import it."""
+
+    sinks: int
+    window: int
+    heavy: int
+    recent: int
+    h2o_score: str
+    h2o_decay: float
 
 
 class EvictionPolicy:
@@ -26,12 +37,12 @@ class EvictionPolicy:
     needs_attention_scores: bool = False
     settings_keys: tuple[str, ...] = ("sinks",)  # the size settings this policy reads (front ends show these)
 
-    def __init__(self, settings: "Settings", num_layers: int):
+    def __init__(self, settings: PolicySettings, num_layers: int):
         self.settings = settings
         self.num_layers = num_layers
 
     @classmethod
-    def budget(cls, settings: "Settings") -> int:
+    def budget(cls, settings: PolicySettings) -> int:
         """Tokens the cache may hold under this policy."""
         raise NotImplementedError
 

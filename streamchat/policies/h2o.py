@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from streamchat.policies.base import EvictionPolicy
+from streamchat.policies.base import EvictionPolicy, PolicySettings
 
 if TYPE_CHECKING:
     from streamchat.cache import BoundedCache
-    from streamchat.config import Settings
 
 H2O_SCORES = ("normalized", "cumulative", "decayed")
 
@@ -35,14 +34,14 @@ class H2OPolicy(EvictionPolicy):
     settings_keys = ("sinks", "heavy", "recent")
     needs_attention_scores = True
 
-    def __init__(self, settings: "Settings", num_layers: int):
+    def __init__(self, settings: PolicySettings, num_layers: int):
         super().__init__(settings, num_layers)
         self.capacity = self.budget(settings)
         self.mode = settings.h2o_score
         self.reset()
 
     @classmethod
-    def budget(cls, settings: "Settings") -> int:
+    def budget(cls, settings: PolicySettings) -> int:
         return settings.sinks + settings.heavy + settings.recent
 
     def reset(self) -> None:

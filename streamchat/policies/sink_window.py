@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from streamchat.policies.base import EvictionPolicy
-
-if TYPE_CHECKING:
-    from streamchat.config import Settings
+from streamchat.policies.base import EvictionPolicy, PolicySettings
 
 
 class SinkWindowPolicy(EvictionPolicy):
@@ -17,7 +12,7 @@ class SinkWindowPolicy(EvictionPolicy):
     settings_keys = ("sinks", "window")
 
     @classmethod
-    def budget(cls, settings: "Settings") -> int:
+    def budget(cls, settings: PolicySettings) -> int:
         return settings.sinks + settings.window
 
     def keep_indices(self, layer_idx: int, length: int, keep: int, protected: int) -> torch.Tensor:
