@@ -46,7 +46,7 @@ class Settings:
     window: int = 1020  # sink_window: recent tokens kept
     heavy: int = 256  # h2o: heavy-hitter tokens kept
     recent: int = 764  # h2o: recent tokens kept
-    h2o_score: str = "normalized"  # h2o ranking: normalized, cumulative or decayed (README: H2O)
+    h2o_score: str = "normalized"  # h2o ranking: normalized, cumulative or decayed (docs/policies.md)
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     kv_dtype: str = "auto"  # auto (bfloat16 where the fast path decodes on a CPU over fp32, else model) | model | a dtype

@@ -40,7 +40,7 @@ def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
 
     `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports):
     attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes it reads, and bf16 halves
-    them (and the cache's memory) for +0.01% perplexity (README: Decode speed). Elsewhere the model's own dtype,
+    them (and the cache's memory) for +0.01% perplexity (docs/speed.md). Elsewhere the model's own dtype,
     so the transformers path needs no conversion."""
     if settings.kv_dtype == "model":
         return model.dtype
