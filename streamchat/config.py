@@ -177,7 +177,15 @@ def _check_ranges(s: Settings) -> None:
     budget = s.budget
     need(budget <= MAX_BUDGET, "budget", f"{budget:,} cache tokens is above {MAX_BUDGET:,}: lower window/heavy/recent")
     need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")
-    need(s.slack < budget - s.sinks, "slack", f"must be below the evictable part of the budget ({budget - s.sinks})")
+    if s.slack >= budget - s.sinks:  # name what the user can change: the cache size or the slack
+        sizes = [key for key in get_policy_class(s.policy).settings_keys if key != "sinks"] or ["window"]
+        named = " + ".join(f"{key} {getattr(s, key)}" for key in sizes if hasattr(s, key))
+        raise SettingsError(
+            f"{'/'.join(sizes)}/slack: the cache keeps {budget - s.sinks} tokens beyond the {s.sinks} sinks ({named}), "
+            f"which must be more than slack ({s.slack}, the tokens evicted at once): set a larger "
+            f"{' + '.join(sizes)} (at least {s.slack + 1}) or a smaller slack (below {budget - s.sinks}, "
+            "e.g. --set slack=N)"
+        )
     need(
         1 <= s.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
         "max_new_tokens",
