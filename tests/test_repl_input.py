@@ -49,6 +49,7 @@ def test_bracketed_paste_is_one_message():
     assert repl.read_message(one_line) == "pasted and typed"
     readline_paste = lines_from("line 1\r\nline 2\rline 3")  # readline hands a whole paste over as one line
     assert repl.read_message(readline_paste) == "line 1\nline 2\nline 3"
+    assert repl.read_message(lines_from("piped CRLF line\r")) == "piped CRLF line"
 
 
 def test_triple_quote_block_is_one_message():
@@ -137,8 +138,10 @@ def test_jsonl_objects_carry_multi_line_messages_and_commands(session, monkeypat
 
 @pytest.mark.parametrize(
     "bad",
-    ['{"message": ', '{"mesage": "hi"}', '{"message": 3}', '{"command": "save x"}', '{"message": "a", "command": "/help"}',
-     '{"command": "/set window=0"}', '{"message": "   "}'],
+    [
+        '{"message": ', '{"mesage": "hi"}', '{"message": 3}', '{"command": "save x"}',
+        '{"message": "a", "command": "/help"}', '{"command": "/set window=0"}', '{"message": "   "}',
+    ],
 )
 def test_jsonl_bad_objects_get_an_error_line_and_the_session_goes_on(session, monkeypatch, capsysbinary, bad):
     records = run_scripted(session, monkeypatch, capsysbinary, f"{bad}\nHello\n".encode())

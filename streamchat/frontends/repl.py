@@ -76,9 +76,12 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
 
 
 def read_message(read_line: Callable[[str], str], prompt: str = "\nyou> ", more: str = "...> ") -> str:
-    """One user message from `read_line` (input()): a line, a bracketed paste (which may span lines when the line
-    editor passes the markers through), or a block between lines of three double quotes. Raises EOFError at the end of input (an unfinished
-    block is dropped) and KeyboardInterrupt from `read_line`."""
+    """One user message from `read_line` (input()): a line, a bracketed paste (which may span lines when the
+    line editor passes the markers through), or a block between lines of three double quotes. Line endings inside
+    become LF. Raises EOFError at the end of input (an unfinished block is dropped) and KeyboardInterrupt from
+    `read_line`."""
+    original = read_line
+    read_line = lambda text: original(text).removesuffix("\r")  # noqa: E731  (a CRLF line from a pipe)
     line = read_line(prompt)
     if PASTE_START in line:
         before, _, text = line.partition(PASTE_START)
