@@ -87,21 +87,53 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(Settings)}
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NULL = ("", "null", "none", "~")
+
+
+def _parse_text(text: str, kind: type) -> Any:
+    """`text` as a value of `kind` (bool, int or float), or ValueError. Plain parsing, not YAML: a number or a
+    switch typed on a command line, in a UI box or quoted in a config file."""
+    word = text.strip()
+    if kind is bool:
+        if word.lower() in _TRUE:
+            return True
+        if word.lower() in _FALSE:
+            return False
+        raise ValueError(word)
+    return kind(word)
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert `value` to the field's type; strings from the command line are parsed as YAML scalars."""
-    if isinstance(value, str) and hint is not str:
-        try:
-            value = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            pass
+    """Convert `value` to the field's type.
+
+    Text for a text field (system prompt, model path, folders, files) is kept exactly as given: never parsed
+    again, so `A: b`, `x # y`, `#x`, `- item` or `yes` reach the session as typed (empty text means null where
+    null is allowed). Text for a number or a switch is parsed plainly (`0.5`, `60`, `on`/`off`, `null`).
+    Raises SettingsError quoting the value as given.
+    """
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    if isinstance(value, str):
+        if str in allowed:
+            if not value.strip() and type(None) in allowed:
+                return None
+            return value
+        if value.strip().lower() in _NULL and type(None) in allowed:
+            return None
+        for kind in allowed:
+            if kind is not type(None):
+                try:
+                    return _parse_text(value, kind)
+                except ValueError:
+                    continue
+        raise SettingsError(f"{key}: expected {names}, got {value!r}")
     if value is None:
         if type(None) in allowed:
             return None
         raise SettingsError(f"{key}: a value is required")
     for kind in allowed:
-        if kind is type(None):
-            continue
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -112,10 +144,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
         elif kind is str:
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise SettingsError(f"{key}: expected {names}, got {value!r}")
+    hint_text = " (in a YAML file, put text in quotes)" if str in allowed else ""
+    raise SettingsError(f"{key}: expected {names}, got {value!r}{hint_text}")
 
 
 def _check_ranges(s: Settings) -> None:
@@ -145,7 +177,15 @@ def _check_ranges(s: Settings) -> None:
     budget = s.budget
     need(budget <= MAX_BUDGET, "budget", f"{budget:,} cache tokens is above {MAX_BUDGET:,}: lower window/heavy/recent")
     need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")
-    need(s.slack < budget - s.sinks, "slack", f"must be below the evictable part of the budget ({budget - s.sinks})")
+    if s.slack >= budget - s.sinks:  # name what the user can change: the cache size or the slack
+        sizes = [key for key in get_policy_class(s.policy).settings_keys if key != "sinks"] or ["window"]
+        named = " + ".join(f"{key} {getattr(s, key)}" for key in sizes if hasattr(s, key))
+        raise SettingsError(
+            f"{'/'.join(sizes)}/slack: the cache keeps {budget - s.sinks} tokens beyond the {s.sinks} sinks ({named}), "
+            f"which must be more than slack ({s.slack}, the tokens evicted at once): set a larger "
+            f"{' + '.join(sizes)} (at least {s.slack + 1}) or a smaller slack (below {budget - s.sinks}, "
+            "e.g. --set slack=N)"
+        )
     need(
         1 <= s.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
         "max_new_tokens",

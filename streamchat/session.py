@@ -52,7 +52,7 @@ class SessionError(ValueError):
 @dataclass
 class TurnStats:
     turn: int
-    prompt_tokens: int
+    prompt_tokens: int  # tokens of the prompt processed (fewer than asked after a stop during prefill)
     new_tokens: int
     stop_reason: str  # "eos", "max_new_tokens", "stopped" (stop flag), "stopped_in_prefill"
     ttft_s: float
@@ -61,6 +61,7 @@ class TurnStats:
     evicted_turn: int
     cache: dict[str, Any] = field(default_factory=dict)
     rss_bytes: int = 0
+    prompt_tokens_requested: int = 0  # tokens the prompt had (pending reply token and turn template included)
 
     def to_dict(self) -> dict[str, Any]:
         flat = asdict(self)
@@ -71,6 +72,14 @@ class TurnStats:
 def clean_text(text: str) -> str:
     """Replace lone surrogates (which UTF-8 cannot encode) with U+FFFD; everything else is kept as typed."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _whole_characters(decoded: str, content: str) -> str:
+    """The decoded start of `content` without a character cut in two at its end: a token boundary can fall inside a
+    multi-byte character, which decodes to U+FFFD (kept only where `content` itself has one there)."""
+    while decoded.endswith("\ufffd") and not content.startswith(decoded):
+        decoded = decoded[:-1]
+    return decoded
 
 
 class IncrementalDecoder:
@@ -431,7 +440,7 @@ class ChatSession:
         if fed < len(ids):
             self._record_partial_prefill(pieces, messages, fed - len(self._pending))
             self._pending = self._pending[fed:]
-            self._finish(len(ids), fed, 0, "stopped_in_prefill", prefill_seconds, 0.0, 0.0)
+            self._finish(len(ids), fed, 0, "stopped_in_prefill", prefill_seconds, 0.0, 0.0)  # fed of len(ids)
             return
         self._pending = []
         for _, _, template_text in pieces:
@@ -450,7 +459,8 @@ class ChatSession:
             elif index is None:
                 self._fed_template += self.tokenizer.decode(piece_ids[:fed])
             else:
-                messages[index] = {**messages[index], "content": self.tokenizer.decode(piece_ids[:fed])}
+                text = _whole_characters(self.tokenizer.decode(piece_ids[:fed]), messages[index]["content"])
+                messages[index] = {**messages[index], "content": text}
                 self._fed_template += template_text
             if index is not None:
                 kept = index + 1
@@ -524,7 +534,8 @@ class ChatSession:
         self.turns += 1
         self.last_turn = TurnStats(
             turn=self.turns,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=fed,
+            prompt_tokens_requested=prompt_tokens,
             new_tokens=new_tokens,
             stop_reason=reason,
             ttft_s=ttft,

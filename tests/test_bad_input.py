@@ -153,7 +153,7 @@ def test_huge_max_new_tokens_within_limit_stops_at_eos_or_stop(session):
         ("window: 0\n", "window: must be at least 1"),
         ("window: 10000000000000\n", "budget: .* is above 1,048,576"),
         ("sinks: -1\n", "sinks: must be 0 or more"),
-        ("slack: 2000\n", "slack: must be below"),
+        ("slack: 2000\n", "larger window .* or a smaller slack"),
         ("top_p: 0\n", "top_p"),
         ("dtype: int8\n", "dtype: must be one of"),
     ],

@@ -1,14 +1,24 @@
-"""The terminal front end: an interactive chat, or `--jsonl` for scripts (one user message per input line)."""
+"""The terminal front end: an interactive chat, or `--jsonl` for scripts (one user message or JSON object per
+input line, one JSON object per output line).
+
+Multi-line messages: a bracketed paste (xterm's mode 2004: the terminal wraps pasted text in ESC[200~ ... ESC[201~)
+is one message, and so is a block between two lines of three double quotes. In `--jsonl` mode a line holding a
+JSON object carries a message with newlines (`{"message": "line 1\nline 2"}`) or a command
+(`{"command": "/save x"}`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import re
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, redirect_stdout
 
 from streamchat import persist
 from streamchat.config import SettingsError
@@ -25,7 +35,16 @@ HELP = """commands:
   /load NAME         resume a saved conversation exactly where it was
   /sessions          list saved conversations
   /quit              leave (also Ctrl+D)
-Ctrl+C stops the reply being generated and keeps the conversation."""
+Ctrl+C stops the reply being generated and keeps the conversation.
+Multi-line messages: paste them (a pasted text is one message, newlines and all), or type a block:
+  \"\"\"                a line of three double quotes starts the block
+  line 1 ...         (Enter adds a line)
+  \"\"\"                a line of three double quotes ends it and sends the block as one message"""
+
+PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"  # xterm bracketed-paste mode
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # around pasted text while the mode is on
+BLOCK = '"""'
+PREVIEW_CHARS = 300
 
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -38,7 +57,98 @@ def terminal_safe(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--jsonl", action="store_true", help="read one message per stdin line, write one JSON per turn")
+    parser.add_argument(
+        "--jsonl", action="store_true",
+        help='read one message (or a JSON object: {"message": ...} or {"command": "/..."}) per stdin line, '
+        "write one JSON object per line",
+    )
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """The last ~`limit` characters of `text`, starting at a word boundary (with "..." when cut)."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    cut = re.search(r"\s", tail)
+    if cut and cut.end() < len(tail):
+        tail = tail[cut.end() :]
+    return "..." + tail.lstrip()
+
+
+def read_message(read_line: Callable[[str], str], prompt: str = "\nyou> ", more: str = "...> ") -> str:
+    """One user message from `read_line` (input()): a line, a bracketed paste (which may span lines when the
+    line editor passes the markers through), or a block between lines of three double quotes. Line endings inside
+    become LF. Raises EOFError at the end of input (an unfinished block is dropped) and KeyboardInterrupt from
+    `read_line`."""
+    original = read_line
+    read_line = lambda text: original(text).removesuffix("\r")  # noqa: E731  (a CRLF line from a pipe)
+    line = read_line(prompt)
+    if PASTE_START in line:
+        before, _, text = line.partition(PASTE_START)
+        while PASTE_END not in text:
+            text += "\n" + read_line("")
+        pasted, _, after = text.partition(PASTE_END)
+        line = before + pasted + after
+    elif line.strip().startswith(BLOCK):
+        first = line.strip()[len(BLOCK) :]
+        if first.endswith(BLOCK):  # the block on one line
+            return first[: -len(BLOCK)]
+        lines = [first] if first else []
+        while True:
+            nxt = read_line(more)
+            if nxt.rstrip().endswith(BLOCK):
+                last = nxt.rstrip()[: -len(BLOCK)]
+                if last:
+                    lines.append(last)
+                return "\n".join(lines)
+            lines.append(nxt)
+    return line.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@contextmanager
+def bracketed_paste(enabled: bool):
+    """Terminal bracketed-paste mode on for the chat, off again at exit. GNU readline (which input() uses) then
+    takes a paste as one line, newlines and all; without readline the markers reach `read_message`."""
+    if not enabled:
+        yield
+        return
+    try:
+        import readline
+
+        readline.parse_and_bind("set enable-bracketed-paste on")  # CPython turns it off by default
+    except ImportError:
+        pass
+    sys.stdout.write(PASTE_ON)
+    sys.stdout.flush()
+    try:
+        yield
+    finally:
+        sys.stdout.write(PASTE_OFF)
+        sys.stdout.flush()
+
+
+@contextmanager
+def quiet_control_echo(stream=None):
+    """While a reply streams, the terminal does not echo control characters (Ctrl+C as `^C` in the reply line):
+    termios ECHOCTL off, restored after. Nothing happens when the stream is not a terminal."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError, io.UnsupportedOperation):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = saved[3] & ~termios.ECHOCTL
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def stats_line(stats: dict) -> str:
@@ -105,7 +215,7 @@ def run_command(session: ChatSession, line: str) -> bool:
             persist.load(session, rest)
             print(f"(loaded {rest}: {len(session.visible_messages)} messages, turn {session.turns})")
             for message in session.visible_messages[-2:]:
-                print(f"{'you' if message['role'] == 'user' else 'bot'}> {terminal_safe(message['content'][-300:])}")
+                print(f"{'you' if message['role'] == 'user' else 'bot'}> {terminal_safe(preview(message['content']))}")
     elif name == "sessions":
         names = persist.saved_names(session.settings.sessions_dir)
         print(f"{persist.sessions_dir(session.settings.sessions_dir)}: {', '.join(names) or 'no saved sessions'}")
@@ -122,18 +232,23 @@ def interactive(session: ChatSession) -> int:
     s = session.settings
     print(
         f"streamchat: {session.loaded.source} | policy {s.policy}, budget {session.cache.capacity} tokens "
-        f"({session.pinned_tokens or s.sinks} pinned) | /help for commands"
+        f"({session.pinned_tokens or s.sinks} pinned) | /help for commands, \"\"\" for a multi-line message"
     )
+    with bracketed_paste(sys.stdin.isatty() and sys.stdout.isatty()):
+        return _chat_loop(session)
+
+
+def _chat_loop(session: ChatSession) -> int:
     while True:
         try:
-            line = input("\nyou> ")
+            line = read_message(input)
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print("\n(Ctrl+D or /quit to leave)")
             continue
-        if line.strip().startswith("/"):
+        if "\n" not in line.strip() and line.strip().startswith("/"):
             try:
                 if not run_command(session, line.strip()):
                     return 0
@@ -143,7 +258,7 @@ def interactive(session: ChatSession) -> int:
         stop = threading.Event()
         print("bot> ", end="", flush=True)
         try:
-            with stop_on_ctrl_c(stop):
+            with stop_on_ctrl_c(stop), quiet_control_echo():
                 for piece in session.send(line, stop):
                     print(terminal_safe(piece), end="", flush=True)
         except SessionError as error:
@@ -158,21 +273,97 @@ def interactive(session: ChatSession) -> int:
             print(f"note: {note}")
 
 
-def scripted(session: ChatSession) -> int:
-    """One JSON object per input line: the reply and the turn's figures (or an error; the session goes on)."""
-    for line in sys.stdin:
-        message = line.rstrip("\n")
+def input_lines(stream) -> Iterator[str]:
+    """Lines of `stream` without their line ending (LF or CRLF). Bytes that are not UTF-8 become U+FFFD, so any
+    input goes on as text."""
+    binary = getattr(stream, "buffer", None)
+    for raw in binary if binary is not None else stream:
+        line = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
+def emit(record: dict) -> None:
+    """Write one JSON object as one line of valid UTF-8 (a lone surrogate becomes a JSON \\uXXXX escape)."""
+    data = json.dumps(record, ensure_ascii=False).encode("utf-8", errors="backslashreplace") + b"\n"
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:
+        sys.stdout.write(data.decode("utf-8"))
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()
+    binary.write(data)
+    binary.flush()
+
+
+def parse_request(line: str) -> dict:
+    """What one `--jsonl` input line asks: {"message": text} or {"command": "/..."}. A line starting with `{` must
+    be such a JSON object (ValueError otherwise); any other line is a message as it stands."""
+    if not line.lstrip().startswith("{"):
+        return {"message": line}
+    try:
+        request = json.loads(line)
+    except ValueError as error:
+        raise ValueError(f"invalid JSON object: {error}") from None
+    if not isinstance(request, dict):
+        raise ValueError("expected a JSON object")
+    kinds = [key for key in ("message", "command") if key in request]
+    unknown = sorted(set(request) - {"message", "command"})
+    if unknown or len(kinds) != 1:
+        raise ValueError('expected exactly one of "message" or "command" (and no other key), got keys: '
+                         + ", ".join(map(repr, request)))
+    value = request[kinds[0]]
+    if not isinstance(value, str):
+        raise ValueError(f'"{kinds[0]}" must be a string, got {type(value).__name__}')
+    if kinds[0] == "command" and not value.strip().startswith("/"):
+        raise ValueError(f'"command" must start with "/", got {value!r}; /help lists them')
+    return {kinds[0]: value}
+
+
+def scripted(session: ChatSession, lines: Iterable[str] | None = None) -> int:
+    """One JSON object per output line for each input line: the reply and the turn's figures, a command's output,
+    or an error (the session goes on). A reader that closes the pipe early ends the program quietly."""
+    try:
+        _scripted(session, input_lines(sys.stdin) if lines is None else lines)
+    except BrokenPipeError:
+        try:  # nothing more can be written; keep the interpreter's own flush at exit quiet too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+    return 0
+
+
+def _scripted(session: ChatSession, lines: Iterable[str]) -> None:
+    for line in lines:
+        try:
+            request = parse_request(line)
+        except ValueError as error:
+            emit({"input": line, "error": str(error)})
+            continue
+        if "command" in request:
+            command = request["command"].strip()
+            output = io.StringIO()
+            try:
+                with redirect_stdout(output):
+                    going_on = run_command(session, command)
+            except (SettingsError, SessionError) as error:
+                emit({"command": command, "error": str(error)})
+                continue
+            emit({"command": command, "output": output.getvalue().rstrip("\n")})
+            if not going_on:
+                return
+            continue
+        message = request["message"]
         try:
             reply = "".join(session.send(message))
         except SessionError as error:
-            print(json.dumps({"user": message, "error": str(error)}), flush=True)
+            emit({"user": message, "error": str(error)})
             continue
         record = {"user": message, "reply": reply, **session.last_turn.to_dict()}
         note = session.eviction_note()
         if note:
             record["eviction_note"] = note
-        print(json.dumps(record, ensure_ascii=False), flush=True)
-    return 0
+        emit(record)
 
 
 def main(args: argparse.Namespace) -> int:

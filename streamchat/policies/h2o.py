@@ -49,6 +49,7 @@ class H2OPolicy(EvictionPolicy):
         self.scores: list[torch.Tensor | None] = [None] * self.num_layers  # attention received (summed or decayed)
         self.queries: list[torch.Tensor | None] = [None] * self.num_layers  # queries that saw each place
         self.scored = [0] * self.num_layers  # places whose scores are up to date
+        self.heavy_kept = 0  # heavy hitters chosen at the last eviction (the same count in every layer and head)
 
     # ----- scoring ------------------------------------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class H2OPolicy(EvictionPolicy):
 
     def keep_indices(self, layer_idx: int, length: int, keep: int, protected: int) -> torch.Tensor:
         heavy = self.heavy_to_keep(keep, protected)
+        self.heavy_kept = heavy
         recent = keep - protected - heavy
         candidates = self.ranking(layer_idx, length)[..., protected : length - recent]
         top = candidates.topk(heavy, dim=-1, sorted=False).indices.sort(dim=-1).values + protected
@@ -118,21 +120,20 @@ class H2OPolicy(EvictionPolicy):
     # ----- reporting and saving -----------------------------------------------------------------------------
 
     def stats(self, cache: "BoundedCache") -> dict[str, Any]:
-        """Heavy and recent tokens held, averaged over layers and KV heads (they hold the same counts unless a
-        pinned prompt squeezed the window). A token is recent if it is among the last `recent` of the stream."""
-        length = cache.length
-        protected = min(cache.protected, length)
-        newest = cache.seen_tokens - self.settings.recent
-        held = [layer.origins[..., protected:length] >= newest for layer in cache.layers if layer.length]
-        recent = round(torch.stack(held).sum(dim=-1).float().mean().item()) if held and length > protected else 0
-        return {"heavy_tokens": length - protected - recent, "recent_tokens": recent, "h2o_score": self.mode}
+        """Heavy hitters and recent tokens held: the heavy hitters are the tokens the ranking chose at the last
+        eviction (none before the first one, and none when slack and a pinned prompt take all `heavy` places);
+        everything else beyond the sinks is the recent window, which holds `recent` tokens after an eviction and
+        grows by the tokens fed until the next."""
+        beyond = max(cache.length - min(cache.protected, cache.length), 0)
+        heavy = min(self.heavy_kept, beyond)
+        return {"heavy_tokens": heavy, "recent_tokens": beyond - heavy, "h2o_score": self.mode}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {}
         for index, (scores, queries) in enumerate(zip(self.scores, self.queries)):
             if scores is not None:
                 tensors[f"scores.{index}"], tensors[f"queries.{index}"] = scores, queries
-        return tensors, {"h2o_score": self.mode, "scored": list(self.scored)}
+        return tensors, {"h2o_score": self.mode, "scored": list(self.scored), "heavy_kept": self.heavy_kept}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if meta.get("h2o_score") != self.mode:
@@ -150,4 +151,7 @@ class H2OPolicy(EvictionPolicy):
             (scores if kind == "scores" else queries)[int(index)] = tensor.clone()
         if any((s is None) != (q is None) or (s is None and n) for s, q, n in zip(scores, queries, scored)):
             raise ValueError("h2o state lacks the scores of some layers")
-        self.scores, self.queries, self.scored = scores, queries, list(scored)
+        heavy_kept = meta.get("heavy_kept", 0)  # files saved before it was recorded: none
+        if type(heavy_kept) is not int or not 0 <= heavy_kept <= self.settings.heavy:
+            raise ValueError(f"h2o state: heavy_kept must be a count from 0 to {self.settings.heavy}")
+        self.scores, self.queries, self.scored, self.heavy_kept = scores, queries, list(scored), heavy_kept
