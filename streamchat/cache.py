@@ -190,7 +190,7 @@ class BoundedCache(Cache):
         self.message_starts.append(stream_index)
 
     def drop_message_starts(self, from_stream: int) -> None:
-        """Forget marked starts at stream index `from_stream` or later (tokens that were never fed: a stopped prefill)."""
+        """Forget marked starts at stream index `from_stream` or later (tokens never fed: a stopped prefill)."""
         self.message_starts = [start for start in self.message_starts if start < from_stream]
 
     def message_places(self) -> torch.Tensor:

@@ -325,7 +325,9 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": user_text}]
         return self._encode(messages, add_generation_prompt=True), messages
 
-    def _encode(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[list[int], int | None, str]]:
+    def _encode(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[tuple[list[int], int | None, str]]:
         """The pieces that take the stream fed so far to the template of `messages` (see `encode_turn`)."""
         full = self._render(messages, add_generation_prompt=add_generation_prompt)
         fed = self._fed_template
@@ -533,7 +535,8 @@ class ChatSession:
         scores = []
         for candidate in candidates:
             joint = self._tokenize(reply_prefix + candidate, True)
-            tail = joint[len(prefix_ids) :] if joint[: len(prefix_ids)] == prefix_ids else self._tokenize(candidate, True)
+            merged = joint[: len(prefix_ids)] != prefix_ids
+            tail = self._tokenize(candidate, True) if merged else joint[len(prefix_ids) :]
             if not tail:
                 raise SessionError(f"candidate {candidate!r} has no tokens")
             scores.append(continuation_logprobs(self.model, context.fork(), next_logits, tail, chunk).sum())

@@ -85,7 +85,8 @@ class FactKind:
 
 FACT_KINDS = (
     FactKind("name", "By the way, my name is {}. Please remember it.", "What is my name?", "Your name is", NAMES),
-    FactKind("city", "By the way, I live in {}. Please remember it.", "Which city do I live in?", "You live in", CITIES),
+    FactKind("city", "By the way, I live in {}. Please remember it.", "Which city do I live in?", "You live in",
+             CITIES),
     FactKind("number", "My lucky number is {}. Please remember it.", "What is my lucky number?",
              "Your lucky number is", tuple(str(n) for n in range(11, 100))),
     FactKind("code", "My locker code is {}. Please remember it.", "What is my locker code?", "Your locker code is",
@@ -226,7 +227,9 @@ def retained_fraction(session: ChatSession, start: int, end: int) -> float:
     return float(torch.stack(held).float().mean()) / max(end - start, 1)
 
 
-def run_trial(session: ChatSession, script: Script, distances: list[int], limit: int | None = None) -> list[dict[str, Any]]:
+def run_trial(
+    session: ChatSession, script: Script, distances: list[int], limit: int | None = None
+) -> list[dict[str, Any]]:
     """One conversation: a warm-up exchange, the planted fact, then filler up to each distance (ascending), where
     the probe is scored on a fork. Stops before the stream passes `limit` tokens (dense: its cache, the model's
     context at most). Returns one record per distance reached."""
