@@ -181,3 +181,13 @@ def test_saved_session_keeps_message_boundaries(tiny, tmp_path):
 def test_evict_unit_is_validated():
     with pytest.raises(SettingsError, match="evict_unit"):
         load_settings(None, {"evict_unit": "paragraph"})
+
+
+def test_ppl_paragraph_starts_mark_the_first_token_after_a_blank_line(tiny):
+    from streamchat.evaluate.ppl import paragraph_starts
+
+    text = "Hello there! How are you?\n\nTell me a story.\n\n\nWhat is 2+2?"
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    starts = sorted(paragraph_starts(tiny.tokenizer, text, len(ids)))
+    assert [tiny.tokenizer.decode(ids[i:]).startswith(("Tell", "What")) for i in starts] == [True, True]
+    assert paragraph_starts(tiny.tokenizer, text, starts[0]) == frozenset()  # only among the first `count` tokens
