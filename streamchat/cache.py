@@ -9,6 +9,7 @@ the kept keys are rotated afresh at their new places from their raw form (see `r
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -159,6 +160,7 @@ class BoundedCache(Cache):
             enable_scoring(model)  # forward calls then pass the policy's observer: attention.attention_kwargs
         self.seen_tokens = 0
         self.evicted_tokens = 0
+        self.message_starts: list[int] = []  # stream indices where a message's role header begins (evict_unit)
 
     @property
     def protected(self) -> int:
@@ -180,6 +182,34 @@ class BoundedCache(Cache):
             raise ValueError(f"cannot pin {count} tokens in a cache of {self.capacity}")
         self.pinned = count
 
+    def mark_message_start(self, stream_index: int) -> None:
+        """Record that the stream token `stream_index` (not yet fed, or the next one) begins a message (its role
+        header). Only `evict_unit: message` reads these: sink_window then evicts whole messages."""
+        if stream_index < self.seen_tokens or (self.message_starts and stream_index <= self.message_starts[-1]):
+            raise ValueError(f"message start {stream_index} is not after the tokens already fed or marked")
+        self.message_starts.append(stream_index)
+
+    def drop_message_starts(self, from_stream: int) -> None:
+        """Forget marked starts at stream index `from_stream` or later (tokens never fed: a stopped prefill)."""
+        self.message_starts = [start for start in self.message_starts if start < from_stream]
+
+    def message_places(self) -> torch.Tensor:
+        """Cache places [n] (ascending, within 0..length) where a marked message begins; `length` itself when the
+        next token fed begins one. Read from layer 0's first KV head: sink_window keeps the same places everywhere."""
+        length = self.length
+        marked = torch.tensor(self.message_starts, dtype=torch.long)
+        origins = self.layers[0].origins[0, 0, :length].cpu() if length else torch.zeros(0, dtype=torch.long)
+        places = torch.nonzero(torch.isin(origins, marked)).flatten()
+        if self.seen_tokens in self.message_starts:
+            places = torch.cat((places, torch.tensor([length])))
+        return places
+
+    def _forget_evicted_starts(self) -> None:
+        """Drop marks of messages whose start is no longer cached (bounded bookkeeping for an endless chat)."""
+        length, first = self.length, min(self.protected, self.length)
+        oldest = int(self.layers[0].origins[0, 0, first]) if length > first else self.seen_tokens
+        self.message_starts = [start for start in self.message_starts if start >= oldest]
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.layers[layer_idx].update(key_states, value_states, self.seen_tokens)
         if layer_idx == len(self.layers) - 1:
@@ -191,6 +221,8 @@ class BoundedCache(Cache):
         """Evict so that `incoming` tokens fit; returns how many were evicted (0 if they already fit).
 
         Evicts `slack` tokens more than needed so that decode compacts once every `slack` tokens, not every token.
+        Under `evict_unit: message` the policy is told the message starts (`EvictionPolicy.message_starts`) and
+        may evict more than that, up to the start of a message.
         """
         if incoming > self.room:
             raise ValueError(f"{incoming} tokens cannot fit at once: at most {self.room} per forward pass")
@@ -199,12 +231,16 @@ class BoundedCache(Cache):
             return 0
         keep = max(self.protected, self.capacity - incoming - self.settings.slack)
         fixed = min(self.protected, length)
+        by_message = self.settings.evict_unit == "message"
+        self.policy.message_starts = self.message_places() if by_message else None
         for layer_idx, layer in enumerate(self.layers):
             kept = self.policy.keep_indices(layer_idx, length, keep, fixed).to(layer.device)
             layer.compact(kept, fixed)
             self.policy.on_compact(layer_idx, kept)
-        evicted = length - keep
+        evicted = length - self.length
         self.evicted_tokens += evicted
+        if by_message:
+            self._forget_evicted_starts()
         return evicted
 
     def reset(self) -> None:
@@ -212,6 +248,17 @@ class BoundedCache(Cache):
         self.policy.reset()
         self.seen_tokens = self.evicted_tokens = 0
         self.pinned = 0
+        self.message_starts = []
+
+    def fork(self) -> "BoundedCache":
+        """An independent copy (buffers, counters, message marks, policy state) sharing only the settings and the
+        RoPE table: feed it freely (e.g. to score a candidate continuation) and this cache stays as it is."""
+        twin = copy.copy(self)
+        rope = self.layers[0].rope
+        twin.layers = copy.deepcopy(self.layers, memo={id(rope): rope})
+        twin.policy = copy.deepcopy(self.policy, memo={id(self.settings): self.settings})
+        twin.message_starts = list(self.message_starts)
+        return twin
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (allocated once, at the budget)."""
@@ -234,6 +281,8 @@ class BoundedCache(Cache):
             "policy": self.policy.name,
             "policy_state": policy_meta,
         }
+        if self.message_starts:  # they steer future evictions under evict_unit: message
+            meta["message_starts"] = list(self.message_starts)
         return tensors, meta
 
     @torch.inference_mode()
@@ -245,6 +294,13 @@ class BoundedCache(Cache):
             raise ValueError("cache counters are missing or not whole numbers")
         if length > self.capacity or seen - evicted != length or pinned >= self.capacity:
             raise ValueError(f"cache counters do not add up (length {length}, capacity {self.capacity})")
+        starts = meta.get("message_starts", [])
+        if not (
+            isinstance(starts, list)
+            and all(type(s) is int and 0 <= s <= seen for s in starts)
+            and all(a < b for a, b in zip(starts, starts[1:]))
+        ):
+            raise ValueError("message_starts must be ascending stream indices up to seen_tokens")
         if meta.get("policy") != self.policy.name or not isinstance(meta.get("policy_state"), dict):
             raise ValueError(f"cache policy {meta.get('policy')!r} does not match the settings' {self.policy.name!r}")
         batch, heads, head_dim = self.buffer_shape
@@ -269,6 +325,7 @@ class BoundedCache(Cache):
             if buffers:
                 layer.restore({name: tensor.to(device) for name, tensor in buffers.items()})
         self.pinned, self.seen_tokens, self.evicted_tokens = pinned, seen, evicted
+        self.message_starts = list(starts)
 
     def stats(self) -> dict[str, Any]:
         length = self.length

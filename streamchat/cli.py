@@ -21,6 +21,7 @@ COMMANDS = {
     "soak": ("streamchat.evaluate.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
     "stress": ("streamchat.evaluate.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
     "bench": ("streamchat.evaluate.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
+    "recall": ("streamchat.evaluate.recall", "conversation memory: is a fact planted D tokens back still recalled? accuracy vs D per policy"),
     "speed": ("streamchat.evaluate.speed", "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity"),
 }
 

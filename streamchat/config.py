@@ -27,6 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
 DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4")  # see streamchat/quant.py
 KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/fastpath: kv_dtype_for
+EVICT_UNITS = ("token", "message")  # see streamchat/policies/sink_window.py
 
 
 class SettingsError(ValueError):
@@ -49,6 +50,7 @@ class Settings:
     h2o_score: str = "normalized"  # h2o ranking: normalized, cumulative or decayed (docs/policies.md)
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
+    evict_unit: str = "token"  # sink_window: token (rolling window) | message (whole oldest messages; docs/recall.md)
     kv_dtype: str = "auto"  # auto (bfloat16 where the fast path decodes on a CPU over fp32, else model) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
@@ -166,6 +168,7 @@ def _check_ranges(s: Settings) -> None:
     need(s.h2o_score in H2O_SCORES, "h2o_score", f"must be one of {', '.join(H2O_SCORES)}, got {s.h2o_score!r}")
     need(0 < s.h2o_decay < 1, "h2o_decay", f"must be between 0 and 1 (exclusive), got {s.h2o_decay}")
     need(s.slack >= 0, "slack", "must be 0 or more")
+    need(s.evict_unit in EVICT_UNITS, "evict_unit", f"must be one of {', '.join(EVICT_UNITS)}, got {s.evict_unit!r}")
     need(s.kv_dtype in KV_DTYPES, "kv_dtype", f"must be one of {', '.join(KV_DTYPES)}, got {s.kv_dtype!r}")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
     need(s.decode_path in DECODE_PATHS, "decode_path", f"must be one of {', '.join(DECODE_PATHS)}, got {s.decode_path!r}")

@@ -31,8 +31,9 @@ from streamchat.config import Settings, load_settings
 from streamchat.fastpath import decoder_for_step, kv_dtype_for, prepare_decoder
 from streamchat.memory import rss_bytes
 from streamchat.model import LoadedModel
+from streamchat.scoring import continuation_logprobs, feed
 
-CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_decay", "slack")
+CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_decay", "slack", "evict_unit")
 # Settings that name files or machine resources: fixed for a run, never taken from a chat front end (`/set`, the
 # UI's configure API) nor from a loaded session file, so no chat input can make streamchat read or write a path.
 LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir", "prompts_file")
@@ -331,7 +332,13 @@ class ChatSession:
         exactly what was fed.
         """
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        full = self._render(messages, add_generation_prompt=True)
+        return self._encode(messages, add_generation_prompt=True), messages
+
+    def _encode(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[tuple[list[int], int | None, str]]:
+        """The pieces that take the stream fed so far to the template of `messages` (see `encode_turn`)."""
+        full = self._render(messages, add_generation_prompt=add_generation_prompt)
         fed = self._fed_template
         if not full.startswith(fed):  # a template that rewrites history: feed from where the two differ
             common = 0
@@ -345,7 +352,41 @@ class ChatSession:
             width = len(_placeholder(index)) if index is not None else len(text)
             pieces.append((self._tokenize(text, index is not None), index, delta[cursor : cursor + width]))
             cursor += width
-        return pieces, messages
+        return pieces
+
+    def _message_start_offsets(self, pieces, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        """Token offsets, within the concatenated ids of `pieces`, where a new message's role header begins.
+
+        A header starts where the template of the messages before it ends. It is found inside a structure piece
+        by tokenizing the piece's two sides apart; where that does not give the piece's own tokens (a token
+        spanning the boundary) the start is left unmarked, and eviction there stays token-level."""
+        delta_start = len(self._render(messages, add_generation_prompt)) - sum(len(p[2]) for p in pieces)
+        points = [len(self._render(messages[:i], False)) if i else 0 for i in range(len(self.messages), len(messages))]
+        if add_generation_prompt:
+            points.append(len(self._render(messages, False)))
+        offsets = []
+        for point in (p - delta_start for p in points):
+            chars = tokens = 0
+            for ids, index, text in pieces:
+                if point == chars:
+                    offsets.append(tokens)
+                    break
+                if chars < point < chars + len(text):
+                    before, after = text[: point - chars], text[point - chars :]
+                    if index is None and self._tokenize(before, False) + self._tokenize(after, False) == ids:
+                        offsets.append(tokens + len(self._tokenize(before, False)))
+                    break
+                chars, tokens = chars + len(text), tokens + len(ids)
+        return sorted(set(offset for offset in offsets if offset >= 0))
+
+    def _mark_message_starts(self, cache: BoundedCache, pieces, messages, add_generation_prompt: bool) -> None:
+        """Under `evict_unit: message`, tell `cache` where the messages about to be fed (after `_pending`) begin."""
+        if self.settings.evict_unit != "message":
+            return
+        base = cache.seen_tokens + len(self._pending)
+        for offset in self._message_start_offsets(pieces, messages, add_generation_prompt):
+            if not cache.message_starts or base + offset > cache.message_starts[-1]:
+                cache.mark_message_start(base + offset)
 
     # ----- model ----------------------------------------------------------------------------------------------
 
@@ -428,6 +469,7 @@ class ChatSession:
         started = time.perf_counter()
         self.evicted_last_turn = 0
         pieces, messages = self.encode_turn(user_text)
+        self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=True)
         ids = list(self._pending)
         for piece_ids, _, _ in pieces:
             ids.extend(piece_ids)
@@ -438,6 +480,7 @@ class ChatSession:
             fed += len(ids[fed : fed + chunk])
         prefill_seconds = time.perf_counter() - started
         if fed < len(ids):
+            self.cache.drop_message_starts(self.cache.seen_tokens)
             self._record_partial_prefill(pieces, messages, fed - len(self._pending))
             self._pending = self._pending[fed:]
             self._finish(len(ids), fed, 0, "stopped_in_prefill", prefill_seconds, 0.0, 0.0)  # fed of len(ids)
@@ -447,6 +490,66 @@ class ChatSession:
             self._fed_template += template_text
         self.messages = messages
         yield from self._decode(logits, limit, stop, started, len(ids), prefill_seconds, settings)
+
+    def feed_exchange(self, user_text: str, reply_text: str) -> None:
+        """Add a user turn and a given assistant reply without generating (teacher forcing): the cache then holds
+        what the chat template renders for both, as if the model had replied `reply_text`. A scripted benchmark's
+        filler turns (`streamchat.evaluate.recall`) use it; `last_turn` records it with stop_reason "given"."""
+        for text in (user_text, reply_text):
+            if not isinstance(text, str) or not text.strip():
+                raise SessionError("empty message: type something to send")
+        if self.busy:
+            raise SessionError("a reply is still being generated; stop it first")
+        started = time.perf_counter()
+        self.evicted_last_turn = 0
+        messages = [*self.messages, {"role": "user", "content": clean_text(user_text)},
+                    {"role": "assistant", "content": clean_text(reply_text)}]
+        pieces = self._encode(messages, add_generation_prompt=False)
+        self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=False)
+        ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids)]
+        chunk = min(self.settings.prefill_chunk, self.cache.room)
+        for start in range(0, len(ids), chunk):
+            self._forward(ids[start : start + chunk])
+        self._pending = []
+        self._fed_template += "".join(text for _, _, text in pieces)
+        self.messages = messages
+        self._finish(len(ids), len(ids), 0, "given", time.perf_counter() - started, 0.0, 0.0)
+
+    def exchange_tokens(self, user_text: str, reply_text: str) -> int:
+        """Tokens `feed_exchange(user_text, reply_text)` would feed now (tokenization only, nothing fed)."""
+        messages = [*self.messages, {"role": "user", "content": clean_text(user_text)},
+                    {"role": "assistant", "content": clean_text(reply_text)}]
+        return len(self._pending) + sum(len(ids) for ids, _, _ in self._encode(messages, add_generation_prompt=False))
+
+    def score_reply(self, user_text: str, candidates: list[str], reply_prefix: str = "") -> torch.Tensor:
+        """log P(reply_prefix + candidate | conversation so far + user turn `user_text`) for each candidate,
+        fp64 [len(candidates)] (natural log, summed over the candidate's tokens only; the prefix is context).
+
+        Multiple-choice scoring, as evaluation harnesses score small models. Runs on forks of the cache
+        (`BoundedCache.fork`), evicting there as the chat would: the session, its cache and its conversation are
+        unchanged. Each candidate is tokenized with the prefix (as content) and scored on the tokens after the
+        prefix's own; a candidate that merges with the prefix's last token is tokenized apart instead.
+        Raises SessionError for an empty turn or candidate list, or while a reply is being generated."""
+        if not isinstance(user_text, str) or not user_text.strip() or not candidates:
+            raise SessionError("score_reply needs a user turn and at least one candidate")
+        if self.busy:
+            raise SessionError("a reply is still being generated; stop it first")
+        pieces, messages = self.encode_turn(clean_text(user_text))
+        context = self.cache.fork()
+        self._mark_message_starts(context, pieces, messages, add_generation_prompt=True)
+        prefix_ids = self._tokenize(reply_prefix, True)
+        ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids), *prefix_ids]
+        chunk = self.settings.prefill_chunk
+        next_logits = feed(self.model, context, ids, chunk, last_only=True)[-1]
+        scores = []
+        for candidate in candidates:
+            joint = self._tokenize(reply_prefix + candidate, True)
+            merged = joint[: len(prefix_ids)] != prefix_ids
+            tail = self._tokenize(candidate, True) if merged else joint[len(prefix_ids) :]
+            if not tail:
+                raise SessionError(f"candidate {candidate!r} has no tokens")
+            scores.append(continuation_logprobs(self.model, context.fork(), next_logits, tail, chunk).sum())
+        return torch.stack(scores)
 
     def _record_partial_prefill(self, pieces, messages: list[dict[str, str]], fed: int) -> None:
         """After a stop mid-prefill, make the conversation say exactly what the cache holds."""

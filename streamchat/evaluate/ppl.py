@@ -11,7 +11,9 @@ token of a text, for
   (`--recompute-every`); every policy's perplexity at those same tokens past the budget is reported beside it
   (`ppl_at_recompute_tokens`, and `vs_recompute` in the JSON line: the ratio to recompute's).
 - `sink_window` and `h2o`: the chat's own `BoundedCache`, fed one token at a time through `make_room` and a model
-  forward, exactly as a chat decodes. H2O splits the budget less the sinks half heavy hitters, half recent
+  forward, exactly as a chat decodes. `sink_message` (not in the default run) is `sink_window` with
+  `evict_unit: message`, the text's paragraphs (after a blank line) standing for messages.
+  H2O splits the budget less the sinks half heavy hitters, half recent
   (`--heavy` sets the heavy part). `tova` (not in the default run) is run the same way.
 
 All bounded policies have the same budget. The token-by-token policies run in lock step, one token each in turn,
@@ -41,9 +43,9 @@ from streamchat.config import Settings
 from streamchat.model import LoadedModel
 
 DENSE, WINDOW, RECOMPUTE = "dense", "window", "recompute"
-STEPPED = (WINDOW, "sink_window", "h2o", "tova")  # fed token by token through a BoundedCache
+STEPPED = (WINDOW, "sink_window", "sink_message", "h2o", "tova")  # fed token by token through a BoundedCache
 POLICY_NAMES = (DENSE, WINDOW, RECOMPUTE, "sink_window", "h2o")  # the default run
-CHOICES = (*POLICY_NAMES, "tova")
+CHOICES = (*POLICY_NAMES, "tova", "sink_message")
 LAST = 1000  # the table's second perplexity: over the last 1,000 predicted tokens
 DEFAULT_TOKENS, DEFAULT_BUDGET, DEFAULT_RECOMPUTE_EVERY = 5000, 256, 16
 
@@ -80,8 +82,9 @@ def policy_settings(settings: Settings, name: str, budget: int, heavy: int | Non
     """Settings that give policy `name` a cache of `budget` tokens (validated: a SettingsError names the key)."""
     if name == WINDOW:
         return settings.replace(policy="sink_window", sinks=0, window=budget)
-    if name == "sink_window":
-        return settings.replace(policy="sink_window", window=budget - settings.sinks)
+    if name in ("sink_window", "sink_message"):
+        unit = "message" if name == "sink_message" else "token"
+        return settings.replace(policy="sink_window", window=budget - settings.sinks, evict_unit=unit)
     if name in ("h2o", "tova"):  # sinks + heavy hitters + recent; they differ in how they rank tokens
         split = budget - settings.sinks
         heavy = split // 2 if heavy is None else heavy
@@ -141,8 +144,9 @@ class SteppedRun:
     """One policy's BoundedCache, fed one token per step through the transformers forward (so `kv_dtype: auto`
     keeps K/V in the model's dtype: policies are compared on the model's own numerics)."""
 
-    def __init__(self, model: torch.nn.Module, settings: Settings, steps: int):
+    def __init__(self, model: torch.nn.Module, settings: Settings, steps: int, message_starts: frozenset = frozenset()):
         self.model, self.cache = model, BoundedCache(model, settings.replace(decode_path="transformers"))
+        self.message_starts = message_starts if settings.evict_unit == "message" else frozenset()
         self.nll = np.empty(steps)
         self.seconds = 0.0
         self.peak_tokens = 0
@@ -150,6 +154,8 @@ class SteppedRun:
     @torch.inference_mode()
     def step(self, index: int, token: torch.Tensor, target: torch.Tensor) -> None:
         started = time.perf_counter()
+        if index in self.message_starts:
+            self.cache.mark_message_start(index)
         self.cache.make_room(1)
         out = self.model(
             input_ids=token.view(1, 1), past_key_values=self.cache, use_cache=True, **attention_kwargs(self.cache)
@@ -160,14 +166,31 @@ class SteppedRun:
 
 
 def run_stepped(
-    model: torch.nn.Module, ids: torch.Tensor, runs: dict[str, Settings], progress: Callable
+    model: torch.nn.Module, ids: torch.Tensor, runs: dict[str, Settings], progress: Callable,
+    message_starts: frozenset = frozenset(),
 ) -> dict[str, SteppedRun]:
-    """The token-by-token policies in lock step: token t goes through every policy before token t+1."""
-    stepped = {name: SteppedRun(model, settings, len(ids) - 1) for name, settings in runs.items()}
+    """The token-by-token policies in lock step: token t goes through every policy before token t+1.
+    `message_starts`: token indices that begin a message, for runs with `evict_unit: message`."""
+    stepped = {name: SteppedRun(model, settings, len(ids) - 1, message_starts) for name, settings in runs.items()}
     for index in progress(range(len(ids) - 1), desc=" + ".join(stepped) or "stepped"):
         for run in stepped.values():
             run.step(index, ids[index], ids[index + 1])
     return stepped
+
+
+def paragraph_starts(tokenizer, text: str, count: int) -> frozenset:
+    """Indices among the first `count` tokens of `text` whose token begins a paragraph (follows a blank line):
+    the 'messages' of `sink_message` in a plain text."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts, seen_blank = set(), False
+    for index, (begin, end) in enumerate(encoded["offset_mapping"][:count]):
+        piece = text[begin:end]
+        if seen_blank and piece.strip():
+            starts.add(index)
+            seen_blank = False
+        if "\n\n" in piece or (piece.strip() == "" and "\n" in piece and text[max(begin - 1, 0)] == "\n"):
+            seen_blank = True
+    return frozenset(starts)
 
 
 # ----- figures --------------------------------------------------------------------------------------------------
@@ -320,7 +343,7 @@ def run_ppl(
         nll[RECOMPUTE] = run_recompute(model, ids, budget, recompute_every, 8, progress)
         seconds[RECOMPUTE] = time.perf_counter() - started_recompute
         modes[RECOMPUTE] = f"batched, every {recompute_every} token(s)"
-    runs = run_stepped(model, ids, stepped, progress)
+    runs = run_stepped(model, ids, stepped, progress, paragraph_starts(loaded.tokenizer, text, len(ids)))
     peaks = {}
     for name, run in runs.items():
         nll[name], seconds[name], modes[name] = run.nll, run.seconds, "token by token"

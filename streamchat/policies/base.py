@@ -20,6 +20,8 @@ class PolicySettings(Protocol):
     recent: int
     h2o_score: str
     h2o_decay: float
+    slack: int
+    evict_unit: str
 
 
 class EvictionPolicy:
@@ -36,6 +38,9 @@ class EvictionPolicy:
     name: str = ""
     needs_attention_scores: bool = False
     settings_keys: tuple[str, ...] = ("sinks",)  # the size settings this policy reads (front ends show these)
+    # Places [n] (ascending, within 0..length; `length` when the next token begins a message) where a message's
+    # role header begins; set by the cache before `keep_indices` under `evict_unit: message`, else None.
+    message_starts: torch.Tensor | None = None
 
     def __init__(self, settings: PolicySettings, num_layers: int):
         self.settings = settings
@@ -49,7 +54,8 @@ class EvictionPolicy:
     def keep_indices(self, layer_idx: int, length: int, keep: int, protected: int) -> torch.Tensor:
         """Ascending places to keep, `keep` of them, always including places 0..protected-1.
 
-        Returns shape [keep] (same for every head) or [batch, kv_heads, keep] (per head).
+        Returns shape [keep] (same for every head) or [batch, kv_heads, keep] (per head). A policy may keep fewer
+        (sink_window under `evict_unit: message` does, to evict up to a message start), never more.
         """
         raise NotImplementedError
 
