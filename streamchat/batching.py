@@ -7,8 +7,9 @@ in its caller's thread; its forward passes are steps the one scheduler thread ru
 * single-token decode steps waiting at the same time run as ONE batched fast-path step over all their bounded
   caches (`fastpath.batched.decode_batch`); conversations join and leave between any two steps (Orca-style
   iteration-level scheduling, as in vLLM and llama.cpp's server);
-* prefill runs in pieces of at most `prefill_piece` tokens, one piece per scheduler step between batched decode
-  steps, so a long new prompt does not stall the conversations that are decoding;
+* prefill runs in pieces of at most `prefill_piece` tokens (the session's own chunks split further), one piece
+  per scheduler step between batched decode steps, so a long new prompt does not stall the conversations that
+  are decoding;
 * H2O/TOVA conversations (attention-score policies) and models the fast path cannot run decode singly.
 
 `Engine.open_turn` serves a stateless API over stateful caches: clients resend the whole conversation; a request
@@ -48,10 +49,10 @@ class Overloaded(RuntimeError):
 
 
 class _Step:
-    __slots__ = ("session", "ids", "done", "logits", "error")
+    __slots__ = ("session", "ids", "fed", "done", "logits", "error")
 
     def __init__(self, session: ChatSession, ids: list[int]):
-        self.session, self.ids = session, ids
+        self.session, self.ids, self.fed = session, ids, 0  # fed: prefill tokens run so far (in pieces)
         self.done = threading.Event()
         self.logits: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -62,12 +63,7 @@ class EngineSession(ChatSession):
 
     def __init__(self, engine: "Engine", settings: Settings):
         self.engine = engine
-        super().__init__(engine.loaded, settings.replace(prefill_chunk=min(settings.prefill_chunk, engine.prefill_piece)))
-
-    def reset(self, system_prompt: str | None = ..., settings: Settings | None = None) -> None:
-        if settings is not None:
-            settings = settings.replace(prefill_chunk=min(settings.prefill_chunk, self.engine.prefill_piece))
-        super().reset(system_prompt, settings)
+        super().__init__(engine.loaded, settings)
 
     def send(self, user_text, stop=None, max_new_tokens=None) -> Iterator[str]:
         self.engine._enter()
@@ -345,9 +341,9 @@ class Engine:
         prefills = [step for step in batch if len(step.ids) != 1]
         decodes = [step for step in batch if len(step.ids) == 1]
         if prefills:
-            self._run_single(prefills[0])
+            self._run_piece(prefills[0])
             with self._cond:
-                self._pending[:0] = prefills[1:]
+                self._pending[:0] = prefills[int(prefills[0].done.is_set()):]
         groups: dict[int, tuple[Any, list[_Step]]] = {}
         for step in decodes:
             session, cache = step.session, step.session.cache
@@ -380,6 +376,19 @@ class Engine:
             self.steps += 1
             for step in steps:
                 step.done.set()
+
+    def _run_piece(self, step: _Step) -> None:
+        """The next `prefill_piece` tokens of a prefill step: the same as the session feeding them as chunks of
+        that size (make_room, then forward); the step is done after its last piece, with that piece's logits."""
+        piece = step.ids[step.fed : step.fed + self.prefill_piece]
+        try:
+            step.logits = ChatSession._forward(step.session, piece)
+            step.fed += len(piece)
+        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+            step.error = error
+        self.steps += 1
+        if step.error is not None or step.fed >= len(step.ids):
+            step.done.set()
 
     def _run_single(self, step: _Step) -> None:
         try:
