@@ -162,7 +162,7 @@ class Turn:
 class Engine:
     """Live conversations on one loaded model and the scheduler thread that runs their steps. Thread-safe."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings, max_sessions: int = 8, prefill_piece: int = 64):
+    def __init__(self, loaded: LoadedModel, settings: Settings, max_sessions: int = 8, prefill_piece: int = 32):
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         if prefill_piece < 1:
@@ -276,9 +276,8 @@ class Engine:
         """Live figures for /metrics (safe from any thread)."""
         with self._lock:
             conversations = {c.id: c.session.cache.stats() for c in self.conversations.values()}
-            active = self._active_turns()
         with self._cond:
-            queued = len(self._pending)
+            queued, active = len(self._pending), self._active  # turns of API conversations and UI tabs alike
         return {
             "conversations": conversations,
             "active_turns": active,

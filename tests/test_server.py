@@ -298,3 +298,36 @@ def test_greedy_batched_equals_alone_on_the_real_model(embedded):
         assert engine.batched_steps > 0
     finally:
         engine.close()
+
+
+def test_loadtest_level_against_a_tiny_server(served):
+    """One load level, bounded, through the real openai client (the command itself loads the real model)."""
+    from streamchat.evaluate.loadtest import percentile, run_level
+
+    row = run_level(served.url + "/v1", "tiny-llama", clients=2, requests=1, tokens=4, deadline_s=60, api_key=KEY)
+    assert row["failures"] == 0 and row["clients"] == 2
+    assert 2 <= row["completion_tokens"] <= 8 and row["aggregate_tok_s"] > 0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
+
+
+def test_ui_tabs_reply_through_the_engine(tiny):
+    from streamchat.batching import EngineSession
+    from streamchat.frontends.web import ChatApp
+
+    settings = load_settings(None, SETTINGS)
+    engine = Engine(tiny, settings, max_sessions=2)
+    try:
+        app = ChatApp(tiny, settings, max_sessions=2, engine=engine)
+        first, _ = app.sessions.get("tab-1")
+        second, _ = app.sessions.get("tab-2")
+        assert isinstance(first.chat, EngineSession) and first.chat is not second.chat
+        replies = {}
+        threads = [threading.Thread(target=lambda s=s, k=k: replies.__setitem__(k, "".join(s.chat.send(PROMPTS[k]))))
+                   for k, s in enumerate((first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [replies[0], replies[1]] == [reference_replies(tiny, settings, [PROMPTS[k]])[0] for k in range(2)]
+    finally:
+        engine.close()

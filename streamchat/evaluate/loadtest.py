@@ -54,7 +54,8 @@ def cpu_model() -> str:
         return ""
 
 
-def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, deadline_s: float) -> dict[str, Any]:
+def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, deadline_s: float,
+              api_key: str = "loadtest") -> dict[str, Any]:
     """One load level: `clients` threads, each `requests` streamed turns in one conversation."""
     import openai
 
@@ -66,7 +67,7 @@ def run_level(base_url: str, model: str, clients: int, requests: int, tokens: in
     deadline = time.monotonic() + deadline_s
 
     def client(index: int) -> None:
-        api = openai.OpenAI(base_url=base_url, api_key="loadtest", max_retries=0, timeout=deadline_s)
+        api = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=deadline_s)
         messages = []
         for turn in range(requests):
             if time.monotonic() > deadline:

@@ -471,8 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live conversations at most; the least recently used idle one is freed past it (default: 8)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $STREAMCHAT_API_KEY, else no key)")
-    parser.add_argument("--prefill-piece", type=int, default=64,
-                        help="prefill tokens per scheduler step between batched decode steps (default: 64)")
+    parser.add_argument("--prefill-piece", type=int, default=32,
+                        help="prefill tokens per scheduler step between batched decode steps (default: 32)")
 
 
 def main(args: argparse.Namespace) -> int:
