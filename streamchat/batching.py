@@ -113,12 +113,14 @@ class Turn:
         self.engine, self.conversation, self.request = engine, conversation, request
         self.new_conversation = new_conversation
         self.result = TurnResult()
+        self._turns_before = conversation.session.turns
 
     def run(self, stop: threading.Event) -> Iterator[str]:
         """Text pieces of the reply; setting `stop` ends it at the next token (the conversation stays consistent).
         Stop strings end the reply before them. Releases the conversation when done, however it ends."""
         conversation, request, session = self.conversation, self.request, self.conversation.session
         text, sent, ended_by_stop_string = "", 0, False
+        self._turns_before = session.turns
         hold = max((len(s) for s in request.stop), default=1) - 1  # keep back what could start a stop string
         try:
             pieces = session.send(request.messages[-1]["content"], stop, request.max_tokens)
@@ -145,8 +147,8 @@ class Turn:
 
     def _finish(self, text: str, ended_by_stop_string: bool) -> None:
         conversation, session = self.conversation, self.conversation.session
-        turn = session.last_turn
-        reason = turn.stop_reason if turn else "stopped_in_prefill"
+        turn = session.last_turn if session.turns > self._turns_before else None  # None: refused or failed
+        reason = turn.stop_reason if turn else "error"
         complete = ended_by_stop_string or reason in ("eos", "max_new_tokens")
         conversation.history = [*self.request.messages, {"role": "assistant", "content": text}] if complete else None
         self.result = TurnResult(

@@ -314,6 +314,7 @@ class _Events:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stop = threading.Event()
         self.loop = asyncio.get_running_loop()
+        self.checked = time.monotonic()
         self.thread = threading.Thread(target=self._run, args=(turn,), name="streamchat-turn", daemon=True)
 
     def _run(self, turn) -> None:
@@ -326,14 +327,19 @@ class _Events:
             put(("error", error))
 
     async def next(self, request: Request) -> tuple[str, Any]:
-        """The next event; ("gone", None) when the client disconnected meanwhile (the turn is then stopped)."""
+        """The next event; ("gone", None) when the client disconnected meanwhile (the turn is then stopped).
+        The connection is checked at least every 0.25 s, also while pieces keep coming."""
         while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+            now = time.monotonic()
+            if now - self.checked > 0.25:
+                self.checked = now
                 if await request.is_disconnected():
                     self.stop.set()
                     return "gone", None
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
 
 
 def _start(turn) -> _Events:
