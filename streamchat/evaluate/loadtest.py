@@ -8,6 +8,9 @@ chunks, as a client sees them), and the server process's RSS. Writes loadtest.js
 `--out`; checks the batching targets (aggregate tok/s with 4 streams >= 2.5x one stream's, p95 inter-token latency
 with 4 <= 2x one stream's) and says whether they were met. Every loop is bounded in count and in time.
 
+First (unless --no-step-cost) it measures the CPU time of one batched decode step for each batch size in this
+process: unlike wall-clock figures, that holds on a machine shared with other jobs.
+
 Needs `openai` (a test dependency): `.venv/bin/pip install -r requirements-dev.txt`.
 """
 
@@ -119,6 +122,52 @@ def run_level(base_url: str, model: str, clients: int, requests: int, tokens: in
     }
 
 
+def step_cost(settings, batches: list[int], steps: int = 12) -> list[dict[str, Any]]:
+    """CPU time of one batched decode step per batch size, in this process on one torch thread.
+
+    CPU time (not wall time) measures the work a step does, so it holds on a machine shared with other jobs, where
+    wall-clock figures swing with the load: the batching capability without the noise. Returns per batch size B
+    the median step in ms and what it implies: aggregate speedup B*t1/tB and inter-token latency ratio tB/t1."""
+    from streamchat.fastpath import decoder_for_step
+    from streamchat.fastpath.batched import batchable, decode_batch
+    from streamchat.model import load_model
+    from streamchat.session import ChatSession
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(settings.model, settings.device, settings.dtype)
+        sessions = [ChatSession(loaded, settings) for _ in range(max(batches))]
+        for index, session in enumerate(sessions):
+            "".join(session.send(PROMPTS[index % len(PROMPTS)], max_new_tokens=1))
+        decoder = decoder_for_step(loaded.model, sessions[0].cache, settings)
+        if decoder is None or not batchable(sessions[0].cache):
+            return []
+        rows, single = [], None
+        for batch in batches:
+            caches = [session.cache for session in sessions[:batch]]
+            times = []
+            for _ in range(steps):
+                for cache in caches:
+                    cache.make_room(1)
+                started = time.process_time()
+                if batch == 1:
+                    decoder.decode(5, caches[0])
+                else:
+                    decode_batch(decoder, [5] * batch, caches)
+                times.append(time.process_time() - started)
+            median = statistics.median(times[2:])  # the first steps warm up
+            single = single or (median if batch == 1 else None)
+            row = {"batch": batch, "step_cpu_ms": round(1000 * median, 2)}
+            if single:
+                row["implied_tok_s_speedup"] = round(batch * single / median, 2)
+                row["implied_itl_ratio"] = round(median / single, 2)
+            rows.append(row)
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plot(rows: list[dict[str, Any]], path, title: str) -> None:
     import matplotlib
 
@@ -155,6 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=96, help="max_tokens of each request (default 96)")
     parser.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most (default 300)")
     parser.add_argument("--repeat", type=int, default=1, help="run the levels this many times, interleaved (default 1)")
+    parser.add_argument("--no-step-cost", action="store_true",
+                        help="skip the CPU-time cost of batched decode steps (measured in this process first)")
     parser.add_argument("--out", default="out/loadtest", metavar="DIR", help="output folder (default out/loadtest)")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
 
@@ -226,6 +277,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"loadtest: {info['cpu_model']}, {info['cpus']} CPUs, capability {info['capability']}; "
           f"load average {info['load_before'][0]:.2f}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
+    costs = [] if args.no_step_cost else step_cost(settings, sorted({1, *args.clients}))
+    for cost in costs:
+        print(f"  batched step of {cost['batch']}: {cost['step_cpu_ms']:.1f} ms CPU (1 thread)"
+              + (f": x{cost['implied_tok_s_speedup']:.2f} tok/s, x{cost['implied_itl_ratio']:.2f} step time vs 1"
+                 if "implied_itl_ratio" in cost else ""), file=sys.stderr, flush=True)
     try:
         process, base, model = start_server(args, max(args.clients))
     except RuntimeError as error:
@@ -253,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     info["load_after"] = os.getloadavg()
-    summary: dict[str, Any] = {"machine": info, "levels": rows}
+    summary: dict[str, Any] = {"machine": info, "levels": rows, "step_cost": costs}
     by_clients: dict[int, list[dict]] = {}
     for row in rows:
         by_clients.setdefault(row["clients"], []).append(row)
