@@ -331,3 +331,27 @@ def test_ui_tabs_reply_through_the_engine(tiny):
         assert [replies[0], replies[1]] == [reference_replies(tiny, settings, [PROMPTS[k]])[0] for k in range(2)]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_attention_score_policies_decode_singly_through_the_engine(tiny, policy):
+    """H2O/TOVA read each step's attention scores: their conversations run on the engine unbatched, same replies."""
+    settings = load_settings(None, {**SETTINGS, "policy": policy, "heavy": 24, "recent": 24})
+    engine = Engine(tiny, settings, max_sessions=2, prefill_piece=16)
+    try:
+        replies: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            turn = engine.open_turn(TurnRequest([{"role": "user", "content": PROMPTS[i] * 2}]))
+            replies[i] = "".join(turn.run(threading.Event()))
+            replies[i + 10] = turn.result.extension["policy"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [replies[0], replies[1]] == [reference_replies(tiny, settings, [PROMPTS[i] * 2])[0] for i in range(2)]
+        assert replies[10] == policy and engine.batched_steps == 0
+    finally:
+        engine.close()
