@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from streamchat.config import Settings
-from streamchat.fastpath import decoder_for_step
+from streamchat.fastpath import decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import decode_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, clean_text
@@ -178,6 +178,7 @@ class Engine:
         self._active = 0  # sessions inside a turn (each will submit steps)
         self._running = True
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
+        prepare_decoder(loaded.model, settings)  # quantized weights at start-up, not inside the first request
         self._thread = threading.Thread(target=self._schedule, name="streamchat-scheduler", daemon=True)
         self._thread.start()
 
