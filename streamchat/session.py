@@ -198,6 +198,19 @@ class ChatSession:
             self.generator.manual_seed(settings.seed)
         return False
 
+    def seed_history(self, messages: list[dict[str, str]]) -> None:
+        """Make `messages` (user/assistant turns, after the system prompt) the conversation so far, not yet fed:
+        the next `send` streams them through the cache, in chunks, before its own message (how a server starts a
+        conversation a client resends whole). Call right after `reset`; raises SessionError otherwise or for a
+        message that is not a {"role": "user"|"assistant", "content": str} dict."""
+        if self.turns or self._fed_template or self.visible_messages:
+            raise SessionError("seed_history needs a fresh conversation: call reset first")
+        for message in messages:
+            if not (isinstance(message, dict) and message.get("role") in ("user", "assistant")
+                    and isinstance(message.get("content"), str)):
+                raise SessionError("earlier messages must be user or assistant messages with text content")
+        self.messages = [*self.messages, *({"role": m["role"], "content": clean_text(m["content"])} for m in messages)]
+
     @property
     def visible_messages(self) -> list[dict[str, str]]:
         """The conversation without the system prompt."""

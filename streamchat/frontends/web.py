@@ -1,9 +1,12 @@
 """The browser chat (Gradio 6): streaming replies, Stop, retry, settings, a live memory panel and an endless demo.
 
 Every browser tab gets its own `UISession` (its own ChatSession and KV cache; the model weights are loaded once
-and shared) from a `SessionRegistry` that caps how many live at once and frees idle ones. Generation runs in one
-queue slot (`concurrency_id="generate"`, limit 1) so two conversations never fight over the CPU; everything light
-(Stop, the memory panel's 1 s timer, settings) bypasses that slot so it answers while a reply streams.
+and shared) from a `SessionRegistry` that caps how many live at once and frees idle ones. With the batching engine
+(`python -m streamchat ui` / app.py: streamchat/batching.py) tabs reply at the same time, their decode steps batched
+into one (up to `--max-sessions` replies at once); without it (build_app(engine=None)) generation runs in one queue
+slot (`concurrency_id="generate"`, limit 1). Everything light (Stop, the memory panel's 1 s timer, settings)
+bypasses that slot so it answers while a reply streams. The same process serves the OpenAI-compatible API at /v1
+(`serve_with_api`, frontends/server.py) over the same engine.
 
 The endless demo is driven by a timer whose every tick runs one scripted turn as its own queued job, so a demo
 left running still lets other tabs take their turn.
@@ -31,6 +34,7 @@ from streamchat.model import LoadedModel, load_model  # noqa: E402
 from streamchat.policies import POLICIES  # noqa: E402
 from streamchat.prompts import PromptsError  # noqa: E402
 from streamchat.session import SessionError  # noqa: E402
+from streamchat.batching import Engine  # noqa: E402
 from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry  # noqa: E402
 from streamchat.frontends.web_state import UISession  # noqa: E402
 
@@ -186,13 +190,16 @@ class ChatApp:
         max_sessions: int = 8,
         idle_seconds: float = 1800.0,
         max_visible: int = 60,
+        engine: Engine | None = None,
     ):
         self.idle_seconds = idle_seconds
+        self.engine = engine  # tabs' replies decode in its shared batched steps (None: each tab on its own)
+        make_chat = engine.new_session if engine is not None else None
         # One file per tab, replaced at each save; the folder goes when the app does (at exit at the latest).
         self._save_folder = tempfile.TemporaryDirectory(prefix="streamchat-saves-")
         self.save_dir = Path(self._save_folder.name)
         self.sessions: SessionRegistry[UISession] = SessionRegistry(
-            lambda: UISession(loaded, settings, max_visible),
+            lambda: UISession(loaded, settings, max_visible, make_chat),
             max_sessions=max_sessions,
             idle_seconds=idle_seconds,
             is_busy=lambda session: session.generating,  # a demo marks its session used at every turn
@@ -500,9 +507,14 @@ def build_app(
     max_sessions: int = 8,
     idle_seconds: float = 1800.0,
     max_visible: int = 60,
+    engine: Engine | None = None,
 ) -> gr.Blocks:
-    """The UI around an already loaded model (tests pass a tiny one). Launch it with `launch`."""
-    app = ChatApp(loaded, settings, max_sessions, idle_seconds, max_visible)
+    """The UI around an already loaded model (tests pass a tiny one). Launch it with `launch`, or `serve_with_api`.
+
+    With an `engine` (streamchat.batching), tabs reply at the same time, batched in its decode steps (up to
+    `max_sessions` at once); without one, replies take turns in one queue slot."""
+    app = ChatApp(loaded, settings, max_sessions, idle_seconds, max_visible, engine)
+    generate = {**GENERATE, "concurrency_limit": max_sessions} if engine is not None else GENERATE
     s = settings
     with gr.Blocks(title="streamchat") as blocks:
         blocks.chat_app = app
@@ -584,10 +596,10 @@ def build_app(
         sampling = [temperature, top_p, top_k, max_new]
         for trigger in (message.submit, send.click):
             trigger(app.accept, message, [message, status], queue=False, api_visibility="private").then(
-                app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **GENERATE
+                app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **generate
             )
         retry.click(app.accept_retry, None, status, queue=False, api_visibility="private").then(
-            app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **GENERATE
+            app.generate, sampling, [chatbot, status], api_visibility="private", show_progress="minimal", **generate
         )
         stop.click(app.stop_clicked, None, [demo_timer, status], queue=False, api_visibility="private")
         new.click(app.new_clicked, None, [chatbot, status], **LIGHT)
@@ -609,13 +621,13 @@ def build_app(
         demo.click(app.start_demo, None, [demo_timer, status], **LIGHT)
         demo_timer.tick(
             app.demo_turn, sampling, [chatbot, status, demo_timer], api_visibility="private", show_progress="hidden",
-            **GENERATE,
+            **generate,
         )
         stats_timer.tick(app.panel_tick, None, [panel, memory_plot, token_plot], **LIGHT)
         blocks.load(app.opened, None, [panel, memory_plot, token_plot], **LIGHT)
         blocks.unload(app.free)
 
-        gr.api(app.api_chat, api_name="chat", **GENERATE)
+        gr.api(app.api_chat, api_name="chat", **generate)
         gr.api(app.api_stop, api_name="stop", concurrency_limit=None)
         gr.api(app.api_stats, api_name="stats", concurrency_limit=None)
         gr.api(app.api_new_conversation, api_name="new_conversation", concurrency_limit=None)
@@ -633,12 +645,29 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, 
     )
 
 
+def serve_with_api(blocks: gr.Blocks, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 7860,
+                   api_key: str | None = None) -> None:
+    """One process, one port: the OpenAI-compatible API (frontends/server.py) at /v1, /health and /metrics, and
+    the UI mounted at / (gr.mount_gradio_app); both use `engine`. Blocks until interrupted."""
+    import uvicorn
+
+    from streamchat.frontends.server import create_app
+
+    api = create_app(engine, model_name, api_key)
+    app = gr.mount_gradio_app(api, blocks, path="/", theme=THEME, css=CSS, ssr_mode=False, show_error=True,
+                              max_file_size="1gb")
+    blocks.chat_app.sessions.start_sweeper()
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--max-sessions", type=int, default=8, help="live browser sessions at most (default: 8)")
     parser.add_argument("--idle-minutes", type=float, default=30.0, help="free a session idle this long (default: 30)")
     parser.add_argument("--max-visible", type=int, default=60, help="messages the page shows at most (default: 60)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the OpenAI API at /v1 "
+                        "(default: $STREAMCHAT_API_KEY, else no key)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -649,8 +678,19 @@ def main(args: argparse.Namespace) -> int:
         print("streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
               file=sys.stderr)
         return 2
+    from streamchat.frontends.server import security_warning
+
+    api_key = args.api_key or os.environ.get("STREAMCHAT_API_KEY") or None
+    warning = security_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     loaded = load_model(settings.model, settings.device, settings.dtype)
-    blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible)
-    print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port}")
-    launch(blocks, args.host, args.port)
+    engine = Engine(loaded, settings, args.max_sessions)
+    blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible, engine)
+    print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port} "
+          f"(OpenAI API at http://{args.host}:{args.port}/v1)")
+    try:
+        serve_with_api(blocks, engine, loaded.identity, args.host, args.port, api_key)
+    finally:
+        engine.close()
     return 0

@@ -1,0 +1,507 @@
+"""`python -m streamchat serve`: an OpenAI-compatible chat-completions server over bounded, batched caches.
+
+The HTTP layer only (FastAPI + uvicorn): requests are validated here and handed to `streamchat.batching.Engine`,
+which keeps the live conversations and batches their decode steps. Endpoints: POST /v1/chat/completions
+(streaming as server-sent events in OpenAI's chunk format, or not), GET /v1/models, GET /health, GET /metrics
+(Prometheus text format). Every response carries a `streamchat` object (policy, cache tokens/capacity, evicted
+this turn and in total, pinned tokens); OpenAI clients ignore it. Errors use OpenAI's format
+({"error": {"message", "type", "param", "code"}}). docs/server.md describes it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from streamchat.batching import Engine, Overloaded, TurnRequest
+from streamchat.session import SessionError
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far beyond any cache
+MAX_MESSAGES = 4096
+MAX_TOKENS_LIMIT = 100_000
+REFUSED_FIELDS = {
+    "tools": "tools are not supported", "tool_choice": "tools are not supported",
+    "functions": "functions are not supported", "function_call": "functions are not supported",
+    "audio": "audio is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class APIError(Exception):
+    """An error response in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param)
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}")
+    if not low <= value <= high:
+        raise _bad(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _content(message: dict, index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part_index, part in enumerate(content):
+            param = f"messages[{index}].content[{part_index}]"
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(param, f"only text parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    if content is None and message.get("role") == "assistant":
+        return ""
+    raise _bad(f"messages[{index}].content", "must be a string or a list of text parts")
+
+
+def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest, bool, bool]:
+    """The engine's request from a chat-completions body; returns (request, stream, include_usage).
+    Raises APIError(400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model not in model_names:
+        raise APIError(400, f"model: unknown model {str(model)[:80]!r}; this server has {', '.join(model_names)}",
+                       "model", headers={})
+    for name, why in REFUSED_FIELDS.items():
+        if body.get(name) not in (None, [], {}):
+            raise _bad(name, why)
+    if body.get("n") not in (None, 1):
+        raise _bad("n", "only n=1 is supported")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        raise _bad("logprobs", "log probabilities are not supported")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise _bad("response_format", "only {\"type\": \"text\"} is supported")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2.0, 2.0) not in (None, 0, 0.0):
+            raise _bad(name, "not supported; the server applies its configured repetition_penalty instead")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "must be a non-empty list of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise _bad("messages", f"at most {MAX_MESSAGES} messages per request")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{index}]", "must be an object with role and content")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"messages[{index}].role", f"must be system, user or assistant, got {json.dumps(role)[:40]}")
+        if role == "system" and index != 0:
+            raise _bad(f"messages[{index}].role", "a system message may only come first")
+        if message.get("tool_calls"):
+            raise _bad(f"messages[{index}].tool_calls", "tools are not supported")
+        parsed.append({"role": role, "content": _content(message, index)})
+    if parsed[-1]["role"] != "user":
+        raise _bad(f"messages[{len(parsed) - 1}].role", "the last message must be the user's")
+    if not parsed[-1]["content"].strip():
+        raise _bad(f"messages[{len(parsed) - 1}].content", "the user message is empty")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise _bad("stop", "must be a non-empty string or a list of at most 4 non-empty strings")
+    max_tokens = _number(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
+    conversation_id = body.get("conversation_id")
+    if conversation_id is not None and not (isinstance(conversation_id, str) and 0 < len(conversation_id) <= 128):
+        raise _bad("conversation_id", "must be a string of 1 to 128 characters")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream", "must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options", "must be an object")
+    request = TurnRequest(
+        messages=parsed,
+        conversation_id=conversation_id,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        seed=_number(body, "seed", 0, 2**63 - 1, integer=True),
+        stop=list(stop or []),
+    )
+    if request.top_p == 0:
+        raise _bad("top_p", "must be above 0")
+    return request, stream, bool(options.get("include_usage"))
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several servers may live in one process)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        self.engine = engine
+        r = self.registry
+        self.requests = Counter("streamchat_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
+        self.prompt_tokens = Counter("streamchat_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("streamchat_generated_tokens", "Tokens generated", registry=r)
+        self.evicted_tokens = Counter("streamchat_evicted_tokens", "Tokens evicted from bounded caches", registry=r)
+        self.ttft = Histogram("streamchat_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("streamchat_inter_token_latency_seconds", "Time between streamed text pieces",
+                             registry=r, buckets=LATENCY_BUCKETS)
+        r.register(self)
+
+    def collect(self):
+        stats = self.engine.stats()
+        conversations = stats["conversations"]
+        yield GaugeMetricFamily("streamchat_conversations_live", "Live conversations", value=len(conversations))
+        yield GaugeMetricFamily("streamchat_active_turns", "Conversations replying now", value=stats["active_turns"])
+        yield GaugeMetricFamily("streamchat_queue_depth", "Forward steps waiting for the scheduler",
+                                value=stats["queued_steps"])
+        kv = GaugeMetricFamily("streamchat_kv_bytes", "KV cache bytes per conversation", labels=["conversation"])
+        tokens = GaugeMetricFamily("streamchat_cache_tokens", "Tokens cached per conversation", labels=["conversation"])
+        for name, cache in conversations.items():
+            kv.add_metric([name], cache["kv_bytes"])
+            tokens.add_metric([name], cache["cache_tokens"])
+        yield kv
+        yield tokens
+        yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
+                                value=sum(c["kv_bytes"] for c in conversations.values()))
+        yield GaugeMetricFamily("streamchat_batched_rows_per_step", "Mean conversations per batched decode step",
+                                value=stats["batched_rows"] / max(stats["batched_steps"], 1))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _read_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is over {limit} bytes", kind="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", kind="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"could not parse the JSON body: {error}") from None
+
+
+def api_router(engine: Engine, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> tuple[APIRouter, Metrics]:
+    """The API's routes over `engine` (for `serve`, and for mounting beside the web UI in one process)."""
+    router = APIRouter()
+    metrics = Metrics(engine)
+    model_names = (model_name, "streamchat")
+    created = int(time.time())
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+    @router.get("/health")
+    async def health() -> dict:
+        stats = engine.stats()
+        return {"status": "ok", "model": model_name, "conversations": len(stats["conversations"]),
+                "active_turns": stats["active_turns"]}
+
+    @router.get("/v1/models")
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except APIError as error:
+            return error.response()
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "streamchat"}]}
+
+    @router.get("/metrics")
+    async def prometheus(request: Request):
+        try:
+            check_key(request)
+        except APIError as error:
+            return error.response()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            check_key(request)
+            body = await _read_body(request, max_body_bytes)
+            turn_request, stream, include_usage = parse_request(body, model_names)
+            header_id = request.headers.get("x-conversation-id")
+            if header_id and turn_request.conversation_id is None:
+                turn_request.conversation_id = header_id[:128]
+            try:
+                turn = engine.open_turn(turn_request)
+            except Overloaded as error:
+                raise APIError(error.status, str(error), kind="rate_limit_error" if error.status == 429 else
+                               "server_overloaded", headers={"Retry-After": str(error.retry_after)}) from None
+            except SessionError as error:
+                raise APIError(400, str(error), "messages") from None
+        except APIError as error:
+            metrics.requests.labels(str(error.status)).inc()
+            return error.response()
+        metrics.requests.labels("200").inc()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        events = _start(turn)
+        if stream:
+            return StreamingResponse(
+                _sse(request, turn, events, completion_id, model_name, include_usage, metrics),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text = await _collect(request, turn, events, metrics)
+        if text is None:
+            return Response(status_code=499)
+        result = turn.result
+        return {
+            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result), "streamchat": result.extension,
+        }
+
+    return router, metrics
+
+
+class _Events:
+    """A turn running in its own thread, its text pieces handed to the event loop through an asyncio queue."""
+
+    def __init__(self, turn):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()
+        self.loop = asyncio.get_running_loop()
+        self.checked = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(turn,), name="streamchat-turn", daemon=True)
+
+    def _run(self, turn) -> None:
+        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+        try:
+            for piece in turn.run(self.stop):
+                put(("text", piece))
+            put(("end", None))
+        except BaseException as error:  # noqa: BLE001 - reported to the client
+            put(("error", error))
+
+    async def next(self, request: Request) -> tuple[str, Any]:
+        """The next event; ("gone", None) when the client disconnected meanwhile (the turn is then stopped).
+        The connection is checked at least every 0.25 s, also while pieces keep coming."""
+        while True:
+            now = time.monotonic()
+            if now - self.checked > 0.25:
+                self.checked = now
+                if await request.is_disconnected():
+                    self.stop.set()
+                    return "gone", None
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+
+
+def _start(turn) -> _Events:
+    events = _Events(turn)
+    events.thread.start()
+    return events
+
+
+def _usage(result) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _record(metrics: Metrics, turn, started: float, stamps: list[float]) -> None:
+    result = turn.result
+    metrics.prompt_tokens.inc(result.prompt_tokens)
+    metrics.generated_tokens.inc(result.completion_tokens)
+    metrics.evicted_tokens.inc(result.extension.get("evicted_this_turn", 0))
+    if stamps:
+        metrics.ttft.observe(stamps[0] - started)
+        for before, after in zip(stamps, stamps[1:]):
+            metrics.itl.observe(after - before)
+
+
+async def _collect(request: Request, turn, events: _Events, metrics: Metrics) -> str | None:
+    started, stamps, pieces = time.perf_counter(), [], []
+    try:
+        while True:
+            kind, value = await events.next(request)
+            if kind == "text":
+                stamps.append(time.perf_counter())
+                pieces.append(value)
+            elif kind == "error":
+                raise value
+            elif kind == "gone":
+                return None
+            else:
+                return "".join(pieces)
+    finally:
+        events.stop.set()  # a cancelled request (client gone) stops its generation at the next token
+        await asyncio.to_thread(events.thread.join, 30)
+        _record(metrics, turn, started, stamps)
+
+
+async def _sse(request, turn, events: _Events, completion_id, model_name, include_usage, metrics: Metrics):
+    started, stamps = time.perf_counter(), []
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.next(request)
+            if kind == "text":
+                stamps.append(time.perf_counter())
+                yield chunk({"content": value})
+            elif kind == "error":
+                error = {"message": f"generation failed: {value}", "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                return
+            elif kind == "gone":
+                return
+            else:
+                break
+        await asyncio.to_thread(events.thread.join, 30)
+        result = turn.result
+        yield chunk({}, result.finish_reason, streamchat=result.extension)
+        if include_usage:
+            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [], "usage": _usage(result), "streamchat": result.extension}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        events.stop.set()  # the client went away (or the stream ended): stop at the next token
+        await asyncio.to_thread(events.thread.join, 30)
+        _record(metrics, turn, started, stamps)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The API as a FastAPI app of its own (`serve`); `app.state.metrics` holds its metrics."""
+    app = FastAPI(title="streamchat", docs_url=None, redoc_url=None, openapi_url=None)
+    router, metrics = api_router(engine, model_name, api_key, max_body_bytes)
+    app.include_router(router)
+    app.state.metrics, app.state.engine = metrics, engine
+    return app
+
+
+def security_warning(host: str, api_key: str | None) -> str | None:
+    """The warning printed when the API is reachable beyond this machine without a key (None: nothing to say)."""
+    if api_key or _is_loopback(host):
+        return None
+    return (f"streamchat: WARNING: listening on {host} without an API key: anyone who can reach this address can "
+            "use the model. Set --api-key (or STREAMCHAT_API_KEY), or bind 127.0.0.1.")
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a bound loopback socket in a thread (tests and the load test); `url` is its base."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError("the server did not start within 30 s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.socket.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--max-sessions", type=int, default=8,
+                        help="live conversations at most; the least recently used idle one is freed past it (default: 8)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (default: $STREAMCHAT_API_KEY, else no key)")
+    parser.add_argument("--prefill-piece", type=int, default=32,
+                        help="prefill tokens per scheduler step between batched decode steps (default: 32)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from streamchat.cli import settings_from_args
+    from streamchat.model import load_model
+
+    settings = settings_from_args(args)
+    if args.max_sessions < 1 or args.prefill_piece < 1 or not 0 <= args.port <= 65535:
+        print("streamchat serve: --max-sessions and --prefill-piece must be 1 or more, --port 0-65535", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get("STREAMCHAT_API_KEY") or None
+    warning = security_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    loaded = load_model(settings.model, settings.device, settings.dtype)
+    engine = Engine(loaded, settings, args.max_sessions, args.prefill_piece)
+    app = create_app(engine, loaded.identity, api_key)
+    print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; OpenAI API at "
+          f"http://{args.host}:{args.port}/v1 (model {loaded.identity!r})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
