@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 
 from streamchat import persist  # noqa: E402
 from streamchat.config import Settings, SettingsError  # noqa: E402
-from streamchat.model import LoadedModel, load_model  # noqa: E402
+from streamchat.model import LoadedModel, load_for_chat  # noqa: E402
 from streamchat.policies import POLICIES  # noqa: E402
 from streamchat.prompts import PromptsError  # noqa: E402
 from streamchat.session import SessionError  # noqa: E402
@@ -649,7 +649,7 @@ def main(args: argparse.Namespace) -> int:
         print("streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
               file=sys.stderr)
         return 2
-    loaded = load_model(settings.model, settings.device, settings.dtype)
+    loaded = load_for_chat(settings)
     blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible)
     print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port}")
     launch(blocks, args.host, args.port)
