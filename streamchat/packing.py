@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from streamchat.memory import release_free_memory
 from streamchat.quant import PackedLinear, QuantEmbedding, QuantLinear, fuse, resolve_weights
 
 PACKED_ATTR = "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
@@ -205,17 +206,7 @@ def install(model: torch.nn.Module, packed: PackedWeights) -> None:
             for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None:
                     setattr(module, name, buffer.clone())
-    _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """Give the freed fp32 weights back to the system now (glibc keeps freed heap pages otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_memory()
 
 
 def packed_mode(model: torch.nn.Module) -> str | None:
