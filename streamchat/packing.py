@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from streamchat.memory import release_free_memory
 from streamchat.quant import PackedLinear, QuantEmbedding, QuantLinear, fuse, resolve_weights
@@ -243,9 +243,13 @@ def read_cached(folder: Path, key: dict, model: torch.nn.Module) -> PackedWeight
     weights, manifest = cache_paths(folder, str(key["mode"]))
     try:
         saved = json.loads(manifest.read_text())
-        if saved.get("key") != key or weights.stat().st_size != saved["size"] or _digest(weights) != saved["sha256"]:
+        if saved.get("key") != key or weights.stat().st_size != saved["size"]:
             return None
-        return PackedWeights.from_state(load_file(weights), str(key["mode"]), model)
+        # Read into memory, not memory-mapped: a mapped file rewritten by another process would crash this one.
+        data = weights.read_bytes()
+        if hashlib.sha256(data).hexdigest() != saved["sha256"]:
+            return None
+        return PackedWeights.from_state(load(data), str(key["mode"]), model)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 
