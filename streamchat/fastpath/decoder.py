@@ -242,7 +242,7 @@ def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = 
                 else:
                     started = time.perf_counter()
                     decoders[key] = FastDecoder(model, weights, compile)
-                    if weights != "model":
+                    if weights != "model" and packed is None:
                         seconds = time.perf_counter() - started
                         print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)",
                               file=sys.stderr)
