@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import load, save_file
 
 from streamchat.memory import release_free_memory
-from streamchat.quant import PackedLinear, QuantEmbedding, QuantLinear, fuse, resolve_weights
+from streamchat.quant import LINEAR_MODES, PackedLinear, QuantEmbedding, QuantLinear, fuse, resolve_weights
 
 PACKED_ATTR = "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
-PACKED_MODES = ("int8", "int4")
+PACKED_MODES = tuple(m for m in ("int8", "int4", "int8_dynamic") if m in LINEAR_MODES)  # what this torch/quant has
+DYNAMIC = "int8_dynamic"  # fbgemm's packed-weight object, not a tensor: stored as its int8 weight and row scales
 FORMAT = 1  # bump when what is stored changes
 
 
@@ -62,7 +63,7 @@ class PackedWeights:
         tensors = self.lm_head.state("lm_head")
         for i, layer in enumerate(self.layers):
             for name in ("qkv", "out", "gate_up", "down"):
-                tensors.update(getattr(layer, name).state(f"layers.{i}.{name}"))
+                tensors.update(_linear_state(getattr(layer, name), f"layers.{i}.{name}"))
         if self.embedding is not None:
             tensors["embedding.weight"], tensors["embedding.scales"] = self.embedding
         return {name: tensor.contiguous() for name, tensor in tensors.items()}
@@ -76,6 +77,8 @@ class PackedWeights:
             weight = tensors[f"{prefix}.weight"]
             if weight.shape[0] != out_features:
                 raise ValueError(f"{prefix}: {weight.shape[0]} rows, expected {out_features}")
+            if linear_mode == DYNAMIC:
+                return _dynamic_from_state(weight, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.bias"))
             return PackedLinear.from_packed(
                 linear_mode, weight, tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.bias"), out_features
             )
@@ -98,6 +101,35 @@ class PackedWeights:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state().values())
+
+
+def _linear_state(linear: PackedLinear, prefix: str) -> dict[str, torch.Tensor]:
+    if linear.mode != DYNAMIC:
+        return linear.state(prefix)
+    quantized, bias = torch.ops.quantized.linear_unpack(linear.weight)
+    tensors = {f"{prefix}.weight": quantized.int_repr(), f"{prefix}.scales": quantized.q_per_channel_scales().float()}
+    if bias is not None:
+        tensors[f"{prefix}.bias"] = bias
+    return tensors
+
+
+def _dynamic_from_state(weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> PackedLinear:
+    """An int8_dynamic linear re-packed for fbgemm from its stored int8 weight and row scales (exact: the same
+    integers and scales; prepacking is a reordering, milliseconds)."""
+    quantized = torch._make_per_channel_quantized_tensor(
+        weight, scales.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0
+    )
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        packed = torch.ops.quantized.linear_prepack(quantized, bias)
+    finally:
+        torch.backends.quantized.engine = previous
+    linear = PackedLinear.__new__(PackedLinear)
+    linear.mode, linear.weight, linear.scales, linear.bias = DYNAMIC, packed, None, None
+    linear.input_dtype, linear.out_features = torch.float32, weight.shape[0]
+    linear._nbytes = weight.numel() + 8 * weight.shape[0] + (0 if bias is None else 4 * bias.numel())
+    return linear
 
 
 def packable_reason(model: torch.nn.Module, weights: str) -> str | None:

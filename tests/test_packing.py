@@ -17,8 +17,8 @@ from streamchat.cache import BoundedCache
 from streamchat.config import Settings
 from streamchat.fastpath import decoder_for
 from streamchat.model import LoadedModel, load_model
-from streamchat.packing import PACKED_ATTR, cache_paths, pack_model, packed_mode
-from streamchat.quant import INT4_GROUP, QuantEmbedding, QuantLinear, quantize_int4
+from streamchat.packing import PACKED_ATTR, PACKED_MODES, cache_paths, pack_model, packed_mode
+from streamchat.quant import INT4_GROUP, QuantEmbedding, QuantLinear, quantize_int4, resolve_weights
 from streamchat.session import ChatSession
 
 
@@ -157,6 +157,17 @@ def test_cache_is_reused_and_rebuilt_when_stale_or_corrupt(reference, tmp_path):
     assert not pack_model(copy.deepcopy(reference), "int4", tmp_path, "weights-b").from_cache
 
 
+@pytest.mark.parametrize("mode", PACKED_MODES)
+def test_cache_round_trip_is_exact(reference, tmp_path, mode):
+    """What the cache gives back computes exactly what was packed, for every stored form."""
+    packed, cached = copy.deepcopy(reference), copy.deepcopy(reference)
+    assert not pack_model(packed, mode, tmp_path, "weights").from_cache
+    assert pack_model(cached, mode, tmp_path, "weights").from_cache
+    ids = torch.arange(16).view(1, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(cached(ids).logits, packed(ids).logits, rtol=0, atol=0)
+
+
 def test_models_that_cannot_be_packed_keep_their_weights(reference):
     for model, weights in ((copy.deepcopy(reference).to(torch.bfloat16), "int4"), (copy.deepcopy(reference), "bf16")):
         result = pack_model(model, weights, None, "test")
@@ -170,8 +181,8 @@ def test_load_model_packs_and_caches_an_hf_folder(reference, tokenizer, tmp_path
     folder = tmp_path / "tiny-model"
     reference.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    first = load_model(str(folder), decode_weights="auto")  # auto: int4, the layers are on a 4-bit grid
-    assert first.packing.mode == "int4" and not first.packing.from_cache
+    first = load_model(str(folder), decode_weights="auto")  # auto: packed, the layers are on a 4-bit grid
+    assert first.packing.mode == resolve_weights(reference.model.layers, "auto") and not first.packing.from_cache
     second = load_model(str(folder), decode_weights="auto")
     assert second.packing.from_cache
     assert load_model(str(folder)).packing is None  # without decode_weights: the model as loaded
