@@ -2,8 +2,8 @@
 
 Decode reads packed weights (streamchat/quant.py); before this, prefill ran the transformers forward on the fp32
 `nn.Linear`s, so both copies stayed in memory (540 MB of fp32 beside 80 MB packed). `install` replaces every
-decoder-layer linear with a `QuantLinear` over the packed tensors that the fast decode step reads (q/k/v and
-gate/up are row views into the fused tensors: no second copy), the output projection with the int8 one and the
+decoder-layer linear with a module over the packed tensors that the fast decode step reads (q/k/v and gate/up
+run as one fused matmul whose output each projection slices, or int8 row views: no second copy), the output projection with the int8 one and the
 tied embedding with a `QuantEmbedding` over the same int8 rows. torch's weight-only kernels take any number of
 rows, so prefill runs batched on them (gpt-fast's int4 `WeightOnlyInt4Linear` does the same on GPU).
 
@@ -196,9 +196,12 @@ class _SharedOutput:
 
 
 def _parts(fused: PackedLinear, sizes: list[int], in_features: int) -> list[torch.nn.Module]:
-    """Modules for the parts of a fused linear: row views sharing its storage, else slices of its output."""
+    """Modules for the parts of a fused linear: int8 row views sharing its storage (free: rows and scales are
+    both row-major); else slices of the fused output, one matmul per input (int4: its scales are laid out
+    [in / 32, out, 2], so a row view needs a strided copy of them, a quarter of the weight bytes and seconds at
+    start-up on a busy machine; prefill measured as fast either way)."""
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    views = [fused.rows(start, stop) for start, stop in bounds]
+    views = [fused.rows(start, stop) for start, stop in bounds] if fused.mode == "int8" else [None]
     if all(view is not None for view in views):
         return [QuantLinear(view, in_features) for view in views]
     shared = _SharedOutput(fused, len(sizes))

@@ -70,7 +70,7 @@ class PackedLinear:
 
     def rows(self, start: int, stop: int) -> PackedLinear | None:
         """Output rows start..stop as a linear sharing this one's weight storage (the packed weight's rows are
-        a view; int4 scales, [in / 32, out, 2], are copied: 1/16 of the weight bytes). None where the packed
+        a view; int4 scales, [in / 32, out, 2], are copied: a quarter of the weight bytes). None where the packed
         layout cannot be cut there (int4: rows must start and end on torch's 64-row packing blocks)."""
         if self.mode not in ("int8", "int4") or (self.mode == "int4" and not _int4_rows_cut_at(start, stop)):
             return None
