@@ -103,20 +103,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `only`, of that one command's options (the others are listed, not
+    imported: `chat` then never imports gradio, matplotlib or the measuring tools, which would cost start-up time
+    and resident memory)."""
     parser = argparse.ArgumentParser(prog="python -m streamchat", description="Endless chat in constant memory.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        add_settings_arguments(sub)
-        importlib.import_module(module_name).add_arguments(sub)
+        if only is None or name == only:
+            add_settings_arguments(sub)
+            importlib.import_module(module_name).add_arguments(sub)
         sub.set_defaults(module=module_name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        args = build_parser(only=words[0] if words and words[0] in COMMANDS else None).parse_args(argv)
     except SystemExit as done:  # argparse printed the usage error (or --help): a status, not an exception, for callers
         return int(done.code or 0)
     from streamchat.model import ModelError  # imports transformers: not before the arguments are known

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 
 import psutil
 import torch
 
 _PROCESS = psutil.Process()
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not Linux/glibc
+    _LIBC = None
 
 
 def rss_bytes() -> int:
@@ -18,6 +23,17 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Highest resident memory this process has had (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_free_memory() -> None:
+    """Hand memory the process has freed back to the system now (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed heap pages for reuse, so after a long prefill (activations of a chunk, tens of MB) or after
+    dropping full-precision weights, RSS would stay at the high-water mark although nothing uses those pages."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

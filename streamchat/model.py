@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -21,6 +22,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+from streamchat.packing import PackResult, pack_model  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
@@ -44,6 +47,7 @@ class LoadedModel:
     source: str  # what the user pointed at
     load_seconds: float
     converted: bool  # True when this load converted a GGUF file (slow, once)
+    packing: PackResult | None = None  # what load_model(decode_weights=...) did with the weights
 
 
 def embedded_gguf_path() -> Path:
@@ -150,8 +154,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(path: str | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load the embedded model (path None), a .gguf file, or a local HF model folder."""
+def _folder_digest(folder: Path) -> str:
+    """Names the weights of an HF folder for the packed-weights cache: path, and each weight file's size and
+    mtime (hashing gigabytes at every start would cost more than packing)."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    parts = [str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _packing_cache(folder: Path, gguf: Path | None) -> tuple[Path | None, str]:
+    """Where the packed weights of this load are cached, and the digest of the weights they come from."""
+    if gguf is not None:
+        if folder == gguf:  # the cache is not writable: the GGUF was loaded directly
+            return None, ""
+        return folder, json.loads((folder / MANIFEST).read_text())["sha256"]
+    digest = _folder_digest(folder)
+    return cache_root() / "packed" / f"{folder.resolve().name}-{digest[:12]}", digest
+
+
+def load_model(
+    path: str | None = None, device: str = "cpu", dtype: str = "float32", decode_weights: str | None = None
+) -> LoadedModel:
+    """Load the embedded model (path None), a .gguf file, or a local HF model folder.
+
+    `decode_weights` (int8, int4, auto; None or other values: keep the model's own weights): hold the weights
+    packed in that form only, for prefill and decode alike, with no full-precision copy (streamchat/packing.py;
+    cached on disk beside the converted model). For a process that runs one configuration (chat, web UI); the
+    measuring tools that compare weight options load without it."""
     started = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = DTYPES[dtype]
@@ -201,4 +230,22 @@ def load_model(path: str | None = None, device: str = "cpu", dtype: str = "float
     _check_supported(model, source)
     if tokenizer.chat_template is None:
         raise ModelError(f"the tokenizer of {source} has no chat template; streamchat needs an instruct model")
-    return LoadedModel(model, tokenizer, identity, source, time.perf_counter() - started, converted)
+    packing = None
+    if decode_weights is not None and decode_weights not in ("model", "bf16"):
+        try:
+            cache_folder, digest = _packing_cache(folder, gguf)
+            packing = pack_model(model, decode_weights, cache_folder, digest)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelError(f"cannot pack the weights of {source} as {decode_weights}: {error}") from error
+    return LoadedModel(model, tokenizer, identity, source, time.perf_counter() - started, converted, packing)
+
+
+def load_for_chat(settings) -> LoadedModel:
+    """The model for a process that chats under one configuration (REPL, web UI): with the fast decode path
+    on, its weights are held once, packed as `decode_weights` says (prefill included); with the transformers
+    path, as loaded. Says on stderr what it did with the weights."""
+    weights = settings.decode_weights if settings.decode_path == "fast" else None
+    loaded = load_model(settings.model, settings.device, settings.dtype, decode_weights=weights)
+    if loaded.packing is not None:
+        print(f"streamchat: {loaded.packing.note}", file=sys.stderr)
+    return loaded

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32  # Q4_1's block size
+INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves output rows in blocks of 64 (AVX-512 layout)
 LINEAR_MODES = ("model", "bf16", "int8", "int4")
 
 
@@ -47,15 +48,49 @@ class PackedLinear:
             self.weight, self.scales = quantize_int8(weight)
         else:
             self.weight, self.scales = quantize_int4(weight)
+        self.out_features = weight.shape[0]
+
+    @classmethod
+    def from_packed(
+        cls, mode: str, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+        out_features: int,
+    ) -> PackedLinear:
+        """A linear over tensors packed before (by `state()`, e.g. read back from the packed-weights cache)."""
+        if mode not in ("int8", "int4"):
+            raise ValueError(f"only int8/int4 linears are stored packed, got {mode!r}")
+        linear = cls.__new__(cls)
+        linear.mode, linear.weight, linear.scales, linear.bias = mode, weight, scales, bias
+        linear.input_dtype, linear.out_features = torch.bfloat16, out_features
+        return linear
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The stored tensors under `prefix` (weight, scales, bias): what `from_packed` takes back."""
+        tensors = {f"{prefix}.weight": self.weight, f"{prefix}.scales": self.scales, f"{prefix}.bias": self.bias}
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+    def rows(self, start: int, stop: int) -> PackedLinear | None:
+        """Output rows start..stop as a linear sharing this one's weight storage (the packed weight's rows are
+        a view; int4 scales, [in / 32, out, 2], are copied: a quarter of the weight bytes). None where the packed
+        layout cannot be cut there (int4: rows must start and end on torch's 64-row packing blocks)."""
+        if self.mode not in ("int8", "int4") or (self.mode == "int4" and not _int4_rows_cut_at(start, stop)):
+            return None
+        scales = self.scales[start:stop] if self.mode == "int8" else self.scales[:, start:stop].contiguous()
+        bias = None if self.bias is None else self.bias[start:stop]
+        return PackedLinear.from_packed(self.mode, self.weight[start:stop], scales, bias, stop - start)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] in `input_dtype` -> [..., out] in `input_dtype`; any number of rows (decode: 1, prefill:
+        the chunk), since torch's weight-only kernels take M >= 1."""
         if self.mode in ("model", "bf16"):
             return F.linear(x, self.weight, self.bias)
+        leading = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         if self.mode == "int8":
             out = torch._weight_int8pack_mm(x, self.weight, self.scales)
         else:
             out = torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scales)
-        return out if self.bias is None else out + self.bias
+        out = out if self.bias is None else out + self.bias
+        return out.view(*leading, out.shape[-1])
 
     def nbytes(self) -> int:
         tensors = [t for t in (self.weight, self.scales, self.bias) if t is not None]
@@ -112,3 +147,54 @@ def fuse(weights: list[torch.Tensor], biases: list[torch.Tensor | None], mode: s
         bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
         bias = bias.detach()
     return PackedLinear(torch.cat([w.detach() for w in weights]), bias, mode)
+
+
+_INT4_ROWS_CUTTABLE: bool | None = None
+
+
+def _int4_rows_cut_at(start: int, stop: int) -> bool:
+    """Whether rows start..stop of an int4-packed weight are exactly the packing of those rows alone. Checked once
+    per process on a small probe (torch's packing layout is its own and may change), then by block alignment."""
+    global _INT4_ROWS_CUTTABLE
+    if _INT4_ROWS_CUTTABLE is None:
+        probe = torch.randint(0, 16, (3 * INT4_ROW_BLOCK, 2 * INT4_GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        whole = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+        _INT4_ROWS_CUTTABLE = all(
+            torch.equal(whole[a:b], torch._convert_weight_to_int4pack_for_cpu(probe[a:b].contiguous(), 1))
+            for a, b in ((0, INT4_ROW_BLOCK), (INT4_ROW_BLOCK, 3 * INT4_ROW_BLOCK))
+        )
+    return _INT4_ROWS_CUTTABLE and start % INT4_ROW_BLOCK == 0 and stop % INT4_ROW_BLOCK == 0
+
+
+class QuantLinear(torch.nn.Module):
+    """An `nn.Linear` stand-in over a `PackedLinear` (int8/int4): the transformers forward (prefill, and the
+    transformers decode path) runs on the same packed weights as the fast decode step, so no full-precision copy
+    stays resident. Input and output are in the caller's dtype; the matmul runs on bf16 activations."""
+
+    def __init__(self, packed: PackedLinear, in_features: int):
+        super().__init__()
+        self.packed, self.in_features, self.out_features = packed, in_features, packed.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x.to(self.packed.input_dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.packed.mode}"
+
+
+class QuantEmbedding(torch.nn.Module):
+    """An `nn.Embedding` stand-in over int8 rows with one scale per row: the same tensors as the int8 output
+    projection when the embedding is tied to it (SmolLM2), so the 49152 x 576 table is held once, in 8 bits.
+    forward: ids [...] -> [..., hidden] in `dtype`."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None):
+        super().__init__()
+        self.weight_int8, self.scales, self.dtype, self.padding_idx = weight, scales, dtype, padding_idx
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).to(self.dtype)
+        return rows * F.embedding(ids, self.scales.view(-1, 1)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weights=int8"

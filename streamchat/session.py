@@ -29,7 +29,7 @@ from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
 from streamchat.fastpath import decoder_for_step, kv_dtype_for, prepare_decoder
-from streamchat.memory import rss_bytes
+from streamchat.memory import release_free_memory, rss_bytes
 from streamchat.model import LoadedModel
 from streamchat.scoring import continuation_logprobs, feed
 
@@ -38,6 +38,7 @@ CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_
 # UI's configure API) nor from a loaded session file, so no chat input can make streamchat read or write a path.
 LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir", "prompts_file")
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+LONG_PREFILL = 256  # prompt tokens after which a turn hands freed memory back (memory.release_free_memory)
 HISTORY_KEEP = 64  # conversation messages the session keeps as text (the cache holds far less of them anyway)
 HISTORY_LIMIT = 96  # trimming back to HISTORY_KEEP happens past this, so its cost is paid once per 32 messages
 
@@ -492,6 +493,8 @@ class ChatSession:
             logits = self._forward(ids[fed : fed + chunk])
             fed += len(ids[fed : fed + chunk])
         prefill_seconds = time.perf_counter() - started
+        if fed >= LONG_PREFILL:
+            release_free_memory()  # the chunks' activations: otherwise RSS keeps their high-water mark
         if fed < len(ids):
             self.cache.drop_message_starts(self.cache.seen_tokens)
             self._record_partial_prefill(pieces, messages, fed - len(self._pending))

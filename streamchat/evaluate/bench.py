@@ -35,14 +35,14 @@ from streamchat import reporting
 from streamchat.cli import add_list_argument
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
-from streamchat.evaluate import speed
+from streamchat.evaluate import footprint, speed
 from streamchat.fastpath import decoder_for_step, kv_dtype_for
 from streamchat.model import CACHE_ENV, LoadedModel, load_model
 from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES
 from streamchat.session import ChatSession
 
-MEASURES = ("curve", "overhead", "recompute", "ttft", "load", "speed")
+MEASURES = ("curve", "overhead", "recompute", "ttft", "load", "speed", "memory")
 SPEED_KV_DTYPES = ("model", "bfloat16")
 SHORT_PROMPT = "What is the capital of France?"
 
@@ -366,6 +366,17 @@ def measure_load_time(settings: Settings) -> dict[str, Any]:
     }
 
 
+def measure_memory(settings: Settings, long_tokens: int, new_tokens: int = 64) -> list[dict[str, Any]]:
+    """A chat process's time to the first prompt and RSS after a `long_tokens` prompt and `new_tokens` new tokens,
+    each resident form in a fresh process of its own, one after the other (evaluate/footprint.py): packed (what
+    `streamchat chat` holds), full (the model as loaded, beside the decode weights) and llama.cpp when installed."""
+    rows = []
+    for resident in footprint.RESIDENT:
+        result = footprint.run_child(resident, long_tokens, new_tokens, settings.threads or torch.get_num_threads())
+        rows.append({"measure": "memory", "path": resident, **{k: v for k, v in result.items() if k != "resident"}})
+    return rows
+
+
 def measure_path_speeds(
     loaded: LoadedModel, settings: Settings, budget: int, tokens: int, show_progress: bool = True
 ) -> list[dict[str, Any]]:
@@ -412,6 +423,8 @@ def run_bench(
             report["summary"].extend(measure_path_speeds(loaded, settings, budget, rounds, show_progress))
     if "load" in measures:
         report["summary"].append(measure_load_time(settings))
+    if "memory" in measures:
+        report["summary"].extend(measure_memory(settings, long_tokens))
     reporting.write_json(folder / "bench.json", report)
     reporting.write_csv(folder / "bench_curve.csv", report["curve"])
     reporting.write_csv(folder / "bench_summary.csv", _uniform(report["summary"]))
@@ -535,6 +548,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             figures[f"ttft_{row['prompt']}_s@{row['budget']}"] = row["ttft_s"]
         elif row["measure"] == "load":
             figures["load_cold_s"], figures["load_cached_s"] = row["cold_s"], row["cached_s"]
+        elif row["measure"] == "memory" and "error" not in row:
+            figures[f"rss_mb_{row['path']}"] = row["rss_mb"]
         elif row["measure"] == "speed" and "note" not in row:
             figures[f"speed_{tag}"] = {"tokens_per_s": row["tokens_per_s"], "speedup": row["speedup_vs_transformers"]}
     return figures
@@ -559,6 +574,12 @@ def print_summary(report: dict[str, Any]) -> None:
                   f"{row['ttft_s']:.3f} s")
         elif row["measure"] == "load":
             print(f"model load: cold {row['cold_s']:.1f} s (converted: {row['cold_converted']}), cached {row['cached_s']:.2f} s")
+        elif row["measure"] == "memory" and "error" in row:
+            print(f"memory, {row['path']}: not measured ({row['error']})")
+        elif row["measure"] == "memory":
+            print(f"memory, {row['path']} ({row['weights']}): RSS {row['rss_mb']:.0f} MB (peak {row['peak_rss_mb']:.0f}) "
+                  f"after {row['prompt_tokens']} prompt + {row['new_tokens']} new tokens; first prompt after "
+                  f"{row['ready_s']:.1f} s; prefill {row['prefill_tokens_per_s']:.0f} tok/s")
         elif row["measure"] == "speed" and "note" in row:
             print(f"decode speed @{row['budget']}: {row['note']}")
         elif row["measure"] == "speed":

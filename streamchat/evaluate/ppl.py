@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--recompute-every", type=int, default=DEFAULT_RECOMPUTE_EVERY, metavar="N",
         help=f"evaluate recompute at every Nth token only (default {DEFAULT_RECOMPUTE_EVERY}; 1: all, slow)",
     )
+    add(
+        "--resident", choices=("full", "packed"), default="full",
+        help="weights the model holds: full (as loaded, the default: policies compared on the model's own "
+        "numerics) or packed (as a chat process holds them with the fast path: --set decode_weights=..., "
+        "prefill included; docs/memory.md)",
+    )
     add("--out", default="out/ppl", metavar="DIR", help="output folder (default out/ppl)")
     add("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
 
@@ -379,7 +385,7 @@ def run_ppl(
 
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
-    from streamchat.model import ModelError, load_model
+    from streamchat.model import ModelError, load_for_chat, load_model
 
     heavy, args.heavy = args.heavy, None  # --heavy is the h2o split here, not the chat default
     settings = settings_from_args(args)
@@ -389,7 +395,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamchat ppl: {error}", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(settings.model, settings.device, settings.dtype)
+        if args.resident == "packed":
+            loaded = load_for_chat(settings.replace(decode_path="fast"))
+        else:
+            loaded = load_model(settings.model, settings.device, settings.dtype)
         rows, report = run_ppl(
             loaded, settings, text, args.tokens, args.budget, tuple(args.policies), args.recompute_every, heavy,
             args.out, source=args.text,
@@ -397,6 +406,8 @@ def main(args: argparse.Namespace) -> int:
     except (ModelError, PplError) as error:
         print(f"streamchat ppl: {error}", file=sys.stderr)
         return 2
+    weights = loaded.packing.mode if loaded.packing and loaded.packing.mode else "full"
+    print(f"weights: {weights} ({loaded.packing.note if loaded.packing else 'as loaded'})")
     print(f"{report['tokens']} tokens of {args.text}, budget {args.budget} ({settings.sinks} sinks, slack {settings.slack})")
     print(format_table(rows))
     print(f"results: {report['out']}/ppl.csv, ppl.json, nll.csv, ppl.png")

@@ -23,6 +23,8 @@ from streamchat.attention import grouped_probabilities
 from streamchat.cache import BoundedCache
 from streamchat.quant import PackedLinear, fuse, resolve_weights
 
+PACKED_ATTR = "streamchat_packed"  # where streamchat/packing.py leaves a packed model's weights
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -50,6 +52,12 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 class _Layer:
     def __init__(self, layer: torch.nn.Module, weights: str):
+        packed = getattr(layer, PACKED_ATTR, None)  # the one resident copy (streamchat/packing.py)
+        if packed is not None:
+            self.qkv, self.out, self.gate_up, self.down = packed.qkv, packed.out, packed.gate_up, packed.down
+            self.input_norm = layer.input_layernorm.weight.detach()
+            self.post_norm = layer.post_attention_layernorm.weight.detach()
+            return
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         self.qkv = fuse([p.weight for p in projections], [p.bias for p in projections], weights)
@@ -73,21 +81,26 @@ class FastDecoder:
             raise FastPathUnavailable(f"the fast decode path does not support {reason}")
         config = model.config
         inner = model.model
-        weights = resolve_weights(inner.layers, weights)
+        packed = getattr(model, PACKED_ATTR, None)
+        weights = packed.mode if packed is not None else resolve_weights(inner.layers, weights)
         self.weights = weights
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
-        self.embedding = inner.embed_tokens.weight.detach()
         self.layers = [_Layer(layer, weights) for layer in inner.layers]
         self.final_norm = inner.norm.weight.detach()
-        head_weights = "int8" if weights == "int4" else weights  # the GGUF's output projection is 8-bit
-        self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
-        self.device = self.embedding.device
+        self.dtype, self.device = self.final_norm.dtype, self.final_norm.device  # the residual stream's
+        if packed is not None:
+            self.embed, self.lm_head = inner.embed_tokens, packed.lm_head  # int8 rows, shared with lm_head
+        else:
+            embedding = inner.embed_tokens.weight.detach()
+            self.embed = lambda token: F.embedding(token, embedding)
+            head_weights = "int8" if weights == "int4" else weights  # the GGUF's output projection is 8-bit
+            self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
         half = self.head_dim // 2
-        self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.embedding.dtype)
+        self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
@@ -114,7 +127,7 @@ class FastDecoder:
     def _buffers(self, cache: BoundedCache) -> tuple:
         """The cache's tensors, gathered per call (microseconds): a decoder serves many sessions and threads."""
         layers = cache.layers
-        dtype = self.embedding.dtype  # RoPE in the residual stream's dtype, whatever the cache stores
+        dtype = self.dtype  # RoPE in the residual stream's dtype, whatever the cache stores
         return (
             [layer.keys for layer in layers],
             [layer.raw_keys for layer in layers],
@@ -170,7 +183,7 @@ class FastDecoder:
         end = length + 1
         cos = cos_table.narrow(0, length, 1)  # [1, head_dim]
         signed_sin = sin_table.narrow(0, length, 1) * self._sin_signs  # rotate_half(x) * sin == roll(x) * signed
-        x = F.embedding(token, self.embedding)  # [1, hidden], the residual stream in the model's dtype
+        x = self.embed(token)  # [1, hidden], the residual stream in the model's dtype
         hidden = (x.shape[-1],)
         for i, layer in enumerate(self.layers):
             matmul_dtype = layer.qkv.input_dtype
@@ -221,12 +234,15 @@ def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = 
         key = (weights, compile)
         if key not in decoders:
             try:
-                if weights == "auto":
+                packed = getattr(model, PACKED_ATTR, None)
+                if packed is not None and weights != packed.mode:  # the model holds only its packed weights
+                    decoders[key] = decoder_for(model, packed.mode, compile)
+                elif weights == "auto":
                     decoders[key] = decoder_for(model, resolve_weights(model.model.layers, weights), compile)
                 else:
                     started = time.perf_counter()
                     decoders[key] = FastDecoder(model, weights, compile)
-                    if weights != "model":
+                    if weights != "model" and packed is None:
                         seconds = time.perf_counter() - started
                         print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)",
                               file=sys.stderr)

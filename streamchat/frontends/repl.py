@@ -22,7 +22,7 @@ from contextlib import contextmanager, redirect_stdout
 
 from streamchat import persist
 from streamchat.config import SettingsError
-from streamchat.model import ModelError, load_model
+from streamchat.model import ModelError, load_for_chat
 from streamchat.session import ChatSession, SessionError
 
 HELP = """commands:
@@ -371,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     try:
-        loaded = load_model(settings.model, settings.device, settings.dtype)
+        loaded = load_for_chat(settings)
         session = ChatSession(loaded, settings)
     except (ModelError, SessionError) as error:
         print(f"streamchat: {error}", file=sys.stderr)

@@ -485,7 +485,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from streamchat.cli import settings_from_args
-    from streamchat.model import load_model
+    from streamchat.model import load_for_chat
 
     settings = settings_from_args(args)
     if args.max_sessions < 1 or args.prefill_piece < 1 or not 0 <= args.port <= 65535:
@@ -495,7 +495,7 @@ def main(args: argparse.Namespace) -> int:
     warning = security_warning(args.host, api_key)
     if warning:
         print(warning, file=sys.stderr)
-    loaded = load_model(settings.model, settings.device, settings.dtype)
+    loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions, args.prefill_piece)
     app = create_app(engine, loaded.identity, api_key)
     print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; OpenAI API at "

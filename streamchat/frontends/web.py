@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 
 from streamchat import persist  # noqa: E402
 from streamchat.config import Settings, SettingsError  # noqa: E402
-from streamchat.model import LoadedModel, load_model  # noqa: E402
+from streamchat.model import LoadedModel, load_for_chat  # noqa: E402
 from streamchat.policies import POLICIES  # noqa: E402
 from streamchat.prompts import PromptsError  # noqa: E402
 from streamchat.session import SessionError  # noqa: E402
@@ -684,7 +684,7 @@ def main(args: argparse.Namespace) -> int:
     warning = security_warning(args.host, api_key)
     if warning:
         print(warning, file=sys.stderr)
-    loaded = load_model(settings.model, settings.device, settings.dtype)
+    loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions)
     blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible, engine)
     print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port} "
