@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that rerun themselves in a child
     except SystemExit as done:  # argparse printed the usage error (or --help): a status, not an exception, for callers
         return int(done.code or 0)
     from streamchat.model import ModelError  # imports transformers: not before the arguments are known

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from streamchat import persist
 from streamchat.config import SettingsError
+from streamchat.fastpath import decode_summary
 from streamchat.model import ModelError, load_model
 from streamchat.session import ChatSession, SessionError
 
@@ -124,6 +125,7 @@ def interactive(session: ChatSession) -> int:
         f"streamchat: {session.loaded.source} | policy {s.policy}, budget {session.cache.capacity} tokens "
         f"({session.pinned_tokens or s.sinks} pinned) | /help for commands"
     )
+    print(f"streamchat: {decode_summary(session.model, s)}")
     while True:
         try:
             line = input("\nyou> ")
