@@ -233,6 +233,8 @@ def build_paths(
                 raise LlamaCppFailed(f"{gguf} is not a GGUF file")
             if forced_avx2() and not llama_cpp_dir:
                 raise LlamaCppFailed(f"no AVX2-only build named (--llama-cpp-avx2 DIR or ${LLAMA_CPP_AVX2_ENV})")
+            if llama_cpp_dir and not (Path(llama_cpp_dir) / "llama_cpp").is_dir():
+                raise LlamaCppFailed(f"no llama_cpp package in {llama_cpp_dir}")
             paths[LLAMA_CPP] = LlamaCppStepper(gguf, budget, torch.get_num_threads(), llama_cpp_dir)
             notes.append(f"llama.cpp build: {paths[LLAMA_CPP].system_info}")
         except LlamaCppFailed as error:
