@@ -53,7 +53,8 @@ class Settings:
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
     decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers
-    decode_weights: str = "auto"  # auto (4-bit GGUF: int8_dynamic on x86, else int4; else model) | model | bf16 | int8 | int4 | int8_dynamic
+    decode_weights: str = "auto"  # auto (int4 for 4-bit GGUF weights, else model) | model | bf16 | int8 | int4 | ...
+    # ... int8_dynamic (see streamchat/quant.py)
     decode_compile: bool = False  # torch.compile the fast step (paid once on the first reply; minutes on 2 cores)
     # Conversation
     system_prompt: str | None = None  # None: the chat template's own default

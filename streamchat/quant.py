@@ -15,10 +15,11 @@ RoPE, attention, the residual stream, the KV cache) stays in the model's dtype.
   quantized to 8 bits per call (per tensor). It takes and gives fp32, and it is the fastest CPU kernel here on both
   x86 classes (SmolLM2-135M, 1 thread, all linears of a token: 5.3 ms AVX-512 / 7.0 ms AVX2, against 7.4 / 16.7 ms
   for int4 and 10.6 / 11.6 ms for int8; docs/speed-cpu.md), because it is a real int8 GEMV (VNNI or
-  vpmaddubsw) where the weight-only kernels dequantize to bf16, which AVX2 has no arithmetic for.
-- auto (the default): for weights already on a 4-bit grid (a Q4 GGUF such as the embedded model),
-  `int8_dynamic` where fbgemm runs (x86), else int4; otherwise the model's own weights, so a model loaded in full
-  precision decodes in full precision (streamchat/fastpath/choice.py says which and why).
+  vpmaddubsw) where the weight-only kernels dequantize to bf16, which AVX2 has no arithmetic for. But rounding
+  each activation vector to 7 bits costs quality: +6.7% perplexity on the embedded model (300 tokens of
+  frankenstein.txt), so it is opt-in, never chosen by `auto`.
+- auto (the default): int4 when every layer linear is already on a 4-bit grid (a Q4 GGUF such as the embedded
+  model), else the model's own weights, so a model loaded in full precision decodes in full precision.
 These kernels are CPU kernels here: on other devices the fast path uses the model's own weights.
 """
 
@@ -144,13 +145,11 @@ def on_int4_grid(weight: torch.Tensor, group: int = INT4_GROUP, rows: int = 64) 
 
 
 def resolve_weights(layers: torch.nn.Module, weights: str) -> str:
-    """The linear mode that `weights` means for these decoder layers ("auto": for layers all 4-bit already,
-    int8_dynamic where fbgemm runs, else int4; otherwise "model")."""
+    """The linear mode that `weights` means for these decoder layers ("auto": int4 when all are 4-bit already;
+    not int8_dynamic, whose activation rounding costs perplexity)."""
     if weights != "auto":
         return weights
-    if not all(on_int4_grid(p) for p in layers.parameters() if p.dim() == 2):
-        return "model"
-    return "int8_dynamic" if int8_dynamic_available() else "int4"
+    return "int4" if all(on_int4_grid(p) for p in layers.parameters() if p.dim() == 2) else "model"
 
 
 def fuse(weights: list[torch.Tensor], biases: list[torch.Tensor | None], mode: str) -> PackedLinear:
