@@ -12,12 +12,13 @@ RoPE, attention, the residual stream, the KV cache) stays in the model's dtype.
   projection (Q8_0 in the GGUF) stays int8 with int4.
 - int8_dynamic: fbgemm's dynamically quantized int8 linear (`torch.ao` dynamic quantization, the kernel of
   `torch.ao.nn.quantized.dynamic.Linear`): int8 weights with one scale per output row, and the fp32 activation
-  quantized to 8 bits per call (per tensor). It takes and gives fp32, and it is the fastest CPU kernel here on both
+  quantized to 8 bits per call (per tensor). It takes and gives fp32, and it is the fastest CPU kernel alone on both
   x86 classes (SmolLM2-135M, 1 thread, all linears of a token: 5.3 ms AVX-512 / 7.0 ms AVX2, against 7.4 / 16.7 ms
   for int4 and 10.6 / 11.6 ms for int8; docs/speed-cpu.md), because it is a real int8 GEMV (VNNI or
   vpmaddubsw) where the weight-only kernels dequantize to bf16, which AVX2 has no arithmetic for. But rounding
   each activation vector to 7 bits costs quality: +6.7% perplexity on the embedded model (300 tokens of
-  frankenstein.txt), so it is opt-in, never chosen by `auto`.
+  frankenstein.txt), and in a whole 2-thread step it is no faster than int4 (docs/speed-cpu.md), so it is
+  opt-in, never chosen by `auto`.
 - auto (the default): int4 when every layer linear is already on a 4-bit grid (a Q4 GGUF such as the embedded
   model), else the model's own weights, so a model loaded in full precision decodes in full precision.
 These kernels are CPU kernels here: on other devices the fast path uses the model's own weights.

@@ -2,8 +2,9 @@
 
 Chosen by CPU capability (measured per op on both x86 classes, docs/speed-cpu.md):
 - Weights: for a model whose layer weights are already 4-bit (a Q4 GGUF), int4 (the GGUF's own precision) on
-  every CPU. fbgemm's dynamic int8 linear (`int8_dynamic`) is 1.4x (AVX-512) to 2.4x (AVX2) faster per linear,
-  but its 7-bit activations cost +6.7% perplexity, so it stays opt-in.
+  every CPU. fbgemm's dynamic int8 linear (`int8_dynamic`) is 1.4x (AVX-512) to 2.4x (AVX2) faster per linear
+  alone, but no faster in a whole 2-thread step (0.89x / 0.97x of int4) and its 7-bit activations cost +6.7%
+  perplexity, so it stays opt-in.
 - K/V cache: the model's dtype (fp32), except bf16 on CPUs with AMX tiles. SDPA at one query over a bf16 cache
   converts every element in software on AVX2 (and still costs 7x fp32 on Zen 4's AVX-512 BF16: 1.0 ms against
   0.13 ms a layer at 1,024 tokens, 1 thread); the AMX machine the fast path was first measured on decoded 18%
@@ -43,5 +44,5 @@ def auto_weights_reason(resolved: str) -> str:
     """Why `decode_weights: auto` resolved to `resolved` (see `quant.resolve_weights`)."""
     if resolved == "int4":
         return "4-bit model: the GGUF's own precision" + (
-            "; int8_dynamic is faster here but costs perplexity" if int8_dynamic_available() else "")
+            "; int8_dynamic is no faster in a whole step and costs perplexity" if int8_dynamic_available() else "")
     return "weights not 4-bit: decode in the model's own precision"
