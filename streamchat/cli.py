@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         words = sys.argv[1:] if argv is None else argv
         args = build_parser(only=words[0] if words and words[0] in COMMANDS else None).parse_args(argv)
+        args.argv = list(words)  # for commands that rerun themselves in a child
     except SystemExit as done:  # argparse printed the usage error (or --help): a status, not an exception, for callers
         return int(done.code or 0)
     from streamchat.model import ModelError  # imports transformers: not before the arguments are known

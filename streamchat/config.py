@@ -25,7 +25,7 @@ MAX_NEW_TOKENS_LIMIT = 1_000_000
 MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000000000 fails here, not in malloc
 DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
-DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4")  # see streamchat/quant.py
+DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4", "int8_dynamic")  # see streamchat/quant.py
 KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/fastpath: kv_dtype_for
 EVICT_UNITS = ("token", "message")  # see streamchat/policies/sink_window.py
 
@@ -51,11 +51,12 @@ class Settings:
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     evict_unit: str = "token"  # sink_window: token (rolling window) | message (whole oldest messages; docs/recall.md)
-    kv_dtype: str = "auto"  # auto (bfloat16 where the fast path decodes on a CPU over fp32, else model) | model | a dtype
+    kv_dtype: str = "auto"  # auto (fastpath/choice.py: the model dtype, bf16 on AMX CPUs) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
     decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers
-    decode_weights: str = "auto"  # auto (int4 for 4-bit GGUF weights, else model) | model | bf16 | int8 | int4
+    decode_weights: str = "auto"  # auto (int4 for 4-bit GGUF weights, else model) | model | bf16 | int8 | int4 | ...
+    # ... int8_dynamic (see streamchat/quant.py)
     decode_compile: bool = False  # torch.compile the fast step (paid once on the first reply; minutes on 2 cores)
     # Conversation
     system_prompt: str | None = None  # None: the chat template's own default

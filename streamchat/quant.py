@@ -10,26 +10,42 @@ RoPE, attention, the residual stream, the KV cache) stays in the model's dtype.
   (4-bit, per 32-block scale and minimum), so int4 with the block's own minimum and step recovers those weights
   up to the bf16 rounding of the scales: it is the GGUF's own precision, not a further loss. The output
   projection (Q8_0 in the GGUF) stays int8 with int4.
+- int8_dynamic: fbgemm's dynamically quantized int8 linear (`torch.ao` dynamic quantization, the kernel of
+  `torch.ao.nn.quantized.dynamic.Linear`): int8 weights with one scale per output row, and the fp32 activation
+  quantized to 8 bits per call (per tensor). It takes and gives fp32, and it is the fastest CPU kernel alone on both
+  x86 classes (SmolLM2-135M, 1 thread, all linears of a token: 5.3 ms AVX-512 / 7.0 ms AVX2, against 7.4 / 16.7 ms
+  for int4 and 10.6 / 11.6 ms for int8; docs/speed-cpu.md), because it is a real int8 GEMV (VNNI or
+  vpmaddubsw) where the weight-only kernels dequantize to bf16, which AVX2 has no arithmetic for. But rounding
+  each activation vector to 7 bits costs quality: +6.7% perplexity on the embedded model (300 tokens of
+  frankenstein.txt), and in a whole 2-thread step it is no faster than int4 (docs/speed-cpu.md), so it is
+  opt-in, never chosen by `auto`.
 - auto (the default): int4 when every layer linear is already on a 4-bit grid (a Q4 GGUF such as the embedded
   model), else the model's own weights, so a model loaded in full precision decodes in full precision.
-Both kernels are CPU kernels here: on other devices the fast path uses the model's own weights.
+These kernels are CPU kernels here: on other devices the fast path uses the model's own weights.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32  # Q4_1's block size
 INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves output rows in blocks of 64 (AVX-512 layout)
-LINEAR_MODES = ("model", "bf16", "int8", "int4")
+LINEAR_MODES = ("model", "bf16", "int8", "int4", "int8_dynamic")
+DYNAMIC_MODES = ("int8_dynamic",)  # fp32 in and out; the others take bf16
 
 
 class PackedLinear:
-    """y = x W^T (+ b) over weights stored as `mode`: "model" (as loaded), "bf16", "int8" or "int4".
+    """y = x W^T (+ b) over weights stored as `mode`: "model" (as loaded), "bf16", "int8", "int4" or
+    "int8_dynamic".
 
-    `x` must already be in `input_dtype` (the model's dtype for "model", bf16 otherwise) and `y` comes out in it:
-    the caller converts once where a value crosses between the residual stream and the matmuls, not per call.
+    `x` must already be in `input_dtype` (the model's dtype for "model", fp32 for "int8_dynamic", bf16 otherwise)
+    and `y` comes out in it: the caller converts once where a value crosses between the residual stream and the
+    matmuls, not per call. Stored tensors: `weight` (and `scales`) as the mode's kernel wants them; for
+    "int8_dynamic", `weight` is fbgemm's packed-weight object (`torch.ops.quantized.linear_prepack`, bias inside;
+    it pickles as its int8 weight and scales) and `scales` is None.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str):
@@ -38,9 +54,13 @@ class PackedLinear:
         self.mode = mode
         self.scales: torch.Tensor | None = None
         weight = weight.detach()
-        self.input_dtype = weight.dtype if mode == "model" else torch.bfloat16
+        self.input_dtype = {"model": weight.dtype, "int8_dynamic": torch.float32}.get(mode, torch.bfloat16)
         self.bias = None if bias is None else bias.detach().to(self.input_dtype)
-        if mode == "model":
+        self._nbytes = 0
+        if mode == "int8_dynamic":
+            self.weight, self._nbytes = prepack_int8_dynamic(weight, self.bias)
+            self.bias = None  # inside the packed weight
+        elif mode == "model":
             self.weight = weight
         elif mode == "bf16":
             self.weight = weight.to(torch.bfloat16).contiguous()
@@ -60,7 +80,7 @@ class PackedLinear:
             raise ValueError(f"only int8/int4 linears are stored packed, got {mode!r}")
         linear = cls.__new__(cls)
         linear.mode, linear.weight, linear.scales, linear.bias = mode, weight, scales, bias
-        linear.input_dtype, linear.out_features = torch.bfloat16, out_features
+        linear.input_dtype, linear.out_features, linear._nbytes = torch.bfloat16, out_features, 0
         return linear
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -83,6 +103,8 @@ class PackedLinear:
         the chunk), since torch's weight-only kernels take M >= 1."""
         if self.mode in ("model", "bf16"):
             return F.linear(x, self.weight, self.bias)
+        if self.mode == "int8_dynamic":
+            return torch.ops.quantized.linear_dynamic(x, self.weight, True)  # reduce_range: no int16 saturation on AVX2
         leading = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if self.mode == "int8":
@@ -93,8 +115,33 @@ class PackedLinear:
         return out.view(*leading, out.shape[-1])
 
     def nbytes(self) -> int:
-        tensors = [t for t in (self.weight, self.scales, self.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [t for t in (self.weight, self.scales, self.bias) if isinstance(t, torch.Tensor)]
+        return self._nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def int8_dynamic_available() -> bool:
+    """Whether fbgemm's dynamic int8 linear runs here (x86 builds of torch); elsewhere int4 stays the choice."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def prepack_int8_dynamic(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, int]:
+    """fbgemm's packed int8 weight for `torch.ops.quantized.linear_dynamic`: symmetric per-output-row int8
+    (scale = max|row| / 127, as `quantize_int8`), bias (fp32) inside. Returns it and its size in bytes.
+    Raises RuntimeError where fbgemm is missing (see `int8_dynamic_available`)."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    previous = torch.backends.quantized.engine
+    try:
+        with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; the kernel is what we use
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch.quantize_per_channel(
+                weight, scales.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0, torch.qint8
+            )
+            torch.backends.quantized.engine = "fbgemm"
+            packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
+    finally:
+        torch.backends.quantized.engine = previous
+    return packed, weight.numel() + 8 * weight.shape[0] + (0 if bias is None else 4 * bias.numel())
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +181,8 @@ def on_int4_grid(weight: torch.Tensor, group: int = INT4_GROUP, rows: int = 64) 
 
 
 def resolve_weights(layers: torch.nn.Module, weights: str) -> str:
-    """The linear mode that `weights` means for these decoder layers ("auto": int4 when all are 4-bit already)."""
+    """The linear mode that `weights` means for these decoder layers ("auto": int4 when all are 4-bit already;
+    not int8_dynamic, whose activation rounding costs perplexity)."""
     if weights != "auto":
         return weights
     return "int4" if all(on_int4_grid(p) for p in layers.parameters() if p.dim() == 2) else "model"

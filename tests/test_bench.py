@@ -2,11 +2,13 @@ import csv
 import json
 
 import pytest
+import torch
 
 from streamchat import cli
 from streamchat.evaluate import bench
 from streamchat.evaluate import speed
 from streamchat.config import load_settings
+from streamchat.fastpath.choice import auto_kv_dtype
 from streamchat.prompts import demo_token_ids
 
 BUDGET = 48  # the tiny template's system prompt (17 tokens) must fit in half the budget
@@ -111,7 +113,8 @@ def test_speed_measure_reports_every_decode_path(tiny, tmp_path, monkeypatch, ca
         figures = last[f"speed_{path}@{BUDGET}"]
         assert figures["tokens_per_s"] > 0 and figures["speedup"] > 0
     assert last[f"speed_transformers_dynamic@{BUDGET}"]["speedup"] == 1.0
-    assert any("(default)" in line and "fast_model_kv_bf16" in line for line in printed)
+    default = f"fast_model_kv_{speed.KV_NAMES[auto_kv_dtype(torch.float32)[0]]}"  # fp32, bf16 on AMX CPUs
+    assert any("(default)" in line and default in line for line in printed)
     assert f"decode speed @{BUDGET}: llama.cpp skipped: not in this test" in printed
 
 

@@ -13,13 +13,17 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import SettingsError, load_settings
 from streamchat.fastpath import (
     FastDecoder,
     FastPathUnavailable,
+    choice,
     decoder_for,
+    kv_dtype_for,
 )
+from streamchat.quant import int8_dynamic_available
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession
 
@@ -38,7 +42,8 @@ def stream(loaded: LoadedModel, count: int) -> list[int]:
 @torch.inference_mode()
 def transformers_step(model, cache: BoundedCache, ids: list[int]) -> torch.Tensor:
     cache.make_room(len(ids))
-    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                 **attention_kwargs(cache)).logits[:, -1]
 
 
 def assert_same_cache(a: BoundedCache, b: BoundedCache, tolerance: float = 1e-5) -> None:
@@ -177,12 +182,22 @@ def on_q4_1_grid(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
-def test_lighter_weights_stay_close(tiny, weights):
+LIGHT_WEIGHTS = ["bf16", "int8", "int4"] + (["int8_dynamic"] if int8_dynamic_available() else [])
+# Relative logit error per step: int8_dynamic also rounds each activation vector to 7 bits per tensor, which the
+# tiny random model (no trained scale structure, 2 layers of noise) feels far more than a real model does
+# (docs/speed-cpu.md gives the real model's perplexity change).
+LIGHT_TOLERANCE = {"int8_dynamic": 0.3}
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])
+@pytest.mark.parametrize("weights", LIGHT_WEIGHTS)
+def test_lighter_weights_stay_close(tiny, weights, policy):
     """Lighter weights change logits by rounding only (int4 on Q4_1-grid weights, where it is exact up to bf16
-    scales), and leave the cache's places and origins as they are."""
-    settings = small_settings()
-    model = on_q4_1_grid(tiny.model) if weights == "int4" else tiny.model
+    scales; int8_dynamic also rounds each activation to 8 bits), and leave the cache's places and origins as they
+    are, with every policy. H2O and TOVA score on the fast path's own attention, so once they evict, rounding may
+    tip which token they drop: from then on the same budget and mostly the same next tokens."""
+    settings = small_settings(policy=policy, heavy=16, recent=30)
+    model = on_q4_1_grid(tiny.model) if weights in ("int4", "int8_dynamic") else tiny.model
     reference, light = BoundedCache(model, settings), BoundedCache(model, settings)
     exact, decoder = FastDecoder(model), FastDecoder(model, weights)
     assert decoder.nbytes() < exact.nbytes()
@@ -193,12 +208,16 @@ def test_lighter_weights_stay_close(tiny, weights):
     for token in ids[8:]:
         reference.make_room(1)
         light.make_room(1)
+        scored_evictions = policy != "sink_window" and reference.evicted_tokens > 0
         expected, got = exact.decode(token, reference), decoder.decode(token, light)
         assert torch.isfinite(got).all()
-        assert (got - expected).norm() < 0.1 * expected.norm()
+        assert (reference.length, reference.evicted_tokens) == (light.length, light.evicted_tokens)
         agree += int(got.argmax() == expected.argmax())
-        assert torch.equal(reference.layers[0].origins, light.layers[0].origins)
-    assert agree >= 0.8 * len(ids[8:])
+        if not scored_evictions:
+            assert (got - expected).norm() < LIGHT_TOLERANCE.get(weights, 0.1) * expected.norm()
+            assert torch.equal(reference.layers[0].origins, light.layers[0].origins)
+    assert reference.evicted_tokens > 0
+    assert agree >= (0.8 if policy == "sink_window" and weights != "int8_dynamic" else 0.6) * len(ids[8:])
 
 
 def test_decode_settings_are_validated():
@@ -209,6 +228,17 @@ def test_decode_settings_are_validated():
         load_settings(None, {"decode_path": "turbo"})
 
 
-def test_auto_weights_are_int4_only_for_4bit_models(tiny):
+def test_auto_weights_are_quantized_only_for_4bit_models(tiny):
     assert FastDecoder(tiny.model, "auto").weights == "model"  # full-precision weights decode as they are
     assert FastDecoder(on_q4_1_grid(tiny.model), "auto").weights == "int4"  # a Q4 GGUF's weights: no further loss
+
+
+@pytest.mark.parametrize(("cpu", "expected"), [("AVX2", torch.float32), ("AVX512", torch.float32),
+                                               ("AMX", torch.bfloat16)])
+def test_auto_kv_dtype_follows_the_cpu(tiny, monkeypatch, cpu, expected):
+    """`kv_dtype: auto` on the fast path: fp32 where bf16 attention is emulated (AVX2, Zen 4's AVX-512), bf16 on
+    AMX; the model's dtype off the fast path."""
+    monkeypatch.setattr(choice, "cpu_class", lambda: cpu)
+    assert kv_dtype_for(tiny.model, small_settings(kv_dtype="auto")) == expected
+    assert kv_dtype_for(tiny.model, small_settings(kv_dtype="auto", decode_path="transformers")) == torch.float32
+    assert choice.auto_kv_dtype(torch.float16)[0] == torch.float16

@@ -11,6 +11,7 @@ import pytest
 from streamchat import cli
 from streamchat.config import load_settings
 from streamchat.evaluate import speed
+from streamchat.fastpath.choice import auto_kv_dtype
 from tiny import shuffled_story, tiny_loaded
 
 
@@ -40,7 +41,8 @@ def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys)
     # auto resolves to the model's own weights for this fp32 model: measured once, not twice
     assert names == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32", "fast_model_kv_bf16",
                      "fast_int8_kv_fp32", "fast_int8_kv_bf16"]
-    assert figures["default_path"] == "fast_model_kv_bf16"
+    auto_kv = speed.KV_NAMES[auto_kv_dtype(loaded.model.dtype)[0]]  # fp32, bf16 on AMX CPUs
+    assert figures["default_path"] == f"fast_model_kv_{auto_kv}"
     reference = figures["rows"][0]["tokens_per_s"]
     for row in figures["rows"]:
         assert row["ms_per_token"] > 0
@@ -70,7 +72,7 @@ def test_bad_text_and_counts_are_refused(loaded, text, tmp_path, capsys, monkeyp
 
 def test_bad_lists_are_refused(loaded, text, capsys):
     assert cli.main(["speed", "--text", str(text), "--weights", "int3"]) == 2
-    assert "--weights: unknown int3; valid: auto, model, bf16, int8, int4" in capsys.readouterr().err
+    assert "--weights: unknown int3; valid: auto, model, bf16, int8, int4, int8_dynamic" in capsys.readouterr().err
     assert cli.main(["speed", "--text", str(text), "--kv-dtypes", ","]) == 2
     assert "--kv-dtypes: empty list" in capsys.readouterr().err
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from streamchat import reporting
+from streamchat import memory, reporting
 from streamchat.cli import add_list_argument
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
@@ -388,6 +388,12 @@ def measure_path_speeds(
     rows = [{"measure": "speed", "budget": budget, **row, "default": row["path"] == figures["default_path"]}
             for row in figures["rows"]]
     rows += [{"measure": "speed", "budget": budget, "path": "note", "note": note} for note in figures["notes"]]
+    llama_memory = figures["llama_cpp_memory"]
+    if llama_memory:  # llama.cpp's process beside this one's (bench's RSS rows)
+        rows.append({"measure": "speed", "budget": budget, "path": "note", "note":
+                     f"llama.cpp RSS {llama_memory['rss_bytes'] / 2**20:.0f} MB "
+                     f"(peak {llama_memory['peak_rss_bytes'] / 2**20:.0f} MB), streamchat {memory.rss_bytes() / 2**20:.0f} MB "
+                     "(this process: every path's weights)"})
     return rows
 
 

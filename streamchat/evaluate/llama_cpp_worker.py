@@ -2,13 +2,18 @@
 AMX kernels on a CPU whose kernel does not grant AMX) costs that row of the table, not the run.
 
 Protocol: one JSON object per line each way. In: {"prefill": [ids]} or {"step": id}. Out: {} after a prefill,
-{"seconds": s} after a step (timed here, so the pipe's latency is not counted against llama.cpp). The first line
-out is {"ready": true} or {"error": "..."}.
+{"seconds": s, "rss_bytes": n, "peak_rss_bytes": n} after a step (timed here, so the pipe's latency is not counted
+against llama.cpp; this process's resident memory). The first line out is {"ready": true, "system_info": "..."}
+(llama.cpp's CPU feature line, e.g. "AVX2 = 1 | AVX512 = 0 ...") or {"error": "..."}.
+
+Which llama.cpp build runs is Python's choice of `llama_cpp` package: `speed --isa avx2` puts an AVX2-only build's
+folder first on PYTHONPATH (see streamchat/evaluate/speed.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -24,7 +29,11 @@ def serve(gguf: str, budget: int, threads: int) -> None:
     except Exception as error:  # noqa: BLE001 - reported to the parent, which skips the row
         print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
         return
-    print(json.dumps({"ready": True}), flush=True)
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    print(json.dumps({"ready": True, "system_info": info.strip(), "module": llama_cpp.__file__}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if "prefill" in command:
@@ -36,7 +45,30 @@ def serve(gguf: str, budget: int, threads: int) -> None:
             llm.n_tokens = budget - 1  # the next eval drops the last place from llama.cpp's KV cache
         started = time.perf_counter()
         llm.eval([command["step"]])
-        print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+        seconds = time.perf_counter() - started
+        print(json.dumps({"seconds": seconds, "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}), flush=True)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (VmHWM; ru_maxrss would keep the
+    parent's peak across fork and exec). 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 if __name__ == "__main__":

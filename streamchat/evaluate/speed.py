@@ -10,6 +10,15 @@ request), and llama.cpp on the same GGUF file when `llama-cpp-python` is install
 Quality: the NLL of each next token of a long text fed token by token through the bounded cache at the budget (so
 the second half runs with evictions), for each of those fast path variants in lock step; the fast path with the
 model's own weights and dtype is the reference (it matches transformers within float rounding, tests/test_fast.py).
+
+Memory: the resident memory (RSS, peak) of a process decoding as a chat does by default (`chat_rss_worker`: a
+`budget`-token prompt, then 64 tokens), next to llama.cpp's process after its steps.
+
+CPU class (`--isa avx2`): the whole measurement reruns in a child process with ATEN_CPU_CAPABILITY=avx2,
+ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2, so torch, oneDNN and fbgemm use their AVX2 kernels
+(and `auto` chooses as on an AVX2-only CPU), and llama.cpp runs from an AVX2-only build: the folder given by
+`--llama-cpp-avx2` or $STREAMCHAT_LLAMA_CPP_AVX2 (`pip install --target DIR llama-cpp-python` built with
+AVX-512 off; docs/speed-cpu.md), or is skipped with a note.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -33,11 +43,14 @@ from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
-from streamchat.fastpath import decoder_for, kv_dtype_for
+from streamchat.fastpath import decode_summary, decoder_for, kv_dtype_for
+from streamchat.fastpath.choice import cpu_class
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
 from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES, resolve_weights
 
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+LLAMA_CPP_AVX2_ENV = "STREAMCHAT_LLAMA_CPP_AVX2"  # folder holding an AVX2-only llama_cpp package
 REFERENCE = "transformers_dynamic"
 LLAMA_CPP = "llama_cpp"
 BLOCK = 8  # tokens a path decodes per turn in the speed measurement
@@ -117,13 +130,18 @@ class LlamaCppStepper(Stepper):
     """llama.cpp (llama-cpp-python) on the GGUF file, one token per eval with the context kept at the budget, run in
     its own process (`llama_cpp_worker`), which times each eval itself."""
 
-    def __init__(self, gguf: Path, budget: int, threads: int):
+    def __init__(self, gguf: Path, budget: int, threads: int, package_dir: str | None = None):
+        env = dict(os.environ)
+        if package_dir:  # this llama_cpp build first on the path (an AVX2-only one for --isa avx2)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_dir, env.get("PYTHONPATH")]))
         self.worker = subprocess.Popen(
-            self.command(gguf, budget, threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            self.command(gguf, budget, threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
         answer = self._read()
         if "error" in answer:
             raise LlamaCppFailed(answer["error"])
+        self.system_info: str = answer.get("system_info", "")
+        self.memory: dict[str, int] = {}
 
     @staticmethod
     def command(gguf: Path, budget: int, threads: int) -> list[str]:
@@ -150,7 +168,9 @@ class LlamaCppStepper(Stepper):
         self._ask({"step": token_id})
 
     def timed_step(self, token_id: int) -> float:
-        return self._ask({"step": token_id})["seconds"]
+        answer = self._ask({"step": token_id})
+        self.memory = {key: answer[key] for key in ("rss_bytes", "peak_rss_bytes") if key in answer}
+        return answer["seconds"]
 
     def close(self) -> None:
         self.worker.kill()
@@ -192,7 +212,8 @@ def default_variant(loaded: LoadedModel, settings: Settings) -> str:
 
 
 def build_paths(
-    loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str], compile: bool, llama_cpp: bool
+    loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str], compile: bool, llama_cpp: bool,
+    llama_cpp_dir: str | None = None,
 ) -> tuple[dict[str, Stepper], list[str]]:
     """The steppers to compare, and notes on paths skipped."""
     model, budget = loaded.model, settings.budget
@@ -210,7 +231,12 @@ def build_paths(
         try:
             if gguf.suffix != ".gguf":
                 raise LlamaCppFailed(f"{gguf} is not a GGUF file")
-            paths[LLAMA_CPP] = LlamaCppStepper(gguf, budget, torch.get_num_threads())
+            if forced_avx2() and not llama_cpp_dir:
+                raise LlamaCppFailed(f"no AVX2-only build named (--llama-cpp-avx2 DIR or ${LLAMA_CPP_AVX2_ENV})")
+            if llama_cpp_dir and not (Path(llama_cpp_dir) / "llama_cpp").is_dir():
+                raise LlamaCppFailed(f"no llama_cpp package in {llama_cpp_dir}")
+            paths[LLAMA_CPP] = LlamaCppStepper(gguf, budget, torch.get_num_threads(), llama_cpp_dir)
+            notes.append(f"llama.cpp build: {paths[LLAMA_CPP].system_info}")
         except LlamaCppFailed as error:
             notes.append(f"llama.cpp skipped: {error}")
     return paths, notes
@@ -219,6 +245,7 @@ def build_paths(
 def measure_speed(
     loaded: LoadedModel, settings: Settings, text: str | None, tokens: int, weights: list[str],
     kv_dtypes: list[str], compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
+    llama_cpp_dir: str | None = None,
 ) -> dict[str, Any]:
     """Median ms/token of each path decoding at least `tokens` counted tokens at a full cache, and tokens/s ratios
     to plain transformers. Paths take turns in blocks of `BLOCK` tokens (order reversed every round); the first
@@ -226,7 +253,8 @@ def measure_speed(
     threads in its own process spin on the same cores for a while after each eval, as torch's do). The warm-up
     step (first-call allocations; a compiled path's compilation) is timed apart."""
     budget = settings.budget
-    paths, notes = build_paths(loaded, settings, weights, kv_dtypes, compile, llama_cpp)
+    paths, notes = build_paths(loaded, settings, weights, kv_dtypes, compile, llama_cpp, llama_cpp_dir)
+    llama_memory: dict[str, int] = {}
     rounds = -(-tokens // (BLOCK - 1))
     ids = text_ids(loaded.tokenizer, text, budget + 1 + rounds * BLOCK)
     warmup: dict[str, float] = {}
@@ -252,6 +280,7 @@ def measure_speed(
             for name in list(paths) if index % 2 == 0 else reversed(list(paths)):
                 turn(name, block)
     finally:
+        llama_memory = getattr(paths.get(LLAMA_CPP), "memory", {})
         for path in paths.values():
             path.close()
     names = list(paths)
@@ -270,7 +299,27 @@ def measure_speed(
         "budget": budget, "tokens": len(times[REFERENCE]), "threads": torch.get_num_threads(), "rows": rows,
         "notes": notes,
         "default_path": default_variant(loaded, settings),
+        "cpu_class": cpu_class(),
+        "auto_choice": decode_summary(loaded.model, settings.replace(decode_path="fast")),
+        "llama_cpp_memory": llama_memory,
     }
+
+
+def forced_avx2() -> bool:
+    """Whether this process runs torch's AVX2 kernels on request (ATEN_CPU_CAPABILITY=avx2)."""
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2"
+
+
+def measure_chat_memory(settings: Settings, budget: int, new_tokens: int = 64) -> dict[str, int]:
+    """RSS and peak RSS of a fresh process that loads the model and decodes as a chat does by default: a
+    `budget`-token prompt, then `new_tokens` tokens (streamchat.evaluate.chat_rss_worker). {} if it fails."""
+    command = [sys.executable, "-m", "streamchat.evaluate.chat_rss_worker", json.dumps(settings.__dict__, default=str),
+               str(budget), str(new_tokens)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return {}
 
 
 @torch.inference_mode()
@@ -311,7 +360,20 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s)"
             )
         lines += [f"  note: {note}" for note in speed["notes"]]
-        lines.append(f"  default configuration: {speed['default_path']}")
+        lines.append(f"  default configuration: {speed['default_path']} ({speed['auto_choice']})")
+        fastest = min(speed["rows"], key=lambda row: row["ms_per_token"])
+        by_name = {row["path"]: row for row in speed["rows"]}
+        default = by_name.get(speed["default_path"])
+        if default:
+            lines.append(f"  default vs fastest ({fastest['path']}): {default['tokens_per_s'] / fastest['tokens_per_s']:.2f}x")
+            if LLAMA_CPP in by_name:
+                lines.append(f"  default vs llama.cpp: {default['tokens_per_s'] / by_name[LLAMA_CPP]['tokens_per_s']:.2f}x")
+    memory = report.get("memory")
+    if memory:
+        mb = 1024 * 1024
+        for name, figures in memory.items():
+            if figures:
+                lines.append(f"  memory, {name:<22} RSS {figures['rss_bytes'] / mb:6.0f} MB, peak {figures['peak_rss_bytes'] / mb:6.0f} MB")
     for row in report.get("quality", []):
         lines.append(f"  perplexity, {row['path']:<22} {row['perplexity']:.3f} ({row['change_pct']:+.3f}%)")
     return "\n".join(lines)
@@ -327,6 +389,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="K/V cache dtypes for each fast path (default model bfloat16; also float16, auto)")
     parser.add_argument("--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="CPU kernel class: native, or avx2 (forced in a child process, as on an AVX2-only CPU)")
+    parser.add_argument("--llama-cpp-avx2", default=os.environ.get(LLAMA_CPP_AVX2_ENV), metavar="DIR",
+                        help=f"folder of an AVX2-only llama_cpp build for --isa avx2 (default ${LLAMA_CPP_AVX2_ENV})")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the chat-process RSS measurement (a child process: one prompt, 64 tokens)")
     parser.add_argument("--quality-tokens", type=int, default=0, metavar="N",
                         help="also measure each weight option's perplexity on the first N tokens of --text (e.g. 2000)")
     parser.add_argument("--out", default="out/speed", metavar="DIR", help="output folder (default out/speed)")
@@ -338,6 +406,9 @@ def main(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     settings = settings.replace(policy="sink_window", window=args.budget - settings.sinks)
+    if args.isa == "avx2" and not forced_avx2():  # torch picks its kernels once per process: rerun in a child
+        print(f"streamchat speed: running with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}", file=sys.stderr)
+        return subprocess.run([sys.executable, "-m", "streamchat", *args.argv], env={**os.environ, **AVX2_ENV}).returncode
     weights, kv_dtypes = list(args.weights), list(args.kv_dtypes)
     try:
         if args.tokens < 1 or not (args.quality_tokens == 0 or args.quality_tokens >= 3):
@@ -345,9 +416,15 @@ def main(args: argparse.Namespace) -> int:
         text = reporting.read_text_file(args.text, "--text file")
         loaded = load_model(settings.model, settings.device, settings.dtype)
         report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
+        report["machine"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         report["speed"] = measure_speed(
-            loaded, settings, text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp
+            loaded, settings, text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp,
+            llama_cpp_dir=args.llama_cpp_avx2 if forced_avx2() else None,
         )
+        report["memory"] = {}
+        if not args.no_memory:
+            report["memory"]["streamchat_chat_default"] = measure_chat_memory(settings, args.budget)
+        report["memory"]["llama_cpp"] = report["speed"]["llama_cpp_memory"]
         if args.quality_tokens:
             report["quality"] = measure_quality(loaded, settings, text, args.quality_tokens, weights, kv_dtypes)
     except ValueError as error:  # a bad flag, an unreadable or too short --text file

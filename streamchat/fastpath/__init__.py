@@ -11,7 +11,10 @@ import sys
 import torch
 
 from streamchat.cache import BoundedCache
+from streamchat.quant import resolve_weights
 from streamchat.config import Settings
+from streamchat.fastpath import choice
+from streamchat.fastpath.choice import auto_kv_dtype, auto_weights_reason, cpu_class
 from streamchat.fastpath.decoder import (
     FastDecoder,
     FastPathUnavailable,
@@ -20,11 +23,11 @@ from streamchat.fastpath.decoder import (
 )
 
 __all__ = [
-    "FastDecoder", "FastPathUnavailable", "decoder_for", "decoder_for_step", "kv_dtype_for", "prepare_decoder",
+    "FastDecoder", "choice", "decode_summary", "FastPathUnavailable", "decoder_for", "decoder_for_step", "kv_dtype_for", "prepare_decoder",
     "unsupported_reason",
 ]
 
-CPU_ONLY_WEIGHTS = ("int8", "int4")  # torch's weight-only kernels used here are CPU kernels
+CPU_ONLY_WEIGHTS = ("int8", "int4", "int8_dynamic")  # torch's weight-only kernels used here are CPU kernels
 _WARNED: set[str] = set()
 
 
@@ -38,10 +41,9 @@ def _note_once(message: str) -> None:
 def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
     """The dtype the bounded cache stores keys and values in (`kv_dtype`), for `BoundedCache(..., dtype=)`.
 
-    `auto` is bfloat16 where the fast decode path will read the cache (a CPU, an fp32 model it supports):
-    attention over an fp32 cache is a quarter of an int4 decode step, bound by the bytes it reads, and bf16 halves
-    them (and the cache's memory) for +0.01% perplexity (docs/speed.md). Elsewhere the model's own dtype,
-    so the transformers path needs no conversion."""
+    `auto`, where the fast decode path will read the cache (a CPU, an fp32 model it supports): what
+    `choice.auto_kv_dtype` picks for this CPU (fp32; bf16 on AMX CPUs, where bf16 attention is native).
+    Elsewhere the model's own dtype, so the transformers path needs no conversion."""
     if settings.kv_dtype == "model":
         return model.dtype
     if settings.kv_dtype != "auto":
@@ -52,7 +54,7 @@ def kv_dtype_for(model: torch.nn.Module, settings: Settings) -> torch.dtype:
         and model.dtype == torch.float32
         and unsupported_reason(model) is None
     )
-    return torch.bfloat16 if fast else model.dtype
+    return auto_kv_dtype(model.dtype)[0] if fast else model.dtype
 
 
 def decoder_for_step(model: torch.nn.Module, cache: BoundedCache, settings: Settings) -> FastDecoder | None:
@@ -78,3 +80,20 @@ def prepare_decoder(model: torch.nn.Module, settings: Settings) -> FastDecoder |
     except FastPathUnavailable as error:
         _note_once(f"{error}; decoding with transformers")
         return None
+
+
+def decode_summary(model: torch.nn.Module, settings: Settings) -> str:
+    """One line saying how single-token decode runs under `settings` on this machine and why `auto` chose so,
+    e.g. "fast decode on AVX2: weights int8_dynamic (auto: ...), K/V float32 (auto: ...), 2 threads"."""
+    threads = f"{torch.get_num_threads()} threads" + ("" if settings.threads else " (all cores)")
+    if settings.decode_path == "transformers" or model.device.type != "cpu" and settings.decode_weights == "auto":
+        where = "transformers decode" if settings.decode_path == "transformers" else f"fast decode on {model.device}"
+        return f"{where}: K/V {str(kv_dtype_for(model, settings)).removeprefix('torch.')}, {threads}"
+    reason = unsupported_reason(model)
+    if reason:
+        return f"transformers decode (the fast path does not support {reason}), {threads}"
+    weights = resolve_weights(model.model.layers, settings.decode_weights)
+    kv = str(kv_dtype_for(model, settings)).removeprefix("torch.")
+    why_weights = f"auto: {auto_weights_reason(weights)}" if settings.decode_weights == "auto" else "set"
+    why_kv = f"auto: {auto_kv_dtype(model.dtype)[1]}" if settings.kv_dtype == "auto" else "set"
+    return f"fast decode on {cpu_class()}: weights {weights} ({why_weights}), K/V {kv} ({why_kv}), {threads}"

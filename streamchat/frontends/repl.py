@@ -22,6 +22,7 @@ from contextlib import contextmanager, redirect_stdout
 
 from streamchat import persist
 from streamchat.config import SettingsError
+from streamchat.fastpath import decode_summary
 from streamchat.model import ModelError, load_for_chat
 from streamchat.session import ChatSession, SessionError
 
@@ -234,6 +235,7 @@ def interactive(session: ChatSession) -> int:
         f"streamchat: {session.loaded.source} | policy {s.policy}, budget {session.cache.capacity} tokens "
         f"({session.pinned_tokens or s.sinks} pinned) | /help for commands, \"\"\" for a multi-line message"
     )
+    print(f"streamchat: {decode_summary(session.model, s)}")
     with bracketed_paste(sys.stdin.isatty() and sys.stdout.isatty()):
         return _chat_loop(session)
 
