@@ -130,10 +130,13 @@ def test_stats_report_state(model):
     assert light.stats()["kv_bytes"] == (3 * layer.keys.numel() * 2 + layer.origins.numel() * 8) * len(cache.layers)
 
 
-def test_kv_dtype_auto_is_bf16_only_where_the_fast_path_decodes(model):
+def test_kv_dtype_auto_is_the_cpu_choice_only_where_the_fast_path_decodes(model, monkeypatch):
+    from streamchat.fastpath import choice
+
     def resolved(**overrides):
         return kv_dtype_for(model, load_settings(None, overrides))
 
+    monkeypatch.setattr(choice, "cpu_class", lambda: "AMX")  # where bf16 is native, auto picks it
     assert resolved() == torch.bfloat16  # fp32 model on the CPU, sink_window, fast decode path
     assert resolved(decode_path="transformers") == torch.float32  # no conversion per transformers step
     assert resolved(policy="h2o") == torch.bfloat16  # the fast path scores attention too

@@ -42,13 +42,13 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
             raise FastPathUnavailable(FastDecoder.refusal(cache) or "attention-score policies decode singly")
     heads, kv_heads, head_dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
     rotated, half = heads + kv_heads, head_dim // 2
-    device, dtype = decoder.device, decoder.embedding.dtype
+    device, dtype = decoder.device, decoder.dtype
     lengths = [cache.length for cache in caches]
     places = torch.tensor(lengths, device=device)
     rope = caches[0].layers[0].rope
     cos = rope.cos.to(dtype).index_select(0, places).unsqueeze(1)  # [B, 1, head_dim]
     signed_sin = (rope.sin.to(dtype).index_select(0, places) * decoder._sin_signs).unsqueeze(1)
-    x = F.embedding(torch.tensor(token_ids, device=device), decoder.embedding)  # [B, hidden]
+    x = decoder.embed(torch.tensor(token_ids, device=device)).to(dtype)  # [B, hidden]
     batch, hidden = x.shape[0], (x.shape[-1],)
     origins = [torch.tensor([cache.seen_tokens], device=device) for cache in caches]
     for i, layer in enumerate(decoder.layers):
