@@ -11,7 +11,7 @@ Quality: the NLL of each next token of a long text fed token by token through th
 the second half runs with evictions), for each of those fast path variants in lock step; the fast path with the
 model's own weights and dtype is the reference (it matches transformers within float rounding, tests/test_fast.py).
 
-Memory: the resident memory (RSS, peak) of a process decoding as a chat does by default (`chat_rss_worker`: a
+Memory: the resident memory (RSS, peak) of a process decoding as a chat does by default (`evaluate/footprint.py`: a
 `budget`-token prompt, then 64 tokens), next to llama.cpp's process after its steps.
 
 CPU class (`--isa avx2`): the whole measurement reruns in a child process with ATEN_CPU_CAPABILITY=avx2,
@@ -39,6 +39,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
+from streamchat.evaluate import footprint
 from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
@@ -311,15 +312,12 @@ def forced_avx2() -> bool:
 
 
 def measure_chat_memory(settings: Settings, budget: int, new_tokens: int = 64) -> dict[str, int]:
-    """RSS and peak RSS of a fresh process that loads the model and decodes as a chat does by default: a
-    `budget`-token prompt, then `new_tokens` tokens (streamchat.evaluate.chat_rss_worker). {} if it fails."""
-    command = [sys.executable, "-m", "streamchat.evaluate.chat_rss_worker", json.dumps(settings.__dict__, default=str),
-               str(budget), str(new_tokens)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
+    """RSS and peak RSS (bytes) of a fresh chat process (`evaluate/footprint.py`, packed weights as `chat` holds
+    them): a `budget`-token prompt, then `new_tokens` tokens. {} if it fails."""
+    figures = footprint.run_child("packed", budget, new_tokens, settings.threads)
+    if "rss_mb" not in figures:
         return {}
+    return {"rss_bytes": int(figures["rss_mb"] * 2**20), "peak_rss_bytes": int(figures["peak_rss_mb"] * 2**20)}
 
 
 @torch.inference_mode()
