@@ -21,7 +21,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Highest resident memory this process has had (Linux reports kilobytes)."""
+    """Highest resident memory this process has had since it started its program: VmHWM where /proc has it
+    (ru_maxrss keeps a parent's peak across fork and exec, so a measuring child would report its parent's),
+    else ru_maxrss (Linux and BSD report kilobytes)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

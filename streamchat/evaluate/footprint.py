@@ -24,11 +24,12 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
     """The same yardstick for llama.cpp (llama-cpp-python) on the embedded GGUF, greedy, with nothing of torch or
     transformers imported (its RSS is llama.cpp's alone): the built-in demo turns, tokenized by llama.cpp."""
     import importlib.util
-    import resource
     from pathlib import Path
 
     import psutil
     from llama_cpp import Llama  # ImportError: reported by the caller
+
+    from streamchat.evaluate.llama_cpp_worker import peak_rss_bytes  # VmHWM, no torch import
 
     import ast
 
@@ -56,7 +57,7 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
         "prompt_tokens": len(ids), "new_tokens": new_tokens, "prefill_tokens_per_s": round(len(ids) / prefill, 1),
         "decode_tokens_per_s": round(new_tokens / decode, 1),
         "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "threads": threads or 2,
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "threads": threads or 2,
     }
 
 
