@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import resource
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
+
+if TYPE_CHECKING:  # no torch import at run time: llama.cpp's measuring child uses these probes without torch
+    import torch
 
 _PROCESS = psutil.Process()
 try:

@@ -29,7 +29,7 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
     import psutil
     from llama_cpp import Llama  # ImportError: reported by the caller
 
-    from streamchat.evaluate.llama_cpp_worker import peak_rss_bytes  # VmHWM, no torch import
+    from streamchat.memory import peak_rss_bytes  # VmHWM; imports no torch
 
     import ast
 

@@ -13,9 +13,10 @@ folder first on PYTHONPATH (see streamchat/evaluate/speed.py).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+
+from streamchat.memory import peak_rss_bytes, rss_bytes  # torch-free probes: its RSS is llama.cpp's own
 
 
 def serve(gguf: str, budget: int, threads: int) -> None:
@@ -47,28 +48,6 @@ def serve(gguf: str, budget: int, threads: int) -> None:
         llm.eval([command["step"]])
         seconds = time.perf_counter() - started
         print(json.dumps({"seconds": seconds, "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}), flush=True)
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started its program (VmHWM; ru_maxrss would keep the
-    parent's peak across fork and exec). 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 if __name__ == "__main__":

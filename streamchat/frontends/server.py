@@ -440,6 +440,16 @@ def security_warning(host: str, api_key: str | None) -> str | None:
             "use the model. Set --api-key (or STREAMCHAT_API_KEY), or bind 127.0.0.1.")
 
 
+def api_key_for(args: argparse.Namespace) -> str | None:
+    """The API key from --api-key or STREAMCHAT_API_KEY (None: no key required), after printing the warning when
+    that leaves an address beyond this machine open (`security_warning`). For `serve` and `ui` alike."""
+    api_key = args.api_key or os.environ.get("STREAMCHAT_API_KEY") or None
+    warning = security_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    return api_key
+
+
 class BackgroundServer:
     """uvicorn serving `app` on a bound loopback socket in a thread (tests and the load test); `url` is its base."""
 
@@ -491,10 +501,7 @@ def main(args: argparse.Namespace) -> int:
     if args.max_sessions < 1 or args.prefill_piece < 1 or not 0 <= args.port <= 65535:
         print("streamchat serve: --max-sessions and --prefill-piece must be 1 or more, --port 0-65535", file=sys.stderr)
         return 2
-    api_key = args.api_key or os.environ.get("STREAMCHAT_API_KEY") or None
-    warning = security_warning(args.host, api_key)
-    if warning:
-        print(warning, file=sys.stderr)
+    api_key = api_key_for(args)
     loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions, args.prefill_piece)
     app = create_app(engine, loaded.identity, api_key)

@@ -678,12 +678,9 @@ def main(args: argparse.Namespace) -> int:
         print("streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
               file=sys.stderr)
         return 2
-    from streamchat.frontends.server import security_warning
+    from streamchat.frontends.server import api_key_for
 
-    api_key = args.api_key or os.environ.get("STREAMCHAT_API_KEY") or None
-    warning = security_warning(args.host, api_key)
-    if warning:
-        print(warning, file=sys.stderr)
+    api_key = api_key_for(args)
     loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions)
     blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible, engine)
