@@ -17,7 +17,10 @@ from streamchat.config import load_settings
 from streamchat.frontends.server import BackgroundServer, create_app, security_warning
 from streamchat.session import ChatSession
 
-SETTINGS = {"sinks": 4, "window": 60, "temperature": 0, "max_new_tokens": 12, "prefill_chunk": 16}
+# int8 decode weights: torch's weight-only kernels compute each row alone, so a batched step is bit-exact with a lone
+# one (fp32 F.linear is not: a 4-row GEMM rounds differently from a GEMV, ~1e-6, which can flip a greedy near-tie)
+SETTINGS = {"sinks": 4, "window": 60, "temperature": 0, "max_new_tokens": 12, "prefill_chunk": 16,
+            "decode_weights": "int8"}
 PROMPTS = ["Hello there! How are you today?", "Tell me a story about a dragon.", "What is 2+2?",
            "Numbers 0123456789 and symbols"]
 KEY = "test-key"

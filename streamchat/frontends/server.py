@@ -393,6 +393,7 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    recorded = False
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -410,6 +411,8 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
                 break
         await asyncio.to_thread(events.thread.join, 30)
         result = turn.result
+        _record(metrics, turn, started, stamps)  # before the last chunks: a client may read /metrics right after
+        recorded = True
         yield chunk({}, result.finish_reason, streamchat=result.extension)
         if include_usage:
             body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -419,7 +422,8 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
     finally:
         events.stop.set()  # the client went away (or the stream ended): stop at the next token
         await asyncio.to_thread(events.thread.join, 30)
-        _record(metrics, turn, started, stamps)
+        if not recorded:
+            _record(metrics, turn, started, stamps)
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
