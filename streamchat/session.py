@@ -43,6 +43,12 @@ HISTORY_KEEP = 64  # conversation messages the session keeps as text (the cache 
 HISTORY_LIMIT = 96  # trimming back to HISTORY_KEEP happens past this, so its cost is paid once per 32 messages
 
 
+# transformers' fast tokenizers apply `split_special_tokens` by switching a setting of the shared Rust tokenizer
+# for the call: two threads tokenizing at once (the server's and the web UI's conversations) could see each
+# other's setting, and a turn header such as <|im_start|> would be split into pieces. One lock for every call.
+_TOKENIZE_LOCK = threading.Lock()
+
+
 def _placeholder(index: int) -> str:
     return f"\ue000{index}\ue001"
 
@@ -322,7 +328,8 @@ class ChatSession:
     def _tokenize(self, text: str, is_content: bool) -> list[int]:
         if not text:
             return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+        with _TOKENIZE_LOCK:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
 
     def _pinned_prefix_length(self, messages: list[dict[str, str]], capacity: int) -> int:
         """Tokens before the first user message's content: the system prompt and the first turn header."""

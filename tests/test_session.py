@@ -223,3 +223,32 @@ def test_candidate_probabilities_match_transformers_over_the_whole_vocabulary(to
     got[0, indices[0] if indices is not None else torch.arange(logits.shape[-1])] = probabilities[0]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert int((got > 0).sum()) == int((expected > 0).sum()) <= (top_k or logits.shape[-1])
+
+
+def test_tokenizing_from_several_threads_keeps_special_tokens_whole(tiny):
+    """Content is tokenized with split_special_tokens, structure without: a setting transformers switches on the
+    shared tokenizer per call. Threads tokenizing at once (server and web UI conversations) must not see each
+    other's setting, or a turn header would be split into pieces."""
+    import threading
+
+    from streamchat.config import load_settings
+    from streamchat.session import ChatSession
+
+    session = ChatSession(tiny, load_settings(None, {"sinks": 4, "window": 60}))
+    header = "<|im_start|>user\n"
+    whole, split = session._tokenize(header, False), session._tokenize(header, True)
+    assert len(split) > len(whole)  # the two settings really differ on this text
+    wrong = []
+
+    def hammer(is_content: bool) -> None:
+        expected = split if is_content else whole
+        for _ in range(300):
+            if session._tokenize(header, is_content) != expected:
+                wrong.append(is_content)
+
+    threads = [threading.Thread(target=hammer, args=(i % 2 == 0,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert wrong == []
