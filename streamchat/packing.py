@@ -31,12 +31,15 @@ import torch
 from safetensors.torch import load, save_file
 
 from streamchat.memory import release_free_memory
-from streamchat.quant import LINEAR_MODES, PackedLinear, QuantEmbedding, QuantLinear, fuse, resolve_weights
+from streamchat import native
+from streamchat.quant import (
+    LINEAR_MODES, PackedLinear, QuantEmbedding, QuantLinear, fuse, native_kernel, resolve_weights,
+)
 
 PACKED_ATTR = "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
 PACKED_MODES = tuple(m for m in ("int8", "int4", "int8_dynamic") if m in LINEAR_MODES)  # what this torch/quant has
 DYNAMIC = "int8_dynamic"  # fbgemm's packed-weight object, not a tensor: stored as its int8 weight and row scales
-FORMAT = 1  # bump when what is stored changes
+FORMAT = 2  # bump when what is stored changes
 
 
 @dataclass
@@ -75,12 +78,15 @@ class PackedWeights:
 
         def linear(prefix: str, linear_mode: str, out_features: int) -> PackedLinear:
             weight = tensors[f"{prefix}.weight"]
-            if weight.shape[0] != out_features:
+            kernel = native_kernel(linear_mode, (out_features, config.hidden_size), weight.device)
+            grouped = kernel == "native" and linear_mode == "int4"  # stored in groups of 8 rows
+            if weight.shape[0] * (native.ROWS if grouped else 1) != out_features:
                 raise ValueError(f"{prefix}: {weight.shape[0]} rows, expected {out_features}")
             if linear_mode == DYNAMIC:
                 return _dynamic_from_state(weight, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.bias"))
             return PackedLinear.from_packed(
-                linear_mode, weight, tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.bias"), out_features
+                linear_mode, weight, tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.bias"), out_features,
+                kernel,
             )
 
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -126,7 +132,7 @@ def _dynamic_from_state(weight: torch.Tensor, scales: torch.Tensor, bias: torch.
     finally:
         torch.backends.quantized.engine = previous
     linear = PackedLinear.__new__(PackedLinear)
-    linear.mode, linear.weight, linear.scales, linear.bias = DYNAMIC, packed, None, None
+    linear.mode, linear.weight, linear.scales, linear.bias, linear.kernel = DYNAMIC, packed, None, None, "torch"
     linear.input_dtype, linear.out_features = torch.float32, weight.shape[0]
     linear._nbytes = weight.numel() + 8 * weight.shape[0] + (0 if bias is None else 4 * bias.numel())
     return linear
@@ -201,7 +207,8 @@ def _parts(fused: PackedLinear, sizes: list[int], in_features: int) -> list[torc
     [in / 32, out, 2], so a row view needs a strided copy of them, a quarter of the weight bytes and seconds at
     start-up on a busy machine; prefill measured as fast either way)."""
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    views = [fused.rows(start, stop) for start, stop in bounds] if fused.mode == "int8" else [None]
+    cuttable = fused.mode == "int8" or fused.kernel == "native"
+    views = [fused.rows(start, stop) for start, stop in bounds] if cuttable else [None]
     if all(view is not None for view in views):
         return [QuantLinear(view, in_features) for view in views]
     shared = _SharedOutput(fused, len(sizes))
@@ -257,7 +264,7 @@ def cache_key(source_digest: str, mode: str) -> dict[str, str | int]:
     """What the packed tensors depend on: the source weights, the mode, torch's packing code and the CPU."""
     return {
         "format": FORMAT, "source": source_digest, "mode": mode, "torch": torch.__version__,
-        "capability": torch.backends.cpu.get_cpu_capability(),
+        "capability": torch.backends.cpu.get_cpu_capability(), "kernel": native.active() or "torch",
     }
 
 

@@ -22,6 +22,11 @@ RoPE, attention, the residual stream, the KV cache) stays in the model's dtype.
 - auto (the default): int4 when every layer linear is already on a 4-bit grid (a Q4 GGUF such as the embedded
   model), else the model's own weights, so a model loaded in full precision decodes in full precision.
 These kernels are CPU kernels here: on other devices the fast path uses the model's own weights.
+
+Kernels: int4 and int8 run on streamchat's native kernels (streamchat/native.py, kernels.c: 4-bit or 8-bit
+weights times 8-bit activations as integer dot products, llama.cpp's method; fp32 in and out) where they build on
+this CPU (x86 with AVX2), else on torch's weight-only kernels above (bf16 in and out). `PackedLinear.kernel` says
+which; each stores its weights in its own layout.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from streamchat import native
 
 INT4_GROUP = 32  # Q4_1's block size
 INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves output rows in blocks of 64 (AVX-512 layout)
@@ -54,10 +61,19 @@ class PackedLinear:
         self.mode = mode
         self.scales: torch.Tensor | None = None
         weight = weight.detach()
+        self.kernel = native_kernel(mode, weight.shape, weight.device)
         self.input_dtype = {"model": weight.dtype, "int8_dynamic": torch.float32}.get(mode, torch.bfloat16)
+        if self.kernel == "native":
+            self.input_dtype = torch.float32
         self.bias = None if bias is None else bias.detach().to(self.input_dtype)
         self._nbytes = 0
-        if mode == "int8_dynamic":
+        if self.kernel == "native":
+            if mode == "int4":
+                self.weight = native.pack_q4(weight)
+            else:
+                self.weight, scales = quantize_int8(weight)
+                self.scales = scales.float()
+        elif mode == "int8_dynamic":
             self.weight, self._nbytes = prepack_int8_dynamic(weight, self.bias)
             self.bias = None  # inside the packed weight
         elif mode == "model":
@@ -73,14 +89,16 @@ class PackedLinear:
     @classmethod
     def from_packed(
         cls, mode: str, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-        out_features: int,
+        out_features: int, kernel: str = "torch",
     ) -> PackedLinear:
-        """A linear over tensors packed before (by `state()`, e.g. read back from the packed-weights cache)."""
+        """A linear over tensors packed before for `kernel` ("native" or "torch"; by `state()`, e.g. read back
+        from the packed-weights cache)."""
         if mode not in ("int8", "int4"):
             raise ValueError(f"only int8/int4 linears are stored packed, got {mode!r}")
         linear = cls.__new__(cls)
-        linear.mode, linear.weight, linear.scales, linear.bias = mode, weight, scales, bias
-        linear.input_dtype, linear.out_features, linear._nbytes = torch.bfloat16, out_features, 0
+        linear.mode, linear.weight, linear.scales, linear.bias, linear.kernel = mode, weight, scales, bias, kernel
+        linear.input_dtype = torch.float32 if kernel == "native" else torch.bfloat16
+        linear.out_features, linear._nbytes = out_features, 0
         return linear
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -92,11 +110,16 @@ class PackedLinear:
         """Output rows start..stop as a linear sharing this one's weight storage (the packed weight's rows are
         a view; int4 scales, [in / 32, out, 2], are copied: a quarter of the weight bytes). None where the packed
         layout cannot be cut there (int4: rows must start and end on torch's 64-row packing blocks)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        if self.kernel == "native" and self.mode == "int4":
+            if start % native.ROWS or stop % native.ROWS:
+                return None
+            weight = self.weight[start // native.ROWS : stop // native.ROWS]
+            return PackedLinear.from_packed("int4", weight, None, bias, stop - start, "native")
         if self.mode not in ("int8", "int4") or (self.mode == "int4" and not _int4_rows_cut_at(start, stop)):
             return None
         scales = self.scales[start:stop] if self.mode == "int8" else self.scales[:, start:stop].contiguous()
-        bias = None if self.bias is None else self.bias[start:stop]
-        return PackedLinear.from_packed(self.mode, self.weight[start:stop], scales, bias, stop - start)
+        return PackedLinear.from_packed(self.mode, self.weight[start:stop], scales, bias, stop - start, self.kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] in `input_dtype` -> [..., out] in `input_dtype`; any number of rows (decode: 1, prefill:
@@ -107,6 +130,14 @@ class PackedLinear:
             return torch.ops.quantized.linear_dynamic(x, self.weight, True)  # reduce_range: no int16 saturation on AVX2
         leading = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
+        if self.kernel == "native":
+            x = x.contiguous()
+            if self.mode == "int4":
+                out = native.q4_matmul(x, self.weight, self.out_features, self.bias)
+            else:
+                out = native.q8_matmul(x, self.weight, self.scales)
+                out = out if self.bias is None else out + self.bias
+            return out.view(*leading, out.shape[-1])
         if self.mode == "int8":
             out = torch._weight_int8pack_mm(x, self.weight, self.scales)
         else:
@@ -117,6 +148,16 @@ class PackedLinear:
     def nbytes(self) -> int:
         tensors = [t for t in (self.weight, self.scales, self.bias) if isinstance(t, torch.Tensor)]
         return self._nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def native_kernel(mode: str, shape: tuple[int, ...], device: torch.device) -> str:
+    """Which kernel an int4/int8 linear of this shape runs on here: "native" (streamchat/native.py; needs inputs
+    in 32-blocks, int4 also outputs in 8-row groups) or "torch" (also for every other mode)."""
+    if mode not in ("int4", "int8") or device.type != "cpu" or shape[-1] % native.BLOCK:
+        return "torch"
+    if mode == "int4" and shape[0] % native.ROWS:
+        return "torch"
+    return "native" if native.library() is not None else "torch"
 
 
 def int8_dynamic_available() -> bool:

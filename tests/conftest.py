@@ -32,3 +32,18 @@ def embedded():
     from streamchat.model import load_model
 
     return load_model()
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel(request):
+    """Run a test once per int4/int8 kernel family: streamchat's native kernels (streamchat/native.py) and torch's
+    weight-only kernels (what runs where the native ones cannot build). Linears packed inside the test use it."""
+    from streamchat import native
+
+    if request.param == "torch":
+        with native.torch_kernels():
+            yield "torch"
+        return
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    yield "native"

@@ -65,7 +65,7 @@ KV_TOLERANCE = {"model": 1e-5, "bfloat16": 2**-6}
 
 
 @pytest.mark.parametrize("kv_dtype", KV_TOLERANCE)
-def test_fast_step_matches_transformers_past_the_budget(tiny, kv_dtype):
+def test_fast_step_matches_transformers_past_the_budget(tiny, kv_dtype, kernel):
     settings, tolerance = small_settings(kv_dtype=kv_dtype), KV_TOLERANCE[kv_dtype]
     reference, fast = BoundedCache(tiny.model, settings), BoundedCache(tiny.model, settings)
     assert fast.layers[0].dtype == getattr(torch, kv_dtype, torch.float32)
@@ -95,7 +95,7 @@ def fast_steps(monkeypatch) -> list[int]:
     return steps
 
 
-def test_greedy_chat_is_identical(tiny, fast_steps):
+def test_greedy_chat_is_identical(tiny, fast_steps, kernel):
     fast = ChatSession(tiny, small_settings(decode_path="fast", decode_weights="model"))
     plain = ChatSession(tiny, small_settings(decode_path="transformers"))
     decoded = 0
@@ -191,7 +191,7 @@ LIGHT_TOLERANCE = {"int8_dynamic": 0.3}
 
 @pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])
 @pytest.mark.parametrize("weights", LIGHT_WEIGHTS)
-def test_lighter_weights_stay_close(tiny, weights, policy):
+def test_lighter_weights_stay_close(tiny, weights, policy, kernel):
     """Lighter weights change logits by rounding only (int4 on Q4_1-grid weights, where it is exact up to bf16
     scales; int8_dynamic also rounds each activation to 8 bits), and leave the cache's places and origins as they
     are, with every policy. H2O and TOVA score on the fast path's own attention, so once they evict, rounding may
@@ -214,7 +214,10 @@ def test_lighter_weights_stay_close(tiny, weights, policy):
         assert (reference.length, reference.evicted_tokens) == (light.length, light.evicted_tokens)
         agree += int(got.argmax() == expected.argmax())
         if not scored_evictions:
-            assert (got - expected).norm() < LIGHT_TOLERANCE.get(weights, 0.1) * expected.norm()
+            tolerance = LIGHT_TOLERANCE.get(weights, 0.1)
+            if kernel == "native" and weights in ("int4", "int8"):
+                tolerance *= 2  # 8-bit activations per 32 inputs (llama.cpp's Q8_1) where torch's kernels take bf16
+            assert (got - expected).norm() < tolerance * expected.norm()
             assert torch.equal(reference.layers[0].origins, light.layers[0].origins)
     assert reference.evicted_tokens > 0
     assert agree >= (0.8 if policy == "sink_window" and weights != "int8_dynamic" else 0.6) * len(ids[8:])

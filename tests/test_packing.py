@@ -73,19 +73,23 @@ def wide_model(vocab_size: int) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 @pytest.mark.parametrize("layout", ["tiny", "wide"])
-def test_prefill_through_packed_weights_matches_the_reference(reference, tokenizer, mode, layout):
+def test_prefill_through_packed_weights_matches_the_reference(reference, tokenizer, mode, layout, kernel):
     source = copy.deepcopy(reference) if layout == "tiny" else wide_model(len(tokenizer))
     on_grid(source, mode)
     packed = copy.deepcopy(source)
     result = pack_model(packed, mode, None, "test")
     assert result.mode == mode and packed_mode(packed) == mode
     q_proj = packed.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, QuantLinear) == (mode == "int8")  # int8: row views; int4: the fused output sliced
+    # row views of the fused tensor (int8; native int4 in 8-row groups), else the fused output sliced (torch's int4)
+    assert isinstance(q_proj, QuantLinear) == (mode == "int8" or kernel == "native")
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected, got = source(ids).logits, packed(ids).logits
     scale = expected.abs().max()
-    assert (got - expected).abs().max() < 0.1 * scale  # bf16 activations and scales, not a different model
+    # rounding, not a different model: torch's kernels take bf16 activations; the native ones round activations to
+    # 8 bits per 32 inputs (llama.cpp's Q8_1), about twice the error on this random model (real model: ppl in docs)
+    assert (got - expected).abs().max() < {"torch": 0.1, "native": 0.15}[kernel] * scale
+    assert (got - expected).norm() < {"torch": 0.04, "native": 0.08}[kernel] * expected.norm()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
@@ -105,7 +109,7 @@ def test_no_full_precision_copy_stays_referenced(reference):
     assert embedding.weight_int8 is head.weight  # the tied table is held once
 
 
-def test_fast_decode_reads_the_packed_weights(reference, tokenizer):
+def test_fast_decode_reads_the_packed_weights(reference, tokenizer, kernel):
     """The decode step on a packed model gives the logits of the transformers forward over the same weights."""
     model = copy.deepcopy(reference)
     pack_model(model, "int4", None, "test")
@@ -198,12 +202,21 @@ def test_chat_on_packed_weights(reference, tokenizer, decode_path):
     assert session.last_turn.new_tokens == 8 and isinstance(reply, str)
 
 
-def test_int4_row_views_are_the_rows_packed_alone():
+def test_int4_row_views_are_the_rows_packed_alone(kernel):
     weight = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
+    from streamchat import native
     from streamchat.quant import PackedLinear
 
     fused = PackedLinear(weight, None, "int4")
+    assert fused.kernel == kernel
     view = fused.rows(64, 192)
+    if kernel == "native":  # 8-row groups
+        assert view.weight.data_ptr() == fused.weight[64 // native.ROWS].data_ptr()  # shares the storage
+        assert torch.equal(view.weight, native.pack_q4(weight[64:192]))
+        assert fused.rows(60, 96) is None  # not on an 8-row group
+        x = torch.randn(3, 64)
+        torch.testing.assert_close(view(x), fused(x)[:, 64:192])
+        return
     alone_weight, alone_scales = quantize_int4(weight[64:192])
     assert view.weight.data_ptr() == fused.weight[64].data_ptr()  # shares the storage
     assert torch.equal(view.weight, alone_weight) and torch.equal(view.scales, alone_scales)

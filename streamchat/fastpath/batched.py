@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from streamchat import native
 from streamchat.cache import BoundedCache
 from streamchat.fastpath.decoder import FastDecoder, FastPathUnavailable
 
@@ -40,6 +41,8 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
     for cache in caches:
         if not batchable(cache):
             raise FastPathUnavailable(FastDecoder.refusal(cache) or "attention-score policies decode singly")
+    if decoder.native_ready(caches):
+        return decoder.native_decode(token_ids, caches)
     heads, kv_heads, head_dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
     rotated, half = heads + kv_heads, head_dim // 2
     device, dtype = decoder.device, decoder.dtype
@@ -66,6 +69,10 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
             buffers.values.narrow(2, length, 1).copy_(qkv[b].narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
             buffers.origins.narrow(2, length, 1).copy_(origins[b].view(1, 1, 1).expand(1, kv_heads, 1))
             kv_dtype = buffers.keys.dtype
+            if decoder.native_attention and kv_dtype in native.ATTENTION_DTYPES:
+                query = qk[b].narrow(0, 0, heads)
+                attended.append(native.attention(query, buffers.keys, buffers.values, end, decoder.scaling).view(1, -1))
+                continue
             attended.append(F.scaled_dot_product_attention(
                 qk[b].narrow(0, 0, heads).view(1, heads, 1, head_dim).to(kv_dtype),
                 buffers.keys.narrow(2, 0, end), buffers.values.narrow(2, 0, end),

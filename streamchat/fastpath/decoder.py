@@ -10,6 +10,7 @@ in the cache, between steps, untouched. Prefill keeps using the transformers pat
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from streamchat.attention import grouped_probabilities
+from streamchat import native
 from streamchat.cache import BoundedCache
 from streamchat.quant import PackedLinear, fuse, resolve_weights
 
@@ -101,9 +103,88 @@ class FastDecoder:
             self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
         half = self.head_dim // 2
         self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
+        # decode attention on streamchat's kernel (not inside a compiled graph: torch.compile cannot trace it)
+        self.native_attention = native.library() is not None and self.device.type == "cpu" and not compile
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
+        self._native_layers = self._native_plan()
+
+    def _native_plan(self):
+        """The layers as kernels.c's `sc_layer` structures for the whole-step kernel (`native_decode`), or None where
+        it cannot run this decoder (no native kernels, weights other than native int4 with an int8 output
+        projection, biases outside q/k/v, a model not in fp32, a compiled step)."""
+        if native.library() is None or self.device.type != "cpu" or self.dtype != torch.float32 or self.compiled:
+            return None
+        head = self.lm_head
+        if (head.mode, head.kernel, head.bias) != ("int8", "native", None):
+            return None
+        for layer in self.layers:
+            linears = (layer.qkv, layer.out, layer.gate_up, layer.down)
+            if any((l.mode, l.kernel) != ("int4", "native") for l in linears) or any(l.bias is not None for l in linears[1:]):
+                return None
+        self._kept = []  # the fp32 norm weights the structures point at
+
+        def address(tensor):
+            if tensor is None:
+                return None
+            tensor = tensor.float().contiguous()
+            self._kept.append(tensor)
+            return tensor.data_ptr()
+
+        layers = (native.Layer * len(self.layers))()
+        for structure, layer in zip(layers, self.layers):
+            structure.qkv, structure.out = layer.qkv.weight.data_ptr(), layer.out.weight.data_ptr()
+            structure.gate_up, structure.down = layer.gate_up.weight.data_ptr(), layer.down.weight.data_ptr()
+            structure.qkv_bias = address(layer.qkv.bias)
+            structure.input_norm, structure.post_norm = address(layer.input_norm), address(layer.post_norm)
+        self._final_norm = address(self.final_norm)
+        self._intermediate = self.layers[0].gate_up.out_features // 2
+        return layers
+
+    def native_ready(self, caches: list[BoundedCache]) -> bool:
+        """Whether `native_decode` runs these caches: the whole-step kernel is built, no policy observes attention
+        scores, and every cache stores K/V in one dtype the kernel reads."""
+        if self._native_layers is None:
+            return False
+        dtypes = {cache.layers[0].keys.dtype for cache in caches}
+        return (len(dtypes) == 1 and dtypes <= set(native.ATTENTION_DTYPES)
+                and not any(cache.policy.needs_attention_scores for cache in caches))
+
+    def native_decode(self, token_ids: list[int], caches: list[BoundedCache]) -> torch.Tensor:
+        """Feed token_ids[b] at place caches[b].length for every b in one call of kernels.c's `sc_decode` (the
+        computation of `_forward`, per sequence, with no Python between layers); returns fp32 logits [B, vocab].
+        Call `make_room(1)` on each cache first and check `native_ready`. Raises RuntimeError if the kernel
+        refuses the sizes."""
+        batch, lib = len(caches), native.library()
+        places = [cache.length for cache in caches]
+        x = self.embed(torch.tensor(token_ids, device=self.device)).to(torch.float32).contiguous()  # [B, hidden]
+        ropes = [cache.layers[0].rope for cache in caches]
+        cos = torch.stack([rope.cos[place] for rope, place in zip(ropes, places)]).float().contiguous()
+        sin = torch.stack([rope.sin[place] for rope, place in zip(ropes, places)]).float().contiguous()
+        pointers = [_cache_pointers(cache) for cache in caches]
+        if batch == 1:
+            buffers = pointers[0]
+        else:
+            buffers = (native.CacheLayer * (batch * len(self.layers)))()
+            for b, array in enumerate(pointers):
+                ctypes.memmove(ctypes.byref(buffers, b * ctypes.sizeof(array)), array, ctypes.sizeof(array))
+        logits = torch.empty(batch, self.lm_head.out_features)
+        status = lib.sc_decode(
+            batch, len(self.layers), self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
+            self.head_dim, self._intermediate, self.eps, self.scaling, x.data_ptr(), (ctypes.c_int * batch)(*places),
+            (ctypes.c_int64 * batch)(*[cache.seen_tokens for cache in caches]), cos.data_ptr(), sin.data_ptr(),
+            buffers, (ctypes.c_int * batch)(*[cache.layers[0].keys.shape[2] for cache in caches]),
+            int(caches[0].layers[0].keys.dtype == torch.float16), self._final_norm, self.lm_head.weight.data_ptr(),
+            self.lm_head.scales.data_ptr(), self.lm_head.out_features, logits.data_ptr(),
+        )
+        if status:
+            raise RuntimeError(f"the native decode step refused {batch} sequence(s) (sizes it does not take)")
+        for cache, place in zip(caches, places):
+            for layer in cache.layers:
+                layer.length = place + 1
+            cache.seen_tokens += 1
+        return logits
 
     def nbytes(self) -> int:
         """Bytes of the weights this decoder holds of its own (converted copies; 0 extra for "model")."""
@@ -143,6 +224,8 @@ class FastDecoder:
         refusal = self.refusal(cache)
         if refusal:
             raise FastPathUnavailable(refusal)
+        if self.native_ready([cache]):
+            return self.native_decode([token_id], [cache])
         length = cache.length
         token = torch.tensor([token_id], device=self.device)
         origin = torch.tensor([cache.seen_tokens], device=self.device)
@@ -197,7 +280,9 @@ class FastDecoder:
             values[i].narrow(2, length, 1).copy_(qkv.narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
             origins[i].narrow(2, length, 1).copy_(origin.view(1, 1, 1).expand(1, kv_heads, 1))
             query, layer_keys, layer_values = qk.narrow(0, 0, heads), keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end)
-            if observe is None:
+            if observe is None and self.native_attention and kv_dtype in native.ATTENTION_DTYPES:
+                attended = native.attention(query, keys[i], values[i], end, self.scaling)  # streamchat/kernels.c
+            elif observe is None:
                 # Grouped-query attention without repeating K/V (query head h reads KV head h // group, as
                 # transformers' repeat_kv pairs them), in the cache's dtype: bf16 halves the bytes read (kv_dtype).
                 attended = F.scaled_dot_product_attention(
@@ -222,6 +307,25 @@ class FastDecoder:
         return torch.matmul(probabilities[0, :, :, 0], values[0].float())  # [kv_heads, group, head_dim]
 
 
+_POINTERS: weakref.WeakKeyDictionary[BoundedCache, tuple] = weakref.WeakKeyDictionary()
+
+
+def _cache_pointers(cache: BoundedCache):
+    """The cache's buffers as `native.CacheLayer` structures, kept per cache (its buffers are allocated once)."""
+    key = tuple(layer.keys.data_ptr() for layer in cache.layers)
+    found = _POINTERS.get(cache)
+    if found is not None and found[0] == key:
+        return found[1]
+    array = (native.CacheLayer * len(cache.layers))()
+    for structure, layer in zip(array, cache.layers):
+        buffers = (layer.keys, layer.raw_keys, layer.values, layer.origins)
+        if not all(tensor.is_contiguous() and tensor.device.type == "cpu" for tensor in buffers):
+            raise RuntimeError("the native decode step needs contiguous CPU cache buffers")
+        structure.keys, structure.raw_keys, structure.values, structure.origins = (t.data_ptr() for t in buffers)
+    _POINTERS[cache] = (key, array)
+    return array
+
+
 _DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 _BUILDING = threading.RLock()
 
@@ -231,7 +335,7 @@ def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = 
     Raises FastPathUnavailable, also on later calls, for a model the fast path cannot run."""
     with _BUILDING:
         decoders = _DECODERS.setdefault(model, {})
-        key = (weights, compile)
+        key = (weights, compile, native.active())  # linears packed here take the kernels available now
         if key not in decoders:
             try:
                 packed = getattr(model, PACKED_ATTR, None)

@@ -1,0 +1,433 @@
+/* streamchat's native CPU kernels for the decode step (and prefill, and batched decode): built by native.py.
+ *
+ * 1. sc_q4_matmul: y = x W^T over 4-bit weights in Q4_1 blocks (32 inputs: fp16 step d, fp16 minimum m, 16 bytes of
+ *    nibbles; w = q * d + m, the GGUF's own format), with x quantized per 32-block to 8 bits (Q8_1: scale a and
+ *    sum), so each block is one integer dot product: sum_j w_j x_j ~= d a sum_j q_j r_j + m (a sum_j r_j).
+ *    llama.cpp's ggml_vec_dot_q4_1_q8_1 computes the same; unlike torch's weight-only int4 kernel it never widens
+ *    the weights to floats, which AVX2 (no bf16 arithmetic) pays dearly for. Any number of rows M: decode (1),
+ *    a batched step (B) or a prefill chunk; each weight tile is read once for all rows.
+ * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection).
+ * 3. sc_attention: one query per sequence over a cache of keys and values (fp32 or fp16), grouped-query heads.
+ *
+ * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors); native.py picks the
+ * one torch's own CPU capability names, so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 build here too.
+ * Threads: OpenMP, the same runtime (libgomp.so.1) and thread count torch uses.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+
+typedef struct {
+    float d;            /* scale */
+    float s;            /* d * sum(qs) */
+    int8_t qs[QK];
+} block_q8;             /* 40 bytes */
+
+int sc_vnni(void) {
+#ifdef SC_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef SC_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x [K] fp32 -> K/32 blocks of 8-bit values, per block scale max|x| / 127 (llama.cpp's quantize_row_q8_1). */
+static void quantize_q8(const float *x, block_q8 *y, int K) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float d = _mm_cvtss_f32(m) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++)
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_hadd_epi32(t, t);
+        t = _mm_hadd_epi32(t, t);
+        y[b].d = d;
+        y[b].s = d * (float)_mm_cvtsi128_si32(t);
+        /* int32 -> int8 keeping element order: packs interleave 128-bit lanes, the permute undoes it */
+        __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[b].qs, p8);
+    }
+}
+
+static block_q8 *quantize_rows(const float *x, int M, int K) {
+    block_q8 *q = (block_q8 *)aligned_alloc(64, ((size_t)M * (K / QK) * sizeof(block_q8) + 63) / 64 * 64);
+    if (!q) return NULL;
+    if (M >= 8) {
+#pragma omp parallel for schedule(static)
+        for (int m = 0; m < M; m++) quantize_q8(x + (size_t)m * K, q + (size_t)m * (K / QK), K);
+    } else {
+        for (int m = 0; m < M; m++) quantize_q8(x + (size_t)m * K, q + (size_t)m * (K / QK), K);
+    }
+    return q;
+}
+
+/* 4-bit weights, 8 output rows interleaved per 32-input block (llama.cpp's "repacked" x86 layouts do the same):
+ * per row group and block, the 8 rows' fp16 steps, their fp16 minimums, then 4 chunks of 32 bytes; byte 4r+i of
+ * chunk j holds, for row r, element 4j+i (low nibble) and element 4(j+4)+i (high nibble). One integer multiply-add
+ * (vpdpbusd, or vpmaddubsw on AVX2) of a chunk's nibbles with 4 activation bytes broadcast then adds 4 products
+ * into each row's own lane: no horizontal sums, and each block's scales apply to 8 rows in one vector. */
+typedef struct {
+    uint16_t d[8], m[8];
+    uint8_t qs[4][32];
+} block_q4x8; /* 160 bytes: 8 rows x 32 inputs */
+
+int sc_block_q4x8_bytes(void) { return (int)sizeof(block_q4x8); }
+
+/* int32 per row lane: sum over the block of weight nibble x activation byte. */
+static inline __m256i group_dot(const __m256i wg[8], const int8_t *aq) {
+#ifdef SC_VNNI
+    __m256i acc = _mm256_setzero_si256();
+    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++)
+        acc = _mm256_dpbusd_epi32(acc, wg[g], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * g)));
+    return acc;
+#else
+    /* products of a nibble (<= 15) and a byte (|a| <= 127): 8 pair sums stay within int16 (8 * 3810) */
+    __m256i pairs = _mm256_setzero_si256();
+    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(wg[g], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * g))));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+#define Q4X8_TILE(C)                                                                                              \
+    static inline void q4x8_tile_##C(const block_q4x8 *w, int nb, const float *bias, const block_q8 *a,         \
+                                     float *out, size_t ostride) {                                               \
+        const __m256i low = _mm256_set1_epi8(0x0F);                                                              \
+        __m256 acc[C];                                                                                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();                        \
+        for (int b = 0; b < nb; b++) {                                                                           \
+            const block_q4x8 *block = w + b;                                                                     \
+            __m256i wg[8];                                                                                       \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                                \
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[j]);                           \
+                wg[j] = _mm256_and_si256(raw, low);                                                              \
+                wg[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);                                    \
+            }                                                                                                    \
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));                      \
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->m));                      \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
+                const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
+                const __m256 products = _mm256_cvtepi32_ps(group_dot(wg, ab->qs));                               \
+                acc[c] = _mm256_fmadd_ps(products, _mm256_mul_ps(dw, _mm256_set1_ps(ab->d)), acc[c]);            \
+                acc[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(ab->s), acc[c]);                                     \
+            }                                                                                                    \
+        }                                                                                                        \
+        const __m256 add = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();                                   \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                                                      \
+            _mm256_storeu_ps(out + (size_t)c * ostride, _mm256_add_ps(acc[c], add));                             \
+    }
+Q4X8_TILE(1)
+Q4X8_TILE(2)
+Q4X8_TILE(4)
+
+/* 8-bit weights, row-major, one scale per row (the output projection): one weight row against C activation rows. */
+#define Q8_TILE(C)                                                                                                \
+    static inline void q8_tile_##C(const int8_t *w, int nb, const float *scale, const block_q8 *a, float *out,  \
+                                   size_t ostride) {                                                             \
+        __m256 acc[C];                                                                                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();                        \
+        for (int b = 0; b < nb; b++) {                                                                           \
+            const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + (size_t)b * QK));                        \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
+                const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
+                const __m256i aq = _mm256_loadu_si256((const __m256i *)ab->qs);                                  \
+                /* signed x signed as |a| x (w sign(a)) */                                                       \
+                const __m256i products = dot_u8s8(_mm256_sign_epi8(aq, aq), _mm256_sign_epi8(wq, aq));           \
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(ab->d), acc[c]);           \
+            }                                                                                                    \
+        }                                                                                                        \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) out[(size_t)c * ostride] = hsum(acc[c]) * *scale;    \
+    }
+Q8_TILE(1)
+Q8_TILE(2)
+Q8_TILE(4)
+
+#define ROW_TILE 16 /* output rows per parallel task */
+#define M_TILE 32   /* activation rows swept per weight tile (kept in L1/L2) */
+
+/* One task's share: output units u0..u1 (row groups or rows) against all M activation rows, C rows at a time. */
+#define SWEEP(TILE, W_AT, EXTRA_AT, OUT_AT)                                                                       \
+    for (int m0 = 0; m0 < M; m0 += M_TILE) {                                                                     \
+        const int m1 = m0 + M_TILE < M ? m0 + M_TILE : M;                                                        \
+        for (int u = u0; u < u1; u++) {                                                                          \
+            int m = m0;                                                                                          \
+            for (; m + 4 <= m1; m += 4) TILE##_4(W_AT(u), nb, EXTRA_AT(u), a + (size_t)m * nb, OUT_AT(m, u), N); \
+            for (; m + 2 <= m1; m += 2) TILE##_2(W_AT(u), nb, EXTRA_AT(u), a + (size_t)m * nb, OUT_AT(m, u), N); \
+            for (; m < m1; m++) TILE##_1(W_AT(u), nb, EXTRA_AT(u), a + (size_t)m * nb, OUT_AT(m, u), N);         \
+        }                                                                                                        \
+    }
+
+/* x [M, K] fp32, w: N/8 row groups of K/32 `block_q4x8`, out [M, N] fp32 (+ bias [N] when not NULL).
+ * Returns 0, or -1 when K is not a multiple of 32, N not of 8, or memory ran out. */
+int sc_q4_matmul(const float *x, int M, int K, const void *weights, int N, const float *bias, float *out) {
+    if (K % QK || N % 8 || M <= 0) return -1;
+    const int nb = K / QK, units = N / 8, per_task = ROW_TILE / 8;
+    block_q8 *a = quantize_rows(x, M, K);
+    if (!a) return -1;
+    const block_q4x8 *w = (const block_q4x8 *)weights;
+#define Q4_W(u) (w + (size_t)(u) * nb)
+#define Q4_BIAS(u) (bias ? bias + 8 * (u) : NULL)
+#define Q4_OUT(m, u) (out + (size_t)(m) * N + 8 * (u))
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < (units + per_task - 1) / per_task; t++) {
+        const int u0 = t * per_task, u1 = u0 + per_task < units ? u0 + per_task : units;
+        SWEEP(q4x8_tile, Q4_W, Q4_BIAS, Q4_OUT)
+    }
+    free(a);
+    return 0;
+}
+
+/* x [M, K] fp32, w [N, K] int8, scales [N] fp32, out [M, N] fp32. */
+int sc_q8_matmul(const float *x, int M, int K, const int8_t *w, const float *scales, int N, float *out) {
+    if (K % QK || M <= 0) return -1;
+    const int nb = K / QK;
+    block_q8 *a = quantize_rows(x, M, K);
+    if (!a) return -1;
+#define Q8_W(u) (w + (size_t)(u) * K)
+#define Q8_SCALE(u) (scales + (u))
+#define Q8_OUT(m, u) (out + (size_t)(m) * N + (u))
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < (N + ROW_TILE - 1) / ROW_TILE; t++) {
+        const int u0 = t * ROW_TILE, u1 = u0 + ROW_TILE < N ? u0 + ROW_TILE : N;
+        SWEEP(q8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    }
+    free(a);
+    return 0;
+}
+
+static inline __m256 load8(const void *base, size_t index, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + index)));
+    return _mm256_loadu_ps((const float *)base + index);
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' expf polynomial, 8 lanes. */
+static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+#define CHUNK 128     /* cached places per attention task */
+#define MAX_GROUP 16  /* query heads per kv head */
+#define MAX_DIM 256
+
+/* Attention for one query per sequence at decode (softmax(q K^T * scale) V over places 0..length-1), split over
+ * (kv head, chunk of places) tasks whose partial softmaxes are merged after (flash-decoding, Dao et al. 2023): every
+ * query head of a group reads its kv head's keys and values while they are in cache, and both threads have work
+ * whatever the number of heads.
+ * q [heads, D] fp32; keys/values [kv_heads, capacity, D] (fp32, or fp16 when half), each kv head `head_stride`
+ * elements apart; query head h reads kv head h / (heads / kv_heads) (transformers' repeat_kv pairing);
+ * out [heads, D] fp32. Returns 0, or -1 on sizes it does not take (D a multiple of 8 up to 256, groups up to 16). */
+int sc_attention(const float *q, const void *keys, const void *values, int half, long head_stride, int length,
+                 int heads, int kv_heads, int D, float scale, float *out) {
+    if (D % 8 || D > MAX_DIM || length <= 0 || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP)
+        return -1;
+    const int group = heads / kv_heads, chunks = (length + CHUNK - 1) / CHUNK, tasks = kv_heads * chunks;
+    float *partial = (float *)malloc(sizeof(float) * (size_t)tasks * group * (D + 2)); /* max, sum, output */
+    if (!partial) return -1;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tasks; t++) {
+        const int kv = t / chunks, j0 = (t % chunks) * CHUNK, j1 = j0 + CHUNK < length ? j0 + CHUNK : length;
+        const size_t base = (size_t)kv * head_stride;
+        float scores[CHUNK] __attribute__((aligned(32)));
+        for (int g = 0; g < group; g++) {
+            const float *qh = q + (size_t)(kv * group + g) * D;
+            float *record = partial + ((size_t)t * group + g) * (D + 2);
+            float top = -INFINITY;
+            for (int j = j0; j < j1; j++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int i = 0; i < D; i += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(keys, base + (size_t)j * D + i, half), acc);
+                const float score = hsum(acc) * scale;
+                scores[j - j0] = score;
+                top = score > top ? score : top;
+            }
+            const int n = j1 - j0;
+            for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
+            __m256 total = _mm256_setzero_ps();
+            for (int j = 0; j < n; j += 8) {
+                const __m256 p = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(top)));
+                _mm256_store_ps(scores + j, p);
+                total = _mm256_add_ps(total, p);
+            }
+            __m256 o[MAX_DIM / 8];
+            for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                const size_t row = base + (size_t)(j0 + j) * D;
+                for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
+            }
+            record[0] = top;
+            record[1] = hsum(total);
+            for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
+        }
+    }
+    for (int kv = 0; kv < kv_heads; kv++)
+        for (int g = 0; g < group; g++) {
+            float top = -INFINITY, total = 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                const float m = partial[((size_t)(kv * chunks + c) * group + g) * (D + 2)];
+                top = m > top ? m : top;
+            }
+            float *o = out + (size_t)(kv * group + g) * D;
+            for (int i = 0; i < D; i++) o[i] = 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                const float *record = partial + ((size_t)(kv * chunks + c) * group + g) * (D + 2);
+                const float weight = expf(record[0] - top);
+                total += record[1] * weight;
+                for (int i = 0; i < D; i++) o[i] += record[2 + i] * weight;
+            }
+            for (int i = 0; i < D; i++) o[i] /= total;
+        }
+    free(partial);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The whole decode step of a Llama-layout model for B sequences, one call: no Python between the layers.
+ * Per layer, as streamchat/fastpath/decoder.py's FastDecoder._forward (the reference it is tested against):
+ * RMSNorm; fused q/k/v matmul; q and k rotated at each sequence's own place (cache-relative RoPE, rotate-half
+ * convention); the new raw key, rotated key, value and stream index written at that place of the sequence's cache;
+ * attention over places 0..place; output projection added to the residual stream; RMSNorm; fused gate/up matmul;
+ * SiLU(gate) * up; down projection added. Then the final RMSNorm and the 8-bit output projection.
+ */
+typedef struct {
+    const void *qkv, *out, *gate_up, *down; /* block_q4x8 weights */
+    const float *qkv_bias;                  /* [q + k + v rows] or NULL */
+    const float *input_norm, *post_norm;    /* [hidden] */
+} sc_layer;
+
+typedef struct {
+    void *keys, *raw_keys, *values; /* [kv_heads, capacity, D] fp32 or fp16 */
+    int64_t *origins;               /* [kv_heads, capacity] */
+} sc_cache_layer;
+
+int sc_layer_bytes(void) { return (int)sizeof(sc_layer); }
+int sc_cache_layer_bytes(void) { return (int)sizeof(sc_cache_layer); }
+
+static void rms_norm(const float *x, const float *weight, float *out, int n, float eps) {
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += (double)x[i] * x[i];
+    const float inverse = 1.0f / sqrtf((float)(total / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inverse * weight[i];
+}
+
+/* x [D] rotated in place at a place whose cos/sin rows are given: x * cos + rotate_half(x) * sin. */
+static void rotate(float *x, const float *cos, const float *sin, int D) {
+    const int half = D / 2;
+    float rotated[MAX_DIM];
+    for (int i = 0; i < D; i++) rotated[i] = x[i] * cos[i] + (i < half ? -x[i + half] : x[i - half]) * sin[i];
+    memcpy(x, rotated, sizeof(float) * D);
+}
+
+static void store(void *buffer, int half, size_t index, const float *x, int D) {
+    if (half) {
+        uint16_t *target = (uint16_t *)buffer + index;
+        for (int i = 0; i < D; i += 8)
+            _mm_storeu_si128((__m128i *)(target + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        memcpy((float *)buffer + index, x, sizeof(float) * D);
+    }
+}
+
+/* x [B, hidden]: the embedded tokens in, the residual stream (overwritten); places [B]: each sequence's cache length
+ * (where the new token goes); origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
+ * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; logits [B, vocab] out.
+ * Returns 0, or -1 on sizes the kernels do not take or when memory ran out. */
+int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
+              int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
+              const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
+              const float *final_norm, const int8_t *head, const float *head_scales, int vocab, float *logits) {
+    if (D % 8 || D > MAX_DIM || heads % kv_heads) return -1;
+    const int rows = (heads + 2 * kv_heads) * D;
+    float *normed = malloc(sizeof(float) * (size_t)B * (hidden > intermediate ? hidden : intermediate));
+    float *qkv = malloc(sizeof(float) * (size_t)B * rows);
+    float *attended = malloc(sizeof(float) * (size_t)B * heads * D);
+    float *gate_up = malloc(sizeof(float) * (size_t)B * 2 * intermediate);
+    float *delta = malloc(sizeof(float) * (size_t)B * hidden);
+    int status = (normed && qkv && attended && gate_up && delta) ? 0 : -1;
+    for (int l = 0; l < n_layers && !status; l++) {
+        const sc_layer *layer = layers + l;
+        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->input_norm, normed + (size_t)b * hidden, hidden, eps);
+        status |= sc_q4_matmul(normed, B, hidden, layer->qkv, rows, layer->qkv_bias, qkv);
+        for (int b = 0; b < B && !status; b++) {
+            float *row = qkv + (size_t)b * rows;
+            const float *c = cos + (size_t)b * D, *s = sin + (size_t)b * D;
+            const sc_cache_layer *cache = caches + (size_t)b * n_layers + l;
+            const size_t stride = (size_t)capacity[b] * D, place = (size_t)places[b];
+            for (int h = 0; h < kv_heads; h++) { /* raw key first: the rotation is in place */
+                float *key = row + (size_t)(heads + h) * D;
+                store(cache->raw_keys, half, h * stride + place * D, key, D);
+                rotate(key, c, s, D);
+                store(cache->keys, half, h * stride + place * D, key, D);
+                store(cache->values, half, h * stride + place * D, row + (size_t)(heads + kv_heads + h) * D, D);
+                cache->origins[(size_t)h * capacity[b] + place] = origins[b];
+            }
+            for (int h = 0; h < heads; h++) rotate(row + (size_t)h * D, c, s, D);
+            status |= sc_attention(row, cache->keys, cache->values, half, (long)stride, places[b] + 1, heads, kv_heads,
+                                   D, scale, attended + (size_t)b * heads * D);
+        }
+        status |= sc_q4_matmul(attended, B, heads * D, layer->out, hidden, NULL, delta);
+        for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
+        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->post_norm, normed + (size_t)b * hidden, hidden, eps);
+        status |= sc_q4_matmul(normed, B, hidden, layer->gate_up, 2 * intermediate, NULL, gate_up);
+        for (int b = 0; b < B; b++) { /* SiLU(gate) * up, packed into the first half of each row */
+            float *g = gate_up + (size_t)b * 2 * intermediate;
+            float *h = normed + (size_t)b * intermediate;
+            for (int i = 0; i < intermediate; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
+        }
+        status |= sc_q4_matmul(normed, B, intermediate, layer->down, hidden, NULL, delta);
+        for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
+    }
+    if (!status) {
+        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, final_norm, normed + (size_t)b * hidden, hidden, eps);
+        status |= sc_q8_matmul(normed, B, hidden, head, head_scales, vocab, logits);
+    }
+    free(normed), free(qkv), free(attended), free(gate_up), free(delta);
+    return status ? -1 : 0;
+}

@@ -1,0 +1,252 @@
+"""streamchat's native CPU kernels (kernels.c): built once per machine with the system C compiler, loaded with ctypes.
+
+The decode step of a 135M model on a CPU is bound by reading ~70 MB of 4-bit weights a token. torch's weight-only
+int4 kernel widens every weight to a float before multiplying, which AVX2 CPUs (no bf16 arithmetic) pay for:
+it streams about 4 GB/s there (../shared/notes/avx2-decode-profile.md). kernels.c multiplies 4-bit weights with
+8-bit activations as integers (llama.cpp's Q4_1 x Q8_1 dot product), in two builds: AVX2 (vpmaddubsw) and AVX-512
+VNNI (vpdpbusd). The build that runs is the one torch's own CPU capability names
+(`torch.backends.cpu.get_cpu_capability()`, which honours ATEN_CPU_CAPABILITY), so a process forced to AVX2 uses
+the AVX2 build.
+
+The shared library is cached under the converted-models folder (`kernels/<isa>-<digest of source and flags>.so`),
+compiled in about a second when missing; where there is no compiler, no x86 CPU or the build fails, `library()`
+returns None and `unavailable_reason()` says why, and the fast path keeps torch's kernels.
+Threads: the library links libgomp.so.1, which torch has already loaded, so both share one OpenMP thread pool
+and thread count (`torch.set_num_threads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from streamchat.paths import cache_root
+
+SOURCE = Path(__file__).with_name("kernels.c")
+DISABLE_ENV = "STREAMCHAT_NATIVE"  # "0" turns the native kernels off (torch's kernels then)
+BLOCK = 32  # inputs per Q4_1 / Q8 block
+ROWS = 8  # output rows interleaved per 4-bit block group
+GROUP_BYTES = 160  # one block group: 8 fp16 steps, 8 fp16 minimums, 128 bytes of nibbles
+FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSC_VNNI"],
+}
+
+ATTENTION_DTYPES = (torch.float32, torch.float16)  # K/V dtypes sc_attention reads
+_LOCK = threading.Lock()
+_LIBRARY: ctypes.CDLL | None = None
+_REASON: str | None = None
+_LOADED = False
+_TURNED_OFF = False  # torch_kernels(): native kernels refused for new linears (tests, and speed's comparison rows)
+
+
+def isa() -> str | None:
+    """The build this process should run: "avx512vnni", "avx2", or None (no x86 AVX2, or native kernels off)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None
+    if capability.startswith("AVX512") and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        return "avx512vnni"
+    return "avx2" if capability in ("AVX2",) or capability.startswith("AVX512") else None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build(target: str, destination: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
+        built = Path(folder) / destination.name
+        command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11", *FLAGS[target], str(SOURCE), "-o",
+                   str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-400:]}")
+        os.replace(built, destination)  # atomic: concurrent starts never load a half-written library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels for this CPU, built first if needed; None where unavailable (see `unavailable_reason`)."""
+    global _LIBRARY, _REASON, _LOADED
+    if _TURNED_OFF:
+        return None
+    with _LOCK:
+        if _LOADED:
+            return _LIBRARY
+        _LOADED = True
+        target = isa()
+        if target is None:
+            _REASON = ("turned off (STREAMCHAT_NATIVE=0)" if os.environ.get(DISABLE_ENV) == "0"
+                       else f"needs an x86 CPU with AVX2/FMA/F16C (this one: {platform.machine()}, "
+                            f"{torch.backends.cpu.get_cpu_capability()})")
+            return None
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[target]).encode()).hexdigest()[:16]
+        path = cache_root() / "kernels" / f"{target}-{digest}.so"
+        try:
+            if not path.exists():
+                _build(target, path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            _REASON = f"could not build the native kernels: {error}"
+            print(f"streamchat: {_REASON}; using torch's kernels", file=sys.stderr)
+            return None
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        lib.sc_q4_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
+        lib.sc_q8_matmul.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
+        lib.sc_attention.argtypes = [pointer, pointer, pointer, integer, ctypes.c_long, integer, integer, integer,
+                                     integer, ctypes.c_float, pointer]
+        lib.sc_decode.argtypes = [
+            integer, integer, pointer, integer, integer, integer, integer, integer, ctypes.c_float, ctypes.c_float,
+            pointer, pointer, pointer, pointer, pointer, pointer, pointer, integer, pointer, pointer, pointer, integer,
+            pointer,
+        ]
+        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode):
+            function.restype = integer
+        if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
+            _REASON = "the compiled decode-step structures do not match"
+            return None
+        if lib.sc_block_q4x8_bytes() != GROUP_BYTES:
+            _REASON = "the compiled Q4 block layout does not match"
+            return None
+        _LIBRARY = lib
+        return lib
+
+
+def active() -> str | None:
+    """The build in use ("avx2", "avx512vnni"), or None where the kernels are unavailable."""
+    return isa() if library() is not None else None
+
+
+class Layer(ctypes.Structure):
+    """kernels.c's `sc_layer`: one decoder layer's packed weights and norms (addresses)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("qkv", "out", "gate_up", "down", "qkv_bias", "input_norm", "post_norm")]
+
+
+class CacheLayer(ctypes.Structure):
+    """kernels.c's `sc_cache_layer`: one layer's cache buffers of one sequence (addresses)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("keys", "raw_keys", "values", "origins")]
+
+
+def unavailable_reason() -> str | None:
+    """Why `library()` is None, or None when the kernels are loaded."""
+    if _TURNED_OFF:
+        return "turned off in this process (torch_kernels)"
+    library()
+    return _REASON
+
+
+@contextlib.contextmanager
+def torch_kernels():
+    """Within this block, linears packed anew use torch's kernels (linears packed before keep theirs)."""
+    global _TURNED_OFF
+    previous, _TURNED_OFF = _TURNED_OFF, True
+    try:
+        yield
+    finally:
+        _TURNED_OFF = previous
+
+
+def pack_q4(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] (N a multiple of 8, K of 32) -> 4-bit blocks as uint8 [N / 8, K / 32 * 160].
+
+    Per row and 32 inputs (Q4_1): fp16 step d = (max - min) / 15, fp16 minimum m, q = round((w - m) / d) in 0..15,
+    so w ~ q d + m; a Q4_1 GGUF's weights (dequantized) come back as the GGUF's own blocks. Stored 8 rows
+    interleaved per block (kernels.c, `block_q4x8`): 8 steps, 8 minimums, then 4 chunks of 32 bytes whose byte
+    4r + i holds row r's element 4j + i (low nibble) and 4(j + 4) + i (high nibble).
+    Raises ValueError for other sizes."""
+    rows, columns = weight.shape
+    if columns % BLOCK or rows % ROWS:
+        raise ValueError(f"4-bit blocks need {ROWS}-row groups and {BLOCK}-input blocks, got {rows} x {columns}")
+    blocks = weight.detach().float().reshape(rows, columns // BLOCK, BLOCK)
+    low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    step = ((high - low) / 15).to(torch.float16)
+    minimum = low.to(torch.float16)
+    inverse = torch.where(step.float() > 0, 1.0 / step.float(), torch.zeros_like(low))
+    q = torch.round((blocks - minimum.float()[..., None]) * inverse[..., None]).clamp(0, 15).to(torch.uint8)
+    groups, nb = rows // ROWS, columns // BLOCK
+    # [G, r, b, g, i] -> [G, b, g, r, i]: for block b and 4-input group g, the 8 rows' 4 bytes side by side
+    q = q.reshape(groups, ROWS, nb, 8, 4).permute(0, 2, 3, 1, 4).reshape(groups, nb, 8, 32)
+    nibbles = q[:, :, :4] | (q[:, :, 4:] << 4)  # [G, b, 4, 32]
+    header = torch.stack([step, minimum], dim=-1).reshape(groups, ROWS, nb, 2).permute(0, 2, 3, 1)  # [G, b, 2, 8]
+    header = header.contiguous().view(torch.uint8).reshape(groups, nb, 32)
+    return torch.cat([header, nibbles.reshape(groups, nb, 128)], dim=-1).reshape(groups, -1).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """The fp32 weight [N, K] that `pack_q4`'s blocks stand for (tests, and reading packed weights back)."""
+    groups, nb = packed.shape[0], columns // BLOCK
+    blocks = packed.reshape(groups, nb, GROUP_BYTES)
+    header = blocks[..., :32].contiguous().view(torch.float16).float().reshape(groups, nb, 2, ROWS)
+    nibbles = blocks[..., 32:].reshape(groups, nb, 4, 32)
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=2).float()  # [G, b, g, 32 = r * 4 + i]
+    q = q.reshape(groups, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(groups, ROWS, nb, BLOCK)
+    step, minimum = header[:, :, 0].permute(0, 2, 1), header[:, :, 1].permute(0, 2, 1)  # [G, r, b]
+    return (q * step[..., None] + minimum[..., None]).reshape(groups * ROWS, columns)
+
+
+def q4_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32 contiguous -> [M, N] fp32 through `pack_q4`'s blocks. Raises RuntimeError on bad sizes."""
+    rows, columns = x.shape
+    out = torch.empty(rows, out_features)
+    status = _LIBRARY.sc_q4_matmul(x.data_ptr(), rows, columns, packed.data_ptr(), out_features,
+                                   None if bias is None else bias.data_ptr(), out.data_ptr())
+    if status:
+        raise RuntimeError(f"sc_q4_matmul failed for x {tuple(x.shape)}, {out_features} outputs")
+    return out
+
+
+def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 contiguous, weight [N, K] int8, scales [N] fp32 -> [M, N] fp32."""
+    rows, columns = x.shape
+    out = torch.empty(rows, weight.shape[0])
+    status = _LIBRARY.sc_q8_matmul(x.data_ptr(), rows, columns, weight.data_ptr(), scales.data_ptr(),
+                                   weight.shape[0], out.data_ptr())
+    if status:
+        raise RuntimeError(f"sc_q8_matmul failed for x {tuple(x.shape)}")
+    return out
+
+
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """Decode attention of one sequence: query [heads, D] fp32; keys/values [1, kv_heads, capacity, D] fp32 or
+    fp16 (a `BoundedLayer`'s buffers, places 0..length-1 used) -> [heads, D] fp32."""
+    heads, dim = query.shape
+    kv_heads = keys.shape[1]
+    if keys.stride()[2:] != (dim, 1) or values.stride() != keys.stride() or values.dtype != keys.dtype:
+        raise ValueError(f"attention needs [1, kv_heads, capacity, {dim}] buffers laid out alike, got keys "
+                         f"{tuple(keys.shape)} strides {keys.stride()} and values strides {values.stride()}")
+    query = query.contiguous()
+    out = torch.empty(heads, dim)
+    half = keys.dtype == torch.float16
+    status = _LIBRARY.sc_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(half), keys.stride(1),
+                                   length, heads, kv_heads, dim, scale, out.data_ptr())
+    if status:
+        raise RuntimeError(f"sc_attention failed for query {tuple(query.shape)}, keys {tuple(keys.shape)}")
+    return out
