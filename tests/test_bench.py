@@ -113,7 +113,7 @@ def test_speed_measure_reports_every_decode_path(tiny, tmp_path, monkeypatch, ca
         figures = last[f"speed_{path}@{BUDGET}"]
         assert figures["tokens_per_s"] > 0 and figures["speedup"] > 0
     assert last[f"speed_transformers_dynamic@{BUDGET}"]["speedup"] == 1.0
-    default = f"fast_model_kv_{speed.KV_NAMES[auto_kv_dtype(torch.float32)[0]]}"  # fp32, bf16 on AMX CPUs
+    default = f"fast_model_kv_{speed.KV_NAMES[auto_kv_dtype(torch.float32)[0]]}"  # fp16 (native kernels), else fp32 or bf16
     assert any("(default)" in line and default in line for line in printed)
     assert f"decode speed @{BUDGET}: llama.cpp skipped: not in this test" in printed
 

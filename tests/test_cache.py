@@ -136,6 +136,9 @@ def test_kv_dtype_auto_is_the_cpu_choice_only_where_the_fast_path_decodes(model,
     def resolved(**overrides):
         return kv_dtype_for(model, load_settings(None, overrides))
 
+    monkeypatch.setattr(choice.native, "active", lambda: "avx2")  # native attention reads fp16: auto picks it
+    assert resolved() == torch.float16 and resolved(decode_path="transformers") == torch.float32
+    monkeypatch.setattr(choice.native, "active", lambda: None)  # torch's SDPA instead
     monkeypatch.setattr(choice, "cpu_class", lambda: "AMX")  # where bf16 is native, auto picks it
     assert resolved() == torch.bfloat16  # fp32 model on the CPU, sink_window, fast decode path
     assert resolved(decode_path="transformers") == torch.float32  # no conversion per transformers step

@@ -164,7 +164,7 @@ def test_refuses_wrong_shapes_and_dtypes(saved):
         tensors["cache.layer0.keys"] = tensors["cache.layer0.keys"][..., :8].contiguous()
 
     def half(tensors):
-        tensors["cache.layer1.values"] = tensors["cache.layer1.values"].half()
+        tensors["cache.layer1.values"] = tensors["cache.layer1.values"].double()
 
     def drop(tensors):
         del tensors["cache.layer1.raw_keys"]
@@ -173,7 +173,7 @@ def test_refuses_wrong_shapes_and_dtypes(saved):
         tensors["cache.layer7.keys"] = torch.zeros(1)
 
     refused(target, forge(data, edit_tensors=narrow), r"layer0.keys: expected \(1, 2, \d+, 16\)")
-    refused(target, forge(data, edit_tensors=half), f"layer1.values: expected .* {target.cache.dtype}, found .*float16")
+    refused(target, forge(data, edit_tensors=half), f"layer1.values: expected .* {target.cache.dtype}, found .*float64")
     refused(target, forge(data, edit_tensors=drop), "layer1.raw_keys: .* found missing")
     refused(target, forge(data, edit_tensors=extra), "unexpected cache tensors: layer7.keys")
 

@@ -43,7 +43,7 @@ from streamchat.quant import LINEAR_MODES
 from streamchat.session import ChatSession
 
 MEASURES = ("curve", "overhead", "recompute", "ttft", "load", "speed", "memory")
-SPEED_KV_DTYPES = ("model", "bfloat16")
+SPEED_KV_DTYPES = ("model", "float16", "bfloat16")
 SHORT_PROMPT = "What is the capital of France?"
 
 

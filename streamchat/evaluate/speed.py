@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from streamchat import reporting
+from streamchat import native, reporting
 from streamchat.evaluate import footprint
 from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
@@ -190,6 +190,7 @@ def text_ids(tokenizer, text: str | None, count: int) -> list[int]:
 
 
 KV_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TORCH_KERNELS = "fast_int4_torch_kernels_kv_fp32"  # int4 on torch's weight-only kernels (where native ones run)
 
 
 def fast_variants(loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str]) -> dict[str, tuple]:
@@ -226,6 +227,10 @@ def build_paths(
         paths[name] = BoundedStepper(model, path_settings, option)
         if compile:
             paths[f"{name}_compiled"] = BoundedStepper(model, path_settings, option, compile=True)
+    int4 = [settings for option, settings in fast_variants(loaded, settings, weights, kv_dtypes).values() if option == "int4"]
+    if native.active() and int4:  # the same step on torch's int4 kernels and SDPA, for the side-by-side record
+        with native.torch_kernels():
+            paths[TORCH_KERNELS] = BoundedStepper(model, int4[0].replace(kv_dtype="model"), "int4")
     notes = []
     if llama_cpp:
         gguf = embedded_gguf_path() if settings.model is None else Path(settings.model)
@@ -383,8 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=48, help="decoded tokens timed per path (default 48)")
     add_list_argument(parser, "--weights", default=list(LINEAR_MODES), choices=DECODE_WEIGHTS, metavar="NAME",
                       help=f"fast path weight options to run (default {' '.join(LINEAR_MODES)}; auto is one of them)")
-    add_list_argument(parser, "--kv-dtypes", default=["model", "bfloat16"], choices=KV_DTYPES, metavar="NAME",
-                      help="K/V cache dtypes for each fast path (default model bfloat16; also float16, auto)")
+    add_list_argument(parser, "--kv-dtypes", default=["model", "float16", "bfloat16"], choices=KV_DTYPES, metavar="NAME",
+                      help="K/V cache dtypes for each fast path (default model float16 bfloat16; also auto)")
     parser.add_argument("--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
