@@ -21,6 +21,7 @@ the model plus `max_sessions` caches.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from streamchat.fastpath.batched import decode_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, clean_text
 
+SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
 
 
@@ -67,9 +69,15 @@ class EngineSession(ChatSession):
 
     def send(self, user_text, stop=None, max_new_tokens=None) -> Iterator[str]:
         self.engine._enter()
+        threads = torch.get_num_threads()
+        # This thread only samples (small ops on one logits row); the scheduler thread runs the forward passes.
+        # torch's thread count is per thread under OpenMP: one here keeps this thread from waking a second OpenMP
+        # pool, whose spinning workers would take the cores from the scheduler's (measured: 11 ms a step, not 5).
+        torch.set_num_threads(1)
         try:
             yield from super().send(user_text, stop, max_new_tokens)
         finally:
+            torch.set_num_threads(threads)
             self.engine._leave()
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
@@ -179,6 +187,10 @@ class Engine:
         self._running = True
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
         prepare_decoder(loaded.model, settings)  # quantized weights at start-up, not inside the first request
+        # Every token crosses threads (turn -> scheduler -> turn -> event loop) and each crossing needs the GIL. A
+        # thread running Python keeps it for up to the switch interval (5 ms by default): as long as a decode step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self._threads = torch.get_num_threads()  # the forward passes' (per thread under OpenMP: set in _schedule)
         self._thread = threading.Thread(target=self._schedule, name="streamchat-scheduler", daemon=True)
         self._thread.start()
 
@@ -321,6 +333,7 @@ class Engine:
         return step.logits
 
     def _schedule(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             with self._cond:
                 while self._running and not self._pending:

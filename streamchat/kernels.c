@@ -234,9 +234,10 @@ static inline __m256 load8(const void *base, size_t index, int half) {
     return _mm256_loadu_ps((const float *)base + index);
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the maximum): Cephes' expf polynomial, 8 lanes. */
+/* exp(x), 8 lanes: Cephes' expf polynomial; x clamped to [-87, 88] (0 and 1.6e38 at the ends: what softmax and
+ * SiLU need). */
 static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -256,76 +257,130 @@ static inline __m256 exp_ps(__m256 x) {
 #define MAX_GROUP 16  /* query heads per kv head */
 #define MAX_DIM 256
 
-/* Attention for one query per sequence at decode (softmax(q K^T * scale) V over places 0..length-1), split over
- * (kv head, chunk of places) tasks whose partial softmaxes are merged after (flash-decoding, Dao et al. 2023): every
- * query head of a group reads its kv head's keys and values while they are in cache, and both threads have work
- * whatever the number of heads.
- * q [heads, D] fp32; keys/values [kv_heads, capacity, D] (fp32, or fp16 when half), each kv head `head_stride`
- * elements apart; query head h reads kv head h / (heads / kv_heads) (transformers' repeat_kv pairing);
- * out [heads, D] fp32. Returns 0, or -1 on sizes it does not take (D a multiple of 8 up to 256, groups up to 16). */
-int sc_attention(const float *q, const void *keys, const void *values, int half, long head_stride, int length,
-                 int heads, int kv_heads, int D, float scale, float *out) {
-    if (D % 8 || D > MAX_DIM || length <= 0 || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP)
-        return -1;
-    const int group = heads / kv_heads, chunks = (length + CHUNK - 1) / CHUNK, tasks = kv_heads * chunks;
-    float *partial = (float *)malloc(sizeof(float) * (size_t)tasks * group * (D + 2)); /* max, sum, output */
-    if (!partial) return -1;
+/* The sums of 8 vectors' lanes, as one vector (lane k: the sum of a[k]). */
+static inline __m256 hsum8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* One attention task: query heads of kv head `kv` (a group) over places j0..j1 of one sequence; writes per query head
+ * the partial maximum, sum of exponentials and unnormalized output into `record` (group x (D + 2) floats). */
+static void attention_task(const float *q, const void *keys, const void *values, int half, size_t base, int j0,
+                           int j1, int kv, int group, int D, float scale, float *record) {
+    float scores[CHUNK] __attribute__((aligned(32)));
+    for (int g = 0; g < group; g++, record += D + 2) {
+        const float *qh = q + (size_t)(kv * group + g) * D;
+        float top = -INFINITY;
+        int j = j0;
+        __m256 tops = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= j1; j += 8) { /* 8 keys at a time, their sums reduced together */
+            __m256 acc[8];
+            _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+            for (int i = 0; i < D; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + i);
+                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
+                    acc[k] = _mm256_fmadd_ps(qv, load8(keys, base + (size_t)(j + k) * D + i, half), acc[k]);
+            }
+            const __m256 score = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+            _mm256_store_ps(scores + (j - j0), score);
+            tops = _mm256_max_ps(tops, score);
+        }
+        {
+            __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
+            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        }
+        for (; j < j1; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < D; i += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(keys, base + (size_t)j * D + i, half), acc);
+            const float score = hsum(acc) * scale;
+            scores[j - j0] = score;
+            top = score > top ? score : top;
+        }
+        const int n = j1 - j0;
+        for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
+        __m256 total = _mm256_setzero_ps();
+        for (int j = 0; j < n; j += 8) {
+            const __m256 p = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(top)));
+            _mm256_store_ps(scores + j, p);
+            total = _mm256_add_ps(total, p);
+        }
+        __m256 o[MAX_DIM / 8];
+        for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            const __m256 p = _mm256_set1_ps(scores[j]);
+            const size_t row = base + (size_t)(j0 + j) * D;
+            for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
+        }
+        record[0] = top;
+        record[1] = hsum(total);
+        for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
+    }
+}
+
+/* Attention for one query per sequence at decode (softmax(q K^T * scale) V over places 0..length-1) for S sequences
+ * at once, split over (sequence, kv head, chunk of places) tasks whose partial softmaxes are merged after
+ * (flash-decoding, Dao et al. 2023): every query head of a group reads its kv head's keys and values while they are
+ * in cache, and all threads have work whatever the number of heads or sequences.
+ * Sequence s: q[s] [heads, D] fp32; keys[s]/values[s] [kv_heads, capacity, D] (fp32, or fp16 when half), each kv
+ * head stride[s] elements apart; length[s] places; out[s] [heads, D] fp32. Query head h reads kv head
+ * h / (heads / kv_heads) (transformers' repeat_kv pairing). Returns 0, or -1 on sizes it does not take (D a
+ * multiple of 8 up to 256, groups up to 16) or when memory ran out. */
+int sc_attention_many(int S, const float *const *q, const void *const *keys, const void *const *values, int half,
+                      const long *stride, const int *length, int heads, int kv_heads, int D, float scale,
+                      float *const *out) {
+    if (D % 8 || D > MAX_DIM || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return -1;
+    const int group = heads / kv_heads;
+    int *first = malloc(sizeof(int) * (S + 1)); /* first task of each sequence */
+    if (!first) return -1;
+    first[0] = 0;
+    for (int s = 0; s < S; s++) {
+        if (length[s] <= 0) return free(first), -1;
+        first[s + 1] = first[s] + kv_heads * ((length[s] + CHUNK - 1) / CHUNK);
+    }
+    const int tasks = first[S];
+    float *partial = malloc(sizeof(float) * (size_t)tasks * group * (D + 2));
+    if (!partial) return free(first), -1;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tasks; t++) {
-        const int kv = t / chunks, j0 = (t % chunks) * CHUNK, j1 = j0 + CHUNK < length ? j0 + CHUNK : length;
-        const size_t base = (size_t)kv * head_stride;
-        float scores[CHUNK] __attribute__((aligned(32)));
-        for (int g = 0; g < group; g++) {
-            const float *qh = q + (size_t)(kv * group + g) * D;
-            float *record = partial + ((size_t)t * group + g) * (D + 2);
-            float top = -INFINITY;
-            for (int j = j0; j < j1; j++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int i = 0; i < D; i += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(keys, base + (size_t)j * D + i, half), acc);
-                const float score = hsum(acc) * scale;
-                scores[j - j0] = score;
-                top = score > top ? score : top;
-            }
-            const int n = j1 - j0;
-            for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
-            __m256 total = _mm256_setzero_ps();
-            for (int j = 0; j < n; j += 8) {
-                const __m256 p = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(top)));
-                _mm256_store_ps(scores + j, p);
-                total = _mm256_add_ps(total, p);
-            }
-            __m256 o[MAX_DIM / 8];
-            for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                const size_t row = base + (size_t)(j0 + j) * D;
-                for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-            }
-            record[0] = top;
-            record[1] = hsum(total);
-            for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
-        }
+        int s = 0;
+        while (first[s + 1] <= t) s++;
+        const int chunks = (length[s] + CHUNK - 1) / CHUNK, local = t - first[s];
+        const int kv = local / chunks, j0 = (local % chunks) * CHUNK;
+        const int j1 = j0 + CHUNK < length[s] ? j0 + CHUNK : length[s];
+        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale,
+                       partial + (size_t)t * group * (D + 2));
     }
-    for (int kv = 0; kv < kv_heads; kv++)
-        for (int g = 0; g < group; g++) {
-            float top = -INFINITY, total = 0.0f;
-            for (int c = 0; c < chunks; c++) {
-                const float m = partial[((size_t)(kv * chunks + c) * group + g) * (D + 2)];
-                top = m > top ? m : top;
+    for (int s = 0; s < S; s++) {
+        const int chunks = (length[s] + CHUNK - 1) / CHUNK;
+        for (int kv = 0; kv < kv_heads; kv++)
+            for (int g = 0; g < group; g++) {
+                const float *records = partial + ((size_t)(first[s] + kv * chunks) * group + g) * (D + 2);
+                const size_t step = (size_t)group * (D + 2); /* from one chunk's record to the next */
+                float top = -INFINITY, total = 0.0f;
+                for (int c = 0; c < chunks; c++) top = records[c * step] > top ? records[c * step] : top;
+                float *o = out[s] + (size_t)(kv * group + g) * D;
+                for (int i = 0; i < D; i++) o[i] = 0.0f;
+                for (int c = 0; c < chunks; c++) {
+                    const float *record = records + c * step;
+                    const float weight = expf(record[0] - top);
+                    total += record[1] * weight;
+                    for (int i = 0; i < D; i++) o[i] += record[2 + i] * weight;
+                }
+                for (int i = 0; i < D; i++) o[i] /= total;
             }
-            float *o = out + (size_t)(kv * group + g) * D;
-            for (int i = 0; i < D; i++) o[i] = 0.0f;
-            for (int c = 0; c < chunks; c++) {
-                const float *record = partial + ((size_t)(kv * chunks + c) * group + g) * (D + 2);
-                const float weight = expf(record[0] - top);
-                total += record[1] * weight;
-                for (int i = 0; i < D; i++) o[i] += record[2 + i] * weight;
-            }
-            for (int i = 0; i < D; i++) o[i] /= total;
-        }
-    free(partial);
+    }
+    free(partial), free(first);
     return 0;
+}
+
+/* One sequence: q [heads, D]; keys/values [kv_heads, capacity, D], kv heads head_stride apart; out [heads, D]. */
+int sc_attention(const float *q, const void *keys, const void *values, int half, long head_stride, int length,
+                 int heads, int kv_heads, int D, float scale, float *out) {
+    return sc_attention_many(1, &q, &keys, &values, half, &head_stride, &length, heads, kv_heads, D, scale, &out);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -390,7 +445,12 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
     float *attended = malloc(sizeof(float) * (size_t)B * heads * D);
     float *gate_up = malloc(sizeof(float) * (size_t)B * 2 * intermediate);
     float *delta = malloc(sizeof(float) * (size_t)B * hidden);
-    int status = (normed && qkv && attended && gate_up && delta) ? 0 : -1;
+    float **queries = malloc(sizeof(float *) * B), **outputs = malloc(sizeof(float *) * B);
+    void **key_buffers = malloc(sizeof(void *) * B), **value_buffers = malloc(sizeof(void *) * B);
+    long *strides = malloc(sizeof(long) * B);
+    int *lengths = malloc(sizeof(int) * B);
+    int status = (normed && qkv && attended && gate_up && delta && queries && outputs && key_buffers && value_buffers
+                  && strides && lengths) ? 0 : -1;
     for (int l = 0; l < n_layers && !status; l++) {
         const sc_layer *layer = layers + l;
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->input_norm, normed + (size_t)b * hidden, hidden, eps);
@@ -409,9 +469,13 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
                 cache->origins[(size_t)h * capacity[b] + place] = origins[b];
             }
             for (int h = 0; h < heads; h++) rotate(row + (size_t)h * D, c, s, D);
-            status |= sc_attention(row, cache->keys, cache->values, half, (long)stride, places[b] + 1, heads, kv_heads,
-                                   D, scale, attended + (size_t)b * heads * D);
+            queries[b] = row, key_buffers[b] = cache->keys, value_buffers[b] = cache->values;
+            strides[b] = (long)stride, lengths[b] = places[b] + 1, outputs[b] = attended + (size_t)b * heads * D;
         }
+        if (!status)
+            status |= sc_attention_many(B, (const float *const *)queries, (const void *const *)key_buffers,
+                                        (const void *const *)value_buffers, half, strides, lengths, heads, kv_heads, D,
+                                        scale, outputs);
         status |= sc_q4_matmul(attended, B, heads * D, layer->out, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->post_norm, normed + (size_t)b * hidden, hidden, eps);
@@ -419,7 +483,14 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
         for (int b = 0; b < B; b++) { /* SiLU(gate) * up, packed into the first half of each row */
             float *g = gate_up + (size_t)b * 2 * intermediate;
             float *h = normed + (size_t)b * intermediate;
-            for (int i = 0; i < intermediate; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
+            int i = 0;
+            for (; i + 8 <= intermediate; i += 8) {
+                const __m256 gate = _mm256_loadu_ps(g + i);
+                const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+                const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+                _mm256_storeu_ps(h + i, _mm256_mul_ps(silu, _mm256_loadu_ps(g + intermediate + i)));
+            }
+            for (; i < intermediate; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
         }
         status |= sc_q4_matmul(normed, B, intermediate, layer->down, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
@@ -429,5 +500,6 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
         status |= sc_q8_matmul(normed, B, hidden, head, head_scales, vocab, logits);
     }
     free(normed), free(qkv), free(attended), free(gate_up), free(delta);
+    free(queries), free(outputs), free(key_buffers), free(value_buffers), free(strides), free(lengths);
     return status ? -1 : 0;
 }
