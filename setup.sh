@@ -37,3 +37,7 @@ if [ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   "${apt_get[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq chromium >/dev/null \
     || echo "setup: could not install Chromium; the browser test will be skipped"
 fi
+
+# streamchat's native CPU kernels (streamchat/kernels.c): built once per machine with the system C compiler (about a
+# second, cached beside the converted model); without one, decoding runs on torch's kernels, 2-3x slower.
+.venv/bin/python -m streamchat.native || true

@@ -51,7 +51,7 @@ class Settings:
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     evict_unit: str = "token"  # sink_window: token (rolling window) | message (whole oldest messages; docs/recall.md)
-    kv_dtype: str = "auto"  # auto (fastpath/choice.py: the model dtype, bf16 on AMX CPUs) | model | a dtype
+    kv_dtype: str = "auto"  # auto (fastpath/choice.py: fp16 on native kernels, else the model dtype or bf16 on AMX) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
     decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers

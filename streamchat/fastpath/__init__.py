@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from streamchat import native
+
 from streamchat.cache import BoundedCache
 from streamchat.quant import resolve_weights
 from streamchat.config import Settings
@@ -96,4 +98,9 @@ def decode_summary(model: torch.nn.Module, settings: Settings) -> str:
     kv = str(kv_dtype_for(model, settings)).removeprefix("torch.")
     why_weights = f"auto: {auto_weights_reason(weights)}" if settings.decode_weights == "auto" else "set"
     why_kv = f"auto: {auto_kv_dtype(model.dtype)[1]}" if settings.kv_dtype == "auto" else "set"
-    return f"fast decode on {cpu_class()}: weights {weights} ({why_weights}), K/V {kv} ({why_kv}), {threads}"
+    kernels = ""
+    if weights in ("int4", "int8"):
+        build = native.active()
+        kernels = (f", kernels native {build} (streamchat/kernels.c)" if build
+                   else f", torch's kernels (native ones: {native.unavailable_reason()})")
+    return f"fast decode on {cpu_class()}: weights {weights} ({why_weights}), K/V {kv} ({why_kv}){kernels}, {threads}"
