@@ -117,9 +117,10 @@ class Conversation:
 class Turn:
     """An admitted request: `run(stop)` streams the reply's text pieces; `result` is filled when it ends."""
 
-    def __init__(self, engine: "Engine", conversation: Conversation, request: TurnRequest, new_conversation: bool):
+    def __init__(self, engine: "Engine", conversation: Conversation, request: TurnRequest, new_conversation: bool,
+                 history_known: bool = True):
         self.engine, self.conversation, self.request = engine, conversation, request
-        self.new_conversation = new_conversation
+        self.new_conversation, self.history_known = new_conversation, history_known
         self.result = TurnResult()
         self._turns_before = conversation.session.turns
 
@@ -158,6 +159,7 @@ class Turn:
         turn = session.last_turn if session.turns > self._turns_before else None  # None: refused or failed
         reason = turn.stop_reason if turn else "error"
         complete = ended_by_stop_string or reason in ("eos", "max_new_tokens")
+        complete = complete and self.history_known
         conversation.history = [*self.request.messages, {"role": "assistant", "content": text}] if complete else None
         self.result = TurnResult(
             text=text,
@@ -210,19 +212,25 @@ class Engine:
         with self._lock:
             if self._active_turns() >= self.max_sessions:
                 raise Overloaded(f"all {self.max_sessions} conversation slots are replying; retry shortly", 429)
-            conversation = None
+            conversation, restart = None, False
             if request.conversation_id is not None:
                 conversation = self.conversations.get(request.conversation_id)
                 if conversation is not None and conversation.busy:
                     raise Overloaded(f"conversation {request.conversation_id!r} is still replying", 429)
+                # The id selects the conversation; earlier messages sent with it must be what its cache holds
+                # (an edited message, another system prompt, a reply the client never saw in full): else the
+                # conversation starts again from the messages sent, under the same id. Only the new message
+                # sent: the cache goes on as it is.
+                restart = conversation is not None and len(messages) > 1 and conversation.history != messages[:-1]
             else:
                 for candidate in reversed(self.conversations.values()):
                     if not candidate.busy and candidate.history == messages[:-1]:
                         conversation = candidate
                         break
-            new = conversation is None
+            new = conversation is None or restart
             if new:
-                conversation = self._allocate(request.conversation_id)
+                if not restart:
+                    conversation = self._allocate(request.conversation_id)
                 try:
                     prompt = ... if system is None else system  # none sent: the configured one
                     conversation.session.reset(system_prompt=prompt, settings=self.settings)
@@ -230,11 +238,17 @@ class Engine:
                 except SessionError:
                     self._drop(conversation)
                     raise
+            known = True
+            if not new and len(messages) == 1 and request.conversation_id is not None:  # only the new message sent
+                if conversation.history is not None:
+                    request.messages = [*conversation.history, messages[-1]]  # the history after this turn
+                else:
+                    known = False  # the cache's history is not known as messages (a stopped reply): it stays so
             self._apply_sampling(conversation.session, request)
             conversation.busy = True
             conversation.history = None
             self.conversations.move_to_end(conversation.id)
-            return Turn(self, conversation, request, new)
+            return Turn(self, conversation, request, new, known)
 
     def _allocate(self, conversation_id: str | None) -> Conversation:
         conversation_id = conversation_id or f"conv-{uuid.uuid4().hex[:16]}"

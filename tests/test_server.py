@@ -230,6 +230,20 @@ def test_stop_strings_and_explicit_conversation_id(served, tiny):
     assert response.json()["streamchat"]["conversation_id"] == "mine"
     again = post(served, {"messages": [{"role": "user", "content": "Go on."}], "conversation_id": "mine"})
     assert again.json()["streamchat"]["seen_tokens"] > response.json()["streamchat"]["seen_tokens"]
+    # the whole history resent under the id, as the client holds it: the cache goes on
+    history = [*USER, {"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]},
+               {"role": "user", "content": "Go on."},
+               {"role": "assistant", "content": again.json()["choices"][0]["message"]["content"]}]
+    third = post(served, {"messages": [*history, {"role": "user", "content": "And then?"}], "conversation_id": "mine"})
+    assert third.json()["streamchat"]["seen_tokens"] > again.json()["streamchat"]["seen_tokens"]
+    assert served.engine.conversations["mine"].session.turns == 3  # continued, not started again
+    # an edited earlier message under the same id: the conversation starts again from what was sent
+    edited = [{"role": "user", "content": "Something else entirely."}, *history[1:]]
+    restarted = post(served, {"messages": [*edited, {"role": "user", "content": "And then?"}], "conversation_id": "mine"})
+    assert restarted.json()["streamchat"]["conversation_id"] == "mine"
+    session = served.engine.conversations["mine"].session
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == ["Something else entirely.", "Go on.", "And then?"]  # not "Hello", Go on, And then?, And then?
 
 
 def test_client_disconnect_stops_generation_and_keeps_the_conversation(tiny):
