@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ class Engine:
         self.loaded, self.settings = loaded, settings
         self.max_sessions, self.prefill_piece = max_sessions, prefill_piece
         self.conversations: OrderedDict[str, Conversation] = OrderedDict()  # least recently used first
+        self._outside: weakref.WeakSet[EngineSession] = weakref.WeakSet()  # new_session()'s (web UI tabs)
+        self._outside_count = 0
         self._lock = threading.RLock()
         self._cond = threading.Condition()
         self._pending: list[_Step] = []
@@ -199,8 +202,14 @@ class Engine:
     # ----- conversations -----------------------------------------------------------------------------------
 
     def new_session(self, settings: Settings | None = None) -> EngineSession:
-        """A session (outside the conversation store: the web UI keeps its own) whose steps this engine batches."""
-        return EngineSession(self, settings or self.settings)
+        """A session (outside the conversation store: the web UI keeps its own) whose steps this engine batches.
+        It counts in `stats()` (as "ui-N") for as long as its owner keeps it."""
+        session = EngineSession(self, settings or self.settings)
+        with self._lock:
+            self._outside_count += 1
+            session.label = f"ui-{self._outside_count}"
+            self._outside.add(session)
+        return session
 
     def open_turn(self, request: TurnRequest) -> Turn:
         """Admit a request: pick the live conversation it continues, or start one (freeing the least recently used
@@ -305,6 +314,7 @@ class Engine:
         """Live figures for /metrics (safe from any thread)."""
         with self._lock:
             conversations = {c.id: c.session.cache.stats() for c in self.conversations.values()}
+            conversations.update({session.label: session.cache.stats() for session in list(self._outside)})
         with self._cond:
             queued, active = len(self._pending), self._active  # turns of API conversations and UI tabs alike
         return {
@@ -363,6 +373,7 @@ class Engine:
                     self._cond.wait(max(deadline - time.monotonic(), 0.0))
                 batch, self._pending = self._pending, []
             self._run(batch)
+            del batch  # no step (and its session) outlives its run in this frame while the scheduler waits
 
     def _run(self, batch: list[_Step]) -> None:
         """One scheduler step: the oldest prefill piece, then every waiting decode step (batched where possible).

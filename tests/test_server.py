@@ -3,6 +3,7 @@ loopback port; the clients are the real `openai` package and httpx (for raw HTTP
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -168,6 +169,20 @@ def test_metrics_parse(served):
     ttft_count = next(s.value for s in families["streamchat_time_to_first_token_seconds"].samples
                       if s.name.endswith("_count"))
     assert ttft_count == 1
+    tab = served.engine.new_session()  # a web UI tab on the same engine counts while it lives
+    "".join(tab.send("Hi"))
+
+    def live():
+        text = httpx.get(served.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        labels = {s.labels.get("conversation") for s in families["streamchat_kv_bytes"].samples}
+        return families["streamchat_conversations_live"].samples[0].value, labels
+
+    count, labels = live()
+    assert count == 2 and tab.label in labels
+    del tab
+    gc.collect()
+    assert live()[0] == 1
 
 
 def post(server, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
