@@ -308,16 +308,28 @@ static void attention_task(const float *q, const void *keys, const void *values,
             _mm256_store_ps(scores + j, p);
             total = _mm256_add_ps(total, p);
         }
-        __m256 o[MAX_DIM / 8];
-        for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
-        for (int j = 0; j < n; j++) {
-            const __m256 p = _mm256_set1_ps(scores[j]);
-            const size_t row = base + (size_t)(j0 + j) * D;
-            for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-        }
         record[0] = top;
         record[1] = hsum(total);
-        for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
+        if (D == 64) { /* the common head size: the output stays in 8 registers */
+            __m256 o[8];
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                const size_t row = base + (size_t)(j0 + j) * 64;
+                _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
+                    o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
+            }
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
+        } else {
+            __m256 o[MAX_DIM / 8];
+            for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(scores[j]);
+                const size_t row = base + (size_t)(j0 + j) * D;
+                for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
+            }
+            for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
+        }
     }
 }
 
