@@ -189,6 +189,15 @@ def test_load_model_packs_and_caches_an_hf_folder(reference, tokenizer, tmp_path
     assert first.packing.mode == resolve_weights(reference.model.layers, "auto") and not first.packing.from_cache
     second = load_model(str(folder), decode_weights="auto")
     assert second.packing.from_cache
+    # read from the cache without the full-precision checkpoint: a meta-device skeleton, norms read by name
+    assert "checkpoint left unread" in second.packing.note
+    assert not any(t.is_meta for t in (*second.model.parameters(), *second.model.buffers()))
+    ids = torch.randint(0, len(tokenizer), (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(second.model(ids).logits, first.model(ids).logits, atol=0, rtol=0)
+    session = ChatSession(second, Settings(max_new_tokens=6, temperature=0.0, window=64))
+    assert "".join(session.send("Tell me a story.")) == "".join(
+        ChatSession(first, Settings(max_new_tokens=6, temperature=0.0, window=64)).send("Tell me a story."))
     assert load_model(str(folder)).packing is None  # without decode_weights: the model as loaded
 
 
