@@ -103,18 +103,25 @@ class FastDecoder:
             self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
         half = self.head_dim // 2
         self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
+        self.compiled = False
+        self._native_layers = self._native_plan()
+        if compile and self._native_layers is not None:  # the whole step is one C call: nothing left to compile
+            print("streamchat: decode_compile skipped: the native decode step runs without Python between layers",
+                  file=sys.stderr)
+            compile = False
+        elif compile:
+            self._native_layers = None
         # decode attention on streamchat's kernel (not inside a compiled graph: torch.compile cannot trace it)
         self.native_attention = native.library() is not None and self.device.type == "cpu" and not compile
         self.compiled = compile
         self.compile_seconds: float | None = None
         self._step: Callable = torch.compile(self._forward, dynamic=True, fullgraph=True) if compile else self._forward
-        self._native_layers = self._native_plan()
 
     def _native_plan(self):
         """The layers as kernels.c's `sc_layer` structures for the whole-step kernel (`native_decode`), or None where
         it cannot run this decoder (no native kernels, weights other than native int4 with an int8 output
-        projection, biases outside q/k/v, a model not in fp32, a compiled step)."""
-        if native.library() is None or self.device.type != "cpu" or self.dtype != torch.float32 or self.compiled:
+        projection, biases outside q/k/v, a model not in fp32)."""
+        if native.library() is None or self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         head = self.lm_head
         if (head.mode, head.kernel, head.bias) != ("int8", "native", None):
