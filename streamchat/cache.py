@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from streamchat import native
 from streamchat.attention import enable_scoring
 from streamchat.config import Settings
 from streamchat.policies import EvictionPolicy, get_policy_class
@@ -90,6 +91,12 @@ class BoundedLayer(CacheLayerMixin):
         """
         length = self.length
         moved = kept[..., fixed:]
+        if moved.dim() == 1 and moved.numel() and self.device.type == "cpu":  # one run of places (sink_window)
+            start, count = int(moved[0]), moved.numel()
+            if start >= fixed and torch.equal(moved, torch.arange(start, start + count)):
+                if native.compact(self, start, fixed, count):  # streamchat/kernels.c: copy and re-rotate in place
+                    self.length = fixed + count
+                    return
         if moved.dim() == 1:
             gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)  # noqa: E731
         else:

@@ -38,9 +38,11 @@ DISABLE_ENV = "STREAMCHAT_NATIVE"  # "0" turns the native kernels off (torch's k
 BLOCK = 32  # inputs per Q4_1 / Q8 block
 ROWS = 8  # output rows interleaved per 4-bit block group
 GROUP_BYTES = 160  # one block group: 8 fp16 steps, 8 fp16 minimums, 128 bytes of nibbles
+# -ffp-contract=off: scalar a*b + c*d stays two roundings, as torch computes it (RoPE in compaction is bit-exact)
 FLAGS = {
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DSC_VNNI"],
+    "avx2": ["-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"],
+    "avx512vnni": ["-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                   "-mavx512vnni", "-DSC_VNNI"],
 }
 
 ATTENTION_DTYPES = (torch.float32, torch.float16)  # K/V dtypes sc_attention reads
@@ -126,7 +128,9 @@ def library() -> ctypes.CDLL | None:
             pointer, pointer, pointer, pointer, pointer, pointer, pointer, integer, pointer, pointer, pointer, integer,
             pointer,
         ]
-        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode):
+        lib.sc_compact.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer, integer,
+                                   integer, integer, pointer, pointer]
+        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode, lib.sc_compact):
             function.restype = integer
         if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
             _REASON = "the compiled decode-step structures do not match"
@@ -141,6 +145,26 @@ def library() -> ctypes.CDLL | None:
 def active() -> str | None:
     """The build in use ("avx2", "avx512vnni"), or None where the kernels are unavailable."""
     return isa() if library() is not None else None
+
+
+def compact(layer, src: int, dst: int, count: int) -> bool:
+    """Move places src..src+count-1 of a `BoundedLayer` (batch 1, fp32/fp16 buffers on the CPU) down to dst.., keys
+    re-rotated at their new places (kernels.c `sc_compact`). Returns False, having done nothing, where the kernel
+    does not apply (no kernels, another layout or dtype); the caller then compacts with torch."""
+    lib = library()
+    buffers = (layer.keys, layer.raw_keys, layer.values)
+    if (lib is None or layer.keys.shape[0] != 1 or layer.keys.dtype not in ATTENTION_DTYPES
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (*buffers, layer.origins))
+            or layer.values.shape != layer.keys.shape):
+        return False
+    cos, sin = layer.rope.cos, layer.rope.sin
+    if cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
+        return False
+    _, heads, capacity, dim = layer.keys.shape
+    status = lib.sc_compact(layer.keys.data_ptr(), layer.raw_keys.data_ptr(), layer.values.data_ptr(),
+                            layer.origins.data_ptr(), int(layer.keys.dtype == torch.float16), heads, capacity, dim,
+                            src, dst, count, cos.data_ptr(), sin.data_ptr())
+    return status == 0
 
 
 class Layer(ctypes.Structure):
