@@ -261,10 +261,12 @@ def packed_mode(model: torch.nn.Module) -> str | None:
 
 
 def cache_key(source_digest: str, mode: str) -> dict[str, str | int]:
-    """What the packed tensors depend on: the source weights, the mode, torch's packing code and the CPU."""
+    """What the packed tensors depend on: the source weights, the mode, the kernel family, and for torch's kernels
+    torch's packing code and the CPU capability (its int4 layout depends on both)."""
+    kernel = "native" if native.active() else "torch"  # the native layout is the same for every build (ISA)
     return {
-        "format": FORMAT, "source": source_digest, "mode": mode, "torch": torch.__version__,
-        "capability": torch.backends.cpu.get_cpu_capability(), "kernel": native.active() or "torch",
+        "format": FORMAT, "source": source_digest, "mode": mode, "torch": torch.__version__, "kernel": kernel,
+        "capability": torch.backends.cpu.get_cpu_capability() if kernel == "torch" else "any",
     }
 
 
