@@ -51,6 +51,7 @@ _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
 _REASON: str | None = None
 _LOADED = False
+_ISA: str | None = None  # the build loaded (avx2 where the AVX-512 one did not build)
 _TURNED_OFF = False  # torch_kernels(): native kernels refused for new linears (tests, and speed's comparison rows)
 
 
@@ -96,9 +97,30 @@ def _build(target: str, destination: Path) -> None:
         os.replace(built, destination)  # atomic: concurrent starts never load a half-written library
 
 
+def _built(target: str) -> Path:
+    """The shared library for `target`, compiled now if this source and these flags have not been before. Cached
+    under the model cache (older builds of the same target are removed); where that is not writable, in a
+    temporary folder for this process."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[target]).encode()).hexdigest()[:16]
+    folder = cache_root() / "kernels"
+    path = folder / f"{target}-{digest}.so"
+    if path.exists():
+        return path
+    try:
+        _build(target, path)
+    except OSError:  # the cache folder is not writable
+        path = Path(tempfile.mkdtemp(prefix="streamchat-kernels-")) / path.name
+        _build(target, path)
+        return path
+    for stale in folder.glob(f"{target}-*.so"):  # a process that loaded one keeps its mapping
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return path
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels for this CPU, built first if needed; None where unavailable (see `unavailable_reason`)."""
-    global _LIBRARY, _REASON, _LOADED
+    global _LIBRARY, _REASON, _LOADED, _ISA
     if _TURNED_OFF:
         return None
     with _LOCK:
@@ -111,16 +133,19 @@ def library() -> ctypes.CDLL | None:
                        else f"needs an x86 CPU with AVX2/FMA/F16C (this one: {platform.machine()}, "
                             f"{torch.backends.cpu.get_cpu_capability()})")
             return None
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[target]).encode()).hexdigest()[:16]
-        path = cache_root() / "kernels" / f"{target}-{digest}.so"
-        try:
-            if not path.exists():
-                _build(target, path)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            _REASON = f"could not build the native kernels: {error}"
+        lib, errors = None, []
+        for build in [target] + (["avx2"] if target != "avx2" else []):  # an older compiler may lack AVX-512 VNNI
+            try:
+                lib = ctypes.CDLL(str(_built(build)))
+                target = build
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                errors.append(f"{build}: {error}")
+        if lib is None:
+            _REASON = f"could not build the native kernels ({'; '.join(errors)})"
             print(f"streamchat: {_REASON}; using torch's kernels", file=sys.stderr)
             return None
+        _ISA = target
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         lib.sc_q4_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
         lib.sc_q8_matmul.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
@@ -147,7 +172,7 @@ def library() -> ctypes.CDLL | None:
 
 def active() -> str | None:
     """The build in use ("avx2", "avx512vnni"), or None where the kernels are unavailable."""
-    return isa() if library() is not None else None
+    return _ISA if library() is not None else None
 
 
 def compact(layer, src: int, dst: int, count: int) -> bool:
@@ -279,9 +304,9 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
     return out
 
 
-if __name__ == "__main__":  # setup.sh: build now and say which kernels this machine decodes with
+if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): build now, say which kernels run
     if library() is not None:
-        print(f"setup: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
+        print(f"streamchat: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
     else:
-        print(f"setup: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
+        print(f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
               "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)")

@@ -3,14 +3,16 @@
 Decode reads packed weights (streamchat/quant.py); before this, prefill ran the transformers forward on the fp32
 `nn.Linear`s, so both copies stayed in memory (540 MB of fp32 beside 80 MB packed). `install` replaces every
 decoder-layer linear with a module over the packed tensors that the fast decode step reads (q/k/v and gate/up
-run as one fused matmul whose output each projection slices, or int8 row views: no second copy), the output projection with the int8 one and the
-tied embedding with a `QuantEmbedding` over the same int8 rows. torch's weight-only kernels take any number of
-rows, so prefill runs batched on them (gpt-fast's int4 `WeightOnlyInt4Linear` does the same on GPU).
+run as one fused matmul, whose parts are row views where the layout allows, else slices of its output: no second
+copy), the output projection with the int8 one and the tied embedding with a `QuantEmbedding` over the same int8
+rows. The kernels (streamchat/native.py's, else torch's weight-only ones) take any number of rows, so prefill
+runs batched on them (gpt-fast's int4 `WeightOnlyInt4Linear` does the same on GPU).
 
 Packing takes seconds and reads all 540 MB of fp32 weights, so the packed tensors are cached beside the converted
-model (`packed-<mode>.safetensors` + `.json`), keyed by the source weights' digest, the mode, the torch version
-and the CPU capability (torch's int4 packing layout depends on both) and checked by size and digest at every load
-like the conversion: missing, stale or corrupt means packed again and rewritten.
+model (`packed-<mode>-<kernel family>.safetensors` + `.json`), keyed by the source weights' digest, the mode, the
+kernel family (streamchat/native.py's layout, or torch's), and for torch's kernels the torch version and the CPU
+capability (its int4 packing layout depends on both), and checked by size and digest at every load like the
+conversion: missing, stale or corrupt means packed again and rewritten.
 
 CPU only, fp32 models of the layouts the fast path supports (Llama, Mistral, Qwen2); elsewhere the model keeps its
 own weights (`packable_reason` says why).
@@ -278,13 +280,17 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_paths(folder: Path, mode: str) -> tuple[Path, Path]:
-    return folder / f"packed-{mode}.safetensors", folder / f"packed-{mode}.json"
+def cache_paths(folder: Path, mode: str, kernel: str | None = None) -> tuple[Path, Path]:
+    """The packed weights and manifest for `mode` and kernel family ("native" or "torch"; default: the family in
+    use now), each family in its own files, so switching between them (STREAMCHAT_NATIVE=0) repacks nothing."""
+    kernel = kernel or ("native" if native.active() else "torch")
+    stem = f"packed-{mode}-{kernel}"
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
 
 def read_cached(folder: Path, key: dict, model: torch.nn.Module) -> PackedWeights | None:
     """The cached packed weights when present, of this key, and intact (size and digest); else None."""
-    weights, manifest = cache_paths(folder, str(key["mode"]))
+    weights, manifest = cache_paths(folder, str(key["mode"]), str(key["kernel"]))
     try:
         saved = json.loads(manifest.read_text())
         if saved.get("key") != key or weights.stat().st_size != saved["size"]:
@@ -300,7 +306,7 @@ def read_cached(folder: Path, key: dict, model: torch.nn.Module) -> PackedWeight
 
 def write_cache(folder: Path, key: dict, packed: PackedWeights) -> None:
     """Write the packed weights and their manifest (each by a rename, so a reader never sees half a file)."""
-    weights, manifest = cache_paths(folder, str(key["mode"]))
+    weights, manifest = cache_paths(folder, str(key["mode"]), str(key["kernel"]))
     folder.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=".packing-", dir=folder)
     os.close(handle)
@@ -350,5 +356,5 @@ def pack_model(model: torch.nn.Module, weights: str, folder: Path | None, source
                 return PackResult(weights, time.perf_counter() - started, False, note)
     install(model, packed)
     seconds = time.perf_counter() - started
-    how = "read from the cache" if from_cache else "packed and cached (once per model, torch and CPU)"
+    how = "read from the cache" if from_cache else "packed and cached (once per model and kernel family)"
     return PackResult(weights, seconds, from_cache, f"{weights} weights {how} in {seconds:.1f} s")

@@ -77,3 +77,28 @@ def test_attention_refuses_mismatched_buffers():
     keys = torch.randn(1, 3, 64, 64)
     with pytest.raises(ValueError, match="laid out alike"):
         native.attention(torch.randn(9, 64), keys, keys.transpose(2, 3), 10, 0.125)
+
+
+def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
+    """A compiler without AVX-512 VNNI still gives the AVX2 build; with no build at all, torch's kernels, said once."""
+    for name, value in (("_LOADED", False), ("_LIBRARY", None), ("_ISA", None), ("_REASON", None)):
+        monkeypatch.setattr(native, name, value)  # restored after the test: the process keeps its own library
+    real = native._built
+
+    def without(*refused):
+        def built(target):
+            if target in refused:
+                raise RuntimeError(f"cc: unrecognized option for {target}")
+            return real(target)
+        return built
+
+    monkeypatch.setattr(native, "_built", without("avx512vnni"))
+    assert native.library() is not None and native.active() == "avx2"
+    x, packed = torch.randn(2, 64), native.pack_q4(torch.randn(16, 64))
+    expected = x @ native.unpack_q4(packed, 64).T
+    assert (native.q4_matmul(x, packed, 16) - expected).norm() < 0.01 * expected.norm()  # the AVX2 build computes
+    monkeypatch.setattr(native, "_LOADED", False)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setattr(native, "_built", without("avx512vnni", "avx2"))
+    assert native.library() is None and native.active() is None
+    assert "could not build" in native.unavailable_reason() and "torch's kernels" in capsys.readouterr().err

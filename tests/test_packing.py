@@ -230,3 +230,18 @@ def test_int4_row_views_are_the_rows_packed_alone(kernel):
     assert view.weight.data_ptr() == fused.weight[64].data_ptr()  # shares the storage
     assert torch.equal(view.weight, alone_weight) and torch.equal(view.scales, alone_scales)
     assert fused.rows(32, 96) is None  # not on a 64-row block
+
+
+def test_each_kernel_family_keeps_its_own_cache(reference, tmp_path):
+    """Switching between native and torch kernels (STREAMCHAT_NATIVE=0) repacks once per family, never again."""
+    from streamchat import native
+
+    if native.library() is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    assert not pack_model(copy.deepcopy(reference), "int4", tmp_path, "w").from_cache
+    with native.torch_kernels():
+        assert not pack_model(copy.deepcopy(reference), "int4", tmp_path, "w").from_cache
+    assert pack_model(copy.deepcopy(reference), "int4", tmp_path, "w").from_cache  # the native entry is still there
+    with native.torch_kernels():
+        assert pack_model(copy.deepcopy(reference), "int4", tmp_path, "w").from_cache
+    assert cache_paths(tmp_path, "int4", "native")[0].is_file() and cache_paths(tmp_path, "int4", "torch")[0].is_file()

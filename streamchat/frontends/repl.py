@@ -323,7 +323,9 @@ def parse_request(line: str) -> dict:
 
 def scripted(session: ChatSession, lines: Iterable[str] | None = None) -> int:
     """One JSON object per output line for each input line: the reply and the turn's figures, a command's output,
-    or an error (the session goes on). A reader that closes the pipe early ends the program quietly."""
+    or an error (the session goes on). A reader that closes the pipe early ends the program quietly. How decode
+    runs (kernels, K/V dtype, threads) goes to stderr, as the interactive chat prints it at start-up."""
+    print(f"streamchat: {decode_summary(session.model, session.settings)}", file=sys.stderr)
     try:
         _scripted(session, input_lines(sys.stdin) if lines is None else lines)
     except BrokenPipeError:
