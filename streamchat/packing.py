@@ -315,6 +315,8 @@ def write_cache(folder: Path, key: dict, packed: PackedWeights) -> None:
         os.replace(staging, weights)
     finally:
         Path(staging).unlink(missing_ok=True)
+    for legacy in (folder / f"packed-{key['mode']}.safetensors", folder / f"packed-{key['mode']}.json"):
+        legacy.unlink(missing_ok=True)  # the single-family names of earlier versions: 95 MB nobody reads now
     record = {"key": key, "size": weights.stat().st_size, "sha256": _digest(weights)}
     handle, staging = tempfile.mkstemp(prefix=".packing-", dir=folder)
     with os.fdopen(handle, "w") as out:
