@@ -268,6 +268,9 @@ class ChatSession:
             if saved.get("dtype") != self.settings.dtype:
                 raise ValueError(f"it was saved with dtype {saved.get('dtype')}; start streamchat with that dtype")
             saved = {"kv_dtype": "model", **saved}  # files from before kv_dtype kept K/V in the model's dtype
+            stored = tensors.get("cache.layer0.keys")
+            if saved["kv_dtype"] == "auto" and stored is not None:  # what `auto` chose where it was saved (it may
+                saved["kv_dtype"] = str(stored.dtype).removeprefix("torch.")  # choose otherwise here): kept as is
             settings = load_settings(None, {**saved, **{key: getattr(self.settings, key) for key in LOCAL_KEYS}})
             self._check_budget(settings)
             messages, template, turns = meta["messages"], meta["fed_template"], meta["turns"]

@@ -38,6 +38,25 @@ def snapshot(session: ChatSession) -> str:
     return persist._read_header(persist.dumps(session))["sha256"]
 
 
+def test_a_cache_saved_under_another_auto_choice_resumes_as_saved(tiny, tmp_path, monkeypatch):
+    """`kv_dtype: auto` may choose another dtype on another machine or version (fp32 before the native kernels,
+    fp16 with them): a saved conversation resumes with the K/V dtype it was saved in, token for token."""
+    from streamchat import fastpath
+
+    monkeypatch.setattr(fastpath, "auto_kv_dtype", lambda dtype: (torch.float32, "as before"))
+    original = ChatSession(tiny, settings(tmp_path, kv_dtype="auto"))
+    talk(original, TURNS)
+    assert original.cache.layers[0].keys.dtype == torch.float32
+    persist.save(original, "older")
+    replies_a = talk(original, NEXT)
+    monkeypatch.setattr(fastpath, "auto_kv_dtype", lambda dtype: (torch.float16, "native kernels"))
+    assert ChatSession(tiny, settings(tmp_path, kv_dtype="auto")).cache.dtype == torch.float16
+    fresh = ChatSession(tiny, settings(tmp_path, kv_dtype="auto"))
+    persist.load(fresh, "older")
+    assert fresh.cache.layers[0].keys.dtype == torch.float32 and fresh.settings.kv_dtype == "float32"
+    assert talk(fresh, NEXT) == replies_a
+
+
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 7}], ids=["greedy", "sampled"])
 def test_resumed_session_continues_token_for_token(tiny, tmp_path, sampling):
     original = ChatSession(tiny, settings(tmp_path, **sampling))
