@@ -520,12 +520,13 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
  * Eviction's compaction of one layer (streamchat/cache.py, BoundedLayer.compact) when the kept places after the
  * protected prefix are one contiguous run, as sink_window's are: places src..src+count-1 move down to
  * dst..dst+count-1 for every kv head. Raw keys, values and stream indices are copied; keys become the raw keys
- * rotated at their new places (rope.py's formula, x cos + rotate_half(x) sin, in fp32 and without fused
- * multiply-adds, so the result equals torch's bit for bit). Buffers [kv_heads, capacity, D] (fp32, or fp16 when
- * half), origins [kv_heads, capacity]; cos/sin [capacity, D] fp32. Returns 0, or -1 on sizes it does not take. */
+ * rotated at their new places (`rotate`, rope.py's formula x cos + rotate_half(x) sin, in fp32 and without fused
+ * multiply-adds: -ffp-contract=off, so the result equals torch's bit for bit). Buffers [kv_heads, capacity, D]
+ * (fp32, or fp16 when half), origins [kv_heads, capacity]; cos/sin [capacity, D] fp32. Returns 0, or -1 on sizes
+ * it does not take (D a multiple of 8 up to 256). */
 int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int half, int kv_heads, int capacity,
                int D, int src, int dst, int count, const float *cos, const float *sin) {
-    if (D % 2 || D > MAX_DIM || dst < 0 || src < dst || count < 0 || src + count > capacity) return -1;
+    if (D % 8 || D > MAX_DIM || dst < 0 || src < dst || count < 0 || src + count > capacity) return -1;
     const size_t element = half ? 2 : 4, row = (size_t)D * element;
     for (int h = 0; h < kv_heads; h++) {
         const size_t head = (size_t)h * capacity;
@@ -534,22 +535,11 @@ int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int h
             memmove((char *)raw_keys + to * row, (char *)raw_keys + from * row, row);
             memmove((char *)values + to * row, (char *)values + from * row, row);
             origins[to] = origins[from];
-            float raw[MAX_DIM], rotated[MAX_DIM];
+            float key[MAX_DIM];
             for (int i = 0; i < D; i++)
-                raw[i] = half ? _cvtsh_ss(((const uint16_t *)raw_keys)[to * D + i]) : ((const float *)raw_keys)[to * D + i];
-            const float *c = cos + (size_t)(dst + j) * D, *s = sin + (size_t)(dst + j) * D;
-            const int halfway = D / 2;
-            for (int i = 0; i < D; i++) {
-                const float product = raw[i] * c[i];
-                const float turned = (i < halfway ? -raw[i + halfway] : raw[i - halfway]) * s[i];
-                rotated[i] = product + turned;
-            }
-            if (half) {
-                uint16_t *target = (uint16_t *)keys + to * D;
-                for (int i = 0; i < D; i++) target[i] = _cvtss_sh(rotated[i], _MM_FROUND_TO_NEAREST_INT);
-            } else {
-                memcpy((float *)keys + to * D, rotated, row);
-            }
+                key[i] = half ? _cvtsh_ss(((const uint16_t *)raw_keys)[to * D + i]) : ((const float *)raw_keys)[to * D + i];
+            rotate(key, cos + (size_t)(dst + j) * D, sin + (size_t)(dst + j) * D, D); /* the decode step's RoPE */
+            store(keys, half, to * D, key, D);
         }
     }
     return 0;

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from streamchat.packing import PACKED_MODES, PackResult, cache_key, install, pack_model, read_cached  # noqa: E402
-from streamchat.quant import on_int4_grid  # noqa: E402
+from streamchat.quant import auto_weights  # noqa: E402
 from streamchat.paths import CACHE_ENV, cache_root  # noqa: E402,F401 - both part of this module's API
 
 hf_logging.disable_progress_bar()
@@ -171,11 +171,11 @@ def _load_packed_only(folder: Path, cache_folder: Path | None, digest: str, weig
         with safe_open(str(file), framework="pt") as checkpoint:
             names = set(checkpoint.keys())
             mode = weights
-            if weights == "auto":  # int4 when every layer linear is 4-bit already (quant.resolve_weights), read in part
+            if weights == "auto":  # the layer linears' first rows, read from the file
                 linears = [n for n in names if n.startswith("model.layers.") and n.endswith("_proj.weight")]
                 if not linears:
                     return None
-                mode = "int4" if all(on_int4_grid(checkpoint.get_slice(n)[:64]) for n in linears) else "model"
+                mode = auto_weights(checkpoint.get_slice(n)[:64] for n in linears)
             if mode not in PACKED_MODES:
                 return None
             with torch.device("meta"):

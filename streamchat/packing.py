@@ -262,10 +262,15 @@ def packed_mode(model: torch.nn.Module) -> str | None:
 # ----- disk cache -------------------------------------------------------------------------------------------------
 
 
+def kernel_family() -> str:
+    """The packed layout in use: "native" (the same for every build of streamchat/kernels.c) or "torch"."""
+    return "native" if native.active() else "torch"
+
+
 def cache_key(source_digest: str, mode: str) -> dict[str, str | int]:
     """What the packed tensors depend on: the source weights, the mode, the kernel family, and for torch's kernels
     torch's packing code and the CPU capability (its int4 layout depends on both)."""
-    kernel = "native" if native.active() else "torch"  # the native layout is the same for every build (ISA)
+    kernel = kernel_family()
     return {
         "format": FORMAT, "source": source_digest, "mode": mode, "torch": torch.__version__, "kernel": kernel,
         "capability": torch.backends.cpu.get_cpu_capability() if kernel == "torch" else "any",
@@ -283,7 +288,7 @@ def _digest(path: Path) -> str:
 def cache_paths(folder: Path, mode: str, kernel: str | None = None) -> tuple[Path, Path]:
     """The packed weights and manifest for `mode` and kernel family ("native" or "torch"; default: the family in
     use now), each family in its own files, so switching between them (STREAMCHAT_NATIVE=0) repacks nothing."""
-    kernel = kernel or ("native" if native.active() else "torch")
+    kernel = kernel or kernel_family()
     stem = f"packed-{mode}-{kernel}"
     return folder / f"{stem}.safetensors", folder / f"{stem}.json"
 

@@ -32,6 +32,7 @@ which; each stores its weights in its own layout.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -222,11 +223,17 @@ def on_int4_grid(weight: torch.Tensor, group: int = INT4_GROUP, rows: int = 64) 
 
 
 def resolve_weights(layers: torch.nn.Module, weights: str) -> str:
-    """The linear mode that `weights` means for these decoder layers ("auto": int4 when all are 4-bit already;
-    not int8_dynamic, whose activation rounding costs perplexity)."""
+    """The linear mode that `weights` means for these decoder layers ("auto": `auto_weights` of their linears)."""
     if weights != "auto":
         return weights
-    return "int4" if all(on_int4_grid(p) for p in layers.parameters() if p.dim() == 2) else "model"
+    return auto_weights(p for p in layers.parameters() if p.dim() == 2)
+
+
+def auto_weights(linears: Iterable[torch.Tensor]) -> str:
+    """What `decode_weights: auto` means for these layer weights (or their first rows, which `on_int4_grid` reads):
+    int4 when all are 4-bit already; else the model's own (not int8_dynamic, whose activation rounding costs
+    perplexity)."""
+    return "int4" if all(on_int4_grid(weight) for weight in linears) else "model"
 
 
 def fuse(weights: list[torch.Tensor], biases: list[torch.Tensor | None], mode: str) -> PackedLinear:

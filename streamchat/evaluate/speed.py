@@ -223,11 +223,12 @@ def build_paths(
         REFERENCE: DynamicStepper(model, budget),
         "transformers_bounded": BoundedStepper(model, settings, None),
     }
-    for name, (option, path_settings) in fast_variants(loaded, settings, weights, kv_dtypes).items():
+    variants = fast_variants(loaded, settings, weights, kv_dtypes)
+    for name, (option, path_settings) in variants.items():
         paths[name] = BoundedStepper(model, path_settings, option)
         if compile:
             paths[f"{name}_compiled"] = BoundedStepper(model, path_settings, option, compile=True)
-    int4 = [settings for option, settings in fast_variants(loaded, settings, weights, kv_dtypes).values() if option == "int4"]
+    int4 = [path_settings for option, path_settings in variants.values() if option == "int4"]
     if native.active() and int4:  # the same step on torch's int4 kernels and SDPA, for the side-by-side record
         with native.torch_kernels():
             paths[TORCH_KERNELS] = BoundedStepper(model, int4[0].replace(kv_dtype="model"), "int4")

@@ -11,7 +11,6 @@ import sys
 import torch
 
 from streamchat import native
-
 from streamchat.cache import BoundedCache
 from streamchat.quant import resolve_weights
 from streamchat.config import Settings

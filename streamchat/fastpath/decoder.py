@@ -103,7 +103,6 @@ class FastDecoder:
             self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None), head_weights)
         half = self.head_dim // 2
         self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
-        self.compiled = False
         self._native_layers = self._native_plan()
         if compile and self._native_layers is not None:  # the whole step is one C call: nothing left to compile
             print("streamchat: decode_compile skipped: the native decode step runs without Python between layers",
