@@ -2,11 +2,15 @@
 
 Every conversation is an `EngineSession` (a `ChatSession` whose forward passes go to the engine's scheduler
 instead of running inline), so turns, stop, sampling, eviction and stats are exactly the session's. Each turn runs
-in its caller's thread; its forward passes are steps the one scheduler thread runs:
+in its caller's thread, which tokenizes, detokenizes and streams text; the one scheduler thread runs the model:
 
-* single-token decode steps waiting at the same time run as ONE batched fast-path step over all their bounded
-  caches (`fastpath.batched.decode_batch`); conversations join and leave between any two steps (Orca-style
-  iteration-level scheduling, as in vLLM and llama.cpp's server);
+* a reply's decode loop runs on the scheduler (engine-driven, as vLLM's and llama.cpp's servers do): each
+  scheduler step feeds every decoding conversation's last sampled token in ONE batched fast-path step over all
+  their bounded caches (`fastpath.batched.decode_batch`), samples each row's next token (greedy rows in one
+  batched op, with transformers' repetition penalty) and hands the tokens to the turns' threads; conversations join
+  and leave between any two steps (Orca-style iteration-level scheduling). A token is fed while its turn's thread
+  turns the one before into text, so that work overlaps the step; a turn that stops after token k leaves token k
+  fed (as the next turn's prefill would have fed it) and nothing after it;
 * prefill runs in pieces of at most `prefill_piece` tokens (the session's own chunks split further), one piece
   per scheduler step between batched decode steps, so a long new prompt does not stall the conversations that
   are decoding;
@@ -21,6 +25,7 @@ the model plus `max_sessions` caches.
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import time
@@ -33,14 +38,17 @@ from typing import Any
 
 import torch
 
+from streamchat import native
 from streamchat.config import Settings
 from streamchat.fastpath import decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import decode_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, clean_text
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
+_END = object()  # a reply's token queue: the scheduler ended the decode (stopped, or the engine closed)
 
 
 class Overloaded(RuntimeError):
@@ -59,6 +67,29 @@ class _Step:
         self.done = threading.Event()
         self.logits: torch.Tensor | None = None
         self.error: BaseException | None = None
+
+
+class _Decode:
+    """A reply decoding on the scheduler. Counts are of reply tokens: `sampled` (the first from the prefill's
+    logits), `fed` to the cache, `taken`: asked for by the turn's thread (which went past every token before).
+    Token k is fed only once the turn asked for token k (`taken > fed`), so at most one token is fed ahead of
+    what the turn has seen, and a turn that stops after token k leaves nothing after it in the cache."""
+
+    __slots__ = ("session", "token", "sampled", "fed", "taken", "limit", "stop", "processors", "settings",
+                 "tokens", "cancelled", "ended")
+
+    def __init__(self, session: ChatSession, token: int, limit: int, stop: threading.Event,
+                 processors: LogitsProcessorList, settings: Settings):
+        self.session, self.token, self.limit, self.stop = session, token, limit, stop
+        self.processors, self.settings = processors, settings
+        self.sampled, self.fed, self.taken = 1, 0, 1
+        self.tokens: queue.SimpleQueue = queue.SimpleQueue()  # sampled ids; then _END or an exception
+        self.cancelled = False
+        self.ended = threading.Event()
+
+    def ready(self) -> bool:
+        """Whether the scheduler can act on it now: feed its token, or end it."""
+        return self.cancelled or self.stop.is_set() or self.taken > self.fed
 
 
 class EngineSession(ChatSession):
@@ -83,6 +114,30 @@ class EngineSession(ChatSession):
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         return self.engine._submit(self, ids)
+
+    def _reply_tokens(self, logits, limit, stop, processors, settings) -> Iterator[int]:
+        """ChatSession's reply tokens, decoded by the engine's scheduler (see the module's docstring)."""
+        token_id = self._sample(logits, processors, settings)  # the first token, from the prefill's logits
+        self._pending = [token_id]
+        if token_id in self.end_of_turn_ids or limit <= 1:
+            yield token_id
+            return
+        job = self.engine._start_decode(_Decode(self, token_id, limit, stop, processors, settings))
+        last, received = token_id, 1
+        try:
+            yield token_id
+            while True:
+                self.engine._take(job)  # the consumer went past `last`: the scheduler may feed it and sample on
+                item = job.tokens.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                last, received = item, received + 1
+                yield item
+        finally:
+            self.engine._end_decode(job)  # the scheduler lets go of this session before the turn's stats
+            self._pending = [] if job.fed >= received else [last]  # the last token seen waits unless it was fed
 
 
 @dataclass
@@ -187,12 +242,14 @@ class Engine:
         self._outside_count = 0
         self._lock = threading.RLock()
         self._cond = threading.Condition()
-        self._pending: list[_Step] = []
+        self._pending: list[_Step] = []  # forward passes turns' threads asked for (prefill pieces)
+        self._decodes: list[_Decode] = []  # replies decoding on the scheduler
+        self._outbox: dict[_Decode, int] = {}  # tokens sampled, handed to their turns when the next step starts
         self._active = 0  # sessions inside a turn (each will submit steps)
         self._running = True
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
         prepare_decoder(loaded.model, settings)  # quantized weights at start-up, not inside the first request
-        # Every token crosses threads (turn -> scheduler -> turn -> event loop) and each crossing needs the GIL. A
+        # Every token crosses threads (scheduler -> turn -> event loop) and each crossing needs the GIL. A
         # thread running Python keeps it for up to the switch interval (5 ms by default): as long as a decode step.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._threads = torch.get_num_threads()  # the forward passes' (per thread under OpenMP: set in _schedule)
@@ -327,11 +384,14 @@ class Engine:
         }
 
     def close(self) -> None:
-        """Stop the scheduler; steps still waiting fail with RuntimeError."""
+        """Stop the scheduler; steps still waiting fail with RuntimeError, replies decoding end with it."""
         with self._cond:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=10)
+        with self._cond:
+            for job in list(self._decodes):
+                self._finish_decode(job, RuntimeError("the engine is closed"))
 
     # ----- the scheduler ---------------------------------------------------------------------------------------
 
@@ -356,11 +416,44 @@ class Engine:
             raise step.error
         return step.logits
 
+    def _start_decode(self, job: _Decode) -> _Decode:
+        with self._cond:
+            if not self._running:
+                raise RuntimeError("the engine is closed")
+            self._decodes.append(job)
+            self._cond.notify_all()
+        return job
+
+    def _take(self, job: _Decode) -> None:
+        with self._cond:
+            job.taken += 1
+            self._cond.notify_all()
+
+    def _end_decode(self, job: _Decode) -> None:
+        """The turn's thread is done with `job`: returns once the scheduler no longer touches its session."""
+        with self._cond:
+            job.cancelled = True
+            if not self._running:
+                self._finish_decode(job, RuntimeError("the engine is closed"))
+            self._cond.notify_all()
+        job.ended.wait()
+
+    def _finish_decode(self, job: _Decode, last=_END) -> None:
+        """End `job` (under self._cond): its turn gets `last` (_END or an exception) after the tokens it has."""
+        if job.ended.is_set():
+            return
+        if job in self._outbox:
+            job.tokens.put(self._outbox.pop(job))
+        job.tokens.put(last)
+        if job in self._decodes:
+            self._decodes.remove(job)
+        job.ended.set()
+
     def _schedule(self) -> None:
         torch.set_num_threads(self._threads)
         while True:
             with self._cond:
-                while self._running and not self._pending:
+                while self._running and not self._pending and not any(job.ready() for job in self._decodes):
                     self._cond.wait(0.5)
                 if not self._running:
                     for step in self._pending:
@@ -368,54 +461,118 @@ class Engine:
                         step.done.set()
                     self._pending = []
                     return
+                # Wait a moment for turns still on their last token (or about to submit a step), so that the
+                # conversations decoding now share this step rather than alternate between two.
                 deadline = time.monotonic() + GATHER_SECONDS
-                while len(self._pending) < self._active and time.monotonic() < deadline:
+                while time.monotonic() < deadline and (
+                    any(not job.ready() for job in self._decodes)
+                    or len(self._pending) + len(self._decodes) < self._active
+                ):
                     self._cond.wait(max(deadline - time.monotonic(), 0.0))
                 batch, self._pending = self._pending, []
-            self._run(batch)
-            del batch  # no step (and its session) outlives its run in this frame while the scheduler waits
+                jobs = self._ready_decodes()
+            self._run(batch, jobs)
+            del batch, jobs  # no step (and its session) outlives its run in this frame while the scheduler waits
 
-    def _run(self, batch: list[_Step]) -> None:
-        """One scheduler step: the oldest prefill piece, then every waiting decode step (batched where possible).
-        Later prefill pieces wait for the next step (their turns see no difference: only when they run)."""
+    def _ready_decodes(self) -> list[_Decode]:
+        """(Under self._cond) the replies whose next token can be fed now; stopped or cancelled ones end here."""
+        ready = []
+        for job in list(self._decodes):
+            if job.cancelled or job.stop.is_set():
+                self._finish_decode(job)
+            elif job.ready():
+                ready.append(job)
+        return ready
+
+    def _run(self, batch: list[_Step], jobs: list[_Decode]) -> None:
+        """One scheduler step: the oldest prefill piece, then every decode row (replies' next tokens and turns'
+        single-token steps), batched where possible. Later prefill pieces wait for the next step."""
         prefills = [step for step in batch if len(step.ids) != 1]
-        decodes = [step for step in batch if len(step.ids) == 1]
+        rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
         if prefills:
+            self._hand_out()
             self._run_piece(prefills[0])
             with self._cond:
                 self._pending[:0] = prefills[int(prefills[0].done.is_set()):]
-        groups: dict[int, tuple[Any, list[_Step]]] = {}
-        for step in decodes:
-            session, cache = step.session, step.session.cache
+        groups: dict[int, tuple[Any, list]] = {}
+        for row in rows:
+            session, cache = row.session, row.session.cache
             try:
                 session.evicted_last_turn += cache.make_room(1)
                 decoder = decoder_for_step(session.model, cache, session.settings)
             except Exception as error:  # noqa: BLE001 - handed to the waiting turn
-                step.error = error
-                step.done.set()
+                self._deliver([row], error=error)
                 continue
             if decoder is None or cache.policy.needs_attention_scores:
-                self._run_single(step)
+                self._hand_out()
+                self._run_alone(row)
             else:
-                groups.setdefault(id(decoder), (decoder, []))[1].append(step)
-        for decoder, steps in groups.values():
-            if len(steps) == 1:
-                self._run_single(steps[0])
+                groups.setdefault(id(decoder), (decoder, []))[1].append(row)
+        self._hand_out()
+        for decoder, members in groups.values():
+            if len(members) == 1:
+                self._run_alone(members[0])
                 continue
             try:
-                for step in steps:
-                    step.session._recent_ids.extend(step.ids)
-                logits = decode_batch(decoder, [s.ids[0] for s in steps], [s.session.cache for s in steps])
-                for row, step in enumerate(steps):
-                    step.logits = logits[row : row + 1]
+                for row in members:
+                    row.session._recent_ids.append(_token(row))
+                logits = decode_batch(decoder, [_token(row) for row in members], [row.session.cache for row in members])
                 self.batched_steps += 1
-                self.batched_rows += len(steps)
+                self.batched_rows += len(members)
             except Exception as error:  # noqa: BLE001
-                for step in steps:
-                    step.error = error
+                self.steps += 1
+                self._deliver(members, error=error)
+                continue
             self.steps += 1
-            for step in steps:
-                step.done.set()
+            self._deliver(members, logits)
+
+    def _hand_out(self) -> None:
+        """Give the turns the tokens sampled last step, as this step starts: their threads turn them into text while
+        the step runs without the GIL, rather than take the GIL from the scheduler between steps."""
+        with self._cond:
+            outbox, self._outbox = self._outbox, {}
+        for job, token in outbox.items():
+            job.tokens.put(token)
+
+    def _run_alone(self, row) -> None:
+        try:
+            logits = ChatSession._forward(row.session, [_token(row)])
+        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+            self.steps += 1
+            self._deliver([row], error=error)
+            return
+        self.steps += 1
+        self._deliver([row], logits)
+
+    def _deliver(self, rows: list, logits: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+        """Hand each row its outcome: a turn's step gets its logits [1, vocab]; a reply its next token (sampled
+        here), or the error, which ends it."""
+        jobs = [(index, row) for index, row in enumerate(rows) if isinstance(row, _Decode)]
+        for index, row in enumerate(rows):
+            if isinstance(row, _Step):
+                row.logits, row.error = (None, error) if error is not None else (logits[index : index + 1], None)
+                row.done.set()
+        if not jobs:
+            return
+        if error is None:
+            for _, job in jobs:
+                job.fed += 1
+            try:
+                tokens = sample_rows([job for _, job in jobs], logits[[index for index, _ in jobs]])
+            except Exception as failure:  # noqa: BLE001 - a bad sampling setting ends those replies, not the engine
+                error = failure
+        if error is None:
+            with self._cond:
+                for (_, job), token in zip(jobs, tokens):
+                    job.sampled += 1
+                    job.token = token
+                    self._outbox[job] = token
+                    if token in job.session.end_of_turn_ids or job.sampled >= job.limit:
+                        self._finish_decode(job)  # the token first, then the end
+            return
+        with self._cond:
+            for _, job in jobs:
+                self._finish_decode(job, error)
 
     def _run_piece(self, step: _Step) -> None:
         """The next `prefill_piece` tokens of a prefill step: the same as the session feeding them as chunks of
@@ -430,10 +587,32 @@ class Engine:
         if step.error is not None or step.fed >= len(step.ids):
             step.done.set()
 
-    def _run_single(self, step: _Step) -> None:
-        try:
-            step.logits = ChatSession._forward(step.session, step.ids)
-        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
-            step.error = error
-        self.steps += 1
-        step.done.set()
+
+def _token(row) -> int:
+    return row.token if isinstance(row, _Decode) else row.ids[0]
+
+
+def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
+    """The next token of each reply from its logits row (fp32 [len(jobs), vocab], changed in place), as
+    `ChatSession._sample` draws it alone: greedy rows under the same repetition penalty together (transformers'
+    RepetitionPenaltyLogitsProcessor then argmax, or the same choice in one native pass per row), every other row by
+    its session's own sampler (its own generator: seeded replies repeat)."""
+    tokens: list[int | None] = [None] * len(jobs)
+    greedy: dict[float, list[int]] = {}
+    for index, job in enumerate(jobs):
+        if job.settings.temperature == 0:
+            greedy.setdefault(job.settings.repetition_penalty, []).append(index)
+        else:
+            tokens[index] = job.session._sample(logits[index : index + 1], job.processors, job.settings)
+    for penalty, indices in greedy.items():
+        rows = logits[indices] if len(indices) < len(jobs) else logits
+        histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
+        if native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
+            chosen = native.greedy(rows, histories, penalty)
+        else:
+            if penalty != 1.0:
+                rows = RepetitionPenaltyLogitsProcessor(penalty)(histories, rows)
+            chosen = rows.argmax(dim=-1).tolist()
+        for index, token in zip(indices, chosen):
+            tokens[index] = token
+    return tokens

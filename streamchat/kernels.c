@@ -544,3 +544,40 @@ int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int h
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Greedy choice for B rows of logits [B, V] (modified in place), after the repetition penalty of CTRL (Keskar et
+ * al. 2019) as transformers' RepetitionPenaltyLogitsProcessor applies it: each distinct id in the row's history
+ * [W] (ids outside 0..V-1 are padding) has its logit v replaced by v < 0 ? v * penalty : v / penalty, once however
+ * often it occurs (every original is read before any is written). out[b]: the first index of the row's maximum,
+ * torch.argmax's choice. Returns 0, or -1 when memory ran out. */
+int sc_greedy(float *logits, int B, int V, const int64_t *history, int W, float penalty, int64_t *out) {
+    float *saved = W > 0 ? malloc(sizeof(float) * (size_t)W) : NULL;
+    if (W > 0 && !saved) return -1;
+    for (int b = 0; b < B; b++) {
+        float *row = logits + (size_t)b * V;
+        const int64_t *ids = history + (size_t)b * W;
+        if (penalty != 1.0f) {
+            for (int w = 0; w < W; w++) saved[w] = ids[w] >= 0 && ids[w] < V ? row[ids[w]] : 0.0f;
+            for (int w = 0; w < W; w++)
+                if (ids[w] >= 0 && ids[w] < V) row[ids[w]] = saved[w] < 0.0f ? saved[w] * penalty : saved[w] / penalty;
+        }
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        int i = 0;
+        for (; i + 8 <= V; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + i));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        float best = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        for (; i < V; i++) best = row[i] > best ? row[i] : best;
+        const __m256 target = _mm256_set1_ps(best);
+        for (i = 0; i + 8 <= V; i += 8) {
+            const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), target, _CMP_EQ_OQ));
+            if (mask) break;
+        }
+        for (; i < V; i++)
+            if (row[i] == best) break;
+        out[b] = i < V ? i : 0;
+    }
+    free(saved);
+    return 0;
+}

@@ -158,7 +158,9 @@ def library() -> ctypes.CDLL | None:
         ]
         lib.sc_compact.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer, integer,
                                    integer, integer, pointer, pointer]
-        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode, lib.sc_compact):
+        lib.sc_greedy.argtypes = [pointer, integer, integer, pointer, integer, ctypes.c_float, pointer]
+        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode, lib.sc_compact,
+                         lib.sc_greedy):
             function.restype = integer
         if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
             _REASON = "the compiled decode-step structures do not match"
@@ -310,3 +312,21 @@ if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): 
     else:
         print(f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
               "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)")
+
+
+def greedy(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> list[int]:
+    """The greedy next token of each row of fp32 logits [B, V], after the repetition penalty over history int64
+    [B, W] (ids >= V are padding): transformers' RepetitionPenaltyLogitsProcessor then torch.argmax, the same
+    choice, in one pass per row (torch's argmax alone takes 50 us a row here). `logits` are changed in place.
+    Raises RuntimeError where the kernels are unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    if logits.dtype != torch.float32 or not logits.is_contiguous() or history.dtype != torch.int64:
+        raise ValueError("greedy needs contiguous fp32 logits and int64 history")
+    history = history.contiguous()
+    batch, vocab = logits.shape
+    out = torch.empty(batch, dtype=torch.int64)
+    if lib.sc_greedy(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty, out.data_ptr()):
+        raise RuntimeError("out of memory in greedy sampling")
+    return out.tolist()
