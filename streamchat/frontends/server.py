@@ -336,6 +336,8 @@ class _Events:
                 if await request.is_disconnected():
                     self.stop.set()
                     return "gone", None
+            if not self.queue.empty():  # the common case while tokens stream: no task, no timer
+                return self.queue.get_nowait()
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.25)
             except asyncio.TimeoutError:
