@@ -292,14 +292,21 @@ def main(args: argparse.Namespace) -> int:
         run_level(base, model, 1, 1, 8, args.level_timeout)  # warm-up: weights prepared, first cache made
         for repeat in range(args.repeat):
             for clients in args.clients:
+                server = psutil.Process(process.pid)
+                server_cpu, client_cpu = sum(server.cpu_times()[:2]), time.process_time()
                 row = {"repeat": repeat, **run_level(base, model, clients, args.requests, args.tokens,
                                                      args.level_timeout)}
-                row["rss_mb"] = round(psutil.Process(process.pid).memory_info().rss / 2**20, 1)
+                # CPU seconds per generated token: the server's, and the clients' (this process shares the cores)
+                tokens = max(row["completion_tokens"], 1)
+                row["server_cpu_ms_per_token"] = round(1000 * (sum(server.cpu_times()[:2]) - server_cpu) / tokens, 2)
+                row["client_cpu_ms_per_token"] = round(1000 * (time.process_time() - client_cpu) / tokens, 2)
+                row["rss_mb"] = round(server.memory_info().rss / 2**20, 1)
                 row["load_avg"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
                 print(f"  {clients} streams: {row['aggregate_tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.3f} s "
                       f"p95 {row['ttft_p95_s']:.3f} s  ITL p50 {row['itl_p50_ms']:.1f} ms p95 {row['itl_p95_ms']:.1f} ms"
-                      f"  server RSS {row['rss_mb']:.0f} MB  load {row['load_avg']:.1f}"
+                      f"  server RSS {row['rss_mb']:.0f} MB  CPU/token: server {row['server_cpu_ms_per_token']:.1f} ms, "
+                      f"clients {row['client_cpu_ms_per_token']:.1f} ms  load {row['load_avg']:.1f}"
                       + (f"  FAILURES {row['failures']}: {row['first_failure']}" if row["failures"] else ""),
                       file=sys.stderr, flush=True)
     finally:
