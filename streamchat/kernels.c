@@ -253,90 +253,185 @@ static inline __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-#define CHUNK 128     /* cached places per attention task */
+#define CHUNK 128     /* most cached places per attention task */
+#define MIN_CHUNK 32  /* fewest places per task when sequences are split further to give every thread work */
 #define MAX_GROUP 16  /* query heads per kv head */
 #define MAX_DIM 256
+/* Query heads of a group handled together: each key and value row is read (and converted from fp16) once per slice
+ * of this many heads. Bounded by the registers: 4 keys x SLICE heads score accumulators, SLICE heads x PV_VECTORS
+ * output accumulators (AVX2 has 16 ymm registers, AVX-512 32). */
+#ifdef SC_VNNI
+#define SLICE 4
+#define PV_VECTORS 4
+#else
+#define SLICE 3
+#define PV_VECTORS 2
+#endif
+#define PREFETCH_ROWS 8 /* cached keys read ahead */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* The sums of 8 vectors' lanes, as one vector (lane k: the sum of a[k]). */
-static inline __m256 hsum8(const __m256 a[8]) {
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+/* The sums of 4 vectors' lanes, as one vector (lane k: the sum of a[k]). */
+static inline __m128 hsum4(const __m256 a[4]) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* One attention task: query heads of kv head `kv` (a group) over places j0..j1 of one sequence; writes per query head
- * the partial maximum, sum of exponentials and unnormalized output into `record` (group x (D + 2) floats). */
-static void attention_task(const float *q, const void *keys, const void *values, int half, size_t base, int j0,
-                           int j1, int kv, int group, int D, float scale, float *record) {
-    float scores[CHUNK] __attribute__((aligned(32)));
-    for (int g = 0; g < group; g++, record += D + 2) {
-        const float *qh = q + (size_t)(kv * group + g) * D;
-        float top = -INFINITY;
-        int j = j0;
-        __m256 tops = _mm256_set1_ps(-INFINITY);
-        for (; j + 8 <= j1; j += 8) { /* 8 keys at a time, their sums reduced together */
-            __m256 acc[8];
-            _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-            for (int i = 0; i < D; i += 8) {
-                const __m256 qv = _mm256_loadu_ps(qh + i);
-                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
-                    acc[k] = _mm256_fmadd_ps(qv, load8(keys, base + (size_t)(j + k) * D + i, half), acc[k]);
+/* scores[g][k] = scale * (q_g . key k) for `hs` query heads (q: [hs, D]) and keys at base + k * D, k < n.
+ * 4 keys at a time, each key vector converted once for all hs heads; a last partial step re-reads key n - 1 and
+ * writes up to 3 scores past n (the rows have CHUNK + 8 places). */
+ALWAYS_INLINE void qk_slice(const float *q, int hs, const void *keys, const void *values, int half, size_t base, int n, int D,
+                            float scale, float (*scores)[CHUNK + 8]) {
+    const size_t bytes = (size_t)D * (half ? 2 : 4), element = half ? 2 : 4; /* per row */
+    for (int k0 = 0; k0 < n; k0 += 4) {
+        /* the cache rows come from memory (a step's weights evict them): prefetch keys a few rows ahead, and the
+         * same rows' values, which the weighted sum reads next */
+        const char *ahead = (const char *)keys + (base + (size_t)(k0 + PREFETCH_ROWS) * D) * element;
+        const char *value = (const char *)values + (base + (size_t)k0 * D) * element;
+        for (size_t b = 0; b < 4 * bytes; b += 64) {
+            if (k0 + PREFETCH_ROWS < n) _mm_prefetch(ahead + b, _MM_HINT_T0);
+            _mm_prefetch(value + b, _MM_HINT_T0);
+        }
+        size_t row[4];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) row[k] = base + (size_t)(k0 + k < n ? k0 + k : n - 1) * D;
+        __m256 acc[SLICE][4];
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) acc[g][k] = _mm256_setzero_ps();
+        for (int i = 0; i < D; i += 8) {
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256 key = load8(keys, row[k] + i, half);
+                _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+                    acc[g][k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)g * D + i), key, acc[g][k]);
             }
-            const __m256 score = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
-            _mm256_store_ps(scores + (j - j0), score);
-            tops = _mm256_max_ps(tops, score);
         }
-        {
-            __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
-            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        }
-        for (; j < j1; j++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int i = 0; i < D; i += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(keys, base + (size_t)j * D + i, half), acc);
-            const float score = hsum(acc) * scale;
-            scores[j - j0] = score;
-            top = score > top ? score : top;
-        }
-        const int n = j1 - j0;
-        for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
-        __m256 total = _mm256_setzero_ps();
-        for (int j = 0; j < n; j += 8) {
-            const __m256 p = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(top)));
-            _mm256_store_ps(scores + j, p);
-            total = _mm256_add_ps(total, p);
-        }
-        record[0] = top;
-        record[1] = hsum(total);
-        if (D == 64) { /* the common head size: the output stays in 8 registers */
-            __m256 o[8];
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                const size_t row = base + (size_t)(j0 + j) * 64;
-                _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
-                    o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-            }
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
-        } else {
-            __m256 o[MAX_DIM / 8];
-            for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                const size_t row = base + (size_t)(j0 + j) * D;
-                for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-            }
-            for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
-        }
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+            _mm_storeu_ps(scores[g] + k0, _mm_mul_ps(hsum4(acc[g]), _mm_set1_ps(scale)));
     }
 }
 
+/* In place, scores [n] -> exp(score - max); returns the max and sets *total to the sum of the exponentials. */
+static float softmax_parts(float *scores, int n, float *total) {
+    for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
+    __m256 tops = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n; j += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(scores + j));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + j, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    *total = hsum(sum);
+    return top;
+}
+
+/* out[g][i0 .. i0 + 8 ds) = factor[g] * sum_k p[g][k] value_k[i0 ..] for hs heads: each value vector converted once
+ * for all hs heads, ds vectors of the row per pass over the keys. */
+ALWAYS_INLINE void pv_slice(const float (*p)[CHUNK + 8], int hs, const void *values, int half, size_t base, int n,
+                            int D, int i0, int ds, const float *factor, float *const *out) {
+    __m256 acc[SLICE][PV_VECTORS];
+    _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++) acc[g][v] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        const size_t row = base + (size_t)k * D + i0;
+        __m256 weight[SLICE];
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++) weight[g] = _mm256_broadcast_ss(p[g] + k);
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++) {
+            const __m256 value = load8(values, row + 8 * v, half);
+            _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++) acc[g][v] = _mm256_fmadd_ps(weight[g], value, acc[g][v]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++)
+            _mm256_storeu_ps(out[g] + i0 + 8 * v, _mm256_mul_ps(acc[g][v], _mm256_set1_ps(factor[g])));
+}
+
+/* One slice of hs query heads (q [hs, D]) over places base + k * D, k < n: scores, softmax parts, weighted values.
+ * Per head g: out[g] [D] = factor * unnormalized output, where factor = 1 / sum of exponentials when `direct`
+ * (the final output), else 1 with tops[g] and totals[g] set (a partial result, merged later). */
+ALWAYS_INLINE void attend_slice(const float *q, int hs, const void *keys, const void *values, int half, size_t base,
+                                int n, int D, float scale, int direct, float *const *out, float *tops, float *totals) {
+    float scores[SLICE][CHUNK + 8] __attribute__((aligned(32)));
+    float factor[SLICE];
+    qk_slice(q, hs, keys, values, half, base, n, D, scale, scores);
+    for (int g = 0; g < hs; g++) {
+        tops[g] = softmax_parts(scores[g], n, totals + g);
+        factor[g] = direct ? 1.0f / totals[g] : 1.0f;
+    }
+    int i0 = 0;
+    for (; i0 + 8 * PV_VECTORS <= D; i0 += 8 * PV_VECTORS)
+        pv_slice((const float(*)[CHUNK + 8])scores, hs, values, half, base, n, D, i0, PV_VECTORS, factor, out);
+    for (; i0 < D; i0 += 8)
+        pv_slice((const float(*)[CHUNK + 8])scores, hs, values, half, base, n, D, i0, 1, factor, out);
+}
+
+/* One attention task: the `group` query heads of kv head `kv` (q: the sequence's [heads, D]) over places j0..j1 of
+ * its cache (the kv head's rows start at element `base`), SLICE heads at a time. direct: the task covers all places,
+ * so it writes the normalized output of each head at out + h * D (out: the sequence's [heads, D]); else per query
+ * head a record of group x (D + 2) floats at `record`: partial maximum, sum of exponentials, unnormalized output. */
+static void attention_task(const float *q, const void *keys, const void *values, int half, size_t base, int j0,
+                           int j1, int kv, int group, int D, float scale, float *out, float *record) {
+    base += (size_t)j0 * D;
+    const int n = j1 - j0, direct = record == NULL;
+    for (int g0 = 0; g0 < group; g0 += SLICE) {
+        const int hs = group - g0 < SLICE ? group - g0 : SLICE, h0 = kv * group + g0;
+        float *targets[SLICE], tops[SLICE], totals[SLICE];
+        for (int g = 0; g < hs; g++)
+            targets[g] = direct ? out + (size_t)(h0 + g) * D : record + (size_t)(g0 + g) * (D + 2) + 2;
+        const float *qs = q + (size_t)h0 * D;
+        switch (hs) { /* constant slice sizes: the accumulators stay in registers */
+        case 1: attend_slice(qs, 1, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+        case 2: attend_slice(qs, 2, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+        case 3: attend_slice(qs, 3, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+#if SLICE > 3
+        default: attend_slice(qs, SLICE, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+#endif
+        }
+        if (!direct)
+            for (int g = 0; g < hs; g++) record[(size_t)(g0 + g) * (D + 2)] = tops[g], record[(size_t)(g0 + g) * (D + 2) + 1] = totals[g];
+    }
+}
+
+/* How many chunks each sequence's places are split into (chunks[S]); returns the number of tasks (kv heads x
+ * chunks). At most CHUNK places per chunk; where that leaves fewer than two tasks per thread, or a number the
+ * threads do not share evenly, the sequence with the longest chunks is split further (down to MIN_CHUNK places). */
+static int plan_chunks(int S, const int *length, int kv_heads, int threads, int *chunks) {
+    int sum = 0;
+    for (int s = 0; s < S; s++) sum += chunks[s] = (length[s] + CHUNK - 1) / CHUNK;
+    while (kv_heads * sum < 8 * threads && (kv_heads * sum < 2 * threads || (kv_heads * sum) % threads)) {
+        int best = -1;
+        for (int s = 0; s < S; s++)
+            if (length[s] / (chunks[s] + 1) >= MIN_CHUNK && (best < 0 || length[s] * chunks[best] > length[best] * chunks[s]))
+                best = s;
+        if (best < 0) break;
+        chunks[best]++, sum++;
+    }
+    return kv_heads * sum;
+}
+
+/* Merges one query head's partial results of `chunks` tasks (records `step` floats apart: max, sum, output [D])
+ * into out [D]: each rescaled by exp(its max - the overall max). */
+static void merge_records(const float *records, size_t step, int chunks, int D, float *out) {
+    float top = -INFINITY, total = 0.0f;
+    for (int c = 0; c < chunks; c++) top = records[c * step] > top ? records[c * step] : top;
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+    for (int c = 0; c < chunks; c++) {
+        const float *record = records + c * step, weight = expf(record[0] - top);
+        total += record[1] * weight;
+        for (int i = 0; i < D; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_loadu_ps(record + 2 + i), _mm256_set1_ps(weight),
+                                                      _mm256_loadu_ps(out + i)));
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / total);
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inverse));
+}
+
 /* Attention for one query per sequence at decode (softmax(q K^T * scale) V over places 0..length-1) for S sequences
- * at once, split over (sequence, kv head, chunk of places) tasks whose partial softmaxes are merged after
- * (flash-decoding, Dao et al. 2023): every query head of a group reads its kv head's keys and values while they are
- * in cache, and all threads have work whatever the number of heads or sequences.
+ * at once, split over (sequence, kv head, chunk of places) tasks (`plan_chunks`): every query head of a group reads
+ * its kv head's keys and values while they are in cache, and all threads have work whatever the number of heads or
+ * sequences. A sequence in one chunk is written directly; else its chunks' partial softmaxes are merged after
+ * (flash-decoding, Dao et al. 2023).
  * Sequence s: q[s] [heads, D] fp32; keys[s]/values[s] [kv_heads, capacity, D] (fp32, or fp16 when half), each kv
  * head stride[s] elements apart; length[s] places; out[s] [heads, D] fp32. Query head h reads kv head
  * h / (heads / kv_heads) (transformers' repeat_kv pairing). Returns 0, or -1 on sizes it does not take (D a
@@ -344,48 +439,38 @@ static void attention_task(const float *q, const void *keys, const void *values,
 int sc_attention_many(int S, const float *const *q, const void *const *keys, const void *const *values, int half,
                       const long *stride, const int *length, int heads, int kv_heads, int D, float scale,
                       float *const *out) {
-    if (D % 8 || D > MAX_DIM || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return -1;
+    if (D % 8 || D > MAX_DIM || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || S <= 0) return -1;
+    for (int s = 0; s < S; s++)
+        if (length[s] <= 0) return -1;
     const int group = heads / kv_heads;
-    int *first = malloc(sizeof(int) * (S + 1)); /* first task of each sequence */
-    if (!first) return -1;
+    int small[2 * 64 + 1], *chunks = S <= 64 ? small : malloc(sizeof(int) * (2 * (size_t)S + 1));
+    if (!chunks) return -1;
+    int *first = chunks + S; /* first task of each sequence; its task t covers kv head t / chunks, chunk t % chunks */
+    const int tasks = plan_chunks(S, length, kv_heads, omp_get_max_threads(), chunks);
     first[0] = 0;
-    for (int s = 0; s < S; s++) {
-        if (length[s] <= 0) return free(first), -1;
-        first[s + 1] = first[s] + kv_heads * ((length[s] + CHUNK - 1) / CHUNK);
-    }
-    const int tasks = first[S];
-    float *partial = malloc(sizeof(float) * (size_t)tasks * group * (D + 2));
-    if (!partial) return free(first), -1;
+    int split = 0;
+    for (int s = 0; s < S; s++) first[s + 1] = first[s] + kv_heads * chunks[s], split |= chunks[s] > 1;
+    const size_t record = (size_t)group * (D + 2); /* floats per task's records */
+    float *partial = split ? malloc(sizeof(float) * tasks * record) : NULL;
+    if (split && !partial) return chunks != small ? free(chunks) : (void)0, -1;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tasks; t++) {
         int s = 0;
         while (first[s + 1] <= t) s++;
-        const int chunks = (length[s] + CHUNK - 1) / CHUNK, local = t - first[s];
-        const int kv = local / chunks, j0 = (local % chunks) * CHUNK;
-        const int j1 = j0 + CHUNK < length[s] ? j0 + CHUNK : length[s];
-        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale,
-                       partial + (size_t)t * group * (D + 2));
+        const int local = t - first[s], kv = local / chunks[s], c = local % chunks[s];
+        const int j0 = (int)((long)length[s] * c / chunks[s]), j1 = (int)((long)length[s] * (c + 1) / chunks[s]);
+        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale, out[s],
+                       chunks[s] > 1 ? partial + (size_t)t * record : NULL);
     }
     for (int s = 0; s < S; s++) {
-        const int chunks = (length[s] + CHUNK - 1) / CHUNK;
+        if (chunks[s] == 1) continue;
         for (int kv = 0; kv < kv_heads; kv++)
-            for (int g = 0; g < group; g++) {
-                const float *records = partial + ((size_t)(first[s] + kv * chunks) * group + g) * (D + 2);
-                const size_t step = (size_t)group * (D + 2); /* from one chunk's record to the next */
-                float top = -INFINITY, total = 0.0f;
-                for (int c = 0; c < chunks; c++) top = records[c * step] > top ? records[c * step] : top;
-                float *o = out[s] + (size_t)(kv * group + g) * D;
-                for (int i = 0; i < D; i++) o[i] = 0.0f;
-                for (int c = 0; c < chunks; c++) {
-                    const float *record = records + c * step;
-                    const float weight = expf(record[0] - top);
-                    total += record[1] * weight;
-                    for (int i = 0; i < D; i++) o[i] += record[2 + i] * weight;
-                }
-                for (int i = 0; i < D; i++) o[i] /= total;
-            }
+            for (int g = 0; g < group; g++)
+                merge_records(partial + (size_t)(first[s] + kv * chunks[s]) * record + (size_t)g * (D + 2), record,
+                              chunks[s], D, out[s] + (size_t)(kv * group + g) * D);
     }
-    free(partial), free(first);
+    free(partial);
+    if (chunks != small) free(chunks);
     return 0;
 }
 

@@ -73,6 +73,57 @@ def test_attention_equals_sdpa(dtype, heads, kv_heads, length):
     torch.testing.assert_close(native.attention(query, keys, values, length, 0.125), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "length"),
+                         [(16, 1, 64, 70), (10, 2, 40, 5), (7, 1, 24, 33), (12, 3, 128, 2), (9, 3, 64, 4)])
+def test_attention_takes_any_group_and_head_size(dtype, heads, kv_heads, dim, length):
+    """Groups larger than a slice of heads (and not multiples of it), head sizes not a multiple of the output
+    vectors per pass, key counts not a multiple of 4."""
+    generator = torch.Generator().manual_seed(heads * 1000 + length)
+    keys = torch.randn(1, kv_heads, 80, dim, generator=generator).to(dtype)
+    values = torch.randn(1, kv_heads, 80, dim, generator=generator).to(dtype)
+    query = torch.randn(heads, dim, generator=generator)
+    expected = F.scaled_dot_product_attention(
+        query.view(1, heads, 1, dim), keys[:, :, :length].float(), values[:, :, :length].float(), scale=dim**-0.5,
+        enable_gqa=True,
+    ).view(heads, dim)
+    torch.testing.assert_close(native.attention(query, keys, values, length, dim**-0.5), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_attention_of_many_sequences_equals_one_at_a_time(threads):
+    """sc_attention_many over sequences of different lengths (some split into chunks and merged, some not) gives
+    each sequence what SDPA gives it alone, whatever the thread count (it plans its chunks by it)."""
+    import ctypes
+
+    generator = torch.Generator().manual_seed(threads)
+    lengths, heads, kv_heads, dim, capacity = [1, 40, 100, 129, 300, 7], 9, 3, 64, 320
+    keys = [torch.randn(kv_heads, capacity, dim, generator=generator).half() for _ in lengths]
+    values = [torch.randn(kv_heads, capacity, dim, generator=generator).half() for _ in lengths]
+    queries = [torch.randn(heads, dim, generator=generator) for _ in lengths]
+    outs = [torch.full((heads, dim), float("nan")) for _ in lengths]
+    count = len(lengths)
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        status = native.library().sc_attention_many(
+            count, pointers(queries), pointers(keys), pointers(values), 1, (ctypes.c_long * count)(*[capacity * dim] * count),
+            (ctypes.c_int * count)(*lengths), heads, kv_heads, dim, ctypes.c_float(0.125), pointers(outs))
+    finally:
+        torch.set_num_threads(previous)
+    assert status == 0
+    for query, k, v, length, out in zip(queries, keys, values, lengths, outs):
+        expected = F.scaled_dot_product_attention(
+            query.view(1, heads, 1, dim), k[None, :, :length].float(), v[None, :, :length].float(), scale=0.125,
+            enable_gqa=True,
+        ).view(heads, dim)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_attention_refuses_mismatched_buffers():
     keys = torch.randn(1, 3, 64, 64)
     with pytest.raises(ValueError, match="laid out alike"):
