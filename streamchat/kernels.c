@@ -6,7 +6,8 @@
  *    llama.cpp's ggml_vec_dot_q4_1_q8_1 computes the same; unlike torch's weight-only int4 kernel it never widens
  *    the weights to floats, which AVX2 (no bf16 arithmetic) pays dearly for. Any number of rows M: decode (1),
  *    a batched step (B) or a prefill chunk; each weight tile is read once for all rows.
- * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection).
+ * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection), also
+ *    8 rows interleaved per block.
  * 3. sc_attention: one query per sequence over a cache of keys and values (fp32 or fp16), grouped-query heads.
  *
  * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors); native.py picks the
@@ -33,14 +34,6 @@ int sc_vnni(void) {
     return 1;
 #else
     return 0;
-#endif
-}
-
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#ifdef SC_VNNI
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
 
@@ -154,27 +147,78 @@ Q4X8_TILE(1)
 Q4X8_TILE(2)
 Q4X8_TILE(4)
 
-/* 8-bit weights, row-major, one scale per row (the output projection): one weight row against C activation rows. */
-#define Q8_TILE(C)                                                                                                \
-    static inline void q8_tile_##C(const int8_t *w, int nb, const float *scale, const block_q8 *a, float *out,  \
-                                   size_t ostride) {                                                             \
+/* 8-bit weights, 8 output rows interleaved per 32-input block (the output projection, and int8 linears): per row
+ * group and block, 8 chunks of 32 bytes; byte 4r+i of chunk j holds row r's element 4j+i (signed, one fp32 scale
+ * per row kept apart). As with block_q4x8, one integer multiply-add of a chunk with 4 activation bytes broadcast
+ * adds 4 products into each of the 8 rows' own lanes: no horizontal sums, and a loaded group serves C activation
+ * rows. A row r of the matrix is gathered back as group r / 8, lane r % 8 of every chunk (the tied embedding reads
+ * its rows so: streamchat/native.py, q8_rows). Rows past N in the last group are zero. */
+typedef struct {
+    int8_t qs[8][32];
+} block_q8x8; /* 256 bytes: 8 rows x 32 inputs */
+
+int sc_block_q8x8_bytes(void) { return (int)sizeof(block_q8x8); }
+
+/* The weight chunks of one block as the dot product wants them: VNNI's vpdpbusd multiplies unsigned by signed
+ * bytes, so the weights become w + 128 (w ^ 0x80: 1..255, as |w| <= 127), corrected by 128 x the activations'
+ * sum after; AVX2 keeps them signed (see q8x8_dot). */
+static inline void q8x8_load(const block_q8x8 *block, __m256i wg[8]) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+        wg[j] = _mm256_loadu_si256((const __m256i *)block->qs[j]);
+#ifdef SC_VNNI
+        wg[j] = _mm256_xor_si256(wg[j], _mm256_set1_epi8((char)0x80));
+#endif
+    }
+}
+
+/* int32 per row lane: sum over the block of weight byte x activation byte (VNNI: with the +128 offset). */
+static inline __m256i q8x8_dot(const __m256i wg[8], const int8_t *aq) {
+    __m256i acc = _mm256_setzero_si256();
+#ifdef SC_VNNI
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)
+        acc = _mm256_dpbusd_epi32(acc, wg[j], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * j)));
+#else
+    /* signed x signed as |a| x (w sign(a)): vpmaddubsw's pair sums stay within int16 (2 x 127 x 127), where an
+     * offset byte (up to 255) would saturate them */
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+        const __m256i a = _mm256_set1_epi32(*(const int32_t *)(aq + 4 * j));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(wg[j], a));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    }
+#endif
+    return acc;
+}
+
+/* One row group (8 rows, scales [8]) against C activation rows: out[c * ostride + r] for r < 8. */
+#define Q8X8_TILE(C)                                                                                              \
+    static inline void q8x8_tile_##C(const block_q8x8 *w, int nb, const float *scale, const block_q8 *a,        \
+                                     float *out, size_t ostride) {                                               \
         __m256 acc[C];                                                                                           \
-        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();                        \
+        float sums[C]; /* activation sums (the d-scaled block sums), for the VNNI offset */                      \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), sums[c] = 0.0f;        \
         for (int b = 0; b < nb; b++) {                                                                           \
-            const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + (size_t)b * QK));                        \
+            __m256i wg[8];                                                                                       \
+            q8x8_load(w + b, wg);                                                                                \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
                 const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
-                const __m256i aq = _mm256_loadu_si256((const __m256i *)ab->qs);                                  \
-                /* signed x signed as |a| x (w sign(a)) */                                                       \
-                const __m256i products = dot_u8s8(_mm256_sign_epi8(aq, aq), _mm256_sign_epi8(wq, aq));           \
-                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(ab->d), acc[c]);           \
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8x8_dot(wg, ab->qs)), _mm256_set1_ps(ab->d), acc[c]); \
+                sums[c] += ab->s;                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) out[(size_t)c * ostride] = hsum(acc[c]) * *scale;    \
+        const __m256 scales = _mm256_loadu_ps(scale);                                                            \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                    \
+            const __m256 offset = VNNI_OFFSET ? _mm256_set1_ps(128.0f * sums[c]) : _mm256_setzero_ps();          \
+            _mm256_storeu_ps(out + (size_t)c * ostride, _mm256_mul_ps(_mm256_sub_ps(acc[c], offset), scales));  \
+        }                                                                                                        \
     }
-Q8_TILE(1)
-Q8_TILE(2)
-Q8_TILE(4)
+#ifdef SC_VNNI
+#define VNNI_OFFSET 1
+#else
+#define VNNI_OFFSET 0
+#endif
+Q8X8_TILE(1)
+Q8X8_TILE(2)
+Q8X8_TILE(4)
 
 #define ROW_TILE 16 /* output rows per parallel task */
 #define M_TILE 32   /* activation rows swept per weight tile (kept in L1/L2) */
@@ -211,19 +255,28 @@ int sc_q4_matmul(const float *x, int M, int K, const void *weights, int N, const
     return 0;
 }
 
-/* x [M, K] fp32, w [N, K] int8, scales [N] fp32, out [M, N] fp32. */
-int sc_q8_matmul(const float *x, int M, int K, const int8_t *w, const float *scales, int N, float *out) {
-    if (K % QK || M <= 0) return -1;
-    const int nb = K / QK;
+/* x [M, K] fp32, w: ceil(N / 8) row groups of K/32 `block_q8x8`, scales [ceil(N / 8) * 8] fp32 (zero past N),
+ * out [M, N] fp32. Returns 0, or -1 when K is not a multiple of 32 or memory ran out. */
+int sc_q8_matmul(const float *x, int M, int K, const void *weights, const float *scales, int N, float *out) {
+    if (K % QK || M <= 0 || N <= 0) return -1;
+    const int nb = K / QK, units = N / 8, per_task = ROW_TILE / 8;
     block_q8 *a = quantize_rows(x, M, K);
     if (!a) return -1;
-#define Q8_W(u) (w + (size_t)(u) * K)
-#define Q8_SCALE(u) (scales + (u))
-#define Q8_OUT(m, u) (out + (size_t)(m) * N + (u))
+    const block_q8x8 *w = (const block_q8x8 *)weights;
+#define Q8_W(u) (w + (size_t)(u) * nb)
+#define Q8_SCALE(u) (scales + 8 * (u))
+#define Q8_OUT(m, u) (out + (size_t)(m) * N + 8 * (u))
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < (N + ROW_TILE - 1) / ROW_TILE; t++) {
-        const int u0 = t * ROW_TILE, u1 = u0 + ROW_TILE < N ? u0 + ROW_TILE : N;
-        SWEEP(q8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    for (int t = 0; t < (units + per_task - 1) / per_task; t++) {
+        const int u0 = t * per_task, u1 = u0 + per_task < units ? u0 + per_task : units;
+        SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    }
+    if (N % 8) { /* the last, partial group: through a row of 8, of which N % 8 are kept */
+        float last[8];
+        for (int m = 0; m < M; m++) {
+            q8x8_tile_1(Q8_W(units), nb, Q8_SCALE(units), a + (size_t)m * nb, last, 8);
+            memcpy(Q8_OUT(m, units), last, sizeof(float) * (N % 8));
+        }
     }
     free(a);
     return 0;
@@ -529,12 +582,13 @@ static void store(void *buffer, int half, size_t index, const float *x, int D) {
 
 /* x [B, hidden]: the embedded tokens in, the residual stream (overwritten); places [B]: each sequence's cache length
  * (where the new token goes); origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
- * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; logits [B, vocab] out.
+ * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; head, head_scales: the
+ * output projection (`block_q8x8` groups, scales [groups * 8]); logits [B, vocab] out.
  * Returns 0, or -1 on sizes the kernels do not take or when memory ran out. */
 int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
               int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
               const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
-              const float *final_norm, const int8_t *head, const float *head_scales, int vocab, float *logits) {
+              const float *final_norm, const void *head, const float *head_scales, int vocab, float *logits) {
     if (D % 8 || D > MAX_DIM || heads % kv_heads) return -1;
     const int rows = (heads + 2 * kv_heads) * D;
     float *normed = malloc(sizeof(float) * (size_t)B * (hidden > intermediate ? hidden : intermediate));
