@@ -6,7 +6,8 @@
  *    llama.cpp's ggml_vec_dot_q4_1_q8_1 computes the same; unlike torch's weight-only int4 kernel it never widens
  *    the weights to floats, which AVX2 (no bf16 arithmetic) pays dearly for. Any number of rows M: decode (1),
  *    a batched step (B) or a prefill chunk; each weight tile is read once for all rows.
- * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection).
+ * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection), also
+ *    8 rows interleaved per block.
  * 3. sc_attention: one query per sequence over a cache of keys and values (fp32 or fp16), grouped-query heads.
  *
  * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors); native.py picks the
@@ -33,14 +34,6 @@ int sc_vnni(void) {
     return 1;
 #else
     return 0;
-#endif
-}
-
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#ifdef SC_VNNI
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
 
@@ -154,27 +147,78 @@ Q4X8_TILE(1)
 Q4X8_TILE(2)
 Q4X8_TILE(4)
 
-/* 8-bit weights, row-major, one scale per row (the output projection): one weight row against C activation rows. */
-#define Q8_TILE(C)                                                                                                \
-    static inline void q8_tile_##C(const int8_t *w, int nb, const float *scale, const block_q8 *a, float *out,  \
-                                   size_t ostride) {                                                             \
+/* 8-bit weights, 8 output rows interleaved per 32-input block (the output projection, and int8 linears): per row
+ * group and block, 8 chunks of 32 bytes; byte 4r+i of chunk j holds row r's element 4j+i (signed, one fp32 scale
+ * per row kept apart). As with block_q4x8, one integer multiply-add of a chunk with 4 activation bytes broadcast
+ * adds 4 products into each of the 8 rows' own lanes: no horizontal sums, and a loaded group serves C activation
+ * rows. A row r of the matrix is gathered back as group r / 8, lane r % 8 of every chunk (the tied embedding reads
+ * its rows so: streamchat/native.py, q8_rows). Rows past N in the last group are zero. */
+typedef struct {
+    int8_t qs[8][32];
+} block_q8x8; /* 256 bytes: 8 rows x 32 inputs */
+
+int sc_block_q8x8_bytes(void) { return (int)sizeof(block_q8x8); }
+
+/* The weight chunks of one block as the dot product wants them: VNNI's vpdpbusd multiplies unsigned by signed
+ * bytes, so the weights become w + 128 (w ^ 0x80: 1..255, as |w| <= 127), corrected by 128 x the activations'
+ * sum after; AVX2 keeps them signed (see q8x8_dot). */
+static inline void q8x8_load(const block_q8x8 *block, __m256i wg[8]) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+        wg[j] = _mm256_loadu_si256((const __m256i *)block->qs[j]);
+#ifdef SC_VNNI
+        wg[j] = _mm256_xor_si256(wg[j], _mm256_set1_epi8((char)0x80));
+#endif
+    }
+}
+
+/* int32 per row lane: sum over the block of weight byte x activation byte (VNNI: with the +128 offset). */
+static inline __m256i q8x8_dot(const __m256i wg[8], const int8_t *aq) {
+    __m256i acc = _mm256_setzero_si256();
+#ifdef SC_VNNI
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)
+        acc = _mm256_dpbusd_epi32(acc, wg[j], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * j)));
+#else
+    /* signed x signed as |a| x (w sign(a)): vpmaddubsw's pair sums stay within int16 (2 x 127 x 127), where an
+     * offset byte (up to 255) would saturate them */
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+        const __m256i a = _mm256_set1_epi32(*(const int32_t *)(aq + 4 * j));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(wg[j], a));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    }
+#endif
+    return acc;
+}
+
+/* One row group (8 rows, scales [8]) against C activation rows: out[c * ostride + r] for r < 8. */
+#define Q8X8_TILE(C)                                                                                              \
+    static inline void q8x8_tile_##C(const block_q8x8 *w, int nb, const float *scale, const block_q8 *a,        \
+                                     float *out, size_t ostride) {                                               \
         __m256 acc[C];                                                                                           \
-        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();                        \
+        float sums[C]; /* activation sums (the d-scaled block sums), for the VNNI offset */                      \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), sums[c] = 0.0f;        \
         for (int b = 0; b < nb; b++) {                                                                           \
-            const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + (size_t)b * QK));                        \
+            __m256i wg[8];                                                                                       \
+            q8x8_load(w + b, wg);                                                                                \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
                 const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
-                const __m256i aq = _mm256_loadu_si256((const __m256i *)ab->qs);                                  \
-                /* signed x signed as |a| x (w sign(a)) */                                                       \
-                const __m256i products = dot_u8s8(_mm256_sign_epi8(aq, aq), _mm256_sign_epi8(wq, aq));           \
-                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(ab->d), acc[c]);           \
+                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8x8_dot(wg, ab->qs)), _mm256_set1_ps(ab->d), acc[c]); \
+                sums[c] += ab->s;                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) out[(size_t)c * ostride] = hsum(acc[c]) * *scale;    \
+        const __m256 scales = _mm256_loadu_ps(scale);                                                            \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                    \
+            const __m256 offset = VNNI_OFFSET ? _mm256_set1_ps(128.0f * sums[c]) : _mm256_setzero_ps();          \
+            _mm256_storeu_ps(out + (size_t)c * ostride, _mm256_mul_ps(_mm256_sub_ps(acc[c], offset), scales));  \
+        }                                                                                                        \
     }
-Q8_TILE(1)
-Q8_TILE(2)
-Q8_TILE(4)
+#ifdef SC_VNNI
+#define VNNI_OFFSET 1
+#else
+#define VNNI_OFFSET 0
+#endif
+Q8X8_TILE(1)
+Q8X8_TILE(2)
+Q8X8_TILE(4)
 
 #define ROW_TILE 16 /* output rows per parallel task */
 #define M_TILE 32   /* activation rows swept per weight tile (kept in L1/L2) */
@@ -211,19 +255,28 @@ int sc_q4_matmul(const float *x, int M, int K, const void *weights, int N, const
     return 0;
 }
 
-/* x [M, K] fp32, w [N, K] int8, scales [N] fp32, out [M, N] fp32. */
-int sc_q8_matmul(const float *x, int M, int K, const int8_t *w, const float *scales, int N, float *out) {
-    if (K % QK || M <= 0) return -1;
-    const int nb = K / QK;
+/* x [M, K] fp32, w: ceil(N / 8) row groups of K/32 `block_q8x8`, scales [ceil(N / 8) * 8] fp32 (zero past N),
+ * out [M, N] fp32. Returns 0, or -1 when K is not a multiple of 32 or memory ran out. */
+int sc_q8_matmul(const float *x, int M, int K, const void *weights, const float *scales, int N, float *out) {
+    if (K % QK || M <= 0 || N <= 0) return -1;
+    const int nb = K / QK, units = N / 8, per_task = ROW_TILE / 8;
     block_q8 *a = quantize_rows(x, M, K);
     if (!a) return -1;
-#define Q8_W(u) (w + (size_t)(u) * K)
-#define Q8_SCALE(u) (scales + (u))
-#define Q8_OUT(m, u) (out + (size_t)(m) * N + (u))
+    const block_q8x8 *w = (const block_q8x8 *)weights;
+#define Q8_W(u) (w + (size_t)(u) * nb)
+#define Q8_SCALE(u) (scales + 8 * (u))
+#define Q8_OUT(m, u) (out + (size_t)(m) * N + 8 * (u))
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < (N + ROW_TILE - 1) / ROW_TILE; t++) {
-        const int u0 = t * ROW_TILE, u1 = u0 + ROW_TILE < N ? u0 + ROW_TILE : N;
-        SWEEP(q8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    for (int t = 0; t < (units + per_task - 1) / per_task; t++) {
+        const int u0 = t * per_task, u1 = u0 + per_task < units ? u0 + per_task : units;
+        SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    }
+    if (N % 8) { /* the last, partial group: through a row of 8, of which N % 8 are kept */
+        float last[8];
+        for (int m = 0; m < M; m++) {
+            q8x8_tile_1(Q8_W(units), nb, Q8_SCALE(units), a + (size_t)m * nb, last, 8);
+            memcpy(Q8_OUT(m, units), last, sizeof(float) * (N % 8));
+        }
     }
     free(a);
     return 0;
@@ -253,90 +306,185 @@ static inline __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-#define CHUNK 128     /* cached places per attention task */
+#define CHUNK 128     /* most cached places per attention task */
+#define MIN_CHUNK 32  /* fewest places per task when sequences are split further to give every thread work */
 #define MAX_GROUP 16  /* query heads per kv head */
 #define MAX_DIM 256
+/* Query heads of a group handled together: each key and value row is read (and converted from fp16) once per slice
+ * of this many heads. Bounded by the registers: 4 keys x SLICE heads score accumulators, SLICE heads x PV_VECTORS
+ * output accumulators (AVX2 has 16 ymm registers, AVX-512 32). */
+#ifdef SC_VNNI
+#define SLICE 4
+#define PV_VECTORS 4
+#else
+#define SLICE 3
+#define PV_VECTORS 2
+#endif
+#define PREFETCH_ROWS 8 /* cached keys read ahead */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* The sums of 8 vectors' lanes, as one vector (lane k: the sum of a[k]). */
-static inline __m256 hsum8(const __m256 a[8]) {
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+/* The sums of 4 vectors' lanes, as one vector (lane k: the sum of a[k]). */
+static inline __m128 hsum4(const __m256 a[4]) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* One attention task: query heads of kv head `kv` (a group) over places j0..j1 of one sequence; writes per query head
- * the partial maximum, sum of exponentials and unnormalized output into `record` (group x (D + 2) floats). */
-static void attention_task(const float *q, const void *keys, const void *values, int half, size_t base, int j0,
-                           int j1, int kv, int group, int D, float scale, float *record) {
-    float scores[CHUNK] __attribute__((aligned(32)));
-    for (int g = 0; g < group; g++, record += D + 2) {
-        const float *qh = q + (size_t)(kv * group + g) * D;
-        float top = -INFINITY;
-        int j = j0;
-        __m256 tops = _mm256_set1_ps(-INFINITY);
-        for (; j + 8 <= j1; j += 8) { /* 8 keys at a time, their sums reduced together */
-            __m256 acc[8];
-            _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-            for (int i = 0; i < D; i += 8) {
-                const __m256 qv = _mm256_loadu_ps(qh + i);
-                _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++)
-                    acc[k] = _mm256_fmadd_ps(qv, load8(keys, base + (size_t)(j + k) * D + i, half), acc[k]);
+/* scores[g][k] = scale * (q_g . key k) for `hs` query heads (q: [hs, D]) and keys at base + k * D, k < n.
+ * 4 keys at a time, each key vector converted once for all hs heads; a last partial step re-reads key n - 1 and
+ * writes up to 3 scores past n (the rows have CHUNK + 8 places). */
+ALWAYS_INLINE void qk_slice(const float *q, int hs, const void *keys, const void *values, int half, size_t base, int n, int D,
+                            float scale, float (*scores)[CHUNK + 8]) {
+    const size_t bytes = (size_t)D * (half ? 2 : 4), element = half ? 2 : 4; /* per row */
+    for (int k0 = 0; k0 < n; k0 += 4) {
+        /* the cache rows come from memory (a step's weights evict them): prefetch keys a few rows ahead, and the
+         * same rows' values, which the weighted sum reads next */
+        const char *ahead = (const char *)keys + (base + (size_t)(k0 + PREFETCH_ROWS) * D) * element;
+        const char *value = (const char *)values + (base + (size_t)k0 * D) * element;
+        for (size_t b = 0; b < 4 * bytes; b += 64) {
+            if (k0 + PREFETCH_ROWS < n) _mm_prefetch(ahead + b, _MM_HINT_T0);
+            _mm_prefetch(value + b, _MM_HINT_T0);
+        }
+        size_t row[4];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) row[k] = base + (size_t)(k0 + k < n ? k0 + k : n - 1) * D;
+        __m256 acc[SLICE][4];
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) acc[g][k] = _mm256_setzero_ps();
+        for (int i = 0; i < D; i += 8) {
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256 key = load8(keys, row[k] + i, half);
+                _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+                    acc[g][k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)g * D + i), key, acc[g][k]);
             }
-            const __m256 score = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
-            _mm256_store_ps(scores + (j - j0), score);
-            tops = _mm256_max_ps(tops, score);
         }
-        {
-            __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
-            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        }
-        for (; j < j1; j++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int i = 0; i < D; i += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(keys, base + (size_t)j * D + i, half), acc);
-            const float score = hsum(acc) * scale;
-            scores[j - j0] = score;
-            top = score > top ? score : top;
-        }
-        const int n = j1 - j0;
-        for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
-        __m256 total = _mm256_setzero_ps();
-        for (int j = 0; j < n; j += 8) {
-            const __m256 p = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(top)));
-            _mm256_store_ps(scores + j, p);
-            total = _mm256_add_ps(total, p);
-        }
-        record[0] = top;
-        record[1] = hsum(total);
-        if (D == 64) { /* the common head size: the output stays in 8 registers */
-            __m256 o[8];
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                const size_t row = base + (size_t)(j0 + j) * 64;
-                _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++)
-                    o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-            }
-            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
-        } else {
-            __m256 o[MAX_DIM / 8];
-            for (int i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(scores[j]);
-                const size_t row = base + (size_t)(j0 + j) * D;
-                for (int i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(p, load8(values, row + 8 * i, half), o[i]);
-            }
-            for (int i = 0; i < D / 8; i++) _mm256_storeu_ps(record + 2 + 8 * i, o[i]);
-        }
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+            _mm_storeu_ps(scores[g] + k0, _mm_mul_ps(hsum4(acc[g]), _mm_set1_ps(scale)));
     }
 }
 
+/* In place, scores [n] -> exp(score - max); returns the max and sets *total to the sum of the exponentials. */
+static float softmax_parts(float *scores, int n, float *total) {
+    for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
+    __m256 tops = _mm256_set1_ps(-INFINITY);
+    for (int j = 0; j < n; j += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(scores + j));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(scores + j, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    *total = hsum(sum);
+    return top;
+}
+
+/* out[g][i0 .. i0 + 8 ds) = factor[g] * sum_k p[g][k] value_k[i0 ..] for hs heads: each value vector converted once
+ * for all hs heads, ds vectors of the row per pass over the keys. */
+ALWAYS_INLINE void pv_slice(const float (*p)[CHUNK + 8], int hs, const void *values, int half, size_t base, int n,
+                            int D, int i0, int ds, const float *factor, float *const *out) {
+    __m256 acc[SLICE][PV_VECTORS];
+    _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++) acc[g][v] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        const size_t row = base + (size_t)k * D + i0;
+        __m256 weight[SLICE];
+        _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++) weight[g] = _mm256_broadcast_ss(p[g] + k);
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++) {
+            const __m256 value = load8(values, row + 8 * v, half);
+            _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++) acc[g][v] = _mm256_fmadd_ps(weight[g], value, acc[g][v]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int g = 0; g < hs; g++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < ds; v++)
+            _mm256_storeu_ps(out[g] + i0 + 8 * v, _mm256_mul_ps(acc[g][v], _mm256_set1_ps(factor[g])));
+}
+
+/* One slice of hs query heads (q [hs, D]) over places base + k * D, k < n: scores, softmax parts, weighted values.
+ * Per head g: out[g] [D] = factor * unnormalized output, where factor = 1 / sum of exponentials when `direct`
+ * (the final output), else 1 with tops[g] and totals[g] set (a partial result, merged later). */
+ALWAYS_INLINE void attend_slice(const float *q, int hs, const void *keys, const void *values, int half, size_t base,
+                                int n, int D, float scale, int direct, float *const *out, float *tops, float *totals) {
+    float scores[SLICE][CHUNK + 8] __attribute__((aligned(32)));
+    float factor[SLICE];
+    qk_slice(q, hs, keys, values, half, base, n, D, scale, scores);
+    for (int g = 0; g < hs; g++) {
+        tops[g] = softmax_parts(scores[g], n, totals + g);
+        factor[g] = direct ? 1.0f / totals[g] : 1.0f;
+    }
+    int i0 = 0;
+    for (; i0 + 8 * PV_VECTORS <= D; i0 += 8 * PV_VECTORS)
+        pv_slice((const float(*)[CHUNK + 8])scores, hs, values, half, base, n, D, i0, PV_VECTORS, factor, out);
+    for (; i0 < D; i0 += 8)
+        pv_slice((const float(*)[CHUNK + 8])scores, hs, values, half, base, n, D, i0, 1, factor, out);
+}
+
+/* One attention task: the `group` query heads of kv head `kv` (q: the sequence's [heads, D]) over places j0..j1 of
+ * its cache (the kv head's rows start at element `base`), SLICE heads at a time. direct: the task covers all places,
+ * so it writes the normalized output of each head at out + h * D (out: the sequence's [heads, D]); else per query
+ * head a record of group x (D + 2) floats at `record`: partial maximum, sum of exponentials, unnormalized output. */
+static void attention_task(const float *q, const void *keys, const void *values, int half, size_t base, int j0,
+                           int j1, int kv, int group, int D, float scale, float *out, float *record) {
+    base += (size_t)j0 * D;
+    const int n = j1 - j0, direct = record == NULL;
+    for (int g0 = 0; g0 < group; g0 += SLICE) {
+        const int hs = group - g0 < SLICE ? group - g0 : SLICE, h0 = kv * group + g0;
+        float *targets[SLICE], tops[SLICE], totals[SLICE];
+        for (int g = 0; g < hs; g++)
+            targets[g] = direct ? out + (size_t)(h0 + g) * D : record + (size_t)(g0 + g) * (D + 2) + 2;
+        const float *qs = q + (size_t)h0 * D;
+        switch (hs) { /* constant slice sizes: the accumulators stay in registers */
+        case 1: attend_slice(qs, 1, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+        case 2: attend_slice(qs, 2, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+        case 3: attend_slice(qs, 3, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+#if SLICE > 3
+        default: attend_slice(qs, SLICE, keys, values, half, base, n, D, scale, direct, targets, tops, totals); break;
+#endif
+        }
+        if (!direct)
+            for (int g = 0; g < hs; g++) record[(size_t)(g0 + g) * (D + 2)] = tops[g], record[(size_t)(g0 + g) * (D + 2) + 1] = totals[g];
+    }
+}
+
+/* How many chunks each sequence's places are split into (chunks[S]); returns the number of tasks (kv heads x
+ * chunks). At most CHUNK places per chunk; where that leaves fewer than two tasks per thread, or a number the
+ * threads do not share evenly, the sequence with the longest chunks is split further (down to MIN_CHUNK places). */
+static int plan_chunks(int S, const int *length, int kv_heads, int threads, int *chunks) {
+    int sum = 0;
+    for (int s = 0; s < S; s++) sum += chunks[s] = (length[s] + CHUNK - 1) / CHUNK;
+    while (kv_heads * sum < 8 * threads && (kv_heads * sum < 2 * threads || (kv_heads * sum) % threads)) {
+        int best = -1;
+        for (int s = 0; s < S; s++)
+            if (length[s] / (chunks[s] + 1) >= MIN_CHUNK && (best < 0 || length[s] * chunks[best] > length[best] * chunks[s]))
+                best = s;
+        if (best < 0) break;
+        chunks[best]++, sum++;
+    }
+    return kv_heads * sum;
+}
+
+/* Merges one query head's partial results of `chunks` tasks (records `step` floats apart: max, sum, output [D])
+ * into out [D]: each rescaled by exp(its max - the overall max). */
+static void merge_records(const float *records, size_t step, int chunks, int D, float *out) {
+    float top = -INFINITY, total = 0.0f;
+    for (int c = 0; c < chunks; c++) top = records[c * step] > top ? records[c * step] : top;
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+    for (int c = 0; c < chunks; c++) {
+        const float *record = records + c * step, weight = expf(record[0] - top);
+        total += record[1] * weight;
+        for (int i = 0; i < D; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_loadu_ps(record + 2 + i), _mm256_set1_ps(weight),
+                                                      _mm256_loadu_ps(out + i)));
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / total);
+    for (int i = 0; i < D; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), inverse));
+}
+
 /* Attention for one query per sequence at decode (softmax(q K^T * scale) V over places 0..length-1) for S sequences
- * at once, split over (sequence, kv head, chunk of places) tasks whose partial softmaxes are merged after
- * (flash-decoding, Dao et al. 2023): every query head of a group reads its kv head's keys and values while they are
- * in cache, and all threads have work whatever the number of heads or sequences.
+ * at once, split over (sequence, kv head, chunk of places) tasks (`plan_chunks`): every query head of a group reads
+ * its kv head's keys and values while they are in cache, and all threads have work whatever the number of heads or
+ * sequences. A sequence in one chunk is written directly; else its chunks' partial softmaxes are merged after
+ * (flash-decoding, Dao et al. 2023).
  * Sequence s: q[s] [heads, D] fp32; keys[s]/values[s] [kv_heads, capacity, D] (fp32, or fp16 when half), each kv
  * head stride[s] elements apart; length[s] places; out[s] [heads, D] fp32. Query head h reads kv head
  * h / (heads / kv_heads) (transformers' repeat_kv pairing). Returns 0, or -1 on sizes it does not take (D a
@@ -344,48 +492,38 @@ static void attention_task(const float *q, const void *keys, const void *values,
 int sc_attention_many(int S, const float *const *q, const void *const *keys, const void *const *values, int half,
                       const long *stride, const int *length, int heads, int kv_heads, int D, float scale,
                       float *const *out) {
-    if (D % 8 || D > MAX_DIM || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) return -1;
+    if (D % 8 || D > MAX_DIM || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || S <= 0) return -1;
+    for (int s = 0; s < S; s++)
+        if (length[s] <= 0) return -1;
     const int group = heads / kv_heads;
-    int *first = malloc(sizeof(int) * (S + 1)); /* first task of each sequence */
-    if (!first) return -1;
+    int small[2 * 64 + 1], *chunks = S <= 64 ? small : malloc(sizeof(int) * (2 * (size_t)S + 1));
+    if (!chunks) return -1;
+    int *first = chunks + S; /* first task of each sequence; its task t covers kv head t / chunks, chunk t % chunks */
+    const int tasks = plan_chunks(S, length, kv_heads, omp_get_max_threads(), chunks);
     first[0] = 0;
-    for (int s = 0; s < S; s++) {
-        if (length[s] <= 0) return free(first), -1;
-        first[s + 1] = first[s] + kv_heads * ((length[s] + CHUNK - 1) / CHUNK);
-    }
-    const int tasks = first[S];
-    float *partial = malloc(sizeof(float) * (size_t)tasks * group * (D + 2));
-    if (!partial) return free(first), -1;
+    int split = 0;
+    for (int s = 0; s < S; s++) first[s + 1] = first[s] + kv_heads * chunks[s], split |= chunks[s] > 1;
+    const size_t record = (size_t)group * (D + 2); /* floats per task's records */
+    float *partial = split ? malloc(sizeof(float) * tasks * record) : NULL;
+    if (split && !partial) return chunks != small ? free(chunks) : (void)0, -1;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tasks; t++) {
         int s = 0;
         while (first[s + 1] <= t) s++;
-        const int chunks = (length[s] + CHUNK - 1) / CHUNK, local = t - first[s];
-        const int kv = local / chunks, j0 = (local % chunks) * CHUNK;
-        const int j1 = j0 + CHUNK < length[s] ? j0 + CHUNK : length[s];
-        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale,
-                       partial + (size_t)t * group * (D + 2));
+        const int local = t - first[s], kv = local / chunks[s], c = local % chunks[s];
+        const int j0 = (int)((long)length[s] * c / chunks[s]), j1 = (int)((long)length[s] * (c + 1) / chunks[s]);
+        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale, out[s],
+                       chunks[s] > 1 ? partial + (size_t)t * record : NULL);
     }
     for (int s = 0; s < S; s++) {
-        const int chunks = (length[s] + CHUNK - 1) / CHUNK;
+        if (chunks[s] == 1) continue;
         for (int kv = 0; kv < kv_heads; kv++)
-            for (int g = 0; g < group; g++) {
-                const float *records = partial + ((size_t)(first[s] + kv * chunks) * group + g) * (D + 2);
-                const size_t step = (size_t)group * (D + 2); /* from one chunk's record to the next */
-                float top = -INFINITY, total = 0.0f;
-                for (int c = 0; c < chunks; c++) top = records[c * step] > top ? records[c * step] : top;
-                float *o = out[s] + (size_t)(kv * group + g) * D;
-                for (int i = 0; i < D; i++) o[i] = 0.0f;
-                for (int c = 0; c < chunks; c++) {
-                    const float *record = records + c * step;
-                    const float weight = expf(record[0] - top);
-                    total += record[1] * weight;
-                    for (int i = 0; i < D; i++) o[i] += record[2 + i] * weight;
-                }
-                for (int i = 0; i < D; i++) o[i] /= total;
-            }
+            for (int g = 0; g < group; g++)
+                merge_records(partial + (size_t)(first[s] + kv * chunks[s]) * record + (size_t)g * (D + 2), record,
+                              chunks[s], D, out[s] + (size_t)(kv * group + g) * D);
     }
-    free(partial), free(first);
+    free(partial);
+    if (chunks != small) free(chunks);
     return 0;
 }
 
@@ -444,12 +582,13 @@ static void store(void *buffer, int half, size_t index, const float *x, int D) {
 
 /* x [B, hidden]: the embedded tokens in, the residual stream (overwritten); places [B]: each sequence's cache length
  * (where the new token goes); origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
- * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; logits [B, vocab] out.
+ * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; head, head_scales: the
+ * output projection (`block_q8x8` groups, scales [groups * 8]); logits [B, vocab] out.
  * Returns 0, or -1 on sizes the kernels do not take or when memory ran out. */
 int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
               int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
               const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
-              const float *final_norm, const int8_t *head, const float *head_scales, int vocab, float *logits) {
+              const float *final_norm, const void *head, const float *head_scales, int vocab, float *logits) {
     if (D % 8 || D > MAX_DIM || heads % kv_heads) return -1;
     const int rows = (heads + 2 * kv_heads) * D;
     float *normed = malloc(sizeof(float) * (size_t)B * (hidden > intermediate ? hidden : intermediate));

@@ -37,8 +37,9 @@ from streamchat.paths import cache_root
 SOURCE = Path(__file__).with_name("kernels.c")
 DISABLE_ENV = "STREAMCHAT_NATIVE"  # "0" turns the native kernels off (torch's kernels then)
 BLOCK = 32  # inputs per Q4_1 / Q8 block
-ROWS = 8  # output rows interleaved per 4-bit block group
+ROWS = 8  # output rows interleaved per 4-bit (and 8-bit) block group
 GROUP_BYTES = 160  # one block group: 8 fp16 steps, 8 fp16 minimums, 128 bytes of nibbles
+Q8_GROUP_BYTES = 256  # one 8-bit block group: 8 rows x 32 inputs
 # -ffp-contract=off: scalar a*b + c*d stays two roundings, as torch computes it (RoPE in compaction is bit-exact)
 FLAGS = {
     "avx2": ["-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"],
@@ -165,8 +166,8 @@ def library() -> ctypes.CDLL | None:
         if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
             _REASON = "the compiled decode-step structures do not match"
             return None
-        if lib.sc_block_q4x8_bytes() != GROUP_BYTES:
-            _REASON = "the compiled Q4 block layout does not match"
+        if (lib.sc_block_q4x8_bytes(), lib.sc_block_q8x8_bytes()) != (GROUP_BYTES, Q8_GROUP_BYTES):
+            _REASON = "the compiled block layouts do not match"
             return None
         _LIBRARY = lib
         return lib
@@ -277,12 +278,55 @@ def q4_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: to
     return out
 
 
-def q8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 contiguous, weight [N, K] int8, scales [N] fp32 -> [M, N] fp32."""
+def pack_q8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit rows weight [N, K] int8 (K a multiple of 32) and their scales [N] -> the kernel's layout: int8
+    [ceil(N / 8), K / 32, 256] and fp32 scales [ceil(N / 8) * 8] (zero rows and scales past N).
+
+    8 rows interleaved per 32-input block (kernels.c, `block_q8x8`): for row group G and block b, 8 chunks of 32
+    bytes whose byte 4r + i is row 8G + r's element 32b + 4j + i (chunk j). Raises ValueError for other sizes."""
+    rows, columns = weight.shape
+    if columns % BLOCK or weight.dtype != torch.int8:
+        raise ValueError(f"8-bit blocks need int8 rows of {BLOCK}-input blocks, got {weight.dtype} {rows} x {columns}")
+    groups = -(-rows // ROWS)
+    padded = torch.zeros(groups * ROWS, columns, dtype=torch.int8)
+    padded[:rows] = weight
+    # [G, r, b, j, i] -> [G, b, j, r, i]
+    packed = padded.view(groups, ROWS, columns // BLOCK, 8, 4).permute(0, 2, 3, 1, 4)
+    padded_scales = torch.zeros(groups * ROWS)
+    padded_scales[:rows] = scales.float()
+    return packed.reshape(groups, columns // BLOCK, Q8_GROUP_BYTES).contiguous(), padded_scales
+
+
+def _q8_by_row(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q8`'s groups as a view [G, r, b, j, i] (no copy): row 8G + r is [G, r] read as b, j, i."""
+    groups, blocks, _ = packed.shape
+    return packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
+
+
+def q8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [...] of `pack_q8`'s matrix as int8 [..., K], gathered from the interleaved groups (the tied
+    embedding reads the output projection's rows so: no second row-major copy)."""
+    by_row = _q8_by_row(packed)
+    flat = ids.reshape(-1)
+    rows = by_row[flat // ROWS, flat % ROWS]  # [n, b, j, i]
+    return rows.reshape(*ids.shape, packed.shape[1] * BLOCK)
+
+
+def unpack_q8(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The int8 matrix [rows, K] that `pack_q8`'s groups hold (tests, and reading packed weights back)."""
+    groups, blocks, _ = packed.shape
+    return _q8_by_row(packed).reshape(groups * ROWS, blocks * BLOCK)[:rows]
+
+
+def q8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 contiguous, `pack_q8`'s weight and scales -> [M, out_features] fp32."""
     rows, columns = x.shape
-    out = torch.empty(rows, weight.shape[0])
-    status = _LIBRARY.sc_q8_matmul(x.data_ptr(), rows, columns, weight.data_ptr(), scales.data_ptr(),
-                                   weight.shape[0], out.data_ptr())
+    if (packed.dim() != 3 or packed.shape[1] * BLOCK != columns or scales.numel() != packed.shape[0] * ROWS
+            or not scales.numel() - ROWS < out_features <= scales.numel()):
+        raise ValueError(f"q8_matmul: x {tuple(x.shape)} against groups {tuple(packed.shape)}, {scales.numel()} scales")
+    out = torch.empty(rows, out_features)
+    status = _LIBRARY.sc_q8_matmul(x.data_ptr(), rows, columns, packed.data_ptr(), scales.data_ptr(), out_features,
+                                   out.data_ptr())
     if status:
         raise RuntimeError(f"sc_q8_matmul failed for x {tuple(x.shape)}")
     return out

@@ -41,7 +41,7 @@ from streamchat.quant import (
 PACKED_ATTR = "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
 PACKED_MODES = tuple(m for m in ("int8", "int4", "int8_dynamic") if m in LINEAR_MODES)  # what this torch/quant has
 DYNAMIC = "int8_dynamic"  # fbgemm's packed-weight object, not a tensor: stored as its int8 weight and row scales
-FORMAT = 2  # bump when what is stored changes
+FORMAT = 3  # bump when what is stored changes (3: native int8 rows in 8-row groups)
 
 
 @dataclass
@@ -81,8 +81,8 @@ class PackedWeights:
         def linear(prefix: str, linear_mode: str, out_features: int) -> PackedLinear:
             weight = tensors[f"{prefix}.weight"]
             kernel = native_kernel(linear_mode, (out_features, config.hidden_size), weight.device)
-            grouped = kernel == "native" and linear_mode == "int4"  # stored in groups of 8 rows
-            if weight.shape[0] * (native.ROWS if grouped else 1) != out_features:
+            grouped = kernel == "native"  # stored in groups of 8 rows (int8: the last one padded)
+            if weight.shape[0] != (-(-out_features // native.ROWS) if grouped else out_features):
                 raise ValueError(f"{prefix}: {weight.shape[0]} rows, expected {out_features}")
             if linear_mode == DYNAMIC:
                 return _dynamic_from_state(weight, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.bias"))
@@ -240,7 +240,8 @@ def install(model: torch.nn.Module, packed: PackedWeights) -> None:
         setattr(layer, PACKED_ATTR, packed_layer)
     embed = model.model.embed_tokens
     rows, scales = packed.embedding or (packed.lm_head.weight, packed.lm_head.scales)
-    model.model.embed_tokens = QuantEmbedding(rows, scales, model.dtype, getattr(embed, "padding_idx", None))
+    model.model.embed_tokens = QuantEmbedding(rows, scales, model.dtype, getattr(embed, "padding_idx", None),
+                                              embed.num_embeddings)
     model.lm_head = QuantLinear(packed.lm_head, hidden)
     setattr(model, PACKED_ATTR, packed)
     with torch.no_grad():

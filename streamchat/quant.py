@@ -72,8 +72,8 @@ class PackedLinear:
             if mode == "int4":
                 self.weight = native.pack_q4(weight)
             else:
-                self.weight, scales = quantize_int8(weight)
-                self.scales = scales.float()
+                rows, scales = quantize_int8(weight)
+                self.weight, self.scales = native.pack_q8(rows, scales.float())
         elif mode == "int8_dynamic":
             self.weight, self._nbytes = prepack_int8_dynamic(weight, self.bias)
             self.bias = None  # inside the packed weight
@@ -117,6 +117,12 @@ class PackedLinear:
                 return None
             weight = self.weight[start // native.ROWS : stop // native.ROWS]
             return PackedLinear.from_packed("int4", weight, None, bias, stop - start, "native")
+        if self.kernel == "native":  # int8 in groups of 8 rows (the last may be partial)
+            if start % native.ROWS or (stop % native.ROWS and stop != self.out_features):
+                return None
+            first, end = start // native.ROWS, -(-stop // native.ROWS)
+            weight, scales = self.weight[first:end], self.scales[first * native.ROWS : end * native.ROWS]
+            return PackedLinear.from_packed("int8", weight, scales, bias, stop - start, "native")
         if self.mode not in ("int8", "int4") or (self.mode == "int4" and not _int4_rows_cut_at(start, stop)):
             return None
         scales = self.scales[start:stop] if self.mode == "int8" else self.scales[:, start:stop].contiguous()
@@ -136,7 +142,7 @@ class PackedLinear:
             if self.mode == "int4":
                 out = native.q4_matmul(x, self.weight, self.out_features, self.bias)
             else:
-                out = native.q8_matmul(x, self.weight, self.scales)
+                out = native.q8_matmul(x, self.weight, self.scales, self.out_features)
                 out = out if self.bias is None else out + self.bias
             return out.view(*leading, out.shape[-1])
         if self.mode == "int8":
@@ -281,15 +287,25 @@ class QuantLinear(torch.nn.Module):
 class QuantEmbedding(torch.nn.Module):
     """An `nn.Embedding` stand-in over int8 rows with one scale per row: the same tensors as the int8 output
     projection when the embedding is tied to it (SmolLM2), so the 49152 x 576 table is held once, in 8 bits.
+    The rows are row-major [count, hidden] (torch's kernels), or the native kernels' 8-row groups
+    [ceil(count / 8), hidden / 32, 256] (`native.pack_q8`; then `count` must be given), gathered per call.
     forward: ids [...] -> [..., hidden] in `dtype`."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None,
+                 count: int | None = None):
         super().__init__()
         self.weight_int8, self.scales, self.dtype, self.padding_idx = weight, scales, dtype, padding_idx
-        self.num_embeddings, self.embedding_dim = weight.shape
+        self.grouped = weight.dim() == 3
+        if self.grouped and count is None:
+            raise ValueError("an embedding over 8-row groups needs its row count")
+        self.num_embeddings = weight.shape[0] if count is None else count
+        self.embedding_dim = weight.shape[-1] if not self.grouped else weight.shape[1] * native.BLOCK
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight_int8).to(self.dtype)
+        if self.grouped:
+            rows = native.q8_rows(self.weight_int8, ids).to(self.dtype)
+        else:
+            rows = F.embedding(ids, self.weight_int8).to(self.dtype)
         return rows * F.embedding(ids, self.scales.view(-1, 1)).to(self.dtype)
 
     def extra_repr(self) -> str:

@@ -43,15 +43,72 @@ def test_4bit_matmul_equals_the_float_matmul(rows):
     assert not torch.equal(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7])
-def test_8bit_matmul_equals_the_float_matmul(rows):
-    generator = torch.Generator().manual_seed(rows)
-    weight = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=generator)
-    scales = torch.rand(48, generator=generator) * 0.01
-    x = torch.randn(rows, 64, generator=generator)
-    expected = x @ (weight.float() * scales[:, None]).T
-    got = native.q8_matmul(x, weight, scales)
-    assert (got - expected).norm() < 0.01 * expected.norm()
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernels quantize activations (Q8: per 32 inputs, scale max|x| / 127, round to nearest)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(scale > 0, scale, 1)) * scale).reshape_as(x)
+
+
+@pytest.mark.parametrize(("rows", "outputs"), [(1, 48), (2, 41), (3, 8), (4, 7), (5, 1), (7, 77), (9, 130)])
+def test_8bit_matmul_equals_the_float_matmul(rows, outputs):
+    """Any number of activation rows (tiles of 4, 2, 1) against any number of outputs, also ones that leave the
+    last 8-row group partial: equal to the float matmul of the quantized activations up to float rounding."""
+    generator = torch.Generator().manual_seed(rows * 100 + outputs)
+    weight = torch.randint(-127, 128, (outputs, 96), dtype=torch.int8, generator=generator)
+    weight[0, :32] = 127  # extreme products: no int16 saturation on AVX2, no lost offset on VNNI
+    scales = torch.rand(outputs, generator=generator) * 0.01
+    x = torch.randn(rows, 96, generator=generator)
+    x[0, :32] = torch.where(torch.arange(32) % 2 == 0, 3.0, -3.0)  # +-127 after quantization
+    packed, padded_scales = native.pack_q8(weight, scales)
+    assert packed.shape == (-(-outputs // 8), 3, 256) and padded_scales.shape == (packed.shape[0] * 8,)
+    expected = quantized_rows(x).double() @ (weight.double() * scales.double()[:, None]).T
+    got = native.q8_matmul(x, packed, padded_scales, outputs)
+    assert got.shape == (rows, outputs)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+    # and within activation rounding of the unquantized matmul
+    exact = x @ (weight.float() * scales[:, None]).T
+    assert (got - exact).norm() < 0.01 * exact.norm()
+
+
+def test_8bit_groups_round_trip_and_give_rows_back():
+    """pack_q8 interleaves 8 rows per block; unpack_q8 and q8_rows (the tied embedding's lookup) read the rows
+    back exactly, from views of the groups (no row-major copy)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randint(-127, 128, (21, 64), dtype=torch.int8, generator=generator)
+    packed, scales = native.pack_q8(weight, torch.ones(21))
+    assert torch.equal(packed[0, 0, :4], weight[0, :4]) and torch.equal(packed[0, 0, 4:8], weight[1, :4])
+    assert torch.equal(packed[0, 1, 36:40], weight[1, 36:40])  # block 1, chunk 1, row 1: elements 32 + 4..7
+    assert torch.equal(native.unpack_q8(packed, 21), weight)
+    assert torch.equal(packed[-1, :, :].view(2, 8, 8, 4)[:, :, 5:], torch.zeros(2, 8, 3, 4, dtype=torch.int8))  # padding
+    assert torch.equal(scales[21:], torch.zeros(3))
+    ids = torch.tensor([[20, 0, 7], [8, 8, 13]])
+    assert torch.equal(native.q8_rows(packed, ids), weight[ids])
+    with pytest.raises(ValueError, match="32-input blocks"):
+        native.pack_q8(torch.zeros(8, 40, dtype=torch.int8), torch.ones(8))
+
+
+def test_8bit_linear_and_embedding_share_the_groups():
+    """A native int8 PackedLinear stores the groups; QuantEmbedding over the same tensors (the tied embedding)
+    gives each token's row times its scale, and row views of the linear cut on groups."""
+    from streamchat.quant import PackedLinear, QuantEmbedding, quantize_int8
+
+    weight = torch.randn(37, 64, generator=torch.Generator().manual_seed(4))
+    linear = PackedLinear(weight, None, "int8")
+    assert linear.kernel == "native" and linear.weight.shape == (5, 2, 256)
+    rows, scales = quantize_int8(weight)
+    reference = rows.float() * scales.float()[:, None]  # the dequantized rows
+    embedding = QuantEmbedding(linear.weight, linear.scales, torch.float32, count=37)
+    ids = torch.tensor([0, 36, 9, 9])
+    assert embedding.num_embeddings == 37 and embedding.embedding_dim == 64
+    assert torch.equal(embedding(ids), reference[ids])
+    x = torch.randn(3, 64)
+    expected = quantized_rows(x) @ reference.T
+    torch.testing.assert_close(linear(x), expected, atol=1e-4, rtol=1e-4)
+    view = linear.rows(16, 37)  # the last group partial
+    torch.testing.assert_close(view(x), linear(x)[:, 16:37])
+    assert view.weight.data_ptr() == linear.weight[2].data_ptr()
+    assert linear.rows(4, 16) is None and linear.rows(8, 20) is None
 
 
 def test_bad_sizes_are_refused():
@@ -71,6 +128,57 @@ def test_attention_equals_sdpa(dtype, heads, kv_heads, length):
         enable_gqa=True,
     ).view(heads, 64)
     torch.testing.assert_close(native.attention(query, keys, values, length, 0.125), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "length"),
+                         [(16, 1, 64, 70), (10, 2, 40, 5), (7, 1, 24, 33), (12, 3, 128, 2), (9, 3, 64, 4)])
+def test_attention_takes_any_group_and_head_size(dtype, heads, kv_heads, dim, length):
+    """Groups larger than a slice of heads (and not multiples of it), head sizes not a multiple of the output
+    vectors per pass, key counts not a multiple of 4."""
+    generator = torch.Generator().manual_seed(heads * 1000 + length)
+    keys = torch.randn(1, kv_heads, 80, dim, generator=generator).to(dtype)
+    values = torch.randn(1, kv_heads, 80, dim, generator=generator).to(dtype)
+    query = torch.randn(heads, dim, generator=generator)
+    expected = F.scaled_dot_product_attention(
+        query.view(1, heads, 1, dim), keys[:, :, :length].float(), values[:, :, :length].float(), scale=dim**-0.5,
+        enable_gqa=True,
+    ).view(heads, dim)
+    torch.testing.assert_close(native.attention(query, keys, values, length, dim**-0.5), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_attention_of_many_sequences_equals_one_at_a_time(threads):
+    """sc_attention_many over sequences of different lengths (some split into chunks and merged, some not) gives
+    each sequence what SDPA gives it alone, whatever the thread count (it plans its chunks by it)."""
+    import ctypes
+
+    generator = torch.Generator().manual_seed(threads)
+    lengths, heads, kv_heads, dim, capacity = [1, 40, 100, 129, 300, 7], 9, 3, 64, 320
+    keys = [torch.randn(kv_heads, capacity, dim, generator=generator).half() for _ in lengths]
+    values = [torch.randn(kv_heads, capacity, dim, generator=generator).half() for _ in lengths]
+    queries = [torch.randn(heads, dim, generator=generator) for _ in lengths]
+    outs = [torch.full((heads, dim), float("nan")) for _ in lengths]
+    count = len(lengths)
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * count)(*[t.data_ptr() for t in tensors])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        status = native.library().sc_attention_many(
+            count, pointers(queries), pointers(keys), pointers(values), 1, (ctypes.c_long * count)(*[capacity * dim] * count),
+            (ctypes.c_int * count)(*lengths), heads, kv_heads, dim, ctypes.c_float(0.125), pointers(outs))
+    finally:
+        torch.set_num_threads(previous)
+    assert status == 0
+    for query, k, v, length, out in zip(queries, keys, values, lengths, outs):
+        expected = F.scaled_dot_product_attention(
+            query.view(1, heads, 1, dim), k[None, :, :length].float(), v[None, :, :length].float(), scale=0.125,
+            enable_gqa=True,
+        ).view(heads, dim)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_attention_refuses_mismatched_buffers():
