@@ -12,16 +12,146 @@
  *
  * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors); native.py picks the
  * one torch's own CPU capability names, so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 build here too.
- * Threads: OpenMP, the same runtime (libgomp.so.1) and thread count torch uses.
+ * Threads: a small pool of its own (below), as many as torch.get_num_threads() of the calling thread.
  */
+#define _GNU_SOURCE /* clock_gettime under -std=c11 */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define QK 32
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Threads: streamchat's own small pool, not OpenMP. libgomp throttles its waiting threads to a few hundred spins
+ * when it manages more threads than there are CPUs, and it counts the process's initial thread and every other
+ * thread's team: on a 2-core machine, a 2-thread team started from any thread but the main one (the server's
+ * scheduler) sleeps and wakes through the kernel at each of a decode step's ~150 parallel loops (measured: 2.4-12 us a
+ * loop instead of 0.5, a step 3x slower). Here, as in llama.cpp's own thread pool: workers spin on a ticket for a
+ * while after each loop (so the next loop of the same step starts at once), then sleep on a condition variable until
+ * the next step; the calling thread takes tasks too, and takes whatever tasks remain, so a worker the OS has
+ * descheduled delays a loop by at most the task it holds. One caller at a time uses the pool; a concurrent caller
+ * runs its tasks alone.
+ */
+
+#define MAX_THREADS 64
+#define SPIN_NS 200000 /* how long an idle worker spins before it sleeps (a decode step's loops are us apart) */
+
+typedef void (*task_fn)(void *context, int task);
+
+static struct {
+    pthread_mutex_t use;   /* held by the caller running a loop */
+    pthread_mutex_t lock;  /* guards sleeping */
+    pthread_cond_t wake;
+    _Alignas(64) _Atomic uint64_t ticket; /* loop number (high 32 bits) | next task (low 32 bits) */
+    _Alignas(64) _Atomic int done;         /* tasks finished (its own cache line: the ticket's is busy too) */
+    _Alignas(64) _Atomic int tasks, grain, sleepers, started, helpers, parked; /* grain: tasks taken at once;
+                                                   helpers: workers that take part; parked: sleep now (park_workers) */
+    _Atomic(task_fn) fn;
+    _Atomic(void *) context;
+} pool = {.use = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static _Thread_local int thread_count = 1; /* threads this calling thread's loops use, itself included (sc_set_threads) */
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Take tasks of loop `loop` until none is left (or another loop began: a late worker never runs a task twice). */
+#define CLOSED 0xFFFFFFFFu /* a loop's ticket while its caller sets it up */
+
+static void take_tasks(uint32_t loop) {
+    for (;;) {
+        uint64_t ticket = atomic_load(&pool.ticket);
+        if ((uint32_t)(ticket >> 32) != loop) return;
+        if ((uint32_t)ticket == CLOSED) {
+            _mm_pause();
+            continue;
+        }
+        const uint32_t first = (uint32_t)ticket, tasks = (uint32_t)atomic_load(&pool.tasks);
+        if (first >= tasks) return;
+        const uint32_t end = first + (uint32_t)atomic_load(&pool.grain) < tasks ? first + (uint32_t)atomic_load(&pool.grain) : tasks;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + (end - first))) continue;
+        const task_fn fn = atomic_load(&pool.fn);
+        void *context = atomic_load(&pool.context);
+        for (uint32_t t = first; t < end; t++) fn(context, (int)t);
+        atomic_fetch_add(&pool.done, (int)(end - first));
+    }
+}
+
+static void *worker(void *argument) {
+    const int index = (int)(intptr_t)argument;
+    uint32_t seen = (uint32_t)(atomic_load(&pool.ticket) >> 32);
+    for (;;) {
+        const uint64_t spin_until = now_ns() + SPIN_NS;
+        uint32_t loop;
+        for (int i = 0;; i++) {
+            loop = (uint32_t)(atomic_load(&pool.ticket) >> 32);
+            if (loop != seen) break;
+            _mm_pause();
+            if ((i & 255) == 255 && (now_ns() > spin_until || atomic_load(&pool.parked))) {
+                pthread_mutex_lock(&pool.lock);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while ((uint32_t)(atomic_load(&pool.ticket) >> 32) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.lock);
+            }
+        }
+        seen = loop;
+        if (index < atomic_load(&pool.helpers)) take_tasks(loop);
+    }
+    return NULL;
+}
+
+/* Threads the kernels called from this thread use from now on, itself included: like OpenMP's per-thread count
+ * (native.py passes torch.get_num_threads() of the calling thread). */
+void sc_set_threads(int threads) {
+    thread_count = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+/* The workers sleep now rather than spin: the caller's next loop is far off (a decode step ended; between two steps
+ * the other threads, its clients included, need the cores). */
+static void park_workers(void) { atomic_store(&pool.parked, 1); }
+
+/* fn(context, t) for t in 0..tasks-1, spread over the pool; returns when all are done. */
+static void run_tasks(int tasks, task_fn fn, void *context) {
+    if (tasks <= 0) return;
+    if (thread_count <= 1 || tasks == 1 || pthread_mutex_trylock(&pool.use) != 0) {
+        for (int t = 0; t < tasks; t++) fn(context, t);
+        return;
+    }
+    while (atomic_load(&pool.started) < thread_count - 1) { /* workers start once, and stay */
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, worker, (void *)(intptr_t)atomic_load(&pool.started)) != 0) break;
+        pthread_detach(thread);
+        atomic_fetch_add(&pool.started, 1);
+    }
+    atomic_store(&pool.helpers, thread_count - 1);
+    const uint32_t loop = (uint32_t)(atomic_load(&pool.ticket) >> 32) + 1;
+    atomic_store(&pool.ticket, ((uint64_t)loop << 32) | CLOSED); /* a late worker of the last loop takes nothing */
+    atomic_store(&pool.fn, fn);
+    atomic_store(&pool.context, context);
+    atomic_store(&pool.tasks, tasks);
+    atomic_store(&pool.grain, tasks / (4 * thread_count) > 1 ? tasks / (4 * thread_count) : 1);
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.parked, 0);
+    atomic_store(&pool.ticket, (uint64_t)loop << 32); /* publishes the loop: workers take tasks from here */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    take_tasks(loop);
+    while (atomic_load(&pool.done) < tasks) _mm_pause();
+    pthread_mutex_unlock(&pool.use);
+}
+
 
 typedef struct {
     float d;            /* scale */
@@ -76,15 +206,25 @@ static void quantize_q8(const float *x, block_q8 *y, int K) {
     }
 }
 
+typedef struct {
+    const float *x;
+    block_q8 *q;
+    int K;
+} quantize_job;
+
+static void quantize_task(void *context, int m) {
+    const quantize_job *job = context;
+    quantize_q8(job->x + (size_t)m * job->K, job->q + (size_t)m * (job->K / QK), job->K);
+}
+
 static block_q8 *quantize_rows(const float *x, int M, int K) {
     block_q8 *q = (block_q8 *)aligned_alloc(64, ((size_t)M * (K / QK) * sizeof(block_q8) + 63) / 64 * 64);
     if (!q) return NULL;
-    if (M >= 8) {
-#pragma omp parallel for schedule(static)
-        for (int m = 0; m < M; m++) quantize_q8(x + (size_t)m * K, q + (size_t)m * (K / QK), K);
-    } else {
-        for (int m = 0; m < M; m++) quantize_q8(x + (size_t)m * K, q + (size_t)m * (K / QK), K);
-    }
+    quantize_job job = {x, q, K};
+    if (M >= 8)
+        run_tasks(M, quantize_task, &job);
+    else
+        for (int m = 0; m < M; m++) quantize_task(&job, m);
     return q;
 }
 
@@ -235,6 +375,40 @@ Q8X8_TILE(4)
         }                                                                                                        \
     }
 
+/* A matmul's operands, shared by its tasks: task t computes output units (row groups) t*per_task.. against all M
+ * activation rows (quantized: `a`). */
+typedef struct {
+    const void *w;
+    const float *extra; /* bias (Q4) or scales (Q8) */
+    const block_q8 *a;
+    float *out;
+    int M, N, nb, units, per_task;
+} matmul_job;
+
+#define JOB_UNITS(job, t)                                                                                        \
+    const int M = job->M, N = job->N, nb = job->nb;                                                              \
+    const block_q8 *a = job->a;                                                                                  \
+    const int u0 = t * job->per_task, u1 = u0 + job->per_task < job->units ? u0 + job->per_task : job->units;
+
+#define Q4_W(u) ((const block_q4x8 *)job->w + (size_t)(u) * nb)
+#define Q4_BIAS(u) (job->extra ? job->extra + 8 * (u) : NULL)
+#define Q4_OUT(m, u) (job->out + (size_t)(m) * N + 8 * (u))
+#define Q8_W(u) ((const block_q8x8 *)job->w + (size_t)(u) * nb)
+#define Q8_SCALE(u) (job->extra + 8 * (u))
+#define Q8_OUT(m, u) (job->out + (size_t)(m) * N + 8 * (u))
+
+static void q4_task(void *context, int t) {
+    const matmul_job *job = context;
+    JOB_UNITS(job, t)
+    SWEEP(q4x8_tile, Q4_W, Q4_BIAS, Q4_OUT)
+}
+
+static void q8_task(void *context, int t) {
+    const matmul_job *job = context;
+    JOB_UNITS(job, t)
+    SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+}
+
 /* x [M, K] fp32, w: N/8 row groups of K/32 `block_q4x8`, out [M, N] fp32 (+ bias [N] when not NULL).
  * Returns 0, or -1 when K is not a multiple of 32, N not of 8, or memory ran out. */
 int sc_q4_matmul(const float *x, int M, int K, const void *weights, int N, const float *bias, float *out) {
@@ -242,15 +416,8 @@ int sc_q4_matmul(const float *x, int M, int K, const void *weights, int N, const
     const int nb = K / QK, units = N / 8, per_task = ROW_TILE / 8;
     block_q8 *a = quantize_rows(x, M, K);
     if (!a) return -1;
-    const block_q4x8 *w = (const block_q4x8 *)weights;
-#define Q4_W(u) (w + (size_t)(u) * nb)
-#define Q4_BIAS(u) (bias ? bias + 8 * (u) : NULL)
-#define Q4_OUT(m, u) (out + (size_t)(m) * N + 8 * (u))
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < (units + per_task - 1) / per_task; t++) {
-        const int u0 = t * per_task, u1 = u0 + per_task < units ? u0 + per_task : units;
-        SWEEP(q4x8_tile, Q4_W, Q4_BIAS, Q4_OUT)
-    }
+    const matmul_job job = {weights, bias, a, out, M, N, nb, units, per_task};
+    run_tasks((units + per_task - 1) / per_task, q4_task, (void *)&job);
     free(a);
     return 0;
 }
@@ -262,15 +429,8 @@ int sc_q8_matmul(const float *x, int M, int K, const void *weights, const float 
     const int nb = K / QK, units = N / 8, per_task = ROW_TILE / 8;
     block_q8 *a = quantize_rows(x, M, K);
     if (!a) return -1;
-    const block_q8x8 *w = (const block_q8x8 *)weights;
-#define Q8_W(u) (w + (size_t)(u) * nb)
-#define Q8_SCALE(u) (scales + 8 * (u))
-#define Q8_OUT(m, u) (out + (size_t)(m) * N + 8 * (u))
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < (units + per_task - 1) / per_task; t++) {
-        const int u0 = t * per_task, u1 = u0 + per_task < units ? u0 + per_task : units;
-        SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
-    }
+    const matmul_job job_ = {weights, scales, a, out, M, N, nb, units, per_task}, *job = &job_;
+    run_tasks((units + per_task - 1) / per_task, q8_task, (void *)job);
     if (N % 8) { /* the last, partial group: through a row of 8, of which N % 8 are kept */
         float last[8];
         for (int m = 0; m < M; m++) {
@@ -489,6 +649,32 @@ static void merge_records(const float *records, size_t step, int chunks, int D, 
  * head stride[s] elements apart; length[s] places; out[s] [heads, D] fp32. Query head h reads kv head
  * h / (heads / kv_heads) (transformers' repeat_kv pairing). Returns 0, or -1 on sizes it does not take (D a
  * multiple of 8 up to 256, groups up to 16) or when memory ran out. */
+/* sc_attention_many's operands, shared by its tasks. */
+typedef struct {
+    const float *const *q;
+    const void *const *keys, *const *values;
+    int half;
+    const long *stride;
+    const int *length, *chunks, *first;
+    int group, D;
+    float scale;
+    float *const *out;
+    float *partial;
+    size_t record;
+} attention_job;
+
+static void attention_job_task(void *context, int t) {
+    const attention_job *job = context;
+    const int *chunks = job->chunks, *first = job->first, *length = job->length;
+    int s = 0;
+    while (first[s + 1] <= t) s++;
+    const int local = t - first[s], kv = local / chunks[s], c = local % chunks[s];
+    const int j0 = (int)((long)length[s] * c / chunks[s]), j1 = (int)((long)length[s] * (c + 1) / chunks[s]);
+    attention_task(job->q[s], job->keys[s], job->values[s], job->half, (size_t)kv * job->stride[s], j0, j1, kv,
+                   job->group, job->D, job->scale, job->out[s],
+                   chunks[s] > 1 ? job->partial + (size_t)t * job->record : NULL);
+}
+
 int sc_attention_many(int S, const float *const *q, const void *const *keys, const void *const *values, int half,
                       const long *stride, const int *length, int heads, int kv_heads, int D, float scale,
                       float *const *out) {
@@ -499,22 +685,16 @@ int sc_attention_many(int S, const float *const *q, const void *const *keys, con
     int small[2 * 64 + 1], *chunks = S <= 64 ? small : malloc(sizeof(int) * (2 * (size_t)S + 1));
     if (!chunks) return -1;
     int *first = chunks + S; /* first task of each sequence; its task t covers kv head t / chunks, chunk t % chunks */
-    const int tasks = plan_chunks(S, length, kv_heads, omp_get_max_threads(), chunks);
+    const int tasks = plan_chunks(S, length, kv_heads, thread_count, chunks);
     first[0] = 0;
     int split = 0;
     for (int s = 0; s < S; s++) first[s + 1] = first[s] + kv_heads * chunks[s], split |= chunks[s] > 1;
     const size_t record = (size_t)group * (D + 2); /* floats per task's records */
     float *partial = split ? malloc(sizeof(float) * tasks * record) : NULL;
     if (split && !partial) return chunks != small ? free(chunks) : (void)0, -1;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < tasks; t++) {
-        int s = 0;
-        while (first[s + 1] <= t) s++;
-        const int local = t - first[s], kv = local / chunks[s], c = local % chunks[s];
-        const int j0 = (int)((long)length[s] * c / chunks[s]), j1 = (int)((long)length[s] * (c + 1) / chunks[s]);
-        attention_task(q[s], keys[s], values[s], half, (size_t)kv * stride[s], j0, j1, kv, group, D, scale, out[s],
-                       chunks[s] > 1 ? partial + (size_t)t * record : NULL);
-    }
+    const attention_job job = {q, keys, values, half, stride, length, chunks, first, group, D, scale, out, partial,
+                               record};
+    run_tasks(tasks, attention_job_task, (void *)&job);
     for (int s = 0; s < S; s++) {
         if (chunks[s] == 1) continue;
         for (int kv = 0; kv < kv_heads; kv++)
@@ -650,6 +830,7 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, final_norm, normed + (size_t)b * hidden, hidden, eps);
         status |= sc_q8_matmul(normed, B, hidden, head, head_scales, vocab, logits);
     }
+    park_workers();
     free(normed), free(qkv), free(attended), free(gate_up), free(delta);
     free(queries), free(outputs), free(key_buffers), free(value_buffers), free(strides), free(lengths);
     return status ? -1 : 0;

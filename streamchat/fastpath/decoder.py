@@ -176,6 +176,7 @@ class FastDecoder:
             for b, array in enumerate(pointers):
                 ctypes.memmove(ctypes.byref(buffers, b * ctypes.sizeof(array)), array, ctypes.sizeof(array))
         logits = torch.empty(batch, self.lm_head.out_features)
+        native.use_threads()
         status = lib.sc_decode(
             batch, len(self.layers), self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
             self.head_dim, self._intermediate, self.eps, self.scaling, x.data_ptr(), (ctypes.c_int * batch)(*places),
