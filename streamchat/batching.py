@@ -6,7 +6,7 @@ in its caller's thread, which tokenizes, detokenizes and streams text; the one s
 
 * a reply's decode loop runs on the scheduler (engine-driven, as vLLM's and llama.cpp's servers do): each
   scheduler step feeds every decoding conversation's last sampled token in ONE batched fast-path step over all
-  their bounded caches (`fastpath.batched.decode_batch`), samples each row's next token (greedy rows in one
+  their bounded caches (`fastpath.batched.feed_batch`), samples each row's next token (greedy rows in one
   batched op, with transformers' repetition penalty) and hands the tokens to the turns' threads; conversations join
   and leave between any two steps (Orca-style iteration-level scheduling). A token is fed while its turn's thread
   turns the one before into text, so that work overlaps the step; a turn that stops after token k leaves token k
@@ -40,8 +40,8 @@ import torch
 
 from streamchat import native
 from streamchat.config import Settings
-from streamchat.fastpath import decoder_for_step, prepare_decoder
-from streamchat.fastpath.batched import decode_batch
+from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_decoder
+from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, clean_text
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -248,6 +248,7 @@ class Engine:
         self._active = 0  # sessions inside a turn (each will submit steps)
         self._running = True
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
+        self.mixed_pieces = 0  # prefill pieces that ran in the same native call as decode rows
         prepare_decoder(loaded.model, settings)  # quantized weights at start-up, not inside the first request
         # Every token crosses threads (scheduler -> turn -> event loop) and each crossing needs the GIL. A
         # thread running Python keeps it for up to the switch interval (5 ms by default): as long as a decode step.
@@ -485,15 +486,12 @@ class Engine:
         return ready
 
     def _run(self, batch: list[_Step], jobs: list[_Decode]) -> None:
-        """One scheduler step: the oldest prefill piece, then every decode row (replies' next tokens and turns'
-        single-token steps), batched where possible. Later prefill pieces wait for the next step."""
+        """One scheduler step: every decode row (replies' next tokens and turns' single-token steps), batched where
+        possible, and the oldest prefill's next piece: in the same native call as the decode rows where the native
+        step runs both (chunked prefill: the piece's tokens are rows like the others, so conversations decoding do
+        not wait a whole prefill forward), else alone first. Later prefill pieces wait for the next step."""
         prefills = [step for step in batch if len(step.ids) != 1]
         rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
-        if prefills:
-            self._hand_out()
-            self._run_piece(prefills[0])
-            with self._cond:
-                self._pending[:0] = prefills[int(prefills[0].done.is_set()):]
         groups: dict[int, tuple[Any, list]] = {}
         for row in rows:
             session, cache = row.session, row.session.cache
@@ -508,23 +506,62 @@ class Engine:
                 self._run_alone(row)
             else:
                 groups.setdefault(id(decoder), (decoder, []))[1].append(row)
+        piece = self._mixable_piece(prefills[0], groups) if prefills else None
+        if prefills and piece is None and not prefills[0].done.is_set():
+            self._hand_out()
+            self._run_piece(prefills[0], whole=not rows)  # nobody decoding waits for it: the session's whole chunk
         self._hand_out()
         for decoder, members in groups.values():
-            if len(members) == 1:
+            mixed = piece if piece is not None and piece[0] is decoder else None
+            if len(members) == 1 and mixed is None:
                 self._run_alone(members[0])
                 continue
+            chunks = [[_token(row)] for row in members] + ([mixed[2]] if mixed else [])
+            caches = [row.session.cache for row in members] + ([mixed[1].session.cache] if mixed else [])
             try:
                 for row in members:
                     row.session._recent_ids.append(_token(row))
-                logits = decode_batch(decoder, [_token(row) for row in members], [row.session.cache for row in members])
+                if mixed:
+                    mixed[1].session._recent_ids.extend(mixed[2])
+                logits = feed_batch(decoder, chunks, caches)
                 self.batched_steps += 1
-                self.batched_rows += len(members)
+                self.batched_rows += len(members) + (1 if mixed else 0)
             except Exception as error:  # noqa: BLE001
                 self.steps += 1
                 self._deliver(members, error=error)
+                if mixed:
+                    mixed[1].error = error
+                    mixed[1].done.set()
                 continue
             self.steps += 1
+            if mixed:
+                self.mixed_pieces += 1
+                step = mixed[1]
+                step.fed += len(mixed[2])
+                if step.fed >= len(step.ids):
+                    step.logits = logits[-1:].clone()
+                    step.done.set()
+                logits = logits[:-1]
             self._deliver(members, logits)
+        if prefills:
+            with self._cond:
+                self._pending[:0] = prefills[int(prefills[0].done.is_set()):]
+
+    def _mixable_piece(self, step: _Step, groups: dict) -> tuple | None:
+        """(decoder, step, ids) when the next piece of prefill `step` can run in the native call of a decode group
+        (room made for it already), else None: it then runs alone."""
+        session, cache = step.session, step.session.cache
+        decoder = decoder_for_prefill(session.model, cache, session.settings)
+        if decoder is None or id(decoder) not in groups:
+            return None
+        ids = step.ids[step.fed : step.fed + self.prefill_piece]
+        try:
+            session.evicted_last_turn += cache.make_room(len(ids))
+        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+            step.error = error
+            step.done.set()
+            return None
+        return decoder, step, ids
 
     def _hand_out(self) -> None:
         """Give the turns the tokens sampled last step, as this step starts: their threads turn them into text while
@@ -574,10 +611,11 @@ class Engine:
             for _, job in jobs:
                 self._finish_decode(job, error)
 
-    def _run_piece(self, step: _Step) -> None:
-        """The next `prefill_piece` tokens of a prefill step: the same as the session feeding them as chunks of
-        that size (make_room, then forward); the step is done after its last piece, with that piece's logits."""
-        piece = step.ids[step.fed : step.fed + self.prefill_piece]
+    def _run_piece(self, step: _Step, whole: bool = False) -> None:
+        """The next `prefill_piece` tokens of a prefill step (all it has left with `whole`): the same as the session
+        feeding them as chunks of that size (make_room, then forward); the step is done after its last piece, with
+        that piece's logits."""
+        piece = step.ids[step.fed :] if whole else step.ids[step.fed : step.fed + self.prefill_piece]
         try:
             step.logits = ChatSession._forward(step.session, piece)
             step.fed += len(piece)

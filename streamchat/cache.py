@@ -223,6 +223,14 @@ class BoundedCache(Cache):
             self.seen_tokens += key_states.shape[-2]
         return keys, values
 
+    def allocate(self, kv_heads: int, head_dim: int, device: torch.device) -> None:
+        """Allocate every layer's buffers now ([1, kv_heads, capacity, head_dim]), as the first forward pass would:
+        for a writer that is not the transformers forward (the native decode step feeding an empty cache)."""
+        empty = torch.empty(1, kv_heads, 0, head_dim, device=device)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(empty, empty)
+
     @torch.inference_mode()
     def make_room(self, incoming: int) -> int:
         """Evict so that `incoming` tokens fit; returns how many were evicted (0 if they already fit).

@@ -760,16 +760,21 @@ static void store(void *buffer, int half, size_t index, const float *x, int D) {
     }
 }
 
-/* x [B, hidden]: the embedded tokens in, the residual stream (overwritten); places [B]: each sequence's cache length
- * (where the new token goes); origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
- * [B * layers] (sequence-major); capacity [B]; half: K/V stored as fp16; head, head_scales: the
- * output projection (`block_q8x8` groups, scales [groups * 8]); logits [B, vocab] out.
- * Returns 0, or -1 on sizes the kernels do not take or when memory ran out. */
+/* B rows, each one new token of some sequence: a decode step has one row per sequence; a prefill chunk of n tokens
+ * is n rows of one sequence at consecutive places (each row's key and value are stored before any row attends, and a
+ * row attends over its sequence's places 0..its own place: causal, as a forward over the chunk).
+ * x [B, hidden]: the embedded tokens in, the residual stream (overwritten); places [B]: where each row's token goes
+ * in its sequence's cache; origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
+ * [B * layers] (row-major: rows of one sequence repeat its layers); capacity [B]; half: K/V stored as fp16; head,
+ * head_scales: the output projection (`block_q8x8` groups, scales [groups * 8]); logits [L, vocab] out for rows
+ * logit_rows [L] (a prefill chunk needs only its last row's). Returns 0, or -1 on sizes the kernels do not take or
+ * when memory ran out. */
 int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
               int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
               const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
-              const float *final_norm, const void *head, const float *head_scales, int vocab, float *logits) {
-    if (D % 8 || D > MAX_DIM || heads % kv_heads) return -1;
+              const float *final_norm, const void *head, const float *head_scales, int vocab, int L,
+              const int *logit_rows, float *logits) {
+    if (D % 8 || D > MAX_DIM || heads % kv_heads || L < 0 || L > B) return -1;
     const int rows = (heads + 2 * kv_heads) * D;
     float *normed = malloc(sizeof(float) * (size_t)B * (hidden > intermediate ? hidden : intermediate));
     float *qkv = malloc(sizeof(float) * (size_t)B * rows);
@@ -826,9 +831,10 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
         status |= sc_q4_matmul(normed, B, intermediate, layer->down, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
     }
-    if (!status) {
-        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, final_norm, normed + (size_t)b * hidden, hidden, eps);
-        status |= sc_q8_matmul(normed, B, hidden, head, head_scales, vocab, logits);
+    if (!status && L > 0) {
+        for (int l = 0; l < L; l++)
+            rms_norm(x + (size_t)logit_rows[l] * hidden, final_norm, normed + (size_t)l * hidden, hidden, eps);
+        status |= sc_q8_matmul(normed, L, hidden, head, head_scales, vocab, logits);
     }
     park_workers();
     free(normed), free(qkv), free(attended), free(gate_up), free(delta);

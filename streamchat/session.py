@@ -28,7 +28,7 @@ from transformers import (
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
-from streamchat.fastpath import decoder_for_step, kv_dtype_for, prepare_decoder
+from streamchat.fastpath import decoder_for_prefill, decoder_for_step, kv_dtype_for, prepare_decoder
 from streamchat.memory import release_free_memory, rss_bytes
 from streamchat.model import LoadedModel
 from streamchat.scoring import continuation_logprobs, feed
@@ -466,6 +466,10 @@ class ChatSession:
         if fast is not None:  # single-token decode: the flat fast path, same cache semantics (streamchat/fastpath)
             self._recent_ids.extend(ids)
             return fast.decode(ids[0], self.cache)
+        native = decoder_for_prefill(self.model, self.cache, self.settings)
+        if native is not None:  # a prefill chunk through the native step: one row per token, causal
+            self._recent_ids.extend(ids)
+            return native.prefill(ids, self.cache)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             out = self.model(

@@ -148,3 +148,34 @@ def test_closing_the_engine_ends_a_reply_that_is_decoding(tiny):
     assert not thread.is_alive()
     assert errors and "closed" in errors[0]
     assert not session.busy and session.last_turn is not None  # the turn ended and recorded its stats
+
+
+def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny):
+    """With the native step (int4 weights), a new conversation's prefill pieces run in the same call as the other
+    conversations' decode rows (chunked prefill); every reply is still the one it gets alone."""
+    if native.library() is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    settings = load_settings(None, {**SETTINGS, "decode_weights": "int4", "max_new_tokens": 24,
+                                    "repetition_penalty": 1.0})
+    prompts = [text * 3 for text in TURNS]  # several pieces each
+    engine = Engine(tiny, settings, max_sessions=4, prefill_piece=8)
+    try:
+        alone = []
+        for text in prompts:
+            session = engine.new_session()
+            alone.append("".join(session.send(text)))
+        assert engine.mixed_pieces == 0
+        together: dict[int, str] = {}
+
+        def run(i: int) -> None:
+            together[i] = "".join(engine.new_session().send(prompts[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:  # one prefill piece per step: the first to finish its prompt decodes meanwhile
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert [together.get(i) for i in range(len(prompts))] == alone
+        assert engine.mixed_pieces > 0 and engine.batched_rows > engine.batched_steps
+    finally:
+        engine.close()

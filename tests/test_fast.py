@@ -291,3 +291,39 @@ def test_native_whole_step_matches_the_step_op_by_op(tiny, kv_dtype):
     errors.sort()
     assert errors[len(errors) // 2] < 1e-5 and errors[-1] < 5e-2
     assert all(cache.evicted_tokens > 0 for cache in whole)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_native_prefill_chunks_equal_feeding_token_by_token(tiny, kv_dtype):
+    """A prefill chunk through the native step (`native_feed`: one row per token, causal), alone or in the same call
+    as other conversations' decode rows, gives the logits and cache contents of feeding its tokens one at a time
+    (from an empty cache: the step allocates the buffers), and stays close to the transformers forward over the
+    same weights (which does not quantize activations to 8 bits)."""
+    from streamchat import native
+
+    if native.library() is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    model = on_q4_1_grid(tiny.model)
+    decoder = FastDecoder(model, "int4")
+    settings = load_settings(None, {**SMALL, "window": 120, "kv_dtype": kv_dtype})
+    dtype = getattr(torch, kv_dtype)
+    chunked, single, reference, other = (BoundedCache(model, settings, dtype) for _ in range(4))
+    ids = stream(tiny, 100)
+    transformers_step(model, other, ids[50:60])
+    position, errors = 0, []
+    for size, with_decode in ((9, False), (1, True), (16, True), (30, False), (25, True)):
+        chunk = ids[position : position + size]
+        position += size
+        for cache in (chunked, single, reference):
+            cache.make_room(size)
+        if with_decode:
+            other.make_room(1)
+            got = decoder.native_feed([[ids[position]], chunk], [other, chunked])[1:]
+        else:
+            got = decoder.native_feed([chunk], [chunked])
+        for token in chunk:
+            expected = decoder.native_decode([token], [single])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert_same_cache(chunked, single, 1e-5 if kv_dtype == "float32" else 1e-3)
+        errors.append(((got - transformers_step(model, reference, chunk)).norm() / got.norm()).item())
+    assert chunked.seen_tokens == position and max(errors) < 5e-2

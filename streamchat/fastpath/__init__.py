@@ -24,7 +24,8 @@ from streamchat.fastpath.decoder import (
 )
 
 __all__ = [
-    "FastDecoder", "choice", "decode_summary", "FastPathUnavailable", "decoder_for", "decoder_for_step", "kv_dtype_for", "prepare_decoder",
+    "FastDecoder", "choice", "decode_summary", "FastPathUnavailable", "decoder_for", "decoder_for_prefill", "decoder_for_step",
+    "kv_dtype_for", "prepare_decoder",
     "unsupported_reason",
 ]
 
@@ -63,6 +64,16 @@ def decoder_for_step(model: torch.nn.Module, cache: BoundedCache, settings: Sett
     if settings.decode_path == "transformers" or FastDecoder.refusal(cache):
         return None  # checked before building: a refused cache needs no (quantized) weights
     return prepare_decoder(model, settings)
+
+
+def decoder_for_prefill(model: torch.nn.Module, cache: BoundedCache, settings: Settings) -> FastDecoder | None:
+    """The fast decoder whose native step can feed a prefill chunk into `cache` (kernels.c's `sc_decode`, one row
+    per token), or None for the transformers forward: the native step runs only where it runs decode (native int4
+    weights, a policy that does not observe attention scores, a K/V dtype it reads)."""
+    if settings.decode_path == "transformers" or not isinstance(cache, BoundedCache):
+        return None
+    decoder = prepare_decoder(model, settings)
+    return decoder if decoder is not None and decoder.native_ready([cache]) else None
 
 
 def prepare_decoder(model: torch.nn.Module, settings: Settings) -> FastDecoder | None:

@@ -89,3 +89,23 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
             layer.length = length + 1
         cache.seen_tokens += 1
     return logits
+
+
+@torch.inference_mode()
+def feed_batch(decoder: FastDecoder, chunks: list[list[int]], caches: list[BoundedCache]) -> torch.Tensor:
+    """`decode_batch` where every chunk is one token; where some are longer (a prefill piece batched with decode
+    steps: chunked prefill, as vLLM's scheduler mixes them), one native call over all their tokens
+    (`FastDecoder.native_feed`). Returns fp32 logits [B, vocab] of each chunk's last token. Call `make_room` with
+    each chunk's length first. Raises FastPathUnavailable where the native step cannot run these caches."""
+    if all(len(chunk) == 1 for chunk in chunks):
+        return decode_batch(decoder, [chunk[0] for chunk in chunks], caches)
+    if len(chunks) != len(caches) or not caches or any(not chunk for chunk in chunks):
+        raise ValueError(f"{len(chunks)} chunks for {len(caches)} caches")
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise ValueError("a cache appears twice in one batched step")
+    if not decoder.native_ready(caches):
+        raise FastPathUnavailable("chunks of several tokens batch only on the native decode step")
+    for chunk, cache in zip(chunks, caches):
+        if cache.length + len(chunk) > cache.capacity:
+            raise ValueError(f"{len(chunk)} tokens do not fit in the cache (make_room first)")
+    return decoder.native_feed(chunks, caches)

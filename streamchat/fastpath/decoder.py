@@ -153,44 +153,71 @@ class FastDecoder:
         scores, and every cache stores K/V in one dtype the kernel reads."""
         if self._native_layers is None:
             return False
-        dtypes = {cache.layers[0].keys.dtype for cache in caches}
+        dtypes = {cache.layers[0].dtype for cache in caches}  # what the buffers hold (or will, once allocated)
         return (len(dtypes) == 1 and dtypes <= set(native.ATTENTION_DTYPES)
                 and not any(cache.policy.needs_attention_scores for cache in caches))
+
+    def prefill(self, ids: list[int], cache: BoundedCache) -> torch.Tensor:
+        """Feed `ids` at places cache.length, ... in one native call (`native_feed`); returns fp32 logits [1, vocab]
+        of the last. Call `make_room(len(ids))` first and check `native_ready([cache])`."""
+        return self.native_feed([ids], [cache])
 
     def native_decode(self, token_ids: list[int], caches: list[BoundedCache]) -> torch.Tensor:
         """Feed token_ids[b] at place caches[b].length for every b in one call of kernels.c's `sc_decode` (the
         computation of `_forward`, per sequence, with no Python between layers); returns fp32 logits [B, vocab].
         Call `make_room(1)` on each cache first and check `native_ready`. Raises RuntimeError if the kernel
         refuses the sizes."""
-        batch, lib = len(caches), native.library()
-        places = [cache.length for cache in caches]
-        x = self.embed(torch.tensor(token_ids, device=self.device)).to(torch.float32).contiguous()  # [B, hidden]
-        ropes = [cache.layers[0].rope for cache in caches]
-        cos = torch.stack([rope.cos[place] for rope, place in zip(ropes, places)]).float().contiguous()
-        sin = torch.stack([rope.sin[place] for rope, place in zip(ropes, places)]).float().contiguous()
-        pointers = [_cache_pointers(cache) for cache in caches]
-        if batch == 1:
-            buffers = pointers[0]
+        return self.native_feed([[token_id] for token_id in token_ids], caches)
+
+    def native_feed(self, chunks: list[list[int]], caches: list[BoundedCache]) -> torch.Tensor:
+        """Feed chunks[b] (one token or more) at places caches[b].length, ... for every b in one `sc_decode` call:
+        each token is a row that attends over its own cache up to its own place (a chunk is causal, as the
+        transformers forward over it: prefill, or a prefill piece batched with other conversations' decode steps);
+        returns fp32 logits [B, vocab] of each chunk's last token. Call `make_room(len(chunks[b]))` on each cache
+        first (an empty cache gets its buffers here) and check `native_ready`. Raises RuntimeError if the kernel
+        refuses the sizes."""
+        lib, layers = native.library(), len(self.layers)
+        for cache in caches:
+            if not cache.layers[0].is_initialized:
+                cache.allocate(self.num_kv_heads, self.head_dim, self.device)
+        counts = [len(chunk) for chunk in chunks]
+        rows = sum(counts)
+        places = [cache.length + i for cache, count in zip(caches, counts) for i in range(count)]
+        origins = [cache.seen_tokens + i for cache, count in zip(caches, counts) for i in range(count)]
+        ids = [token for chunk in chunks for token in chunk]
+        x = self.embed(torch.tensor(ids, device=self.device)).to(torch.float32).contiguous()  # [rows, hidden]
+        spans = [(cache.layers[0].rope, cache.length, count) for cache, count in zip(caches, counts)]
+        cos = torch.cat([rope.cos[start : start + count] for rope, start, count in spans]).float().contiguous()
+        sin = torch.cat([rope.sin[start : start + count] for rope, start, count in spans]).float().contiguous()
+        if rows == 1:
+            buffers = _cache_pointers(caches[0])
         else:
-            buffers = (native.CacheLayer * (batch * len(self.layers)))()
-            for b, array in enumerate(pointers):
-                ctypes.memmove(ctypes.byref(buffers, b * ctypes.sizeof(array)), array, ctypes.sizeof(array))
-        logits = torch.empty(batch, self.lm_head.out_features)
+            buffers = (native.CacheLayer * (rows * layers))()
+            size, row = ctypes.sizeof(native.CacheLayer) * layers, 0
+            for cache, count in zip(caches, counts):
+                array = _cache_pointers(cache)
+                for _ in range(count):
+                    ctypes.memmove(ctypes.byref(buffers, row * size), array, size)
+                    row += 1
+        capacities = [cache.layers[0].keys.shape[2] for cache, count in zip(caches, counts) for _ in range(count)]
+        last_rows = [sum(counts[: b + 1]) - 1 for b in range(len(counts))]
+        logits = torch.empty(len(chunks), self.lm_head.out_features)
         native.use_threads()
         status = lib.sc_decode(
-            batch, len(self.layers), self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
-            self.head_dim, self._intermediate, self.eps, self.scaling, x.data_ptr(), (ctypes.c_int * batch)(*places),
-            (ctypes.c_int64 * batch)(*[cache.seen_tokens for cache in caches]), cos.data_ptr(), sin.data_ptr(),
-            buffers, (ctypes.c_int * batch)(*[cache.layers[0].keys.shape[2] for cache in caches]),
-            int(caches[0].layers[0].keys.dtype == torch.float16), self._final_norm, self.lm_head.weight.data_ptr(),
-            self.lm_head.scales.data_ptr(), self.lm_head.out_features, logits.data_ptr(),
+            rows, layers, self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
+            self.head_dim, self._intermediate, self.eps, self.scaling, x.data_ptr(), (ctypes.c_int * rows)(*places),
+            (ctypes.c_int64 * rows)(*origins), cos.data_ptr(), sin.data_ptr(), buffers,
+            (ctypes.c_int * rows)(*capacities), int(caches[0].layers[0].keys.dtype == torch.float16),
+            self._final_norm, self.lm_head.weight.data_ptr(), self.lm_head.scales.data_ptr(),
+            self.lm_head.out_features, len(chunks), (ctypes.c_int * len(chunks))(*last_rows), logits.data_ptr(),
         )
         if status:
-            raise RuntimeError(f"the native decode step refused {batch} sequence(s) (sizes it does not take)")
-        for cache, place in zip(caches, places):
+            raise RuntimeError(f"the native decode step refused {rows} row(s) of {len(chunks)} sequence(s)")
+        for cache, count in zip(caches, counts):
+            end = cache.length + count
             for layer in cache.layers:
-                layer.length = place + 1
-            cache.seen_tokens += 1
+                layer.length = end
+            cache.seen_tokens += count
         return logits
 
     def nbytes(self) -> int:
