@@ -736,8 +736,14 @@ int sc_layer_bytes(void) { return (int)sizeof(sc_layer); }
 int sc_cache_layer_bytes(void) { return (int)sizeof(sc_cache_layer); }
 
 static void rms_norm(const float *x, const float *weight, float *out, int n, float eps) {
-    double total = 0.0;
-    for (int i = 0; i < n; i++) total += (double)x[i] * x[i];
+    __m256 squares = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        squares = _mm256_add_ps(squares, _mm256_mul_ps(v, v));
+    }
+    double total = hsum(squares);
+    for (; i < n; i++) total += (double)x[i] * x[i];
     const float inverse = 1.0f / sqrtf((float)(total / n) + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * inverse * weight[i];
 }
@@ -746,7 +752,8 @@ static void rms_norm(const float *x, const float *weight, float *out, int n, flo
 static void rotate(float *x, const float *cos, const float *sin, int D) {
     const int half = D / 2;
     float rotated[MAX_DIM];
-    for (int i = 0; i < D; i++) rotated[i] = x[i] * cos[i] + (i < half ? -x[i + half] : x[i - half]) * sin[i];
+    for (int i = 0; i < half; i++) rotated[i] = x[i] * cos[i] + -x[i + half] * sin[i]; /* two loops: vectorized */
+    for (int i = half; i < D; i++) rotated[i] = x[i] * cos[i] + x[i - half] * sin[i];
     memcpy(x, rotated, sizeof(float) * D);
 }
 

@@ -345,8 +345,9 @@ _POINTERS: weakref.WeakKeyDictionary[BoundedCache, tuple] = weakref.WeakKeyDicti
 
 
 def _cache_pointers(cache: BoundedCache):
-    """The cache's buffers as `native.CacheLayer` structures, kept per cache (its buffers are allocated once)."""
-    key = tuple(layer.keys.data_ptr() for layer in cache.layers)
+    """The cache's buffers as `native.CacheLayer` structures, kept per cache (its buffers are allocated once, all
+    layers together: by the first forward, `allocate` or a restore, so the first and last layers' tell)."""
+    key = (cache.layers[0].keys.data_ptr(), cache.layers[-1].keys.data_ptr())
     found = _POINTERS.get(cache)
     if found is not None and found[0] == key:
         return found[1]
