@@ -48,6 +48,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
+IDLE_PREFILL_TOKENS = 512  # prompt tokens per step while no conversation is decoding (then nobody waits for it)
 _END = object()  # a reply's token queue: the scheduler ended the decode (stopped, or the engine closed)
 
 
@@ -486,13 +487,16 @@ class Engine:
         return ready
 
     def _run(self, batch: list[_Step], jobs: list[_Decode]) -> None:
-        """One scheduler step: every decode row (replies' next tokens and turns' single-token steps), batched where
-        possible, and the oldest prefill's next piece: in the same native call as the decode rows where the native
-        step runs both (chunked prefill: the piece's tokens are rows like the others, so conversations decoding do
-        not wait a whole prefill forward), else alone first. Later prefill pieces wait for the next step."""
+        """One scheduler step: every decode row (replies' next tokens and turns' single-token steps) and the waiting
+        prefills' next pieces, oldest first, up to a budget of prompt tokens (`prefill_piece` while conversations
+        are decoding: they wait for this step; IDLE_PREFILL_TOKENS when none is), all as rows of one native call
+        where the native step runs them (chunked prefill, as vLLM's scheduler mixes prefill and decode under a
+        token budget), so several new requests prefill together and the decoding ones wait a few rows, not a whole
+        prefill forward. A prefill the native step cannot run (H2O/TOVA, torch's kernels) runs alone, one per step;
+        so does a decode row it cannot batch. What is left of a prefill waits for the next step."""
         prefills = [step for step in batch if len(step.ids) != 1]
         rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
-        groups: dict[int, tuple[Any, list]] = {}
+        groups: dict[int, tuple[Any, list, list]] = {}  # id(decoder) -> (decoder, decode rows, prefill pieces)
         for row in rows:
             session, cache = row.session, row.session.cache
             try:
@@ -505,63 +509,67 @@ class Engine:
                 self._hand_out()
                 self._run_alone(row)
             else:
-                groups.setdefault(id(decoder), (decoder, []))[1].append(row)
-        piece = self._mixable_piece(prefills[0], groups) if prefills else None
-        if prefills and piece is None and not prefills[0].done.is_set():
-            self._hand_out()
-            self._run_piece(prefills[0], whole=not rows)  # nobody decoding waits for it: the session's whole chunk
+                groups.setdefault(id(decoder), (decoder, [], []))[1].append(row)
+        self._plan_prefill(prefills, groups, self.prefill_piece if rows else max(self.prefill_piece, IDLE_PREFILL_TOKENS))
         self._hand_out()
-        for decoder, members in groups.values():
-            mixed = piece if piece is not None and piece[0] is decoder else None
-            if len(members) == 1 and mixed is None:
+        for decoder, members, pieces in groups.values():
+            if len(members) == 1 and not pieces:
                 self._run_alone(members[0])
                 continue
-            chunks = [[_token(row)] for row in members] + ([mixed[2]] if mixed else [])
-            caches = [row.session.cache for row in members] + ([mixed[1].session.cache] if mixed else [])
+            chunks = [[_token(row)] for row in members] + [ids for _, ids in pieces]
+            caches = [row.session.cache for row in members] + [step.session.cache for step, _ in pieces]
             try:
                 for row in members:
                     row.session._recent_ids.append(_token(row))
-                if mixed:
-                    mixed[1].session._recent_ids.extend(mixed[2])
+                for step, ids in pieces:
+                    step.session._recent_ids.extend(ids)
                 logits = feed_batch(decoder, chunks, caches)
-                self.batched_steps += 1
-                self.batched_rows += len(members) + (1 if mixed else 0)
             except Exception as error:  # noqa: BLE001
                 self.steps += 1
                 self._deliver(members, error=error)
-                if mixed:
-                    mixed[1].error = error
-                    mixed[1].done.set()
+                for step, _ in pieces:
+                    step.error = error
+                    step.done.set()
                 continue
             self.steps += 1
-            if mixed:
-                self.mixed_pieces += 1
-                step = mixed[1]
-                step.fed += len(mixed[2])
+            if len(chunks) > 1:
+                self.batched_steps += 1
+                self.batched_rows += len(chunks)
+            self.mixed_pieces += len(pieces) if members else 0
+            for index, (step, ids) in enumerate(pieces, start=len(members)):
+                step.fed += len(ids)
                 if step.fed >= len(step.ids):
-                    step.logits = logits[-1:].clone()
+                    step.logits = logits[index : index + 1].clone()
                     step.done.set()
-                logits = logits[:-1]
-            self._deliver(members, logits)
+            self._deliver(members, logits[: len(members)])
         if prefills:
             with self._cond:
-                self._pending[:0] = prefills[int(prefills[0].done.is_set()):]
+                self._pending[:0] = [step for step in prefills if not step.done.is_set()]
 
-    def _mixable_piece(self, step: _Step, groups: dict) -> tuple | None:
-        """(decoder, step, ids) when the next piece of prefill `step` can run in the native call of a decode group
-        (room made for it already), else None: it then runs alone."""
-        session, cache = step.session, step.session.cache
-        decoder = decoder_for_prefill(session.model, cache, session.settings)
-        if decoder is None or id(decoder) not in groups:
-            return None
-        ids = step.ids[step.fed : step.fed + self.prefill_piece]
-        try:
-            session.evicted_last_turn += cache.make_room(len(ids))
-        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
-            step.error = error
-            step.done.set()
-            return None
-        return decoder, step, ids
+    def _plan_prefill(self, prefills: list[_Step], groups: dict, budget: int) -> None:
+        """Put the waiting prefills' next pieces, oldest first, into the native groups (room made for each) until
+        `budget` prompt tokens; the oldest prefill the native step cannot run runs alone now."""
+        alone = False
+        for step in prefills:
+            session, cache = step.session, step.session.cache
+            decoder = decoder_for_prefill(session.model, cache, session.settings)
+            if decoder is None:
+                if not alone:
+                    alone = True
+                    self._hand_out()
+                    self._run_piece(step, whole=not groups)  # nobody decoding waits for it: the whole chunk
+                continue
+            if budget <= 0:
+                continue
+            ids = step.ids[step.fed : step.fed + budget]
+            try:
+                session.evicted_last_turn += cache.make_room(len(ids))
+            except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+                step.error = error
+                step.done.set()
+                continue
+            groups.setdefault(id(decoder), (decoder, [], []))[2].append((step, ids))
+            budget -= len(ids)
 
     def _hand_out(self) -> None:
         """Give the turns the tokens sampled last step, as this step starts: their threads turn them into text while

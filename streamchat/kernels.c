@@ -607,18 +607,18 @@ static void attention_task(const float *q, const void *keys, const void *values,
 }
 
 /* How many chunks each sequence's places are split into (chunks[S]); returns the number of tasks (kv heads x
- * chunks). At most CHUNK places per chunk; where that leaves fewer than two tasks per thread, or a number the
- * threads do not share evenly, the sequence with the longest chunks is split further (down to MIN_CHUNK places). */
+ * chunks). At most CHUNK places per chunk, and a sequence alone gives every thread two tasks where its length
+ * allows (chunks of at least MIN_CHUNK places). Each sequence's split depends on its own length and the thread
+ * count only, never on the other sequences of the batch: its partial softmaxes merge in the same order batched or
+ * alone, so a conversation's logits are the same bits either way (greedy replies equal, tests/test_server.py). */
 static int plan_chunks(int S, const int *length, int kv_heads, int threads, int *chunks) {
     int sum = 0;
-    for (int s = 0; s < S; s++) sum += chunks[s] = (length[s] + CHUNK - 1) / CHUNK;
-    while (kv_heads * sum < 8 * threads && (kv_heads * sum < 2 * threads || (kv_heads * sum) % threads)) {
-        int best = -1;
-        for (int s = 0; s < S; s++)
-            if (length[s] / (chunks[s] + 1) >= MIN_CHUNK && (best < 0 || length[s] * chunks[best] > length[best] * chunks[s]))
-                best = s;
-        if (best < 0) break;
-        chunks[best]++, sum++;
+    const int wanted = (2 * threads + kv_heads - 1) / kv_heads; /* chunks per kv head for 2 tasks per thread */
+    for (int s = 0; s < S; s++) {
+        int c = (length[s] + CHUNK - 1) / CHUNK;
+        const int most = length[s] / MIN_CHUNK > 1 ? length[s] / MIN_CHUNK : 1;
+        if (c < wanted) c = wanted < most ? wanted : most;
+        sum += chunks[s] = c;
     }
     return kv_heads * sum;
 }

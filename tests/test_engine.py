@@ -160,18 +160,26 @@ def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny):
     prompts = [text * 3 for text in TURNS]  # several pieces each
     engine = Engine(tiny, settings, max_sessions=4, prefill_piece=8)
     try:
+        limits = [300, 24, 24, 24]  # the first decodes long enough for the others to prefill meanwhile
         alone = []
-        for text in prompts:
+        for text, limit in zip(prompts, limits):
             session = engine.new_session()
-            alone.append("".join(session.send(text)))
+            alone.append("".join(session.send(text, max_new_tokens=limit)))
         assert engine.mixed_pieces == 0
         together: dict[int, str] = {}
+        decoding = threading.Event()
 
         def run(i: int) -> None:
-            together[i] = "".join(engine.new_session().send(prompts[i]))
+            pieces = []
+            for piece in engine.new_session().send(prompts[i], max_new_tokens=limits[i]):
+                pieces.append(piece)
+                decoding.set()
+            together[i] = "".join(pieces)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for thread in threads:  # one prefill piece per step: the first to finish its prompt decodes meanwhile
+        threads[0].start()
+        assert decoding.wait(60)  # the first conversation decodes while the others prefill, piece by piece
+        for thread in threads[1:]:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
