@@ -5,15 +5,18 @@ instead of running inline), so turns, stop, sampling, eviction and stats are exa
 in its caller's thread, which tokenizes, detokenizes and streams text; the one scheduler thread runs the model:
 
 * a reply's decode loop runs on the scheduler (engine-driven, as vLLM's and llama.cpp's servers do): each
-  scheduler step feeds every decoding conversation's last sampled token in ONE batched fast-path step over all
-  their bounded caches (`fastpath.batched.feed_batch`), samples each row's next token (greedy rows in one
-  batched op, with transformers' repetition penalty) and hands the tokens to the turns' threads; conversations join
-  and leave between any two steps (Orca-style iteration-level scheduling). A token is fed while its turn's thread
-  turns the one before into text, so that work overlaps the step; a turn that stops after token k leaves token k
-  fed (as the next turn's prefill would have fed it) and nothing after it;
-* prefill runs in pieces of at most `prefill_piece` tokens (the session's own chunks split further), one piece
-  per scheduler step between batched decode steps, so a long new prompt does not stall the conversations that
-  are decoding;
+  scheduler step feeds every decoding conversation's last sampled token, all as rows of ONE batched fast-path
+  step over their bounded caches (`fastpath.batched.feed_batch`), samples each row's next token (greedy rows
+  together: the repetition penalty and the first maximum in one native pass per row) and keeps the tokens in an
+  outbox; conversations join and leave between any two steps (Orca-style iteration-level scheduling);
+* the life of a token: the turn's thread asks for its next token (`_take`); the step that feeds the token before
+  it samples it (`_deliver`, into the outbox); the next step hands it out as it starts (`_hand_out`), so the turn
+  turns it into text (and the server into an SSE chunk) while that step runs without the GIL, the step feeding
+  the very token the turn is reading. A token is fed only once its turn asked for it: a turn that stops after
+  token k leaves token k (fed, or waiting as its next prefill's first) and nothing after it;
+* waiting prefills go in pieces into the same native call, oldest first, under a budget of prompt tokens per step
+  (`prefill_piece` while conversations are decoding, IDLE_PREFILL_TOKENS when none is): chunked prefill, so a
+  new prompt costs the decoding conversations a few more rows in a step, not a whole prefill forward;
 * H2O/TOVA conversations (attention-score policies) and models the fast path cannot run decode singly.
 
 `Engine.open_turn` serves a stateless API over stateful caches: clients resend the whole conversation; a request
@@ -61,6 +64,9 @@ class Overloaded(RuntimeError):
 
 
 class _Step:
+    """A forward pass a turn's thread waits for (`EngineSession._forward`): a prefill chunk, run in pieces, or a
+    single token outside a reply's decode loop; `logits` [1, vocab] of its last token when `done` is set."""
+
     __slots__ = ("session", "ids", "fed", "done", "logits", "error")
 
     def __init__(self, session: ChatSession, ids: list[int]):
@@ -376,10 +382,12 @@ class Engine:
             conversations.update({session.label: session.cache.stats() for session in list(self._outside)})
         with self._cond:
             queued, active = len(self._pending), self._active  # turns of API conversations and UI tabs alike
+            decoding = len(self._decodes)
         return {
             "conversations": conversations,
             "active_turns": active,
             "queued_steps": queued,
+            "decoding": decoding,
             "steps": self.steps,
             "batched_steps": self.batched_steps,
             "batched_rows": self.batched_rows,

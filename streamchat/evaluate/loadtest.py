@@ -4,7 +4,9 @@ Starts `serve` as a child process on 127.0.0.1 (a free port; never another addre
 and for each N runs N client threads, each with the real `openai` package, each holding its own conversation of
 `--requests` streamed turns of up to `--tokens` tokens. Per N: aggregate generated tokens/s (all clients' completion
 tokens over the level's wall time), p50/p95 time to first token and inter-token latency (gaps between streamed
-chunks, as a client sees them), and the server process's RSS. Writes loadtest.json, loadtest.csv and loadtest.png to
+chunks, as a client sees them), the server process's RSS, the CPU time per generated token of the server and of the
+clients (they share the machine) and the load average. Writes loadtest.json, loadtest.csv and loadtest.png (the
+first repeat) to
 `--out`; checks the batching targets (aggregate tok/s with 4 streams >= 2.5x one stream's, p95 inter-token latency
 with 4 <= 2x one stream's) and says whether they were met. Every loop is bounded in count and in time.
 

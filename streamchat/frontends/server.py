@@ -187,8 +187,10 @@ class Metrics:
         conversations = stats["conversations"]
         yield GaugeMetricFamily("streamchat_conversations_live", "Live conversations", value=len(conversations))
         yield GaugeMetricFamily("streamchat_active_turns", "Conversations replying now", value=stats["active_turns"])
-        yield GaugeMetricFamily("streamchat_queue_depth", "Forward steps waiting for the scheduler",
+        yield GaugeMetricFamily("streamchat_queue_depth", "Prefill chunks waiting for the scheduler",
                                 value=stats["queued_steps"])
+        yield GaugeMetricFamily("streamchat_decoding", "Replies decoding on the scheduler (rows of its next step)",
+                                value=stats["decoding"])
         kv = GaugeMetricFamily("streamchat_kv_bytes", "KV cache bytes per conversation", labels=["conversation"])
         tokens = GaugeMetricFamily("streamchat_cache_tokens", "Tokens cached per conversation", labels=["conversation"])
         for name, cache in conversations.items():
@@ -198,7 +200,8 @@ class Metrics:
         yield tokens
         yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
                                 value=sum(c["kv_bytes"] for c in conversations.values()))
-        yield GaugeMetricFamily("streamchat_batched_rows_per_step", "Mean conversations per batched decode step",
+        yield GaugeMetricFamily("streamchat_batched_rows_per_step",
+                                "Mean conversations per batched step since start (steps of 2 or more)",
                                 value=stats["batched_rows"] / max(stats["batched_steps"], 1))
 
 
