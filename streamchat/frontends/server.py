@@ -124,7 +124,8 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{index}].role", f"must be system, user or assistant, got {json.dumps(role)[:40]}")
+            raise _bad(f"messages[{index}].role",
+                       f"must be system (or developer), user or assistant, got {json.dumps(role)[:40]}")
         if role == "system" and index != 0:
             raise _bad(f"messages[{index}].role", "a system message may only come first")
         if message.get("tool_calls"):
