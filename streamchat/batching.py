@@ -562,10 +562,10 @@ class Engine:
             session, cache = step.session, step.session.cache
             decoder = decoder_for_prefill(session.model, cache, session.settings)
             if decoder is None:
-                if not alone:
-                    alone = True
+                if not alone:  # pieces of prefill_piece always: the transformers forward rounds by chunk shape,
+                    alone = True  # so a conversation's prefill is cut the same batched or alone (same replies)
                     self._hand_out()
-                    self._run_piece(step, whole=not groups)  # nobody decoding waits for it: the whole chunk
+                    self._run_piece(step)
                 continue
             if budget <= 0:
                 continue
@@ -627,11 +627,10 @@ class Engine:
             for _, job in jobs:
                 self._finish_decode(job, error)
 
-    def _run_piece(self, step: _Step, whole: bool = False) -> None:
-        """The next `prefill_piece` tokens of a prefill step (all it has left with `whole`): the same as the session
-        feeding them as chunks of that size (make_room, then forward); the step is done after its last piece, with
-        that piece's logits."""
-        piece = step.ids[step.fed :] if whole else step.ids[step.fed : step.fed + self.prefill_piece]
+    def _run_piece(self, step: _Step) -> None:
+        """The next `prefill_piece` tokens of a prefill step: the same as the session feeding them as chunks of
+        that size (make_room, then forward); the step is done after its last piece, with that piece's logits."""
+        piece = step.ids[step.fed : step.fed + self.prefill_piece]
         try:
             step.logits = ChatSession._forward(step.session, piece)
             step.fed += len(piece)

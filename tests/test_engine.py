@@ -150,14 +150,25 @@ def test_closing_the_engine_ends_a_reply_that_is_decoding(tiny):
     assert not session.busy and session.last_turn is not None  # the turn ended and recorded its stats
 
 
-def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny):
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny, weights, monkeypatch):
     """With the native step (int4 weights), a new conversation's prefill pieces run in the same call as the other
-    conversations' decode rows (chunked prefill); every reply is still the one it gets alone."""
-    if native.library() is None:
+    conversations' decode rows (chunked prefill); with the transformers forward (int8 here) they run alone between
+    steps, cut the same way as when nobody decodes. Either way every reply is the one it gets alone."""
+    if native.library() is None and weights == "int4":
         pytest.skip(f"native kernels: {native.unavailable_reason()}")
-    settings = load_settings(None, {**SETTINGS, "decode_weights": "int4", "max_new_tokens": 24,
+    settings = load_settings(None, {**SETTINGS, "decode_weights": weights, "max_new_tokens": 24,
                                     "repetition_penalty": 1.0})
     prompts = [text * 3 for text in TURNS]  # several pieces each
+    cuts: dict[int, list[int]] = {}  # first token of a prompt -> the sizes of the transformers forwards that fed it
+    forward = ChatSession._forward
+
+    def recording(session, ids):
+        if len(ids) > 1:
+            cuts.setdefault(session.label, []).append(len(ids))
+        return forward(session, ids)
+
+    monkeypatch.setattr(ChatSession, "_forward", recording)
     engine = Engine(tiny, settings, max_sessions=4, prefill_piece=8)
     try:
         limits = [300, 24, 24, 24]  # the first decodes long enough for the others to prefill meanwhile
@@ -166,6 +177,7 @@ def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny):
             session = engine.new_session()
             alone.append("".join(session.send(text, max_new_tokens=limit)))
         assert engine.mixed_pieces == 0
+        cut_alone, cuts = dict(cuts), {}
         together: dict[int, str] = {}
         decoding = threading.Event()
 
@@ -184,6 +196,9 @@ def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny):
         for thread in threads:
             thread.join(timeout=120)
         assert [together.get(i) for i in range(len(prompts))] == alone
-        assert engine.mixed_pieces > 0 and engine.batched_rows > engine.batched_steps
+        assert engine.batched_rows > engine.batched_steps
+        assert (engine.mixed_pieces > 0) == (weights == "int4")
+        # a prefill the transformers forward runs is cut the same way batched or alone (it rounds by chunk shape)
+        assert sorted(cuts.values()) == sorted(cut_alone.values())
     finally:
         engine.close()
