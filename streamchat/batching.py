@@ -46,8 +46,8 @@ from streamchat.config import Settings
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
-from streamchat.session import ChatSession, SessionError, clean_text
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
@@ -647,16 +647,20 @@ def _token(row) -> int:
 
 def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
     """The next token of each reply from its logits row (fp32 [len(jobs), vocab], changed in place), as
-    `ChatSession._sample` draws it alone: greedy rows under the same repetition penalty together (transformers'
-    RepetitionPenaltyLogitsProcessor then argmax, or the same choice in one native pass per row), every other row by
-    its session's own sampler (its own generator: seeded replies repeat)."""
+    `ChatSession._sample` draws it alone, rows under the same sampling settings together: greedy rows get
+    transformers' RepetitionPenaltyLogitsProcessor then argmax (or the same choice in one native pass per row);
+    sampled rows the penalty, the temperature, top-k and top-p over the batch, then each its own draw with its
+    session's generator (seeded replies repeat, batched or alone)."""
     tokens: list[int | None] = [None] * len(jobs)
     greedy: dict[float, list[int]] = {}
+    sampled: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
-        if job.settings.temperature == 0:
-            greedy.setdefault(job.settings.repetition_penalty, []).append(index)
+        settings = job.settings
+        if settings.temperature == 0:
+            greedy.setdefault(settings.repetition_penalty, []).append(index)
         else:
-            tokens[index] = job.session._sample(logits[index : index + 1], job.processors, job.settings)
+            key = (settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p)
+            sampled.setdefault(key, []).append(index)
     for penalty, indices in greedy.items():
         rows = logits[indices] if len(indices) < len(jobs) else logits
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
@@ -668,4 +672,14 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
             chosen = rows.argmax(dim=-1).tolist()
         for index, token in zip(indices, chosen):
             tokens[index] = token
+    for (penalty, temperature, top_k, top_p), indices in sampled.items():
+        rows = logits[indices]
+        histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])
+        if penalty != 1.0:
+            rows = RepetitionPenaltyLogitsProcessor(penalty)(histories, rows)
+        rows = TemperatureLogitsWarper(temperature)(histories, rows)
+        probabilities, candidates = candidate_probabilities(rows, top_k, top_p)
+        for row, index in enumerate(indices):
+            choice = int(torch.multinomial(probabilities[row : row + 1], 1, generator=jobs[index].session.generator))
+            tokens[index] = choice if candidates is None else int(candidates[row, choice])
     return tokens

@@ -113,7 +113,8 @@ class IncrementalDecoder:
 def candidate_probabilities(
     logits: torch.Tensor, top_k: int, top_p: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sampling probabilities [1, n] after top-k then top-p, and the token ids they belong to (None: all of them).
+    """Sampling probabilities [B, n] after top-k then top-p, per row of logits [B, vocab], and the token ids they
+    belong to ([B, n]; None: all of them).
 
     With top-k on, top-p runs over the k candidates only, not the whole vocabulary: the same distribution (every
     other token already has probability 0) without sorting 49,152 logits per token, which transformers'

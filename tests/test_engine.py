@@ -202,3 +202,29 @@ def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny, weight
         assert sorted(cuts.values()) == sorted(cut_alone.values())
     finally:
         engine.close()
+
+
+def test_seeded_sampled_replies_batched_equal_alone(tiny):
+    """Sampled rows (temperature, top-k, top-p, repetition penalty) drawn together on the scheduler, each with its
+    own session's generator: a seeded conversation replies the same batched with others or alone."""
+    settings = load_settings(None, {**SETTINGS, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "max_new_tokens": 16})
+    seeds = [3, 5, 7, 11]
+    engine = Engine(tiny, settings, max_sessions=4, prefill_piece=16)
+    try:
+        def reply(i: int) -> str:
+            session = engine.new_session(settings.replace(seed=seeds[i]))
+            return "".join(session.send(TURNS[i]))
+
+        alone = [reply(i) for i in range(4)]
+        steps_before = engine.batched_steps
+        together: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, reply(i))) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [together.get(i) for i in range(4)] == alone
+        assert len(set(alone)) > 1  # the seeds matter
+        assert engine.batched_steps > steps_before
+    finally:
+        engine.close()
