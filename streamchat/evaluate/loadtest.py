@@ -1,7 +1,8 @@
 """`python -m streamchat loadtest`: N concurrent streaming OpenAI clients against `serve`, for N = 1, 2, 4, 8.
 
 Starts `serve` as a child process on 127.0.0.1 (a free port; never another address) with the given settings,
-and for each N runs N client threads, each with the real `openai` package, each holding its own conversation of
+and for each N runs N client processes (`loadtest_client`: no client's Python waits on another's GIL), each with
+the real `openai` package, each holding its own conversation of
 `--requests` streamed turns of up to `--tokens` tokens. Per N: aggregate generated tokens/s (all clients' completion
 tokens over the level's wall time), p50/p95 time to first token and inter-token latency (gaps between streamed
 chunks, as a client sees them), the server process's RSS, the CPU time per generated token of the server and of the
@@ -24,7 +25,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -61,59 +61,52 @@ def cpu_model() -> str:
 
 def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, deadline_s: float,
               api_key: str = "loadtest") -> dict[str, Any]:
-    """One load level: `clients` threads, each `requests` streamed turns in one conversation."""
-    import openai
+    """One load level: `clients` client processes (`loadtest_client`), each `requests` streamed turns in one
+    conversation, started together once all have imported the openai package. Also returns the CPU seconds the
+    clients used while conversing."""
+    import multiprocessing
 
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    completion_tokens = [0]
-    failures: list[str] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + deadline_s
+    from streamchat.evaluate.loadtest_client import serve_one
 
-    def client(index: int) -> None:
-        api = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=deadline_s)
-        messages = []
-        for turn in range(requests):
-            if time.monotonic() > deadline:
-                return
-            prompt = PROMPTS[(index + turn) % len(PROMPTS)] if turn == 0 else "Go on, with more details."
-            messages.append({"role": "user", "content": prompt})
-            started, stamps, pieces, used = time.perf_counter(), [], [], 0
-            try:
-                stream = api.chat.completions.create(
-                    model=model, messages=messages, max_tokens=tokens, temperature=0, stream=True,
-                    stream_options={"include_usage": True},
-                )
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        stamps.append(time.perf_counter())
-                        pieces.append(chunk.choices[0].delta.content)
-                    if chunk.usage:
-                        used = chunk.usage.completion_tokens
-            except Exception as error:  # noqa: BLE001 - counted and reported
-                with lock:
-                    failures.append(f"{type(error).__name__}: {error}")
-                return
-            messages.append({"role": "assistant", "content": "".join(pieces)})
-            with lock:
-                completion_tokens[0] += used
-                if stamps:
-                    ttfts.append(stamps[0] - started)
-                    gaps.extend(after - before for before, after in zip(stamps, stamps[1:]))
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=max(deadline - time.monotonic(), 0) + 30)
-    wall = time.perf_counter() - started
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no threads of this one
+    workers = []
+    for index in range(clients):
+        parent, child = context.Pipe()
+        process = context.Process(target=serve_one, daemon=True, args=(
+            child, base_url, model, api_key, PROMPTS[index % len(PROMPTS)], requests, tokens, deadline_s))
+        process.start()
+        workers.append((process, parent))
+    results, failures = [], []
+    try:
+        for process, connection in workers:  # every client started and imported before the clock starts
+            if not connection.poll(120):
+                raise RuntimeError("a load-test client did not start within 120 s")
+            connection.recv()
+        started = time.perf_counter()
+        for _, connection in workers:
+            connection.send("go")
+        for process, connection in workers:
+            if connection.poll(deadline_s + 60):
+                results.append(connection.recv())
+            else:
+                failures.append("TimeoutError: no result from a client")
+        wall = time.perf_counter() - started
+    finally:
+        for process, connection in workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            connection.close()
+    ttfts = [t for r in results for t in r["ttfts"]]
+    gaps = [g for r in results for g in r["gaps"]]
+    failures += [f for r in results for f in r["failures"]]
+    completion = sum(r["tokens"] for r in results)
     return {
         "clients": clients,
-        "completion_tokens": completion_tokens[0],
+        "completion_tokens": completion,
         "wall_s": round(wall, 3),
-        "aggregate_tok_s": round(completion_tokens[0] / wall, 2) if wall > 0 else 0.0,
+        "aggregate_tok_s": round(completion / wall, 2) if wall > 0 else 0.0,
         "ttft_p50_s": round(percentile(ttfts, 50), 4),
         "ttft_p95_s": round(percentile(ttfts, 95), 4),
         "itl_p50_ms": round(1000 * percentile(gaps, 50), 2),
@@ -121,6 +114,7 @@ def run_level(base_url: str, model: str, clients: int, requests: int, tokens: in
         "rss_mb": 0.0,
         "failures": len(failures),
         "first_failure": failures[0] if failures else "",
+        "clients_cpu_s": round(sum(r["cpu_s"] for r in results), 3),  # while conversing (not starting up)
     }
 
 
@@ -295,13 +289,13 @@ def main(args: argparse.Namespace) -> int:
         for repeat in range(args.repeat):
             for clients in args.clients:
                 server = psutil.Process(process.pid)
-                server_cpu, client_cpu = sum(server.cpu_times()[:2]), time.process_time()
+                server_cpu = sum(server.cpu_times()[:2])
                 row = {"repeat": repeat, **run_level(base, model, clients, args.requests, args.tokens,
                                                      args.level_timeout)}
-                # CPU seconds per generated token: the server's, and the clients' (this process shares the cores)
+                # CPU seconds per generated token: the server's, and the clients' (they share the cores)
                 tokens = max(row["completion_tokens"], 1)
                 row["server_cpu_ms_per_token"] = round(1000 * (sum(server.cpu_times()[:2]) - server_cpu) / tokens, 2)
-                row["client_cpu_ms_per_token"] = round(1000 * (time.process_time() - client_cpu) / tokens, 2)
+                row["client_cpu_ms_per_token"] = round(1000 * row.pop("clients_cpu_s") / tokens, 2)
                 row["rss_mb"] = round(server.memory_info().rss / 2**20, 1)
                 row["load_avg"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
