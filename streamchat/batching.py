@@ -47,7 +47,7 @@ from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_d
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+from transformers import LogitsProcessorList
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
@@ -77,19 +77,20 @@ class _Step:
 
 
 class _Decode:
-    """A reply decoding on the scheduler. Counts are of reply tokens: `sampled` (the first from the prefill's
-    logits), `fed` to the cache, `taken`: asked for by the turn's thread (which went past every token before).
+    """A reply decoding on the scheduler. Counts are of reply tokens: `fed` to the cache (one more, `token`, is
+    sampled and not fed yet: the first from the prefill's logits), `taken`: asked for by the turn's thread (which
+    went past every token before).
     Token k is fed only once the turn asked for token k (`taken > fed`), so at most one token is fed ahead of
     what the turn has seen, and a turn that stops after token k leaves nothing after it in the cache."""
 
-    __slots__ = ("session", "token", "sampled", "fed", "taken", "limit", "stop", "processors", "settings",
+    __slots__ = ("session", "token", "fed", "taken", "limit", "stop", "processors", "settings",
                  "tokens", "cancelled", "ended")
 
     def __init__(self, session: ChatSession, token: int, limit: int, stop: threading.Event,
                  processors: LogitsProcessorList, settings: Settings):
         self.session, self.token, self.limit, self.stop = session, token, limit, stop
         self.processors, self.settings = processors, settings
-        self.sampled, self.fed, self.taken = 1, 0, 1
+        self.fed, self.taken = 0, 1
         self.tokens: queue.SimpleQueue = queue.SimpleQueue()  # sampled ids; then _END or an exception
         self.cancelled = False
         self.ended = threading.Event()
@@ -518,7 +519,8 @@ class Engine:
                 self._run_alone(row)
             else:
                 groups.setdefault(id(decoder), (decoder, [], []))[1].append(row)
-        self._plan_prefill(prefills, groups, self.prefill_piece if rows else max(self.prefill_piece, IDLE_PREFILL_TOKENS))
+        budget = self.prefill_piece if rows else max(self.prefill_piece, IDLE_PREFILL_TOKENS)
+        self._plan_prefill(prefills, groups, budget)
         self._hand_out()
         for decoder, members, pieces in groups.values():
             if len(members) == 1 and not pieces:
@@ -617,10 +619,9 @@ class Engine:
         if error is None:
             with self._cond:
                 for (_, job), token in zip(jobs, tokens):
-                    job.sampled += 1
                     job.token = token
                     self._outbox[job] = token
-                    if token in job.session.end_of_turn_ids or job.sampled >= job.limit:
+                    if token in job.session.end_of_turn_ids or job.fed + 1 >= job.limit:  # fed + 1 sampled
                         self._finish_decode(job)  # the token first, then the end
             return
         with self._cond:
@@ -647,39 +648,33 @@ def _token(row) -> int:
 
 def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
     """The next token of each reply from its logits row (fp32 [len(jobs), vocab], changed in place), as
-    `ChatSession._sample` draws it alone, rows under the same sampling settings together: greedy rows get
-    transformers' RepetitionPenaltyLogitsProcessor then argmax (or the same choice in one native pass per row);
-    sampled rows the penalty, the temperature, top-k and top-p over the batch, then each its own draw with its
-    session's generator (seeded replies repeat, batched or alone)."""
+    `ChatSession._sample` draws it alone, rows under the same sampling settings together: their session's own
+    logits processors (repetition penalty, temperature) over the batch, then greedy rows the first maximum (or the
+    penalty and that choice in one native pass per row), sampled rows top-k and top-p over the batch and each its
+    own draw with its session's generator (seeded replies repeat, batched or alone)."""
     tokens: list[int | None] = [None] * len(jobs)
-    greedy: dict[float, list[int]] = {}
-    sampled: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
         settings = job.settings
-        if settings.temperature == 0:
-            greedy.setdefault(settings.repetition_penalty, []).append(index)
-        else:
-            key = (settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p)
-            sampled.setdefault(key, []).append(index)
-    for penalty, indices in greedy.items():
+        groups.setdefault((settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p),
+                          []).append(index)
+    for (penalty, temperature, top_k, top_p), indices in groups.items():
         rows = logits[indices] if len(indices) < len(jobs) else logits
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
-        if native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
+        if temperature == 0 and native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
             chosen = native.greedy(rows, histories, penalty)
         else:
-            if penalty != 1.0:
-                rows = RepetitionPenaltyLogitsProcessor(penalty)(histories, rows)
-            chosen = rows.argmax(dim=-1).tolist()
+            for processor in jobs[indices[0]].processors:  # the same settings: the same processors for every row
+                rows = processor(histories, rows)
+            if temperature == 0:
+                chosen = rows.argmax(dim=-1).tolist()
+            else:
+                probabilities, candidates = candidate_probabilities(rows, top_k, top_p)
+                chosen = []
+                for row, index in enumerate(indices):
+                    choice = int(torch.multinomial(probabilities[row : row + 1], 1,
+                                                   generator=jobs[index].session.generator))
+                    chosen.append(choice if candidates is None else int(candidates[row, choice]))
         for index, token in zip(indices, chosen):
             tokens[index] = token
-    for (penalty, temperature, top_k, top_p), indices in sampled.items():
-        rows = logits[indices]
-        histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])
-        if penalty != 1.0:
-            rows = RepetitionPenaltyLogitsProcessor(penalty)(histories, rows)
-        rows = TemperatureLogitsWarper(temperature)(histories, rows)
-        probabilities, candidates = candidate_probabilities(rows, top_k, top_p)
-        for row, index in enumerate(indices):
-            choice = int(torch.multinomial(probabilities[row : row + 1], 1, generator=jobs[index].session.generator))
-            tokens[index] = choice if candidates is None else int(candidates[row, choice])
     return tokens
