@@ -363,14 +363,6 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
     return out
 
 
-if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): build now, say which kernels run
-    if library() is not None:
-        print(f"streamchat: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
-    else:
-        print(f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
-              "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)")
-
-
 def greedy(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> list[int]:
     """The greedy next token of each row of fp32 logits [B, V], after the repetition penalty over history int64
     [B, W] (ids >= V are padding): transformers' RepetitionPenaltyLogitsProcessor then torch.argmax, the same
@@ -387,3 +379,11 @@ def greedy(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> list[
     if lib.sc_greedy(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty, out.data_ptr()):
         raise RuntimeError("out of memory in greedy sampling")
     return out.tolist()
+
+
+if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): build now, say which kernels run
+    if library() is not None:
+        print(f"streamchat: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
+    else:
+        print(f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
+              "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)")

@@ -28,16 +28,21 @@ def batchable(cache: BoundedCache) -> bool:
     return FastDecoder.refusal(cache) is None and not cache.policy.needs_attention_scores
 
 
+def _check_rows(rows: list, caches: list[BoundedCache]) -> None:
+    """One entry per cache, at least one, no cache twice; else ValueError."""
+    if len(rows) != len(caches) or not caches:
+        raise ValueError(f"{len(rows)} rows for {len(caches)} caches")
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise ValueError("a cache appears twice in one batched step")
+
+
 @torch.inference_mode()
 def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[BoundedCache]) -> torch.Tensor:
     """Feed token_ids[b] at place caches[b].length for every b; returns fp32 logits [B, vocab].
 
     Call `make_room(1)` on each cache first. Raises FastPathUnavailable for a cache `batchable` refuses, ValueError
     for mismatched lists or a cache listed twice. Eager only (a compiled decoder's graph is for one row)."""
-    if len(token_ids) != len(caches) or not caches:
-        raise ValueError(f"{len(token_ids)} tokens for {len(caches)} caches")
-    if len({id(cache) for cache in caches}) != len(caches):
-        raise ValueError("a cache appears twice in one batched step")
+    _check_rows(token_ids, caches)
     for cache in caches:
         if not batchable(cache):
             raise FastPathUnavailable(FastDecoder.refusal(cache) or "attention-score policies decode singly")
@@ -99,10 +104,9 @@ def feed_batch(decoder: FastDecoder, chunks: list[list[int]], caches: list[Bound
     each chunk's length first. Raises FastPathUnavailable where the native step cannot run these caches."""
     if all(len(chunk) == 1 for chunk in chunks):
         return decode_batch(decoder, [chunk[0] for chunk in chunks], caches)
-    if len(chunks) != len(caches) or not caches or any(not chunk for chunk in chunks):
-        raise ValueError(f"{len(chunks)} chunks for {len(caches)} caches")
-    if len({id(cache) for cache in caches}) != len(caches):
-        raise ValueError("a cache appears twice in one batched step")
+    _check_rows(chunks, caches)
+    if any(not chunk for chunk in chunks):
+        raise ValueError("an empty chunk in a batched step")
     if not decoder.native_ready(caches):
         raise FastPathUnavailable("chunks of several tokens batch only on the native decode step")
     for chunk, cache in zip(chunks, caches):
