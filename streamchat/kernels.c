@@ -63,9 +63,9 @@ static uint64_t now_ns(void) {
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* Take tasks of loop `loop` until none is left (or another loop began: a late worker never runs a task twice). */
 #define CLOSED 0xFFFFFFFFu /* a loop's ticket while its caller sets it up */
 
+/* Take tasks of loop `loop` until none is left (or another loop began: a late worker never runs a task twice). */
 static void take_tasks(uint32_t loop) {
     for (;;) {
         uint64_t ticket = atomic_load(&pool.ticket);
@@ -174,6 +174,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* x [K] fp32 -> K/32 blocks of 8-bit values, per block scale max|x| / 127 (llama.cpp's quantize_row_q8_1). */
 static void quantize_q8(const float *x, block_q8 *y, int K) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -184,10 +190,7 @@ static void quantize_q8(const float *x, block_q8 *y, int K) {
             v[i] = _mm256_loadu_ps(xb + 8 * i);
             amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
         }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float d = _mm_cvtss_f32(m) / 127.0f;
+        const float d = hmax(amax) / 127.0f;
         const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
         __m256i q[4];
         for (int i = 0; i < 4; i++)
@@ -526,9 +529,7 @@ static float softmax_parts(float *scores, int n, float *total) {
     for (int j = n; j < (n + 7) / 8 * 8; j++) scores[j] = -INFINITY;
     __m256 tops = _mm256_set1_ps(-INFINITY);
     for (int j = 0; j < n; j += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(scores + j));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    const float top = hmax(tops);
     __m256 sum = _mm256_setzero_ps();
     for (int j = 0; j < n; j += 8) {
         const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
@@ -898,9 +899,7 @@ int sc_greedy(float *logits, int B, int V, const int64_t *history, int W, float 
         __m256 top = _mm256_set1_ps(-INFINITY);
         int i = 0;
         for (; i + 8 <= V; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + i));
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        float best = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        float best = hmax(top);
         for (; i < V; i++) best = row[i] > best ? row[i] : best;
         const __m256 target = _mm256_set1_ps(best);
         for (i = 0; i + 8 <= V; i += 8) {
