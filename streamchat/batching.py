@@ -257,6 +257,7 @@ class Engine:
         self._running = True
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
         self.mixed_pieces = 0  # prefill pieces that ran in the same native call as decode rows
+        self.step_threads = 0  # threads the last step ran on (torch's and the native kernels' count there)
         prepare_decoder(loaded.model, settings)  # quantized weights at start-up, not inside the first request
         # Every token crosses threads (scheduler -> turn -> event loop) and each crossing needs the GIL. A
         # thread running Python keeps it for up to the switch interval (5 ms by default): as long as a decode step.
@@ -392,6 +393,7 @@ class Engine:
             "steps": self.steps,
             "batched_steps": self.batched_steps,
             "batched_rows": self.batched_rows,
+            "step_threads": self.step_threads,
         }
 
     def close(self) -> None:
@@ -461,6 +463,10 @@ class Engine:
         job.ended.set()
 
     def _schedule(self) -> None:
+        # torch gives a thread its count lazily, at the thread's first parallel call, from whichever count any
+        # thread set last: a turn's thread (which sets 1, EngineSession.send) would leave this thread decoding on
+        # one core. Asking first makes the count set here this thread's own.
+        torch.get_num_threads()
         torch.set_num_threads(self._threads)
         while True:
             with self._cond:
@@ -503,6 +509,7 @@ class Engine:
         token budget), so several new requests prefill together and the decoding ones wait a few rows, not a whole
         prefill forward. A prefill the native step cannot run (H2O/TOVA, torch's kernels) runs alone, one per step;
         so does a decode row it cannot batch. What is left of a prefill waits for the next step."""
+        self.step_threads = torch.get_num_threads()
         prefills = [step for step in batch if len(step.ids) != 1]
         rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
         groups: dict[int, tuple[Any, list, list]] = {}  # id(decoder) -> (decoder, decode rows, prefill pieces)

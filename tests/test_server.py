@@ -161,7 +161,7 @@ def test_metrics_parse(served):
     for name in ("streamchat_conversations_live", "streamchat_kv_bytes", "streamchat_kv_bytes_total",
                  "streamchat_cache_tokens", "streamchat_evicted_tokens", "streamchat_prompt_tokens",
                  "streamchat_generated_tokens", "streamchat_time_to_first_token_seconds",
-                 "streamchat_inter_token_latency_seconds", "streamchat_queue_depth"):
+                 "streamchat_inter_token_latency_seconds", "streamchat_queue_depth", "streamchat_step_threads"):
         assert name in families, name
     generated = next(s.value for s in families["streamchat_generated_tokens"].samples if s.name.endswith("_total"))
     assert generated >= 1
@@ -169,6 +169,7 @@ def test_metrics_parse(served):
     ttft_count = next(s.value for s in families["streamchat_time_to_first_token_seconds"].samples
                       if s.name.endswith("_count"))
     assert ttft_count == 1
+    assert families["streamchat_step_threads"].samples[0].value == served.engine._threads >= 1
     tab = served.engine.new_session()  # a web UI tab on the same engine counts while it lives
     "".join(tab.send("Hi"))
 

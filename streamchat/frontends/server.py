@@ -201,6 +201,8 @@ class Metrics:
         yield tokens
         yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
                                 value=sum(c["kv_bytes"] for c in conversations.values()))
+        yield GaugeMetricFamily("streamchat_step_threads", "Threads the scheduler's last decode step ran on",
+                                value=stats["step_threads"])
         yield GaugeMetricFamily("streamchat_batched_rows_per_step",
                                 "Mean conversations per batched step since start (steps of 2 or more)",
                                 value=stats["batched_rows"] / max(stats["batched_steps"], 1))
