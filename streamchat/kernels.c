@@ -10,8 +10,9 @@
  *    8 rows interleaved per block.
  * 3. sc_attention: one query per sequence over a cache of keys and values (fp32 or fp16), grouped-query heads.
  *
- * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors); native.py picks the
- * one torch's own CPU capability names, so ATEN_CPU_CAPABILITY=avx2 selects the AVX2 build here too.
+ * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd; the matmuls take 16 output rows per
+ * 512-bit vector, the rest stays on 256-bit vectors); native.py picks the one torch's own CPU capability names, so
+ * ATEN_CPU_CAPABILITY=avx2 selects the AVX2 build here too.
  * Threads: a small pool of its own (below), as many as torch.get_num_threads() of the calling thread.
  */
 #define _GNU_SOURCE /* clock_gettime under -std=c11 */
@@ -290,6 +291,49 @@ Q4X8_TILE(1)
 Q4X8_TILE(2)
 Q4X8_TILE(4)
 
+#ifdef SC_VNNI
+/* Two row groups (16 rows: w0's 8, then w1's) in 512-bit vectors: the same per-lane arithmetic as q4x8_tile (so
+ * the same bits), half the instructions per activation row. Server Xeons run a 512-bit vpdpbusd at the rate of a
+ * 256-bit one (two 512-bit units): twice the multiply-adds per cycle where a batched step or a prefill chunk is
+ * bound by arithmetic rather than by reading the weights; Zen 4 splits it in two (no loss). */
+#define Q4X16_TILE(C)                                                                                             \
+    static inline void q4x16_tile_##C(const block_q4x8 *w0, const block_q4x8 *w1, int nb, const float *bias,     \
+                                      const block_q8 *a, float *out, size_t ostride) {                           \
+        const __m512i low = _mm512_set1_epi8(0x0F);                                                              \
+        __m512 acc[C];                                                                                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();                        \
+        for (int b = 0; b < nb; b++) {                                                                           \
+            const block_q4x8 *b0 = w0 + b, *b1 = w1 + b;                                                         \
+            __m512i wg[8];                                                                                       \
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {                                                \
+                const __m512i raw = _mm512_inserti64x4(                                                          \
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b0->qs[j])),                      \
+                    _mm256_loadu_si256((const __m256i *)b1->qs[j]), 1);                                          \
+                wg[j] = _mm512_and_si512(raw, low);                                                              \
+                wg[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);                                    \
+            }                                                                                                    \
+            const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(                                           \
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->d)), _mm_loadu_si128((const __m128i *)b1->d), 1)); \
+            const __m512 mw = _mm512_cvtph_ps(_mm256_inserti128_si256(                                           \
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->m)), _mm_loadu_si128((const __m128i *)b1->m), 1)); \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
+                const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
+                __m512i dot = _mm512_setzero_si512();                                                            \
+                _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++)                                              \
+                    dot = _mm512_dpbusd_epi32(dot, wg[g], _mm512_set1_epi32(*(const int32_t *)(ab->qs + 4 * g))); \
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(ab->d)), acc[c]); \
+                acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(ab->s), acc[c]);                                     \
+            }                                                                                                    \
+        }                                                                                                        \
+        const __m512 add = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();                                   \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                                                      \
+            _mm512_storeu_ps(out + (size_t)c * ostride, _mm512_add_ps(acc[c], add));                             \
+    }
+Q4X16_TILE(1)
+Q4X16_TILE(2)
+Q4X16_TILE(4)
+#endif
+
 /* 8-bit weights, 8 output rows interleaved per 32-input block (the output projection, and int8 linears): per row
  * group and block, 8 chunks of 32 bytes; byte 4r+i of chunk j holds row r's element 4j+i (signed, one fp32 scale
  * per row kept apart). As with block_q4x8, one integer multiply-add of a chunk with 4 activation bytes broadcast
@@ -363,6 +407,40 @@ Q8X8_TILE(1)
 Q8X8_TILE(2)
 Q8X8_TILE(4)
 
+#ifdef SC_VNNI
+/* Two row groups (16 rows) in 512-bit vectors, as q4x16_tile: the same per-lane arithmetic as q8x8_tile. */
+#define Q8X16_TILE(C)                                                                                             \
+    static inline void q8x16_tile_##C(const block_q8x8 *w0, const block_q8x8 *w1, int nb, const float *scale,    \
+                                      const block_q8 *a, float *out, size_t ostride) {                           \
+        const __m512i offset_bytes = _mm512_set1_epi8((char)0x80);                                               \
+        __m512 acc[C];                                                                                           \
+        float sums[C];                                                                                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), sums[c] = 0.0f;        \
+        for (int b = 0; b < nb; b++) {                                                                           \
+            __m512i wg[8];                                                                                       \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)                                                  \
+                wg[j] = _mm512_xor_si512(_mm512_inserti64x4(                                                     \
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w0[b].qs[j])),                    \
+                    _mm256_loadu_si256((const __m256i *)w1[b].qs[j]), 1), offset_bytes);                         \
+            _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
+                const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
+                __m512i dot = _mm512_setzero_si512();                                                            \
+                _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)                                              \
+                    dot = _mm512_dpbusd_epi32(dot, wg[j], _mm512_set1_epi32(*(const int32_t *)(ab->qs + 4 * j))); \
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(ab->d), acc[c]);                \
+                sums[c] += ab->s;                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        const __m512 scales = _mm512_loadu_ps(scale);                                                            \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)                                                      \
+            _mm512_storeu_ps(out + (size_t)c * ostride,                                                          \
+                             _mm512_mul_ps(_mm512_sub_ps(acc[c], _mm512_set1_ps(128.0f * sums[c])), scales));   \
+    }
+Q8X16_TILE(1)
+Q8X16_TILE(2)
+Q8X16_TILE(4)
+#endif
+
 #define ROW_TILE 16 /* output rows per parallel task */
 #define M_TILE 32   /* activation rows swept per weight tile (kept in L1/L2) */
 
@@ -400,16 +478,40 @@ typedef struct {
 #define Q8_SCALE(u) (job->extra + 8 * (u))
 #define Q8_OUT(m, u) (job->out + (size_t)(m) * N + 8 * (u))
 
+#ifdef SC_VNNI
+/* As SWEEP, for a task of exactly two units: one 16-row tile in 512-bit vectors. */
+#define SWEEP_PAIR(TILE, W_AT, EXTRA_AT, OUT_AT)                                                                  \
+    for (int m0 = 0; m0 < M; m0 += M_TILE) {                                                                     \
+        const int m1 = m0 + M_TILE < M ? m0 + M_TILE : M;                                                        \
+        int m = m0;                                                                                              \
+        for (; m + 4 <= m1; m += 4) TILE##_4(W_AT(u0), W_AT(u0 + 1), nb, EXTRA_AT(u0), a + (size_t)m * nb, OUT_AT(m, u0), N); \
+        for (; m + 2 <= m1; m += 2) TILE##_2(W_AT(u0), W_AT(u0 + 1), nb, EXTRA_AT(u0), a + (size_t)m * nb, OUT_AT(m, u0), N); \
+        for (; m < m1; m++) TILE##_1(W_AT(u0), W_AT(u0 + 1), nb, EXTRA_AT(u0), a + (size_t)m * nb, OUT_AT(m, u0), N); \
+    }
+#define WIDE(u0, u1) ((u1) - (u0) == 2)
+#else
+#define WIDE(u0, u1) 0
+#define SWEEP_PAIR(TILE, W_AT, EXTRA_AT, OUT_AT)
+#endif
+
 static void q4_task(void *context, int t) {
     const matmul_job *job = context;
     JOB_UNITS(job, t)
-    SWEEP(q4x8_tile, Q4_W, Q4_BIAS, Q4_OUT)
+    if (WIDE(u0, u1)) {
+        SWEEP_PAIR(q4x16_tile, Q4_W, Q4_BIAS, Q4_OUT)
+    } else {
+        SWEEP(q4x8_tile, Q4_W, Q4_BIAS, Q4_OUT)
+    }
 }
 
 static void q8_task(void *context, int t) {
     const matmul_job *job = context;
     JOB_UNITS(job, t)
-    SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    if (WIDE(u0, u1)) {
+        SWEEP_PAIR(q8x16_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    } else {
+        SWEEP(q8x8_tile, Q8_W, Q8_SCALE, Q8_OUT)
+    }
 }
 
 /* x [M, K] fp32, w: N/8 row groups of K/32 `block_q4x8`, out [M, N] fp32 (+ bias [N] when not NULL).

@@ -43,6 +43,22 @@ def test_4bit_matmul_equals_the_float_matmul(rows):
     assert not torch.equal(got, torch.zeros_like(got))
 
 
+def test_a_row_group_gives_the_same_bits_in_a_16_row_tile_as_alone():
+    """A task of two 8-row groups runs one 16-row tile (512-bit vectors in the AVX-512 build), a lone group an 8-row
+    one: the same arithmetic per output, so the same bits (16 outputs: one pair; 8: one group alone)."""
+    generator = torch.Generator().manual_seed(3)
+    weight4 = on_q4_grid(torch.randn(16, 96, generator=generator))
+    weight8 = torch.randint(-127, 128, (16, 96), dtype=torch.int8, generator=generator)
+    scales = torch.rand(16, generator=generator) * 0.01
+    for rows in (1, 2, 4, 7):
+        x = torch.randn(rows, 96, generator=generator)
+        pair, alone = native.q4_matmul(x, native.pack_q4(weight4), 16), native.q4_matmul(x, native.pack_q4(weight4[:8]), 8)
+        assert torch.equal(pair[:, :8], alone)
+        pair = native.q8_matmul(x, *native.pack_q8(weight8, scales), 16)
+        alone = native.q8_matmul(x, *native.pack_q8(weight8[:8], scales[:8]), 8)
+        assert torch.equal(pair[:, :8], alone) and pair.abs().sum() > 0
+
+
 def quantized_rows(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] as the kernels quantize activations (Q8: per 32 inputs, scale max|x| / 127, round to nearest)."""
     blocks = x.reshape(x.shape[0], -1, 32)
