@@ -620,7 +620,8 @@ class Engine:
             for _, job in jobs:
                 job.fed += 1
             try:
-                tokens = sample_rows([job for _, job in jobs], logits[[index for index, _ in jobs]])
+                mine = logits[: len(rows)] if len(jobs) == len(rows) else logits[[index for index, _ in jobs]]
+                tokens = sample_rows([job for _, job in jobs], mine)  # a view when every row is a reply: no copy
             except Exception as failure:  # noqa: BLE001 - a bad sampling setting ends those replies, not the engine
                 error = failure
         if error is None:
