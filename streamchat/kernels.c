@@ -40,7 +40,8 @@
  */
 
 #define MAX_THREADS 64
-#define SPIN_NS 200000 /* how long an idle worker spins before it sleeps (a decode step's loops are us apart) */
+#define SPIN_NS 30000 /* how long an idle worker spins before it sleeps: a step's loops are a few us apart; longer means
+                       * the step's caller is away (descheduled, or between steps) and the core serves others better */
 
 typedef void (*task_fn)(void *context, int task);
 
