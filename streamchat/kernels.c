@@ -294,9 +294,9 @@ Q4X8_TILE(4)
 
 #ifdef SC_VNNI
 /* Two row groups (16 rows: w0's 8, then w1's) in 512-bit vectors: the same per-lane arithmetic as q4x8_tile (so
- * the same bits), half the instructions per activation row. Server Xeons run a 512-bit vpdpbusd at the rate of a
- * 256-bit one (two 512-bit units): twice the multiply-adds per cycle where a batched step or a prefill chunk is
- * bound by arithmetic rather than by reading the weights; Zen 4 splits it in two (no loss). */
+ * the same bits), half the instructions per activation row, which counts where a batched step or a prefill chunk
+ * is bound by arithmetic rather than by reading the weights (on the Intel Xeon measured, docs/speed-cpu.md: a
+ * step's matmuls 10% faster for one row, 16% for four). Zen 4 splits 512-bit operations in two. */
 #define Q4X16_TILE(C)                                                                                             \
     static inline void q4x16_tile_##C(const block_q4x8 *w0, const block_q4x8 *w1, int nb, const float *bias,     \
                                       const block_q8 *a, float *out, size_t ostride) {                           \
