@@ -983,22 +983,29 @@ int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int h
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Greedy choice for B rows of logits [B, V] (modified in place), after the repetition penalty of CTRL (Keskar et
- * al. 2019) as transformers' RepetitionPenaltyLogitsProcessor applies it: each distinct id in the row's history
- * [W] (ids outside 0..V-1 are padding) has its logit v replaced by v < 0 ? v * penalty : v / penalty, once however
- * often it occurs (every original is read before any is written). out[b]: the first index of the row's maximum,
- * torch.argmax's choice. Returns 0, or -1 when memory ran out. */
+ * Sampling the next token: transformers' logits processors as ChatSession applies them (session.py), one pass per
+ * row, no Python between the steps.
+ *
+ * The repetition penalty of CTRL (Keskar et al. 2019) as transformers' RepetitionPenaltyLogitsProcessor applies it
+ * to one row [V] (changed in place): each distinct id in history [W] (ids outside 0..V-1 are padding) has its logit
+ * v replaced by v < 0 ? v * penalty : v / penalty, once however often it occurs (every original is read, into
+ * `saved` [W], before any is written). */
+static void repetition_penalty(float *row, int V, const int64_t *ids, int W, float penalty, float *saved) {
+    if (penalty == 1.0f) return;
+    for (int w = 0; w < W; w++) saved[w] = ids[w] >= 0 && ids[w] < V ? row[ids[w]] : 0.0f;
+    for (int w = 0; w < W; w++)
+        if (ids[w] >= 0 && ids[w] < V) row[ids[w]] = saved[w] < 0.0f ? saved[w] * penalty : saved[w] / penalty;
+}
+
+/* Greedy choice for B rows of logits [B, V] (modified in place) after the repetition penalty over each row's
+ * history [W]. out[b]: the first index of the row's maximum, torch.argmax's choice. Returns 0, or -1 when memory
+ * ran out. */
 int sc_greedy(float *logits, int B, int V, const int64_t *history, int W, float penalty, int64_t *out) {
     float *saved = W > 0 ? malloc(sizeof(float) * (size_t)W) : NULL;
     if (W > 0 && !saved) return -1;
     for (int b = 0; b < B; b++) {
         float *row = logits + (size_t)b * V;
-        const int64_t *ids = history + (size_t)b * W;
-        if (penalty != 1.0f) {
-            for (int w = 0; w < W; w++) saved[w] = ids[w] >= 0 && ids[w] < V ? row[ids[w]] : 0.0f;
-            for (int w = 0; w < W; w++)
-                if (ids[w] >= 0 && ids[w] < V) row[ids[w]] = saved[w] < 0.0f ? saved[w] * penalty : saved[w] / penalty;
-        }
+        repetition_penalty(row, V, history + (size_t)b * W, W, penalty, saved);
         __m256 top = _mm256_set1_ps(-INFINITY);
         int i = 0;
         for (; i + 8 <= V; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(row + i));
@@ -1012,6 +1019,75 @@ int sc_greedy(float *logits, int B, int V, const int64_t *history, int W, float 
         for (; i < V; i++)
             if (row[i] == best) break;
         out[b] = i < V ? i : 0;
+    }
+    free(saved);
+    return 0;
+}
+
+#define MAX_TOP_K 1024 /* most candidates sc_sample keeps (top_k beyond it: torch's path, session.py) */
+
+/* The k largest logits of row [V], in descending order (equal values: lower id first), into values/ids [k].
+ * One pass: 8 logits at a time are skipped unless one beats the k-th kept so far. */
+static void largest(const float *row, int V, int k, float *values, int *ids) {
+    int kept = 0;
+    float floor = -INFINITY; /* the k-th largest kept once k are kept: only a larger logit gets in */
+    for (int i = 0; i < V; i += 8) {
+        int mask = 0xFF;
+        if (i + 8 <= V && kept == k)
+            mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(floor), _CMP_GT_OQ));
+        for (int j = i; mask && j < i + 8 && j < V; j++) {
+            const float v = row[j];
+            if (kept == k && !(v > floor)) continue;
+            int at = kept < k ? kept++ : k - 1; /* a full list drops its last */
+            while (at > 0 && values[at - 1] < v) values[at] = values[at - 1], ids[at] = ids[at - 1], at--;
+            values[at] = v, ids[at] = j;
+            if (kept == k) floor = values[k - 1];
+        }
+    }
+}
+
+/* A draw for B rows of logits [B, V] (modified in place), as ChatSession._sample makes it with transformers'
+ * processors: the repetition penalty over the row's history [W]; the logits divided by `temperature` (> 0,
+ * TemperatureLogitsWarper); the top_k (1..MAX_TOP_K) largest kept (torch.topk); of those, top-p (nucleus sampling,
+ * Holtzman et al. 2020, as TopPLogitsWarper: the most likely candidates while the ones before them hold less than
+ * top_p of the probability, the first always); then candidate i drawn with probability p_i / sum p over the kept,
+ * by the inverse of their cumulative sum at uniform[b] in [0, 1) (the session's generator draws it, so seeded
+ * replies repeat). out[b]: the token id. Returns 0, or -1 on a bad top_k or when memory ran out. */
+int sc_sample(float *logits, int B, int V, const int64_t *history, int W, float penalty, float temperature,
+              int top_k, float top_p, const float *uniform, int64_t *out) {
+    if (top_k < 1 || top_k > MAX_TOP_K || !(temperature > 0.0f)) return -1;
+    const int k = top_k < V ? top_k : V;
+    float *saved = W > 0 ? malloc(sizeof(float) * (size_t)W) : NULL;
+    if (W > 0 && !saved) return -1;
+    float values[MAX_TOP_K];
+    int ids[MAX_TOP_K];
+    for (int b = 0; b < B; b++) {
+        float *row = logits + (size_t)b * V;
+        repetition_penalty(row, V, history + (size_t)b * W, W, penalty, saved);
+        largest(row, V, k, values, ids);
+        const float top = values[0] / temperature;
+        float total = 0.0f;
+        for (int i = 0; i < k; i++) total += values[i] = expf(values[i] / temperature - top);
+        int kept = 1; /* top-p: rank r stays while the ranks before it hold less than top_p */
+        if (top_p < 1.0f) {
+            float before = values[0] / total;
+            while (kept < k && before < top_p) before += values[kept++] / total;
+        } else {
+            kept = k;
+        }
+        float mass = 0.0f;
+        for (int i = 0; i < kept; i++) mass += values[i];
+        const float target = uniform[b] * mass;
+        int chosen = kept - 1;
+        float running = 0.0f;
+        for (int i = 0; i < kept; i++) {
+            running += values[i];
+            if (running > target) {
+                chosen = i;
+                break;
+            }
+        }
+        out[b] = ids[chosen];
     }
     free(saved);
     return 0;

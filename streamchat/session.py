@@ -25,6 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from streamchat import native
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
@@ -467,10 +468,10 @@ class ChatSession:
         if fast is not None:  # single-token decode: the flat fast path, same cache semantics (streamchat/fastpath)
             self._recent_ids.extend(ids)
             return fast.decode(ids[0], self.cache)
-        native = decoder_for_prefill(self.model, self.cache, self.settings)
-        if native is not None:  # a prefill chunk through the native step: one row per token, causal
+        chunked = decoder_for_prefill(self.model, self.cache, self.settings)
+        if chunked is not None:  # a prefill chunk through the native step: one row per token, causal
             self._recent_ids.extend(ids)
-            return native.prefill(ids, self.cache)
+            return chunked.prefill(ids, self.cache)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             out = self.model(
@@ -493,7 +494,12 @@ class ChatSession:
         return processors
 
     def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, settings: Settings) -> int:
-        """The next token: greedy at temperature 0, else drawn after top-k and top-p."""
+        """The next token: greedy at temperature 0, else drawn after top-k and top-p (in one native pass where the
+        kernels run: `native.sample`, the same processors' arithmetic; `logits` may be changed in place)."""
+        if settings.temperature > 0 and native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p):
+            uniform = torch.rand(1, generator=self.generator)
+            return native.sample(logits, self._recent_ids.padded.unsqueeze(0), settings.repetition_penalty,
+                                 settings.temperature, settings.top_k, settings.top_p, uniform)[0]
         if processors:
             history = self._recent_ids.padded.unsqueeze(0).to(self.device)
             for processor in processors:  # as LogitsProcessorList does, without its per-call signature inspection

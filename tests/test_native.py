@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import RepetitionPenaltyLogitsProcessor
+
 from streamchat import native
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels: {native.unavailable_reason()}")
@@ -226,3 +228,42 @@ def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
     monkeypatch.setattr(native, "_built", without("avx512vnni", "avx2"))
     assert native.library() is None and native.active() is None
     assert "could not build" in native.unavailable_reason() and "torch's kernels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("penalty", "temperature", "top_k", "top_p"),
+                         [(1.0, 1.0, 50, 1.0), (1.3, 0.7, 50, 0.9), (1.1, 1.5, 7, 0.5), (1.0, 0.3, 1, 0.9)])
+def test_native_sampling_draws_from_what_the_processors_keep(penalty, temperature, top_k, top_p):
+    """`native.sample` at a uniform u picks the candidate whose share of the cumulative probability holds u, over
+    the candidates and probabilities transformers' processors give (repetition penalty, temperature, then
+    `candidate_probabilities`' top-k and top-p): u at the middle of each kept candidate's share picks exactly it."""
+    from transformers import TemperatureLogitsWarper
+
+    from streamchat.session import candidate_probabilities
+
+    generator = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(1, 3000, generator=generator) * 3
+    history = torch.cat([torch.randint(0, 3000, (1, 40), generator=generator), torch.full((1, 8), 3000)], dim=1)
+    reference = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+    probabilities, candidates = candidate_probabilities(TemperatureLogitsWarper(temperature)(history, reference),
+                                                        top_k, top_p)
+    kept = probabilities[0] > 0
+    shares = probabilities[0][kept].double() / probabilities[0][kept].double().sum()
+    ends = shares.cumsum(0)
+    for index, (end, share) in enumerate(zip(ends.tolist(), shares.tolist())):
+        uniform = torch.tensor([end - share / 2])
+        got = native.sample(logits.clone(), history, penalty, temperature, top_k, top_p, uniform)
+        assert got == [int(candidates[0][kept][index])], index
+    assert len(ends) == 1 if top_k == 1 else 1 < len(ends) <= top_k  # top-p kept several of the top_k
+    # several rows at once, each its own history and draw
+    rows = torch.cat([logits, logits.flip(1)])
+    twice = native.sample(rows, torch.cat([history, history]), penalty, temperature, top_k, top_p,
+                          torch.tensor([0.0, 0.0]))
+    assert twice[0] == int(candidates[0][0])
+
+
+def test_native_sampling_refuses_what_it_does_not_take():
+    logits = torch.randn(1, 100)
+    assert not native.can_sample(logits, 0.0, 50, 0.9) and not native.can_sample(logits, 0.7, 0, 0.9)
+    assert not native.can_sample(logits, 0.7, native.MAX_TOP_K + 1, 0.9) and not native.can_sample(torch.randn(2, 200)[:, ::2], 0.7, 5, 0.9)
+    with pytest.raises(ValueError, match="top_k"):
+        native.sample(logits, torch.zeros(1, 4, dtype=torch.int64), 1.0, 0.7, 0, 0.9, torch.zeros(1))
