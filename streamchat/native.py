@@ -198,6 +198,7 @@ def compact(layer, src: int, dst: int, count: int) -> bool:
     if cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
         return False
     _, heads, capacity, dim = layer.keys.shape
+    use_threads()
     status = lib.sc_compact(layer.keys.data_ptr(), layer.raw_keys.data_ptr(), layer.values.data_ptr(),
                             layer.origins.data_ptr(), int(layer.keys.dtype == torch.float16), heads, capacity, dim,
                             src, dst, count, cos.data_ptr(), sin.data_ptr())

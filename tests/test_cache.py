@@ -227,10 +227,11 @@ def test_reference_is_sensitive_to_positions(model):
     assert (shifted.step(ids[-1]) - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kv_dtype", ["model", "float16"])
-def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, monkeypatch):
+@pytest.mark.parametrize(("kv_dtype", "window"), [("model", 60), ("float16", 60), ("float16", 150)])
+def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, window, monkeypatch):
     """sink_window's compaction (one contiguous run of places moved down, keys re-rotated) through kernels.c equals
-    the torch path exactly, in fp32 and in fp16, over many evictions."""
+    the torch path exactly, in fp32 and in fp16, over many evictions (a window of 150: keys re-rotated in several
+    tasks per head)."""
     from streamchat import native
 
     if native.library() is None:
@@ -239,13 +240,13 @@ def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, monkeypatch
     original = native.compact
     monkeypatch.setattr(native, "compact", lambda *args: calls.append(original(*args)) or calls[-1])
     dtype = model.dtype if kv_dtype == "model" else torch.float16
-    native_cache = BoundedCache(model, settings(sinks=4, window=60, slack=8), dtype)
+    native_cache = BoundedCache(model, settings(sinks=4, window=window, slack=8), dtype)
     stream_random_keys(model, native_cache, 400, 7)
     done = list(calls)
     with native.torch_kernels():
-        torch_cache = BoundedCache(model, settings(sinks=4, window=60, slack=8), dtype)
+        torch_cache = BoundedCache(model, settings(sinks=4, window=window, slack=8), dtype)
         stream_random_keys(model, torch_cache, 400, 7)
-    assert native_cache.evicted_tokens == torch_cache.evicted_tokens > 300
+    assert native_cache.evicted_tokens == torch_cache.evicted_tokens > 400 - window - 20
     assert len(done) > 20 and all(done)  # every compaction of the first cache went through the kernel
     assert calls[len(done):] and not any(calls[len(done):])  # and none of the second's
     for a, b in zip(native_cache.layers, torch_cache.layers):
