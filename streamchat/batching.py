@@ -46,7 +46,7 @@ from streamchat.config import Settings
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
-from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text
+from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text, native_sampling
 from transformers import LogitsProcessorList
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
@@ -656,10 +656,11 @@ def _token(row) -> int:
 
 def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
     """The next token of each reply from its logits row (fp32 [len(jobs), vocab], changed in place), as
-    `ChatSession._sample` draws it alone, rows under the same sampling settings together: their session's own
-    logits processors (repetition penalty, temperature) over the batch, then greedy rows the first maximum (or the
-    penalty and that choice in one native pass per row), sampled rows top-k and top-p over the batch and each its
-    own draw with its session's generator (seeded replies repeat, batched or alone)."""
+    `ChatSession._sample` draws it alone, rows under the same sampling settings together. Where the native kernels
+    run: greedy rows the penalty and the first maximum, sampled rows penalty, temperature, top-k, top-p and a draw
+    at a uniform number from the session's generator, one native pass per row (`native.greedy`, `native.sample`).
+    Else their session's own logits processors over the batch, then the first maximum, or top-k and top-p over the
+    batch and each its own torch.multinomial draw. Seeded replies repeat, batched or alone."""
     tokens: list[int | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
@@ -671,7 +672,8 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
         if temperature == 0 and native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
             chosen = native.greedy(rows, histories, penalty)
-        elif temperature > 0 and native.can_sample(rows, temperature, top_k, top_p):  # as ChatSession._sample
+        elif (temperature > 0 and native_sampling(jobs[indices[0]].processors)  # as ChatSession._sample
+              and native.can_sample(rows, temperature, top_k, top_p)):
             uniforms = torch.cat([torch.rand(1, generator=jobs[i].session.generator) for i in indices])
             chosen = native.sample(rows, histories, penalty, temperature, top_k, top_p, uniforms)
         else:

@@ -22,6 +22,7 @@ from streamchat.reporting import read_text_file
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+MIN_TEMPERATURE = 1e-5  # below it (but above 0, greedy), logits divided by the temperature overflow float32
 MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000000000 fails here, not in malloc
 DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
@@ -195,7 +196,8 @@ def _check_ranges(s: Settings) -> None:
         "max_new_tokens",
         f"must be between 1 and {MAX_NEW_TOKENS_LIMIT:,}, got {s.max_new_tokens}",
     )
-    need(s.temperature >= 0, "temperature", "must be 0 (greedy) or more")
+    need(s.temperature == 0 or s.temperature >= MIN_TEMPERATURE, "temperature",
+         f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {s.temperature:g}")
     need(0 < s.top_p <= 1, "top_p", "must be in (0, 1]")
     need(s.top_k >= 0, "top_k", "must be 0 (off) or more")
     need(s.repetition_penalty > 0, "repetition_penalty", "must be above 0 (1 is off)")

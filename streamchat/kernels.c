@@ -8,7 +8,11 @@
  *    a batched step (B) or a prefill chunk; each weight tile is read once for all rows.
  * 2. sc_q8_matmul: the same over 8-bit weights with one fp32 scale per output row (the output projection), also
  *    8 rows interleaved per block.
- * 3. sc_attention: one query per sequence over a cache of keys and values (fp32 or fp16), grouped-query heads.
+ * 3. sc_attention / sc_attention_many: one query per sequence over a cache of keys and values (fp32 or fp16),
+ *    grouped-query heads.
+ * 4. sc_decode: a whole decode step (or prefill chunk) of a Llama-layout model for B rows, no Python between layers.
+ * 5. sc_compact: sink_window's eviction, the kept run moved down and its keys re-rotated.
+ * 6. sc_greedy / sc_sample: the next token from the logits, as transformers' logits processors choose it.
  *
  * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd; the matmuls take 16 output rows per
  * 512-bit vector, the rest stays on 256-bit vectors); native.py picks the one torch's own CPU capability names, so
@@ -962,7 +966,7 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
  * (fp32, or fp16 when half), origins [kv_heads, capacity]; cos/sin [capacity, D] fp32. Returns 0, or -1 on sizes
  * it does not take (D a multiple of 8 up to 256). Each kv head's runs move in one memmove per buffer; the keys are
  * rotated in tasks of ROTATE_ROWS rows over the pool (a full 1,024-token cache of 30 layers: 7 ms per compaction
- * when row by row on one thread, a decode step's worth every `slack` tokens). */
+ * when row by row on one thread, a decode step's worth every `slack` + 1 tokens). */
 #define ROTATE_ROWS 64 /* keys re-rotated per compaction task */
 
 typedef struct {
@@ -1045,10 +1049,14 @@ int sc_greedy(float *logits, int B, int V, const int64_t *history, int W, float 
 }
 
 #define MAX_TOP_K 1024 /* most candidates sc_sample keeps (top_k beyond it: torch's path, session.py) */
+#define SC_BAD_ARGUMENT -1
+#define SC_NOT_FINITE -2
+#define SC_NO_MEMORY -3
 
-/* The k largest logits of row [V], in descending order (equal values: lower id first), into values/ids [k].
- * One pass: 8 logits at a time are skipped unless one beats the k-th kept so far. */
-static void largest(const float *row, int V, int k, float *values, int *ids) {
+/* The k largest logits of row [V], in descending order (equal values: lower id first), into values/ids; returns
+ * how many it kept (k, fewer only where the row has fewer numbers than k: NaN is skipped). One pass: 8 logits at a
+ * time are skipped unless one beats the k-th kept so far. */
+static int largest(const float *row, int V, int k, float *values, int *ids) {
     int kept = 0;
     float floor = -INFINITY; /* the k-th largest kept once k are kept: only a larger logit gets in */
     for (int i = 0; i < V; i += 8) {
@@ -1057,13 +1065,14 @@ static void largest(const float *row, int V, int k, float *values, int *ids) {
             mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(floor), _CMP_GT_OQ));
         for (int j = i; mask && j < i + 8 && j < V; j++) {
             const float v = row[j];
-            if (kept == k && !(v > floor)) continue;
+            if (v != v || (kept == k && !(v > floor))) continue; /* NaN: never a candidate */
             int at = kept < k ? kept++ : k - 1; /* a full list drops its last */
             while (at > 0 && values[at - 1] < v) values[at] = values[at - 1], ids[at] = ids[at - 1], at--;
             values[at] = v, ids[at] = j;
             if (kept == k) floor = values[k - 1];
         }
     }
+    return kept;
 }
 
 /* A draw for B rows of logits [B, V] (modified in place), as ChatSession._sample makes it with transformers'
@@ -1072,22 +1081,29 @@ static void largest(const float *row, int V, int k, float *values, int *ids) {
  * Holtzman et al. 2020, as TopPLogitsWarper: the most likely candidates while the ones before them hold less than
  * top_p of the probability, the first always); then candidate i drawn with probability p_i / sum p over the kept,
  * by the inverse of their cumulative sum at uniform[b] in [0, 1) (the session's generator draws it, so seeded
- * replies repeat). out[b]: the token id. Returns 0, or -1 on a bad top_k or when memory ran out. */
+ * replies repeat; torch.multinomial draws otherwise, so a seed gives other replies on torch's path). The softmax
+ * takes exp((v_i - v_max) / temperature): the same numbers as after the division, without the overflow a tiny
+ * temperature would cause. out[b]: the token id. Returns 0; SC_BAD_ARGUMENT on a bad top_k or temperature;
+ * SC_NOT_FINITE where a row's largest logit is infinite or every one NaN (torch's multinomial refuses those too);
+ * SC_NO_MEMORY. */
 int sc_sample(float *logits, int B, int V, const int64_t *history, int W, float penalty, float temperature,
               int top_k, float top_p, const float *uniform, int64_t *out) {
-    if (top_k < 1 || top_k > MAX_TOP_K || !(temperature > 0.0f)) return -1;
-    const int k = top_k < V ? top_k : V;
+    if (top_k < 1 || top_k > MAX_TOP_K || !(temperature > 0.0f) || V < 1) return SC_BAD_ARGUMENT;
     float *saved = W > 0 ? malloc(sizeof(float) * (size_t)W) : NULL;
-    if (W > 0 && !saved) return -1;
+    if (W > 0 && !saved) return SC_NO_MEMORY;
     float values[MAX_TOP_K];
     int ids[MAX_TOP_K];
     for (int b = 0; b < B; b++) {
         float *row = logits + (size_t)b * V;
         repetition_penalty(row, V, history + (size_t)b * W, W, penalty, saved);
-        largest(row, V, k, values, ids);
-        const float top = values[0] / temperature;
+        const int k = largest(row, V, top_k < V ? top_k : V, values, ids);
+        if (k == 0 || !isfinite(values[0])) {
+            free(saved);
+            return SC_NOT_FINITE;
+        }
+        const float top = values[0];
         float total = 0.0f;
-        for (int i = 0; i < k; i++) total += values[i] = expf(values[i] / temperature - top);
+        for (int i = 0; i < k; i++) total += values[i] = expf((values[i] - top) / temperature);
         int kept = 1; /* top-p: rank r stays while the ranks before it hold less than top_p */
         if (top_p < 1.0f) {
             float before = values[0] / total;
@@ -1098,15 +1114,14 @@ int sc_sample(float *logits, int B, int V, const int64_t *history, int W, float 
         float mass = 0.0f;
         for (int i = 0; i < kept; i++) mass += values[i];
         const float target = uniform[b] * mass;
-        int chosen = kept - 1;
+        int chosen = -1, last = 0; /* last: the least likely kept candidate of weight > 0 (if the sum rounds short) */
         float running = 0.0f;
-        for (int i = 0; i < kept; i++) {
+        for (int i = 0; i < kept && chosen < 0; i++) {
             running += values[i];
-            if (running > target) {
-                chosen = i;
-                break;
-            }
+            last = values[i] > 0.0f ? i : last;
+            if (running > target) chosen = i;
         }
+        chosen = chosen < 0 ? last : chosen;
         out[b] = ids[chosen];
     }
     free(saved);

@@ -390,26 +390,32 @@ MAX_TOP_K = 1024  # kernels.c's: the most candidates `sample` keeps
 def can_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> bool:
     """Whether `sample` takes these settings (temperature > 0, 1 <= top_k <= MAX_TOP_K, 0 < top_p <= 1) and logits
     (contiguous fp32 [B, V] on the CPU) where the kernels are built; else the caller samples with torch."""
-    return (temperature > 0 and 1 <= top_k <= MAX_TOP_K and 0 < top_p <= 1 and logits.dtype == torch.float32
+    return (ctypes.c_float(temperature).value > 0 and 1 <= top_k <= MAX_TOP_K and 0 < top_p <= 1
+            and logits.dtype == torch.float32
             and logits.device.type == "cpu" and logits.is_contiguous() and library() is not None)
 
 
 def sample(logits: torch.Tensor, history: torch.Tensor, penalty: float, temperature: float, top_k: int, top_p: float,
            uniform: torch.Tensor) -> list[int]:
-    """The next token of each row of fp32 logits [B, V] (changed in place) drawn as ChatSession._sample draws it
-    with transformers' processors: repetition penalty over history int64 [B, W] (ids >= V are padding),
-    temperature, top-k, top-p (Holtzman et al. 2020), then the kept candidates' probabilities inverted at
-    uniform fp32 [B] in [0, 1) (from the session's generator: seeded replies repeat). One native pass per row: torch's
-    ops took 0.3 ms a row, and the scheduler's GIL with them. Raises ValueError where `can_sample` says no."""
+    """The next token of each row of fp32 logits [B, V] (changed in place), with what transformers' processors
+    compute (`ChatSession._logits_processors`: repetition penalty over history int64 [B, W], ids >= V padding;
+    temperature) then top-k and top-p (Holtzman et al. 2020), the kept candidates' probabilities inverted at uniform
+    fp32 [B] in [0, 1) (from the session's generator: seeded replies repeat, on this path; torch's path draws with
+    torch.multinomial, so the same seed gives other replies there). One native pass per row: torch's ops took 0.3
+    ms a row alone and 0.8 ms on the server's scheduler thread, with the GIL. Raises ValueError where `can_sample`
+    says no or a row's largest logit is not finite (torch's multinomial refuses those too)."""
     if not can_sample(logits, temperature, top_k, top_p) or history.dtype != torch.int64:
         raise ValueError("sample needs contiguous fp32 CPU logits, int64 history, temperature > 0, "
                          f"1 <= top_k <= {MAX_TOP_K}, 0 < top_p <= 1 and the native kernels")
     history, uniform = history.contiguous(), uniform.to(torch.float32).contiguous()
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.int64)
-    if library().sc_sample(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty,
-                           temperature, top_k, top_p, uniform.data_ptr(), out.data_ptr()):
-        raise RuntimeError("out of memory in sampling")
+    status = library().sc_sample(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty,
+                                 temperature, top_k, top_p, uniform.data_ptr(), out.data_ptr())
+    if status == -2:
+        raise ValueError("cannot sample: the logits are infinite or NaN")
+    if status:
+        raise RuntimeError("out of memory in sampling" if status == -3 else f"sc_sample refused its arguments ({status})")
     return out.tolist()
 
 

@@ -128,6 +128,12 @@ def candidate_probabilities(
     return torch.softmax(logits, dim=-1), indices
 
 
+def native_sampling(processors: LogitsProcessorList) -> bool:
+    """Whether `native.sample` computes these processors itself: the repetition penalty and temperature that
+    `ChatSession._logits_processors` builds (any other processor: torch's path, which applies the list)."""
+    return all(isinstance(p, (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)) for p in processors)
+
+
 class RecentTokens:
     """The last `capacity` token ids fed (the repetition penalty's history): in order, and as a fixed int64 tensor
     [capacity] padded with `pad` (the vocabulary size, which RepetitionPenaltyLogitsProcessor ignores) whose entries
@@ -496,7 +502,8 @@ class ChatSession:
     def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, settings: Settings) -> int:
         """The next token: greedy at temperature 0, else drawn after top-k and top-p (in one native pass where the
         kernels run: `native.sample`, the same processors' arithmetic; `logits` may be changed in place)."""
-        if settings.temperature > 0 and native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p):
+        if (settings.temperature > 0 and native_sampling(processors)
+                and native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p)):
             uniform = torch.rand(1, generator=self.generator)
             return native.sample(logits, self._recent_ids.padded.unsqueeze(0), settings.repetition_penalty,
                                  settings.temperature, settings.top_k, settings.top_p, uniform)[0]

@@ -20,6 +20,7 @@ def test_default_config_loads():
         ({"window": "many"}, "window"),
         ({"sinks": -1}, "sinks"),
         ({"temperature": -0.5}, "temperature"),
+        ({"temperature": 1e-9}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"max_new_tokens": -3}, "max_new_tokens"),

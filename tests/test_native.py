@@ -267,3 +267,20 @@ def test_native_sampling_refuses_what_it_does_not_take():
     assert not native.can_sample(logits, 0.7, native.MAX_TOP_K + 1, 0.9) and not native.can_sample(torch.randn(2, 200)[:, ::2], 0.7, 5, 0.9)
     with pytest.raises(ValueError, match="top_k"):
         native.sample(logits, torch.zeros(1, 4, dtype=torch.int64), 1.0, 0.7, 0, 0.9, torch.zeros(1))
+
+
+def test_native_sampling_at_the_edges():
+    """A tiny temperature draws the most likely token (the logits' differences are divided, not the logits: no
+    overflow into NaN); NaN logits are never candidates; a row with no finite maximum is refused, as torch's
+    multinomial refuses it, instead of a token drawn from NaN weights."""
+    history = torch.full((1, 4), 5, dtype=torch.int64)  # padding only (ids >= V)
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0, 2.5]])
+    for uniform in (0.0, 0.5, 0.999):
+        assert native.sample(logits.clone(), history, 1.0, 1e-5, 5, 1.0, torch.tensor([uniform])) == [1]
+    with_nan = torch.tensor([[0.0, float("nan"), 1.0, -2.0, 2.5]])
+    assert native.sample(with_nan, history, 1.0, 1.0, 2, 1.0, torch.tensor([0.999])) == [2]  # of 2.5 and 1.0
+    for bad in (torch.full((1, 5), float("-inf")), torch.tensor([[0.0, float("inf"), 1.0, 0.0, 0.0]]),
+                torch.full((1, 5), float("nan"))):
+        with pytest.raises(ValueError, match="infinite or NaN"):
+            native.sample(bad, history, 1.0, 0.7, 3, 0.9, torch.zeros(1))
+    assert not native.can_sample(logits, 1e-46, 5, 0.9)  # 0 as a float32: torch's path (the settings refuse it)

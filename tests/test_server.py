@@ -208,6 +208,7 @@ USER = [{"role": "user", "content": "Hello"}]
      "messages[0].content[0]"),
     ({"messages": USER, "model": "gpt-4o"}, "model"),
     ({"messages": USER, "temperature": 5}, "temperature"),
+    ({"messages": USER, "temperature": 1e-9}, "temperature"),  # logits divided by it overflow: 0 means greedy
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": USER, "stop": [""]}, "stop"),
@@ -217,6 +218,25 @@ def test_bad_requests_get_openai_errors_naming_the_field(served, body, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and param.split("[")[0] in error["message"]
+
+
+def test_a_failed_generation_is_an_openai_error_not_a_bare_500(served, monkeypatch):
+    """A reply that fails after it started (here: sampling raises) answers a non-streamed request with a 500 in
+    OpenAI's error format, and a streamed one with an error event; the server goes on serving."""
+    import streamchat.batching
+
+    def broken(jobs, logits):
+        raise RuntimeError("sampling broke")
+
+    monkeypatch.setattr(streamchat.batching, "sample_rows", broken)
+    response = post(served, {"messages": USER, "max_tokens": 5})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "sampling broke" in error["message"]
+    streamed = post(served, {"messages": [{"role": "user", "content": "Another one"}], "max_tokens": 5, "stream": True})
+    assert streamed.status_code == 200 and "sampling broke" in streamed.text
+    monkeypatch.undo()
+    assert post(served, {"messages": [{"role": "user", "content": "And now?"}], "max_tokens": 3}).status_code == 200
 
 
 def test_bad_json_auth_size_and_overload(served):

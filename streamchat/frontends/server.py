@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from streamchat.batching import Engine, Overloaded, TurnRequest
+from streamchat.config import MIN_TEMPERATURE
 from streamchat.session import SessionError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far beyond any cache
@@ -163,6 +164,8 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
     )
     if request.top_p == 0:
         raise _bad("top_p", "must be above 0")
+    if request.temperature is not None and 0 < request.temperature < MIN_TEMPERATURE:
+        raise _bad("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
     return request, stream, bool(options.get("include_usage"))
 
 
@@ -201,7 +204,7 @@ class Metrics:
         yield tokens
         yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
                                 value=sum(c["kv_bytes"] for c in conversations.values()))
-        yield GaugeMetricFamily("streamchat_step_threads", "Threads the scheduler's last decode step ran on",
+        yield GaugeMetricFamily("streamchat_step_threads", "Threads the scheduler's last step (decode or prefill) ran on; 0 before the first",
                                 value=stats["step_threads"])
         yield GaugeMetricFamily("streamchat_batched_rows_per_step",
                                 "Mean conversations per batched step since start (steps of 2 or more)",
@@ -291,15 +294,20 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
         except APIError as error:
             metrics.requests.labels(str(error.status)).inc()
             return error.response()
-        metrics.requests.labels("200").inc()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = _start(turn)
         if stream:
+            metrics.requests.labels("200").inc()  # the headers go out now; a later failure is an SSE error event
             return StreamingResponse(
                 _sse(request, turn, events, completion_id, model_name, include_usage, metrics),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text = await _collect(request, turn, events, metrics)
+        try:
+            text = await _collect(request, turn, events, metrics)
+        except Exception as error:  # noqa: BLE001 - the generation failed: OpenAI's error format, not a bare 500
+            metrics.requests.labels("500").inc()
+            return APIError(500, f"generation failed: {error}", kind="server_error").response()
+        metrics.requests.labels("200").inc()
         if text is None:
             return Response(status_code=499)
         result = turn.result
