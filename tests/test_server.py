@@ -360,6 +360,9 @@ def test_loadtest_level_against_a_tiny_server(served):
     row = run_level(served.url + "/v1", "tiny-llama", clients=2, requests=1, tokens=4, deadline_s=60, api_key=KEY)
     assert row["failures"] == 0 and row["clients"] == 2
     assert 2 <= row["completion_tokens"] <= 8 and row["aggregate_tok_s"] > 0
+    sampled = run_level(served.url + "/v1", "tiny-llama", clients=1, requests=1, tokens=4, deadline_s=60,
+                        api_key=KEY, temperature=0.7)
+    assert sampled["failures"] == 0 and 1 <= sampled["completion_tokens"] <= 4
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
 
 

@@ -60,10 +60,10 @@ def cpu_model() -> str:
 
 
 def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, deadline_s: float,
-              api_key: str = "loadtest") -> dict[str, Any]:
+              api_key: str = "loadtest", temperature: float = 0.0) -> dict[str, Any]:
     """One load level: `clients` client processes (`loadtest_client`), each `requests` streamed turns in one
-    conversation, started together once all have imported the openai package. Also returns the CPU seconds the
-    clients used while conversing."""
+    conversation at `temperature` (0: greedy), started together once all have imported the openai package. Also
+    returns the CPU seconds the clients used while conversing."""
     import multiprocessing
 
     from streamchat.evaluate.loadtest_client import serve_one
@@ -73,7 +73,7 @@ def run_level(base_url: str, model: str, clients: int, requests: int, tokens: in
     for index in range(clients):
         parent, child = context.Pipe()
         process = context.Process(target=serve_one, daemon=True, args=(
-            child, base_url, model, api_key, PROMPTS[index % len(PROMPTS)], requests, tokens, deadline_s))
+            child, base_url, model, api_key, PROMPTS[index % len(PROMPTS)], requests, tokens, deadline_s, temperature))
         process.start()
         workers.append((process, parent))
     results, failures = [], []
@@ -198,6 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="concurrent streaming clients per level (default: 1 2 4 8)")
     parser.add_argument("--requests", type=int, default=2, help="streamed turns per client per level (default 2)")
     parser.add_argument("--tokens", type=int, default=96, help="max_tokens of each request (default 96)")
+    parser.add_argument("--request-temperature", type=float, default=0.0, metavar="T",
+                        help="temperature each request asks for (default 0: greedy; e.g. 0.7 to sample, with the "
+                             "server's top_k, top_p and a seed per client)")
     parser.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most (default 300)")
     parser.add_argument("--repeat", type=int, default=1, help="run the levels this many times, interleaved (default 1)")
     parser.add_argument("--no-step-cost", action="store_true",
@@ -283,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as error:
         print(f"streamchat loadtest: {error}", file=sys.stderr)
         return 1
-    info["model"] = model
+    info["model"], info["request_temperature"] = model, args.request_temperature
     try:
         run_level(base, model, 1, 1, 8, args.level_timeout)  # warm-up: weights prepared, first cache made
         for repeat in range(args.repeat):
@@ -291,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
                 server = psutil.Process(process.pid)
                 server_cpu = sum(server.cpu_times()[:2])
                 row = {"repeat": repeat, **run_level(base, model, clients, args.requests, args.tokens,
-                                                     args.level_timeout)}
+                                                     args.level_timeout, temperature=args.request_temperature)}
                 # CPU seconds per generated token: the server's, and the clients' (they share the cores)
                 tokens = max(row["completion_tokens"], 1)
                 row["server_cpu_ms_per_token"] = round(1000 * (sum(server.cpu_times()[:2]) - server_cpu) / tokens, 2)
