@@ -385,6 +385,7 @@ def greedy(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> list[
 
 
 MAX_TOP_K = 1024  # kernels.c's: the most candidates `sample` keeps
+NOT_FINITE, NO_MEMORY = -2, -3  # kernels.c's SC_NOT_FINITE, SC_NO_MEMORY
 
 
 def can_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> bool:
@@ -412,10 +413,10 @@ def sample(logits: torch.Tensor, history: torch.Tensor, penalty: float, temperat
     out = torch.empty(batch, dtype=torch.int64)
     status = library().sc_sample(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty,
                                  temperature, top_k, top_p, uniform.data_ptr(), out.data_ptr())
-    if status == -2:
+    if status == NOT_FINITE:
         raise ValueError("cannot sample: the logits are infinite or NaN")
     if status:
-        raise RuntimeError("out of memory in sampling" if status == -3 else f"sc_sample refused its arguments ({status})")
+        raise RuntimeError("out of memory in sampling" if status == NO_MEMORY else "sc_sample refused its arguments")
     return out.tolist()
 
 

@@ -204,7 +204,8 @@ class Metrics:
         yield tokens
         yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
                                 value=sum(c["kv_bytes"] for c in conversations.values()))
-        yield GaugeMetricFamily("streamchat_step_threads", "Threads the scheduler's last step (decode or prefill) ran on; 0 before the first",
+        yield GaugeMetricFamily("streamchat_step_threads",
+                                "Threads the scheduler's last step (decode or prefill) ran on; 0 before the first",
                                 value=stats["step_threads"])
         yield GaugeMetricFamily("streamchat_batched_rows_per_step",
                                 "Mean conversations per batched step since start (steps of 2 or more)",
