@@ -16,8 +16,9 @@ from typing import Any
 def converse(base_url: str, model: str, api_key: str, prompt: str, requests: int, tokens: int,
              deadline: float, temperature: float = 0.0) -> dict[str, Any]:
     """`requests` streamed turns (the first `prompt`, then "Go on, with more details.") at `temperature` (0:
-    greedy; else sampled, seeded per prompt) until time.time() passes `deadline` (seconds since the epoch). Returns times to first token and gaps between text chunks (s), completion
-    tokens (from the usage chunk), failures (stopping at the first) and this process's CPU seconds meanwhile."""
+    greedy; else sampled, seeded per prompt) until time.time() passes `deadline` (seconds since the epoch).
+    Returns times to first token and gaps between text chunks (s), completion tokens (from the usage chunk),
+    failures (stopping at the first) and this process's CPU seconds meanwhile."""
     import openai
 
     cpu = time.process_time()
