@@ -24,6 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from streamchat.memory import freeze_startup_objects  # noqa: E402
 from streamchat.packing import PACKED_MODES, PackResult, cache_key, install, pack_model, read_cached  # noqa: E402
 from streamchat.quant import auto_weights  # noqa: E402
 from streamchat.paths import CACHE_ENV, cache_root  # noqa: E402,F401 - both part of this module's API
@@ -323,4 +324,5 @@ def load_for_chat(settings) -> LoadedModel:
     loaded = load_model(settings.model, settings.device, settings.dtype, decode_weights=weights)
     if loaded.packing is not None:
         print(f"streamchat: {loaded.packing.note}", file=sys.stderr)
+    freeze_startup_objects()  # no full garbage collection of the libraries' objects mid-reply
     return loaded
