@@ -7,6 +7,7 @@ path cannot reproduce exactly (unsupported models, other caches) take the transf
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -81,6 +82,17 @@ def prepare_decoder(model: torch.nn.Module, settings: Settings) -> FastDecoder |
     better at start-up than inside the first reply); None where the fast path is off or cannot run the model."""
     if settings.decode_path == "transformers":
         return None
+    key = (settings.decode_weights, settings.decode_compile, native.active())
+    chosen = _PREPARED.setdefault(model, {})
+    if key not in chosen:  # asked for every row of every step: the model's device is looked up once
+        chosen[key] = _prepare(model, settings)
+    return chosen[key]
+
+
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _prepare(model: torch.nn.Module, settings: Settings) -> FastDecoder | None:
     weights = settings.decode_weights
     if weights == "auto" and model.device.type != "cpu":
         weights = "model"
