@@ -467,7 +467,8 @@ class Engine:
         # thread set last: a turn's thread (which sets 1, EngineSession.send) would leave this thread decoding on
         # one core. Asking first makes the count set here this thread's own.
         torch.get_num_threads()
-        torch.set_num_threads(self._threads)
+        torch.set_num_threads(1 if native.library() is not None else self._threads)
+        native.pin_threads(self._threads)  # the native step on the engine's threads, torch's small ops on this one
         while True:
             with self._cond:
                 while self._running and not self._pending and not any(job.ready() for job in self._decodes):
@@ -509,7 +510,7 @@ class Engine:
         token budget), so several new requests prefill together and the decoding ones wait a few rows, not a whole
         prefill forward. A prefill the native step cannot run (H2O/TOVA, torch's kernels) runs alone, one per step;
         so does a decode row it cannot batch. What is left of a prefill waits for the next step."""
-        self.step_threads = torch.get_num_threads()
+        self.step_threads = native.kernel_threads() if native.library() is not None else torch.get_num_threads()
         prefills = [step for step in batch if len(step.ids) != 1]
         rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
         groups: dict[int, tuple[Any, list, list]] = {}  # id(decoder) -> (decoder, decode rows, prefill pieces)

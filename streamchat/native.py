@@ -274,10 +274,24 @@ def unpack_q4(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return (q * step[..., None] + minimum[..., None]).reshape(groups * ROWS, columns)
 
 
+_PINNED = threading.local()  # .threads: this thread's kernels' count, set by pin_threads
+
+
+def kernel_threads() -> int:
+    """Threads the kernels called from this thread use: `pin_threads`' count, else torch's own here."""
+    return getattr(_PINNED, "threads", None) or torch.get_num_threads()
+
+
 def use_threads() -> None:
-    """The kernels called from this thread use `torch.get_num_threads()` threads (this one included) until told
-    otherwise, as torch's own ops do in this thread."""
-    _LIBRARY.sc_set_threads(torch.get_num_threads())
+    """The kernels called from this thread use `kernel_threads()` threads (this one included) from now on."""
+    _LIBRARY.sc_set_threads(kernel_threads())
+
+
+def pin_threads(threads: int | None) -> None:
+    """The kernels called from this thread use `threads` threads whatever torch's own count here (None: follow
+    torch's again). The server's scheduler thread pins the engine's count and runs torch's small ops on one thread:
+    an OpenMP team started from any thread but the process's first is throttled (kernels.c's pool note)."""
+    _PINNED.threads = threads
 
 
 def q4_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:

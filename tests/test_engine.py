@@ -231,9 +231,10 @@ def test_seeded_sampled_replies_batched_equal_alone(tiny):
 
 
 def test_the_scheduler_decodes_on_the_engine_threads_after_turns_set_theirs(tiny):
-    """A turn's thread sets torch's count to 1 for itself (it only samples); the scheduler thread must keep the
-    engine's count. torch hands a thread its count lazily, from whichever thread set one last: without the
-    scheduler claiming its own first, every step after the first turn ran on one core (ITL 9 ms instead of 5)."""
+    """A turn's thread sets torch's count to 1 for itself (it only samples); the scheduler thread's steps must keep
+    the engine's count. torch hands a thread its count lazily, from whichever thread set one last: without the
+    scheduler claiming its own, every step after the first turn ran on one core (ITL 9 ms instead of 5). Where the
+    kernels run, the scheduler pins their count (`native.pin_threads`) and runs torch's small ops on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

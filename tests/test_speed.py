@@ -104,3 +104,15 @@ def test_missing_llama_cpp_is_a_note(loaded, text, tmp_path):
     settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
     figures = speed.measure_speed(loaded, settings, text.read_text(), 2, ["model"], ["model"], show_progress=False)
     assert "llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)" in figures["notes"]
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])
+def test_speed_measures_the_policy_it_is_given_at_its_budget(policy):
+    """`speed --policy h2o` measured sink_window until 2026-12-01 (its H2O figures were sink_window's): the policy
+    asked for is kept, and its cache holds the budget."""
+    from streamchat.config import load_settings
+    from streamchat.evaluate.speed import at_budget
+    from streamchat.policies import get_policy_class
+
+    settings = at_budget(load_settings(None, {"policy": policy}), 512)
+    assert settings.policy == policy and get_policy_class(policy).budget(settings) == 512

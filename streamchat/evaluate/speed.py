@@ -303,7 +303,8 @@ def measure_speed(
             "first_step_s": round(warmup[name], 2),
         })
     return {
-        "budget": budget, "tokens": len(times[REFERENCE]), "threads": torch.get_num_threads(), "rows": rows,
+        "budget": budget, "policy": settings.policy, "tokens": len(times[REFERENCE]),
+        "threads": torch.get_num_threads(), "rows": rows,
         "notes": notes,
         "default_path": default_variant(loaded, settings),
         "cpu_class": cpu_class(),
@@ -357,7 +358,8 @@ def format_report(report: dict[str, Any]) -> str:
     speed = report.get("speed")
     lines = []
     if speed:
-        lines.append(f"decode at a full cache of {speed['budget']} tokens, {speed['tokens']} tokens, {speed['threads']} threads:")
+        lines.append(f"decode at a full cache of {speed['budget']} tokens ({speed.get('policy', 'sink_window')}), "
+                     f"{speed['tokens']} tokens, {speed['threads']} threads:")
         for row in speed["rows"]:
             lines.append(
                 f"  {row['path']:<28} {row['ms_per_token']:>8.2f} ms/token {row['tokens_per_s']:>7.1f} tok/s "
@@ -405,11 +407,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the figures")
 
 
+def at_budget(settings, budget: int):
+    """`settings` with the cache sized to `budget` tokens under its own policy: sink_window's window, or H2O's and
+    TOVA's recent tokens beside their heavy hitters (as configured, at most what the budget leaves)."""
+    if settings.policy == "sink_window":
+        return settings.replace(window=budget - settings.sinks)
+    heavy = min(settings.heavy, budget - settings.sinks - settings.slack - 1)
+    return settings.replace(heavy=heavy, recent=budget - settings.sinks - heavy)
+
+
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
 
     settings = settings_from_args(args)
-    settings = settings.replace(policy="sink_window", window=args.budget - settings.sinks)
+    settings = at_budget(settings, args.budget)
     if args.isa == "avx2" and not forced_avx2():  # torch picks its kernels once per process: rerun in a child
         print(f"streamchat speed: running with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}", file=sys.stderr)
         return subprocess.run([sys.executable, "-m", "streamchat", *args.argv], env={**os.environ, **AVX2_ENV}).returncode
