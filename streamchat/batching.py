@@ -522,7 +522,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - handed to the waiting turn
                 self._deliver([row], error=error)
                 continue
-            if decoder is None or cache.policy.needs_attention_scores:
+            if decoder is None or (cache.policy.needs_attention_scores and not decoder.native_ready([cache])):
                 self._hand_out()
                 self._run_alone(row)
             else:

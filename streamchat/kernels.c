@@ -821,6 +821,43 @@ int sc_attention(const float *q, const void *keys, const void *values, int half,
     return sc_attention_many(1, &q, &keys, &values, half, &head_stride, &length, heads, kv_heads, D, scale, &out);
 }
 
+/* The attention probabilities of one query per sequence that a scoring policy observes (H2O, TOVA: the attention
+ * each cached token receives), averaged over each GQA group's query heads, as streamchat.attention's
+ * grouped_probabilities computes them: out[kv * out_stride + j] = mean over the group's heads h of
+ * softmax_j(scale q_h . k_j), j < length. q [heads, D] fp32; keys [kv_heads, stride] fp32 or fp16. A second pass over
+ * the keys, one task per kv head, after the attention itself. */
+typedef struct {
+    const float *q;
+    const void *keys;
+    int half, length, group, D;
+    long stride, out_stride;
+    float scale;
+    float *out;
+} probs_job;
+
+static void probs_task(void *context, int kv) {
+    const probs_job *job = context;
+    const int n = job->length, D = job->D;
+    float *out = job->out + (size_t)kv * job->out_stride;
+    float *scores = malloc(sizeof(float) * ((size_t)n + 8)); /* softmax_parts pads to a multiple of 8 */
+    if (!scores) return;
+    for (int j = 0; j < n; j++) out[j] = 0.0f;
+    for (int g = 0; g < job->group; g++) {
+        const float *q = job->q + (size_t)(kv * job->group + g) * D;
+        for (int j = 0; j < n; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < D; i += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(job->keys, (size_t)kv * job->stride + (size_t)j * D + i, job->half), acc);
+            scores[j] = hsum(acc) * job->scale;
+        }
+        float total;
+        softmax_parts(scores, n, &total);
+        const float weight = 1.0f / (total * (float)job->group);
+        for (int j = 0; j < n; j++) out[j] += scores[j] * weight;
+    }
+    free(scores);
+}
+
 /* ---------------------------------------------------------------------------------------------------------------
  * The whole decode step of a Llama-layout model for B sequences, one call: no Python between the layers.
  * Per layer, as streamchat/fastpath/decoder.py's FastDecoder._forward (the reference it is tested against):
@@ -882,13 +919,15 @@ static void store(void *buffer, int half, size_t index, const float *x, int D) {
  * in its sequence's cache; origins [B]: its stream index; cos/sin [B, D]: RoPE rows at those places; caches
  * [B * layers] (row-major: rows of one sequence repeat its layers); capacity [B]; half: K/V stored as fp16; head,
  * head_scales: the output projection (`block_q8x8` groups, scales [groups * 8]); logits [L, vocab] out for rows
- * logit_rows [L] (a prefill chunk needs only its last row's). Returns 0, or -1 on sizes the kernels do not take or
- * when memory ran out. */
+ * logit_rows [L] (a prefill chunk needs only its last row's); probs: NULL, or per row NULL or [layers, kv_heads,
+ * capacity] fp32 that receives the row's GQA-averaged attention probabilities at places 0..place of every layer
+ * (`probs_task`), for a policy that observes them. Returns 0, or -1 on sizes the kernels do not take or when memory
+ * ran out. */
 int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
               int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
               const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
               const float *final_norm, const void *head, const float *head_scales, int vocab, int L,
-              const int *logit_rows, float *logits) {
+              const int *logit_rows, float *logits, float *const *probs) {
     if (D % 8 || D > MAX_DIM || heads % kv_heads || L < 0 || L > B) return -1;
     const int rows = (heads + 2 * kv_heads) * D;
     float *normed = malloc(sizeof(float) * (size_t)B * (hidden > intermediate ? hidden : intermediate));
@@ -927,6 +966,12 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
             status |= sc_attention_many(B, (const float *const *)queries, (const void *const *)key_buffers,
                                         (const void *const *)value_buffers, half, strides, lengths, heads, kv_heads, D,
                                         scale, outputs);
+        for (int b = 0; probs && b < B && !status; b++) /* rows whose cache's policy observes attention */
+            if (probs[b]) {
+                const probs_job job = {queries[b], key_buffers[b], half, lengths[b], heads / kv_heads, D, strides[b],
+                                       capacity[b], scale, probs[b] + (size_t)l * kv_heads * capacity[b]};
+                run_tasks(kv_heads, probs_task, (void *)&job);
+            }
         status |= sc_q4_matmul(attended, B, heads * D, layer->out, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->post_norm, normed + (size_t)b * hidden, hidden, eps);

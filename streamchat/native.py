@@ -157,7 +157,7 @@ def library() -> ctypes.CDLL | None:
         lib.sc_decode.argtypes = [
             integer, integer, pointer, integer, integer, integer, integer, integer, ctypes.c_float, ctypes.c_float,
             pointer, pointer, pointer, pointer, pointer, pointer, pointer, integer, pointer, pointer, pointer, integer,
-            integer, pointer, pointer,
+            integer, pointer, pointer, pointer,
         ]
         lib.sc_compact.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer, integer,
                                    integer, integer, pointer, pointer]

@@ -329,3 +329,59 @@ def test_native_prefill_chunks_equal_feeding_token_by_token(tiny, kv_dtype):
         assert_same_cache(chunked, single, 1e-5 if kv_dtype == "float32" else 1e-3)
         errors.append(((got - transformers_step(model, reference, chunk)).norm() / got.norm()).item())
     assert chunked.seen_tokens == position and max(errors) < 5e-2
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_the_native_step_hands_scoring_policies_their_attention_probabilities(tiny, policy):
+    """H2O and TOVA decode on the native whole step too: it writes each layer's GQA-averaged attention probabilities
+    (kernels.c `probs_task`) for the policy's observer. The scores they accumulate equal those of the Python step
+    (`_scored_attention`, torch's softmax) over the same int4 weights, up to float rounding."""
+    from streamchat import native
+
+    native_decoder, python_decoder = FastDecoder(tiny.model, "int4"), FastDecoder(tiny.model, "int4")
+    if native_decoder._native_layers is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    python_decoder._native_layers = None  # the op-by-op step: torch's attention and softmax
+    settings = small_settings(policy=policy, heavy=16, recent=40)
+    caches = [BoundedCache(tiny.model, settings), BoundedCache(tiny.model, settings)]
+    ids = stream(tiny, 48)  # below the budget of 60: no eviction, every place comparable
+    for cache in caches:
+        transformers_step(tiny.model, cache, ids[:8])
+    for token in ids[8:]:
+        for cache in caches:
+            cache.make_room(1)
+        torch.testing.assert_close(native_decoder.decode(token, caches[0]), python_decoder.decode(token, caches[1]),
+                                   atol=1e-3, rtol=1e-3)
+    assert caches[0].length == caches[1].length == 48
+    for native_scores, python_scores in zip(caches[0].policy.scores, caches[1].policy.scores):
+        assert native_scores is not None and native_scores.abs().sum() > 0
+        torch.testing.assert_close(native_scores, python_scores, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_scoring_policies_batch_on_the_native_step_as_alone(tiny, policy):
+    """Two H2O/TOVA caches decoded in one batched native step get the same logits and the same scores, bit for bit,
+    as each decoded alone: every row's attention and probabilities are its own."""
+    from streamchat import native
+    from streamchat.fastpath.batched import decode_batch
+
+    decoder = FastDecoder(tiny.model, "int4")
+    if decoder._native_layers is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    settings = small_settings(policy=policy, heavy=12, recent=20)
+    ids = stream(tiny, 70)
+    batched = [BoundedCache(tiny.model, settings) for _ in range(2)]
+    alone = [BoundedCache(tiny.model, settings) for _ in range(2)]
+    for index, cache in enumerate(batched + alone):
+        transformers_step(tiny.model, cache, ids[index % 2 : index % 2 + 6])
+    for step in range(40):  # past the budget of 36: scores decide evictions on the way
+        tokens = [ids[10 + step], ids[20 + step]]
+        for cache in batched + alone:
+            cache.make_room(1)
+        together = decode_batch(decoder, tokens, batched)
+        for row, cache in enumerate(alone):
+            assert torch.equal(together[row : row + 1], decoder.decode(tokens[row], cache))
+    for a, b in zip(batched, alone):
+        assert a.evicted_tokens == b.evicted_tokens > 0
+        for scores_a, scores_b in zip(a.policy.scores, b.policy.scores):
+            assert torch.equal(scores_a, scores_b)

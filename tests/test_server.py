@@ -389,10 +389,12 @@ def test_ui_tabs_reply_through_the_engine(tiny):
         engine.close()
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
 @pytest.mark.parametrize("policy", ["h2o", "tova"])
-def test_attention_score_policies_decode_singly_through_the_engine(tiny, policy):
-    """H2O/TOVA read each step's attention scores: their conversations run on the engine unbatched, same replies."""
-    settings = load_settings(None, {**SETTINGS, "policy": policy, "heavy": 24, "recent": 24})
+def test_attention_score_policies_through_the_engine(tiny, policy, weights):
+    """H2O/TOVA read each step's attention scores: on the native whole step (int4 weights) the kernel writes them and
+    their conversations may batch; where it does not run (int8 here) they decode singly. Same replies as alone."""
+    settings = load_settings(None, {**SETTINGS, "policy": policy, "heavy": 24, "recent": 24, "decode_weights": weights})
     engine = Engine(tiny, settings, max_sessions=2, prefill_piece=16)
     try:
         replies: dict[int, str] = {}
@@ -408,6 +410,6 @@ def test_attention_score_policies_decode_singly_through_the_engine(tiny, policy)
         for thread in threads:
             thread.join(timeout=60)
         assert [replies[0], replies[1]] == [reference_replies(tiny, settings, [PROMPTS[i] * 2])[0] for i in range(2)]
-        assert replies[10] == policy and engine.batched_steps == 0
+        assert replies[10] == policy and (weights == "int4" or engine.batched_steps == 0)
     finally:
         engine.close()

@@ -74,7 +74,7 @@ def decoder_for_prefill(model: torch.nn.Module, cache: BoundedCache, settings: S
     if settings.decode_path == "transformers" or not isinstance(cache, BoundedCache):
         return None
     decoder = prepare_decoder(model, settings)
-    return decoder if decoder is not None and decoder.native_ready([cache]) else None
+    return decoder if decoder is not None and decoder.native_ready([cache], prefill=True) else None
 
 
 def prepare_decoder(model: torch.nn.Module, settings: Settings) -> FastDecoder | None:

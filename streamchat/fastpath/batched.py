@@ -24,8 +24,9 @@ from streamchat.fastpath.decoder import FastDecoder, FastPathUnavailable
 
 
 def batchable(cache: BoundedCache) -> bool:
-    """Whether this cache's next step may run in a batched step (fast path ready, no attention-score policy)."""
-    return FastDecoder.refusal(cache) is None and not cache.policy.needs_attention_scores
+    """Whether this cache's next step may run in a batched step: the fast path is ready for it (a policy that
+    observes attention scores batches on the native step only, `decode_batch`)."""
+    return FastDecoder.refusal(cache) is None
 
 
 def _check_rows(rows: list, caches: list[BoundedCache]) -> None:
@@ -45,9 +46,11 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
     _check_rows(token_ids, caches)
     for cache in caches:
         if not batchable(cache):
-            raise FastPathUnavailable(FastDecoder.refusal(cache) or "attention-score policies decode singly")
+            raise FastPathUnavailable(FastDecoder.refusal(cache))
     if decoder.native_ready(caches):
         return decoder.native_decode(token_ids, caches)
+    if any(cache.policy.needs_attention_scores for cache in caches):
+        raise FastPathUnavailable("attention-score policies batch on the native step only")
     heads, kv_heads, head_dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
     rotated, half = heads + kv_heads, head_dim // 2
     device, dtype = decoder.device, decoder.dtype

@@ -148,14 +148,15 @@ class FastDecoder:
         self._intermediate = self.layers[0].gate_up.out_features // 2
         return layers
 
-    def native_ready(self, caches: list[BoundedCache]) -> bool:
-        """Whether `native_decode` runs these caches: the whole-step kernel is built, no policy observes attention
-        scores, and every cache stores K/V in one dtype the kernel reads."""
+    def native_ready(self, caches: list[BoundedCache], prefill: bool = False) -> bool:
+        """Whether `native_feed` runs these caches: the whole-step kernel is built and every cache stores K/V in one
+        dtype the kernel reads. A policy that observes attention scores (H2O, TOVA) gets them from the kernel for
+        one token per step (decode); a prefill chunk of several (`prefill`) takes the transformers forward."""
         if self._native_layers is None:
             return False
         dtypes = {cache.layers[0].dtype for cache in caches}  # what the buffers hold (or will, once allocated)
         return (len(dtypes) == 1 and dtypes <= set(native.ATTENTION_DTYPES)
-                and not any(cache.policy.needs_attention_scores for cache in caches))
+                and not (prefill and any(cache.policy.needs_attention_scores for cache in caches)))
 
     def prefill(self, ids: list[int], cache: BoundedCache) -> torch.Tensor:
         """Feed `ids` at places cache.length, ... in one native call (`native_feed`); returns fp32 logits [1, vocab]
@@ -202,6 +203,13 @@ class FastDecoder:
         capacities = [cache.layers[0].keys.shape[2] for cache, count in zip(caches, counts) for _ in range(count)]
         last_rows = [sum(counts[: b + 1]) - 1 for b in range(len(counts))]
         logits = torch.empty(len(chunks), self.lm_head.out_features)
+        scored = [cache.policy.needs_attention_scores for cache in caches]
+        if any(count != 1 for count, scoring in zip(counts, scored) if scoring):
+            raise RuntimeError("a policy that observes attention scores is fed one token per native step")
+        probs = [torch.empty(layers, self.num_kv_heads, cache.layers[0].keys.shape[2]) if scoring else None
+                 for cache, scoring in zip(caches, scored)]  # rows = caches when any scores (one token each)
+        probs_pointers = (ctypes.c_void_p * rows)(*[p.data_ptr() if p is not None else None for p in probs]) \
+            if any(scored) else None
         native.use_threads()
         status = lib.sc_decode(
             rows, layers, self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
@@ -210,14 +218,17 @@ class FastDecoder:
             (ctypes.c_int * rows)(*capacities), int(caches[0].layers[0].keys.dtype == torch.float16),
             self._final_norm, self.lm_head.weight.data_ptr(), self.lm_head.scales.data_ptr(),
             self.lm_head.out_features, len(chunks), (ctypes.c_int * len(chunks))(*last_rows), logits.data_ptr(),
+            probs_pointers,
         )
         if status:
             raise RuntimeError(f"the native decode step refused {rows} row(s) of {len(chunks)} sequence(s)")
-        for cache, count in zip(caches, counts):
+        for cache, count, layer_probs in zip(caches, counts, probs):
             end = cache.length + count
             for layer in cache.layers:
                 layer.length = end
             cache.seen_tokens += count
+            for index in range(layers if layer_probs is not None else 0):  # as `_scored_attention` hands them
+                cache.policy.observe(index, layer_probs[index, :, :end].unsqueeze(0).unsqueeze(2))
         return logits
 
     def nbytes(self) -> int:
