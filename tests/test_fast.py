@@ -385,3 +385,26 @@ def test_scoring_policies_batch_on_the_native_step_as_alone(tiny, policy):
         assert a.evicted_tokens == b.evicted_tokens > 0
         for scores_a, scores_b in zip(a.policy.scores, b.policy.scores):
             assert torch.equal(scores_a, scores_b)
+
+
+def test_a_scoring_row_after_a_prefill_chunk_in_one_native_call_gets_its_own_probabilities(tiny):
+    """Rows are tokens, not caches: an H2O decode row that follows another conversation's prefill chunk in one
+    native call receives the probabilities of its own row (the same scores as decoded alone)."""
+    from streamchat import native
+    from streamchat.fastpath.batched import feed_batch
+
+    decoder = FastDecoder(tiny.model, "int4")
+    if decoder._native_layers is None:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    ids = stream(tiny, 30)
+    scoring = [BoundedCache(tiny.model, small_settings(policy="h2o", heavy=12, recent=20)) for _ in range(2)]
+    plain = BoundedCache(tiny.model, small_settings())
+    for cache in scoring:
+        transformers_step(tiny.model, cache, ids[:6])
+    transformers_step(tiny.model, plain, ids[:4])
+    for cache in (*scoring, plain):
+        cache.make_room(5)
+    feed_batch(decoder, [ids[10:15], [ids[20]]], [plain, scoring[0]])
+    decoder.decode(ids[20], scoring[1])
+    for mixed, alone in zip(scoring[0].policy.scores, scoring[1].policy.scores):
+        assert torch.equal(mixed, alone)

@@ -207,9 +207,9 @@ class FastDecoder:
         if any(count != 1 for count, scoring in zip(counts, scored) if scoring):
             raise RuntimeError("a policy that observes attention scores is fed one token per native step")
         probs = [torch.empty(layers, self.num_kv_heads, cache.layers[0].keys.shape[2]) if scoring else None
-                 for cache, scoring in zip(caches, scored)]  # rows = caches when any scores (one token each)
-        probs_pointers = (ctypes.c_void_p * rows)(*[p.data_ptr() if p is not None else None for p in probs]) \
-            if any(scored) else None
+                 for cache, scoring in zip(caches, scored)]
+        per_row = [p.data_ptr() if p is not None else None for p, count in zip(probs, counts) for _ in range(count)]
+        probs_pointers = (ctypes.c_void_p * rows)(*per_row) if any(scored) else None
         native.use_threads()
         status = lib.sc_decode(
             rows, layers, self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
