@@ -673,8 +673,7 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
         if temperature == 0 and native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
             chosen = native.greedy(rows, histories, penalty)
-        elif (temperature > 0 and native_sampling(jobs[indices[0]].processors)  # as ChatSession._sample
-              and native.can_sample(rows, temperature, top_k, top_p)):
+        elif native_sampling(jobs[indices[0]].processors, rows, jobs[indices[0]].settings):  # as ChatSession._sample
             uniforms = torch.cat([torch.rand(1, generator=jobs[i].session.generator) for i in indices])
             chosen = native.sample(rows, histories, penalty, temperature, top_k, top_p, uniforms)
         else:

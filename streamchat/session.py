@@ -128,10 +128,12 @@ def candidate_probabilities(
     return torch.softmax(logits, dim=-1), indices
 
 
-def native_sampling(processors: LogitsProcessorList) -> bool:
-    """Whether `native.sample` computes these processors itself: the repetition penalty and temperature that
+def native_sampling(processors: LogitsProcessorList, logits: torch.Tensor, settings: Settings) -> bool:
+    """Whether `native.sample` draws these rows under `settings` (`native.can_sample`: sampled, top-k on, the
+    kernels built) and computes these processors itself: the repetition penalty and temperature that
     `ChatSession._logits_processors` builds (any other processor: torch's path, which applies the list)."""
-    return all(isinstance(p, (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)) for p in processors)
+    return (native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p)
+            and all(isinstance(p, (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)) for p in processors))
 
 
 class RecentTokens:
@@ -502,8 +504,7 @@ class ChatSession:
     def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, settings: Settings) -> int:
         """The next token: greedy at temperature 0, else drawn after top-k and top-p (in one native pass where the
         kernels run: `native.sample`, the same processors' arithmetic; `logits` may be changed in place)."""
-        if (settings.temperature > 0 and native_sampling(processors)
-                and native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p)):
+        if native_sampling(processors, logits, settings):
             uniform = torch.rand(1, generator=self.generator)
             return native.sample(logits, self._recent_ids.padded.unsqueeze(0), settings.repetition_penalty,
                                  settings.temperature, settings.top_k, settings.top_p, uniform)[0]
