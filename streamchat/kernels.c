@@ -297,6 +297,15 @@ Q4X8_TILE(2)
 Q4X8_TILE(4)
 
 #ifdef SC_VNNI
+/* int32 per lane of 16 rows: the block's 8 weight chunks (two row groups side by side) times the activation bytes,
+ * 4 at a time broadcast (vpdpbusd), as group_dot and q8x8_dot do for 8 rows. */
+static inline __m512i dot16(const __m512i wg[8], const int8_t *aq) {
+    __m512i dot = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++)
+        dot = _mm512_dpbusd_epi32(dot, wg[g], _mm512_set1_epi32(*(const int32_t *)(aq + 4 * g)));
+    return dot;
+}
+
 /* Two row groups (16 rows: w0's 8, then w1's) in 512-bit vectors: the same per-lane arithmetic as q4x8_tile (so
  * the same bits), half the instructions per activation row, which counts where a batched step or a prefill chunk
  * is bound by arithmetic rather than by reading the weights (on the Intel Xeon measured, docs/speed-cpu.md: a
@@ -323,10 +332,8 @@ Q4X8_TILE(4)
                 _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->m)), _mm_loadu_si128((const __m128i *)b1->m), 1)); \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
                 const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
-                __m512i dot = _mm512_setzero_si512();                                                            \
-                _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++)                                              \
-                    dot = _mm512_dpbusd_epi32(dot, wg[g], _mm512_set1_epi32(*(const int32_t *)(ab->qs + 4 * g))); \
-                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_set1_ps(ab->d)), acc[c]); \
+                const __m512 products = _mm512_cvtepi32_ps(dot16(wg, ab->qs));                                   \
+                acc[c] = _mm512_fmadd_ps(products, _mm512_mul_ps(dw, _mm512_set1_ps(ab->d)), acc[c]);            \
                 acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(ab->s), acc[c]);                                     \
             }                                                                                                    \
         }                                                                                                        \
@@ -429,10 +436,7 @@ Q8X8_TILE(4)
                     _mm256_loadu_si256((const __m256i *)w1[b].qs[j]), 1), offset_bytes);                         \
             _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                                                \
                 const block_q8 *ab = a + (size_t)c * nb + b;                                                     \
-                __m512i dot = _mm512_setzero_si512();                                                            \
-                _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++)                                              \
-                    dot = _mm512_dpbusd_epi32(dot, wg[j], _mm512_set1_epi32(*(const int32_t *)(ab->qs + 4 * j))); \
-                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(ab->d), acc[c]);                \
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot16(wg, ab->qs)), _mm512_set1_ps(ab->d), acc[c]);  \
                 sums[c] += ab->s;                                                                                \
             }                                                                                                    \
         }                                                                                                        \
