@@ -843,9 +843,9 @@ static void probs_task(void *context, int kv) {
     const probs_job *job = context;
     const int n = job->length, D = job->D;
     float *out = job->out + (size_t)kv * job->out_stride;
+    for (int j = 0; j < n; j++) out[j] = 0.0f; /* zeros, not whatever the buffer held, should memory run out */
     float *scores = malloc(sizeof(float) * ((size_t)n + 8)); /* softmax_parts pads to a multiple of 8 */
     if (!scores) return;
-    for (int j = 0; j < n; j++) out[j] = 0.0f;
     for (int g = 0; g < job->group; g++) {
         const float *q = job->q + (size_t)(kv * job->group + g) * D;
         for (int j = 0; j < n; j++) {
