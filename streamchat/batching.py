@@ -83,11 +83,29 @@ class _Decode:
     Token k is fed only once the turn asked for token k (`taken > fed`), so at most one token is fed ahead of
     what the turn has seen, and a turn that stops after token k leaves nothing after it in the cache."""
 
-    __slots__ = ("session", "token", "fed", "taken", "limit", "stop", "processors", "settings",
-                 "tokens", "cancelled", "ended")
+    __slots__ = (
+        "session",
+        "token",
+        "fed",
+        "taken",
+        "limit",
+        "stop",
+        "processors",
+        "settings",
+        "tokens",
+        "cancelled",
+        "ended",
+    )
 
-    def __init__(self, session: ChatSession, token: int, limit: int, stop: threading.Event,
-                 processors: LogitsProcessorList, settings: Settings):
+    def __init__(
+        self,
+        session: ChatSession,
+        token: int,
+        limit: int,
+        stop: threading.Event,
+        processors: LogitsProcessorList,
+        settings: Settings,
+    ):
         self.session, self.token, self.limit, self.stop = session, token, limit, stop
         self.processors, self.settings = processors, settings
         self.fed, self.taken = 0, 1
@@ -181,8 +199,14 @@ class Conversation:
 class Turn:
     """An admitted request: `run(stop)` streams the reply's text pieces; `result` is filled when it ends."""
 
-    def __init__(self, engine: "Engine", conversation: Conversation, request: TurnRequest, new_conversation: bool,
-                 history_known: bool = True):
+    def __init__(
+        self,
+        engine: "Engine",
+        conversation: Conversation,
+        request: TurnRequest,
+        new_conversation: bool,
+        history_known: bool = True,
+    ):
         self.engine, self.conversation, self.request = engine, conversation, request
         self.new_conversation, self.history_known = new_conversation, history_known
         self.result = TurnResult()
@@ -666,8 +690,9 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
         settings = job.settings
-        groups.setdefault((settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p),
-                          []).append(index)
+        groups.setdefault(
+            (settings.repetition_penalty, settings.temperature, settings.top_k, settings.top_p), []
+        ).append(index)
     for (penalty, temperature, top_k, top_p), indices in groups.items():
         rows = logits[indices] if len(indices) < len(jobs) else logits
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
@@ -685,8 +710,9 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
                 probabilities, candidates = candidate_probabilities(rows, top_k, top_p)
                 chosen = []
                 for row, index in enumerate(indices):
-                    choice = int(torch.multinomial(probabilities[row : row + 1], 1,
-                                                   generator=jobs[index].session.generator))
+                    choice = int(
+                        torch.multinomial(probabilities[row : row + 1], 1, generator=jobs[index].session.generator)
+                    )
                     chosen.append(choice if candidates is None else int(candidates[row, choice]))
         for index, token in zip(indices, chosen):
             tokens[index] = token

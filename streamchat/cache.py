@@ -103,10 +103,12 @@ class BoundedLayer(CacheLayerMixin):
         if moved.dim() == 1:
             gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)  # noqa: E731
         else:
-            gather = lambda buffer: torch.gather(  # noqa: E731
-                buffer[:, :, :length],
-                2,
-                moved.reshape(moved.shape + (1,) * (buffer.dim() - 3)).expand(moved.shape + buffer.shape[3:]),
+            gather = (
+                lambda buffer: torch.gather(  # noqa: E731
+                    buffer[:, :, :length],
+                    2,
+                    moved.reshape(moved.shape + (1,) * (buffer.dim() - 3)).expand(moved.shape + buffer.shape[3:]),
+                )
             )
         raw_keys, values, origins = gather(self.raw_keys), gather(self.values), gather(self.origins)
         count = fixed + raw_keys.shape[2]

@@ -17,14 +17,38 @@ from streamchat.config import DEFAULT_CONFIG, Settings, SettingsError, load_sett
 COMMANDS = {
     "chat": ("streamchat.frontends.repl", "chat in the terminal (interactive, or --jsonl for scripts)"),
     "ui": ("streamchat.frontends.web", "chat in the browser (the same as python app.py)"),
-    "serve": ("streamchat.frontends.server", "OpenAI-compatible API server (chat completions) with continuous batching"),
-    "loadtest": ("streamchat.evaluate.loadtest", "load test of serve: N concurrent streaming OpenAI clients, tok/s, TTFT, inter-token latency"),
-    "ppl": ("streamchat.evaluate.ppl", "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)"),
-    "soak": ("streamchat.evaluate.soak", "reliability soak: 200,000+ tokens through one conversation, memory must stay flat"),
-    "stress": ("streamchat.evaluate.stress", "memory stress test: an endless scripted conversation, memory must stay bounded"),
-    "bench": ("streamchat.evaluate.bench", "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time"),
-    "recall": ("streamchat.evaluate.recall", "conversation memory: is a fact planted D tokens back still recalled? accuracy vs D per policy"),
-    "speed": ("streamchat.evaluate.speed", "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity"),
+    "serve": (
+        "streamchat.frontends.server",
+        "OpenAI-compatible API server (chat completions) with continuous batching",
+    ),
+    "loadtest": (
+        "streamchat.evaluate.loadtest",
+        "load test of serve: N concurrent streaming OpenAI clients, tok/s, TTFT, inter-token latency",
+    ),
+    "ppl": (
+        "streamchat.evaluate.ppl",
+        "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)",
+    ),
+    "soak": (
+        "streamchat.evaluate.soak",
+        "reliability soak: 200,000+ tokens through one conversation, memory must stay flat",
+    ),
+    "stress": (
+        "streamchat.evaluate.stress",
+        "memory stress test: an endless scripted conversation, memory must stay bounded",
+    ),
+    "bench": (
+        "streamchat.evaluate.bench",
+        "speed benchmark: decode ms/token, cache overhead, speedups, TTFT, load time",
+    ),
+    "recall": (
+        "streamchat.evaluate.recall",
+        "conversation memory: is a fact planted D tokens back still recalled? accuracy vs D per policy",
+    ),
+    "speed": (
+        "streamchat.evaluate.speed",
+        "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity",
+    ),
 }
 
 # Named flags that map straight onto settings keys (everything else: --set key=value).
@@ -71,21 +95,36 @@ class _ListAction(argparse.Action):
 
 
 def add_list_argument(
-    parser: argparse.ArgumentParser, flag: str, *, default: list | None, help: str,
-    choices: tuple | list | None = None, type: type = str, metavar: str = "ITEM",
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: list | None,
+    help: str,
+    choices: tuple | list | None = None,
+    type: type = str,
+    metavar: str = "ITEM",
 ) -> None:
     """The one way every command takes a list: space- or comma-separated (`--policies h2o tova`, `--policies
     h2o,tova`), repeatable, checked against `choices` with an error naming the valid ones."""
     known = list(choices) if choices is not None else None
-    parser.add_argument(flag, action=_ListAction, known=known, item_type=type, default=default, metavar=metavar,
-                        help=help + " (space- or comma-separated)")
+    parser.add_argument(
+        flag,
+        action=_ListAction,
+        known=known,
+        item_type=type,
+        default=default,
+        metavar=metavar,
+        help=help + " (space- or comma-separated)",
+    )
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override the config file)")
     group.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/default.yaml)")
     for name, kind in SETTINGS_FLAGS.items():
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, metavar=kind.__name__.upper())
+        group.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, metavar=kind.__name__.upper()
+        )
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
 
 

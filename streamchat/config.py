@@ -173,7 +173,9 @@ def _check_ranges(s: Settings) -> None:
     need(s.evict_unit in EVICT_UNITS, "evict_unit", f"must be one of {', '.join(EVICT_UNITS)}, got {s.evict_unit!r}")
     need(s.kv_dtype in KV_DTYPES, "kv_dtype", f"must be one of {', '.join(KV_DTYPES)}, got {s.kv_dtype!r}")
     need(s.prefill_chunk >= 1, "prefill_chunk", "must be at least 1")
-    need(s.decode_path in DECODE_PATHS, "decode_path", f"must be one of {', '.join(DECODE_PATHS)}, got {s.decode_path!r}")
+    need(
+        s.decode_path in DECODE_PATHS, "decode_path", f"must be one of {', '.join(DECODE_PATHS)}, got {s.decode_path!r}"
+    )
     need(
         s.decode_weights in DECODE_WEIGHTS,
         "decode_weights",
@@ -196,8 +198,11 @@ def _check_ranges(s: Settings) -> None:
         "max_new_tokens",
         f"must be between 1 and {MAX_NEW_TOKENS_LIMIT:,}, got {s.max_new_tokens}",
     )
-    need(s.temperature == 0 or s.temperature >= MIN_TEMPERATURE, "temperature",
-         f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {s.temperature:g}")
+    need(
+        s.temperature == 0 or s.temperature >= MIN_TEMPERATURE,
+        "temperature",
+        f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {s.temperature:g}",
+    )
     need(0 < s.top_p <= 1, "top_p", "must be in (0, 1]")
     need(s.top_k >= 0, "top_k", "must be 0 (off) or more")
     need(s.repetition_penalty > 0, "repetition_penalty", "must be above 0 (1 is off)")

@@ -138,8 +138,12 @@ def _convert_gguf(gguf: Path, folder: Path, staging: Path) -> None:
         tokenizer.save_pretrained(staging)
         weights = staging / WEIGHTS
         stat = weights.stat()
-        manifest = {"source": str(gguf), "size": stat.st_size, "sha256": _file_digest(weights),
-                    "mtime_ns": stat.st_mtime_ns}
+        manifest = {
+            "source": str(gguf),
+            "size": stat.st_size,
+            "sha256": _file_digest(weights),
+            "mtime_ns": stat.st_mtime_ns,
+        }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
@@ -149,9 +153,7 @@ def _convert_gguf(gguf: Path, folder: Path, staging: Path) -> None:
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, object]:
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation="sdpa", local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model.to(device).eval(), tokenizer
 
@@ -294,7 +296,12 @@ def load_model(
         identity = f"{folder.resolve().name}"
     packing = None
     quick = None
-    if decode_weights in (*PACKED_MODES, "auto") and device == "cpu" and torch_dtype == torch.float32 and folder != gguf:
+    if (
+        decode_weights in (*PACKED_MODES, "auto")
+        and device == "cpu"
+        and torch_dtype == torch.float32
+        and folder != gguf
+    ):
         quick = _load_packed_only(folder, *_packing_cache(folder, gguf), decode_weights)
     if quick is not None:
         model, tokenizer, packing = quick

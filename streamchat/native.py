@@ -45,8 +45,17 @@ Q8_GROUP_BYTES = 256  # one 8-bit block group: 8 rows x 32 inputs
 # -ffp-contract=off: scalar a*b + c*d stays two roundings, as torch computes it (RoPE in compaction is bit-exact)
 FLAGS = {
     "avx2": ["-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"],
-    "avx512vnni": ["-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                   "-mavx512vnni", "-DSC_VNNI"],
+    "avx512vnni": [
+        "-ffp-contract=off",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512vnni",
+        "-DSC_VNNI",
+    ],
 }
 
 ATTENTION_DTYPES = (torch.float32, torch.float16)  # K/V dtypes sc_attention reads
@@ -92,8 +101,19 @@ def _build(target: str, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
         built = Path(folder) / destination.name
-        command = [compiler, "-O3", "-shared", "-fPIC", "-pthread", "-std=c11", *FLAGS[target], str(SOURCE), "-o",
-                   str(built), "-lm"]
+        command = [
+            compiler,
+            "-O3",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            "-std=c11",
+            *FLAGS[target],
+            str(SOURCE),
+            "-o",
+            str(built),
+            "-lm",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-400:]}")
@@ -132,9 +152,12 @@ def library() -> ctypes.CDLL | None:
         _LOADED = True
         target = isa()
         if target is None:
-            _REASON = ("turned off (STREAMCHAT_NATIVE=0)" if os.environ.get(DISABLE_ENV) == "0"
-                       else f"needs an x86 CPU with AVX2/FMA/F16C (this one: {platform.machine()}, "
-                            f"{torch.backends.cpu.get_cpu_capability()})")
+            _REASON = (
+                "turned off (STREAMCHAT_NATIVE=0)"
+                if os.environ.get(DISABLE_ENV) == "0"
+                else f"needs an x86 CPU with AVX2/FMA/F16C (this one: {platform.machine()}, "
+                f"{torch.backends.cpu.get_cpu_capability()})"
+            )
             return None
         lib, errors = None, []
         for build in [target] + (["avx2"] if target != "avx2" else []):  # an older compiler may lack AVX-512 VNNI
@@ -152,22 +175,87 @@ def library() -> ctypes.CDLL | None:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         lib.sc_q4_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
         lib.sc_q8_matmul.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
-        lib.sc_attention.argtypes = [pointer, pointer, pointer, integer, ctypes.c_long, integer, integer, integer,
-                                     integer, ctypes.c_float, pointer]
-        lib.sc_decode.argtypes = [
-            integer, integer, pointer, integer, integer, integer, integer, integer, ctypes.c_float, ctypes.c_float,
-            pointer, pointer, pointer, pointer, pointer, pointer, pointer, integer, pointer, pointer, pointer, integer,
-            integer, pointer, pointer, pointer,
+        lib.sc_attention.argtypes = [
+            pointer,
+            pointer,
+            pointer,
+            integer,
+            ctypes.c_long,
+            integer,
+            integer,
+            integer,
+            integer,
+            ctypes.c_float,
+            pointer,
         ]
-        lib.sc_compact.argtypes = [pointer, pointer, pointer, pointer, integer, integer, integer, integer, integer,
-                                   integer, integer, pointer, pointer]
+        lib.sc_decode.argtypes = [
+            integer,
+            integer,
+            pointer,
+            integer,
+            integer,
+            integer,
+            integer,
+            integer,
+            ctypes.c_float,
+            ctypes.c_float,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            integer,
+            pointer,
+            pointer,
+            pointer,
+            integer,
+            integer,
+            pointer,
+            pointer,
+            pointer,
+        ]
+        lib.sc_compact.argtypes = [
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            integer,
+            integer,
+            integer,
+            integer,
+            integer,
+            integer,
+            integer,
+            pointer,
+            pointer,
+        ]
         lib.sc_greedy.argtypes = [pointer, integer, integer, pointer, integer, ctypes.c_float, pointer]
-        lib.sc_sample.argtypes = [pointer, integer, integer, pointer, integer, ctypes.c_float, ctypes.c_float,
-                                  integer, ctypes.c_float, pointer, pointer]
+        lib.sc_sample.argtypes = [
+            pointer,
+            integer,
+            integer,
+            pointer,
+            integer,
+            ctypes.c_float,
+            ctypes.c_float,
+            integer,
+            ctypes.c_float,
+            pointer,
+            pointer,
+        ]
         lib.sc_set_threads.argtypes = [integer]
         lib.sc_set_threads.restype = None
-        for function in (lib.sc_q4_matmul, lib.sc_q8_matmul, lib.sc_attention, lib.sc_decode, lib.sc_compact,
-                         lib.sc_greedy, lib.sc_sample):
+        for function in (
+            lib.sc_q4_matmul,
+            lib.sc_q8_matmul,
+            lib.sc_attention,
+            lib.sc_decode,
+            lib.sc_compact,
+            lib.sc_greedy,
+            lib.sc_sample,
+        ):
             function.restype = integer
         if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
             _REASON = "the compiled decode-step structures do not match"
@@ -190,25 +278,43 @@ def compact(layer, src: int, dst: int, count: int) -> bool:
     does not apply (no kernels, another layout or dtype); the caller then compacts with torch."""
     lib = library()
     buffers = (layer.keys, layer.raw_keys, layer.values)
-    if (lib is None or layer.keys.shape[0] != 1 or layer.keys.dtype not in ATTENTION_DTYPES
-            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (*buffers, layer.origins))
-            or layer.values.shape != layer.keys.shape):
+    if (
+        lib is None
+        or layer.keys.shape[0] != 1
+        or layer.keys.dtype not in ATTENTION_DTYPES
+        or any(t.device.type != "cpu" or not t.is_contiguous() for t in (*buffers, layer.origins))
+        or layer.values.shape != layer.keys.shape
+    ):
         return False
     cos, sin = layer.rope.cos, layer.rope.sin
     if cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
         return False
     _, heads, capacity, dim = layer.keys.shape
     use_threads()
-    status = lib.sc_compact(layer.keys.data_ptr(), layer.raw_keys.data_ptr(), layer.values.data_ptr(),
-                            layer.origins.data_ptr(), int(layer.keys.dtype == torch.float16), heads, capacity, dim,
-                            src, dst, count, cos.data_ptr(), sin.data_ptr())
+    status = lib.sc_compact(
+        layer.keys.data_ptr(),
+        layer.raw_keys.data_ptr(),
+        layer.values.data_ptr(),
+        layer.origins.data_ptr(),
+        int(layer.keys.dtype == torch.float16),
+        heads,
+        capacity,
+        dim,
+        src,
+        dst,
+        count,
+        cos.data_ptr(),
+        sin.data_ptr(),
+    )
     return status == 0
 
 
 class Layer(ctypes.Structure):
     """kernels.c's `sc_layer`: one decoder layer's packed weights and norms (addresses)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("qkv", "out", "gate_up", "down", "qkv_bias", "input_norm", "post_norm")]
+    _fields_ = [
+        (name, ctypes.c_void_p) for name in ("qkv", "out", "gate_up", "down", "qkv_bias", "input_norm", "post_norm")
+    ]
 
 
 class CacheLayer(ctypes.Structure):
@@ -294,13 +400,22 @@ def pin_threads(threads: int | None) -> None:
     _PINNED.threads = threads
 
 
-def q4_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def q4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [M, K] fp32 contiguous -> [M, N] fp32 through `pack_q4`'s blocks. Raises RuntimeError on bad sizes."""
     use_threads()
     rows, columns = x.shape
     out = torch.empty(rows, out_features)
-    status = _LIBRARY.sc_q4_matmul(x.data_ptr(), rows, columns, packed.data_ptr(), out_features,
-                                   None if bias is None else bias.data_ptr(), out.data_ptr())
+    status = _LIBRARY.sc_q4_matmul(
+        x.data_ptr(),
+        rows,
+        columns,
+        packed.data_ptr(),
+        out_features,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+    )
     if status:
         raise RuntimeError(f"sc_q4_matmul failed for x {tuple(x.shape)}, {out_features} outputs")
     return out
@@ -349,13 +464,18 @@ def unpack_q8(packed: torch.Tensor, rows: int) -> torch.Tensor:
 def q8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [M, K] fp32 contiguous, `pack_q8`'s weight and scales -> [M, out_features] fp32."""
     rows, columns = x.shape
-    if (packed.dim() != 3 or packed.shape[1] * BLOCK != columns or scales.numel() != packed.shape[0] * ROWS
-            or not scales.numel() - ROWS < out_features <= scales.numel()):
+    if (
+        packed.dim() != 3
+        or packed.shape[1] * BLOCK != columns
+        or scales.numel() != packed.shape[0] * ROWS
+        or not scales.numel() - ROWS < out_features <= scales.numel()
+    ):
         raise ValueError(f"q8_matmul: x {tuple(x.shape)} against groups {tuple(packed.shape)}, {scales.numel()} scales")
     use_threads()
     out = torch.empty(rows, out_features)
-    status = _LIBRARY.sc_q8_matmul(x.data_ptr(), rows, columns, packed.data_ptr(), scales.data_ptr(), out_features,
-                                   out.data_ptr())
+    status = _LIBRARY.sc_q8_matmul(
+        x.data_ptr(), rows, columns, packed.data_ptr(), scales.data_ptr(), out_features, out.data_ptr()
+    )
     if status:
         raise RuntimeError(f"sc_q8_matmul failed for x {tuple(x.shape)}")
     return out
@@ -367,14 +487,27 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
     heads, dim = query.shape
     kv_heads = keys.shape[1]
     if keys.stride()[2:] != (dim, 1) or values.stride() != keys.stride() or values.dtype != keys.dtype:
-        raise ValueError(f"attention needs [1, kv_heads, capacity, {dim}] buffers laid out alike, got keys "
-                         f"{tuple(keys.shape)} strides {keys.stride()} and values strides {values.stride()}")
+        raise ValueError(
+            f"attention needs [1, kv_heads, capacity, {dim}] buffers laid out alike, got keys "
+            f"{tuple(keys.shape)} strides {keys.stride()} and values strides {values.stride()}"
+        )
     use_threads()
     query = query.contiguous()
     out = torch.empty(heads, dim)
     half = keys.dtype == torch.float16
-    status = _LIBRARY.sc_attention(query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(half), keys.stride(1),
-                                   length, heads, kv_heads, dim, scale, out.data_ptr())
+    status = _LIBRARY.sc_attention(
+        query.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        int(half),
+        keys.stride(1),
+        length,
+        heads,
+        kv_heads,
+        dim,
+        scale,
+        out.data_ptr(),
+    )
     if status:
         raise RuntimeError(f"sc_attention failed for query {tuple(query.shape)}, keys {tuple(keys.shape)}")
     return out
@@ -405,13 +538,26 @@ NOT_FINITE, NO_MEMORY = -2, -3  # kernels.c's SC_NOT_FINITE, SC_NO_MEMORY
 def can_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> bool:
     """Whether `sample` takes these settings (temperature > 0, 1 <= top_k <= MAX_TOP_K, 0 < top_p <= 1) and logits
     (contiguous fp32 [B, V] on the CPU) where the kernels are built; else the caller samples with torch."""
-    return (ctypes.c_float(temperature).value > 0 and 1 <= top_k <= MAX_TOP_K and 0 < top_p <= 1
-            and logits.dtype == torch.float32
-            and logits.device.type == "cpu" and logits.is_contiguous() and library() is not None)
+    return (
+        ctypes.c_float(temperature).value > 0
+        and 1 <= top_k <= MAX_TOP_K
+        and 0 < top_p <= 1
+        and logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.is_contiguous()
+        and library() is not None
+    )
 
 
-def sample(logits: torch.Tensor, history: torch.Tensor, penalty: float, temperature: float, top_k: int, top_p: float,
-           uniform: torch.Tensor) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    penalty: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniform: torch.Tensor,
+) -> list[int]:
     """The next token of each row of fp32 logits [B, V] (changed in place), with what transformers' processors
     compute (`ChatSession._logits_processors`: repetition penalty over history int64 [B, W], ids >= V padding;
     temperature) then top-k and top-p (Holtzman et al. 2020), the kept candidates' probabilities inverted at uniform
@@ -420,13 +566,26 @@ def sample(logits: torch.Tensor, history: torch.Tensor, penalty: float, temperat
     ms a row alone and 0.8 ms on the server's scheduler thread, with the GIL. Raises ValueError where `can_sample`
     says no or a row's largest logit is not finite (torch's multinomial refuses those too)."""
     if not can_sample(logits, temperature, top_k, top_p) or history.dtype != torch.int64:
-        raise ValueError("sample needs contiguous fp32 CPU logits, int64 history, temperature > 0, "
-                         f"1 <= top_k <= {MAX_TOP_K}, 0 < top_p <= 1 and the native kernels")
+        raise ValueError(
+            "sample needs contiguous fp32 CPU logits, int64 history, temperature > 0, "
+            f"1 <= top_k <= {MAX_TOP_K}, 0 < top_p <= 1 and the native kernels"
+        )
     history, uniform = history.contiguous(), uniform.to(torch.float32).contiguous()
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.int64)
-    status = library().sc_sample(logits.data_ptr(), batch, vocab, history.data_ptr(), history.shape[1], penalty,
-                                 temperature, top_k, top_p, uniform.data_ptr(), out.data_ptr())
+    status = library().sc_sample(
+        logits.data_ptr(),
+        batch,
+        vocab,
+        history.data_ptr(),
+        history.shape[1],
+        penalty,
+        temperature,
+        top_k,
+        top_p,
+        uniform.data_ptr(),
+        out.data_ptr(),
+    )
     if status == NOT_FINITE:
         raise ValueError("cannot sample: the logits are infinite or NaN")
     if status:
@@ -438,5 +597,7 @@ if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): 
     if library() is not None:
         print(f"streamchat: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
     else:
-        print(f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
-              "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)")
+        print(
+            f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
+            "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)"
+        )

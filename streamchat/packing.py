@@ -35,10 +35,18 @@ from safetensors.torch import load, save_file
 from streamchat.memory import release_free_memory
 from streamchat import native
 from streamchat.quant import (
-    LINEAR_MODES, PackedLinear, QuantEmbedding, QuantLinear, fuse, native_kernel, resolve_weights,
+    LINEAR_MODES,
+    PackedLinear,
+    QuantEmbedding,
+    QuantLinear,
+    fuse,
+    native_kernel,
+    resolve_weights,
 )
 
-PACKED_ATTR = "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
+PACKED_ATTR = (
+    "streamchat_packed"  # on the model (PackedWeights) and each decoder layer (PackedLayer); decoder.py reads it
+)
 PACKED_MODES = tuple(m for m in ("int8", "int4", "int8_dynamic") if m in LINEAR_MODES)  # what this torch/quant has
 DYNAMIC = "int8_dynamic"  # fbgemm's packed-weight object, not a tensor: stored as its int8 weight and row scales
 FORMAT = 3  # bump when what is stored changes (3: native int8 rows in 8-row groups)
@@ -87,7 +95,11 @@ class PackedWeights:
             if linear_mode == DYNAMIC:
                 return _dynamic_from_state(weight, tensors[f"{prefix}.scales"], tensors.get(f"{prefix}.bias"))
             return PackedLinear.from_packed(
-                linear_mode, weight, tensors.get(f"{prefix}.scales"), tensors.get(f"{prefix}.bias"), out_features,
+                linear_mode,
+                weight,
+                tensors.get(f"{prefix}.scales"),
+                tensors.get(f"{prefix}.bias"),
+                out_features,
                 kernel,
             )
 
@@ -159,12 +171,14 @@ def pack_weights(model: torch.nn.Module, mode: str) -> PackedWeights:
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        layers.append(PackedLayer(
-            fuse([p.weight for p in projections], [p.bias for p in projections], mode),
-            PackedLinear(attention.o_proj.weight, attention.o_proj.bias, mode),
-            fuse([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None], mode),
-            PackedLinear(mlp.down_proj.weight, None, mode),
-        ))
+        layers.append(
+            PackedLayer(
+                fuse([p.weight for p in projections], [p.bias for p in projections], mode),
+                PackedLinear(attention.o_proj.weight, attention.o_proj.bias, mode),
+                fuse([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None], mode),
+                PackedLinear(mlp.down_proj.weight, None, mode),
+            )
+        )
     head = model.lm_head
     lm_head = PackedLinear(head.weight, getattr(head, "bias", None), "int8")
     embedding = None
@@ -234,14 +248,17 @@ def install(model: torch.nn.Module, packed: PackedWeights) -> None:
             setattr(attention, name, part)
         attention.o_proj = QuantLinear(packed_layer.out, attention.o_proj.in_features)
         names = ("gate_proj", "up_proj")
-        for name, part in zip(names, _parts(packed_layer.gate_up, [getattr(mlp, n).out_features for n in names], hidden)):
+        for name, part in zip(
+            names, _parts(packed_layer.gate_up, [getattr(mlp, n).out_features for n in names], hidden)
+        ):
             setattr(mlp, name, part)
         mlp.down_proj = QuantLinear(packed_layer.down, mlp.down_proj.in_features)
         setattr(layer, PACKED_ATTR, packed_layer)
     embed = model.model.embed_tokens
     rows, scales = packed.embedding or (packed.lm_head.weight, packed.lm_head.scales)
-    model.model.embed_tokens = QuantEmbedding(rows, scales, model.dtype, getattr(embed, "padding_idx", None),
-                                              embed.num_embeddings)
+    model.model.embed_tokens = QuantEmbedding(
+        rows, scales, model.dtype, getattr(embed, "padding_idx", None), embed.num_embeddings
+    )
     model.lm_head = QuantLinear(packed.lm_head, hidden)
     setattr(model, PACKED_ATTR, packed)
     with torch.no_grad():
@@ -273,7 +290,11 @@ def cache_key(source_digest: str, mode: str) -> dict[str, str | int]:
     torch's packing code and the CPU capability (its int4 layout depends on both)."""
     kernel = kernel_family()
     return {
-        "format": FORMAT, "source": source_digest, "mode": mode, "torch": torch.__version__, "kernel": kernel,
+        "format": FORMAT,
+        "source": source_digest,
+        "mode": mode,
+        "torch": torch.__version__,
+        "kernel": kernel,
         "capability": torch.backends.cpu.get_cpu_capability() if kernel == "torch" else "any",
     }
 

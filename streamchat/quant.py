@@ -89,8 +89,13 @@ class PackedLinear:
 
     @classmethod
     def from_packed(
-        cls, mode: str, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-        out_features: int, kernel: str = "torch",
+        cls,
+        mode: str,
+        weight: torch.Tensor,
+        scales: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out_features: int,
+        kernel: str = "torch",
     ) -> PackedLinear:
         """A linear over tensors packed before for `kernel` ("native" or "torch"; by `state()`, e.g. read back
         from the packed-weights cache)."""
@@ -259,7 +264,9 @@ def _int4_rows_cut_at(start: int, stop: int) -> bool:
     per process on a small probe (torch's packing layout is its own and may change), then by block alignment."""
     global _INT4_ROWS_CUTTABLE
     if _INT4_ROWS_CUTTABLE is None:
-        probe = torch.randint(0, 16, (3 * INT4_ROW_BLOCK, 2 * INT4_GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        probe = torch.randint(
+            0, 16, (3 * INT4_ROW_BLOCK, 2 * INT4_GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+        )
         whole = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
         _INT4_ROWS_CUTTABLE = all(
             torch.equal(whole[a:b], torch._convert_weight_to_int4pack_for_cpu(probe[a:b].contiguous(), 1))
@@ -291,8 +298,14 @@ class QuantEmbedding(torch.nn.Module):
     [ceil(count / 8), hidden / 32, 256] (`native.pack_q8`; then `count` must be given), gathered per call.
     forward: ids [...] -> [..., hidden] in `dtype`."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, padding_idx: int | None = None,
-                 count: int | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        dtype: torch.dtype,
+        padding_idx: int | None = None,
+        count: int | None = None,
+    ):
         super().__init__()
         self.weight_int8, self.scales, self.dtype, self.padding_idx = weight, scales, dtype, padding_idx
         self.grouped = weight.dim() == 3

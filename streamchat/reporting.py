@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 
-def read_text_file(
-    path: str | Path, what: str, error: type[Exception] = ValueError, encoding: str = "utf-8"
-) -> str:
+def read_text_file(path: str | Path, what: str, error: type[Exception] = ValueError, encoding: str = "utf-8") -> str:
     """The text of a file the user named (`what`: "config file", "--text file"...), or `error` saying whether it is
     missing or unreadable (not UTF-8, a folder, no permission)."""
     path = Path(path)

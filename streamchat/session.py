@@ -111,9 +111,7 @@ class IncrementalDecoder:
         return ""
 
 
-def candidate_probabilities(
-    logits: torch.Tensor, top_k: int, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def candidate_probabilities(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sampling probabilities [B, n] after top-k then top-p, per row of logits [B, vocab], and the token ids they
     belong to ([B, n]; None: all of them).
 
@@ -132,8 +130,9 @@ def native_sampling(processors: LogitsProcessorList, logits: torch.Tensor, setti
     """Whether `native.sample` draws these rows under `settings` (`native.can_sample`: sampled, top-k on, the
     kernels built) and computes these processors itself: the repetition penalty and temperature that
     `ChatSession._logits_processors` builds (any other processor: torch's path, which applies the list)."""
-    return (native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p)
-            and all(isinstance(p, (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)) for p in processors))
+    return native.can_sample(logits, settings.temperature, settings.top_k, settings.top_p) and all(
+        isinstance(p, (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper)) for p in processors
+    )
 
 
 class RecentTokens:
@@ -149,7 +148,7 @@ class RecentTokens:
         self.extend(ids)
 
     def extend(self, ids) -> None:
-        ids = list(ids)[-len(self.padded):]
+        ids = list(ids)[-len(self.padded) :]
         self.ids.extend(ids)
         values, capacity = torch.tensor(ids, dtype=torch.int64), len(self.padded)
         first = min(len(ids), capacity - self._next)
@@ -256,8 +255,11 @@ class ChatSession:
         if self.turns or self._fed_template or self.visible_messages:
             raise SessionError("seed_history needs a fresh conversation: call reset first")
         for message in messages:
-            if not (isinstance(message, dict) and message.get("role") in ("user", "assistant")
-                    and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and message.get("role") in ("user", "assistant")
+                and isinstance(message.get("content"), str)
+            ):
                 raise SessionError("earlier messages must be user or assistant messages with text content")
         self.messages = [*self.messages, *({"role": m["role"], "content": clean_text(m["content"])} for m in messages)]
 
@@ -325,8 +327,10 @@ class ChatSession:
                 and all(isinstance(v, str) for m in messages for v in m.values())
                 and isinstance(template, str)
                 and all(int(index) < len(messages) for index in _PLACEHOLDER.findall(template))
-                and type(turns) is int and turns >= 0
-                and isinstance(pending, list) and isinstance(recent, list)
+                and type(turns) is int
+                and turns >= 0
+                and isinstance(pending, list)
+                and isinstance(recent, list)
                 and all(type(i) is int and 0 <= i < vocab for i in (*pending, *recent))
             ):
                 raise ValueError("messages, template, turns or token ids are malformed")
@@ -346,7 +350,10 @@ class ChatSession:
             raise SessionError(f"the saved session does not fit: {error}") from None
         self.settings, self.cache, self.generator, self.last_turn = settings, cache, generator, last_turn
         self.messages, self.pinned_tokens, self._fed_template, self.turns = messages, cache.pinned, template, turns
-        self._pending, self._recent_ids = list(pending), RecentTokens(cache.capacity, self.model.config.vocab_size, recent)
+        self._pending, self._recent_ids = (
+            list(pending),
+            RecentTokens(cache.capacity, self.model.config.vocab_size, recent),
+        )
         self.evicted_last_turn, self.last_reply_ids = 0, []
 
     # ----- tokenization -------------------------------------------------------------------------------------
@@ -506,8 +513,15 @@ class ChatSession:
         kernels run: `native.sample`, the same processors' arithmetic; `logits` may be changed in place)."""
         if native_sampling(processors, logits, settings):
             uniform = torch.rand(1, generator=self.generator)
-            return native.sample(logits, self._recent_ids.padded.unsqueeze(0), settings.repetition_penalty,
-                                 settings.temperature, settings.top_k, settings.top_p, uniform)[0]
+            return native.sample(
+                logits,
+                self._recent_ids.padded.unsqueeze(0),
+                settings.repetition_penalty,
+                settings.temperature,
+                settings.top_k,
+                settings.top_p,
+                uniform,
+            )[0]
         if processors:
             history = self._recent_ids.padded.unsqueeze(0).to(self.device)
             for processor in processors:  # as LogitsProcessorList does, without its per-call signature inspection
@@ -582,8 +596,11 @@ class ChatSession:
             raise SessionError("a reply is still being generated; stop it first")
         started = time.perf_counter()
         self.evicted_last_turn = 0
-        messages = [*self.messages, {"role": "user", "content": clean_text(user_text)},
-                    {"role": "assistant", "content": clean_text(reply_text)}]
+        messages = [
+            *self.messages,
+            {"role": "user", "content": clean_text(user_text)},
+            {"role": "assistant", "content": clean_text(reply_text)},
+        ]
         pieces = self._encode(messages, add_generation_prompt=False)
         self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=False)
         ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids)]
@@ -597,8 +614,11 @@ class ChatSession:
 
     def exchange_tokens(self, user_text: str, reply_text: str) -> int:
         """Tokens `feed_exchange(user_text, reply_text)` would feed now (tokenization only, nothing fed)."""
-        messages = [*self.messages, {"role": "user", "content": clean_text(user_text)},
-                    {"role": "assistant", "content": clean_text(reply_text)}]
+        messages = [
+            *self.messages,
+            {"role": "user", "content": clean_text(user_text)},
+            {"role": "assistant", "content": clean_text(reply_text)},
+        ]
         return len(self._pending) + sum(len(ids) for ids, _, _ in self._encode(messages, add_generation_prompt=False))
 
     def score_reply(self, user_text: str, candidates: list[str], reply_prefix: str = "") -> torch.Tensor:
@@ -687,8 +707,14 @@ class ChatSession:
             rate = steps / decode_seconds if steps and decode_seconds > 0 else 0.0
             self._finish(prompt_tokens, prompt_tokens, new_tokens, reason, prefill_seconds, ttft, rate)
 
-    def _reply_tokens(self, logits: torch.Tensor, limit: int, stop: threading.Event, processors: LogitsProcessorList,
-                      settings: Settings) -> Iterator[int]:
+    def _reply_tokens(
+        self,
+        logits: torch.Tensor,
+        limit: int,
+        stop: threading.Event,
+        processors: LogitsProcessorList,
+        settings: Settings,
+    ) -> Iterator[int]:
         """The reply's token ids, one at a time: each sampled from the logits of the one before (the first from the
         prefill's `logits`, fp32 [1, vocab]); a token is fed to the cache when the consumer asks for the next.
         `_pending` holds the last token while it is not fed: it goes first into the next turn's prefill. The

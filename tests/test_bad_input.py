@@ -53,8 +53,13 @@ def test_empty_or_whitespace_message(session, text):
 def test_one_megabyte_paste_streams_through_at_budget(tiny):
     # ~390,000 tokens: a one-layer, one-head model keeps this to seconds; the session code path is the same
     config = LlamaConfig(
-        vocab_size=len(tiny.tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=4096,
+        vocab_size=len(tiny.tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
     )
     smaller = LoadedModel(LlamaForCausalLM(config).eval(), tiny.tokenizer, "tiny-1-layer", "tiny", 0.0, False)
     settings = load_settings(None, {"window": 508, "prefill_chunk": 496, "temperature": 0, "max_new_tokens": 4})

@@ -39,9 +39,12 @@ def test_paths_hold_the_tokens_they_should(tiny, settings):
 def test_decode_curve_rows_per_path_and_bin(tiny, settings):
     rows = bench.measure_decode_curve(tiny, settings, [BUDGET], tokens=60, bin_size=20, show_progress=False)
     assert [(r["path"], r["budget"], r["tokens_processed"]) for r in rows] == [
-        ("sink_window", BUDGET, 20), ("dense", None, 20),
-        ("sink_window", BUDGET, 40), ("dense", None, 40),
-        ("sink_window", BUDGET, 60), ("dense", None, 60),
+        ("sink_window", BUDGET, 20),
+        ("dense", None, 20),
+        ("sink_window", BUDGET, 40),
+        ("dense", None, 40),
+        ("sink_window", BUDGET, 60),
+        ("dense", None, 60),
     ]
     assert rows[-2]["cache_tokens"] <= BUDGET < rows[-1]["cache_tokens"] == 60
     assert all(r["ms_per_token"] > 0 for r in rows)
@@ -78,11 +81,30 @@ def test_load_time_uses_a_temporary_model_cache_and_restores_it(tiny, tmp_path, 
 
 def test_command_writes_results_and_a_json_line(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "load_model", lambda *args: tiny)
-    status = cli.main([
-        "bench", "--budget", str(BUDGET), "--tokens", "40", "--only", "curve,overhead,recompute", "--rounds", "4",
-        "--recompute-rounds", "1", "--window", "44", "--sinks", "4", "--set", "slack=4", "--out", str(tmp_path),
-        "--json",
-    ])
+    status = cli.main(
+        [
+            "bench",
+            "--budget",
+            str(BUDGET),
+            "--tokens",
+            "40",
+            "--only",
+            "curve,overhead,recompute",
+            "--rounds",
+            "4",
+            "--recompute-rounds",
+            "1",
+            "--window",
+            "44",
+            "--sinks",
+            "4",
+            "--set",
+            "slack=4",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
     assert status == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["command"] == "bench" and f"overhead_sink_window@{BUDGET}" in last
@@ -104,8 +126,22 @@ def test_speed_measure_reports_every_decode_path(tiny, tmp_path, monkeypatch, ca
         raise speed.LlamaCppFailed("not in this test")
 
     monkeypatch.setattr(speed, "LlamaCppStepper", no_llama_cpp)
-    status = cli.main(["bench", "--budget", str(BUDGET), "--only", "speed", "--rounds", "3", "--set", "slack=4",
-                       "--out", str(tmp_path), "--json"])
+    status = cli.main(
+        [
+            "bench",
+            "--budget",
+            str(BUDGET),
+            "--only",
+            "speed",
+            "--rounds",
+            "3",
+            "--set",
+            "slack=4",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out.strip().splitlines()
     last = json.loads(printed[-1])
@@ -113,7 +149,9 @@ def test_speed_measure_reports_every_decode_path(tiny, tmp_path, monkeypatch, ca
         figures = last[f"speed_{path}@{BUDGET}"]
         assert figures["tokens_per_s"] > 0 and figures["speedup"] > 0
     assert last[f"speed_transformers_dynamic@{BUDGET}"]["speedup"] == 1.0
-    default = f"fast_model_kv_{speed.KV_NAMES[auto_kv_dtype(torch.float32)[0]]}"  # fp16 (native kernels), else fp32 or bf16
+    default = (
+        f"fast_model_kv_{speed.KV_NAMES[auto_kv_dtype(torch.float32)[0]]}"  # fp16 (native kernels), else fp32 or bf16
+    )
     assert any("(default)" in line and default in line for line in printed)
     assert f"decode speed @{BUDGET}: llama.cpp skipped: not in this test" in printed
 

@@ -248,7 +248,7 @@ def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, window, mon
         stream_random_keys(model, torch_cache, 400, 7)
     assert native_cache.evicted_tokens == torch_cache.evicted_tokens > 400 - window - 20
     assert len(done) > 20 and all(done)  # every compaction of the first cache went through the kernel
-    assert calls[len(done):] and not any(calls[len(done):])  # and none of the second's
+    assert calls[len(done) :] and not any(calls[len(done) :])  # and none of the second's
     for a, b in zip(native_cache.layers, torch_cache.layers):
         assert a.length == b.length
         for name in ("keys", "raw_keys", "values", "origins"):

@@ -59,7 +59,9 @@ def test_flags_override_set_which_overrides_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("window: 100\nsinks: 2\ntemperature: 0.5\n")
     parser = build_parser()
-    args = parser.parse_args(["chat", "--config", str(config), "--set", "window=70", "--window", "60", "--system", "Hi"])
+    args = parser.parse_args(
+        ["chat", "--config", str(config), "--set", "window=70", "--window", "60", "--system", "Hi"]
+    )
     settings = settings_from_args(args)
     assert settings.window == 60 and settings.sinks == 2 and settings.temperature == 0.5
     assert settings.system_prompt == "Hi"
@@ -81,7 +83,11 @@ def test_every_command_takes_lists_the_same_way():
     from streamchat.cli import build_parser
 
     parser = build_parser()
-    forms = (["--policies", "window", "h2o"], ["--policies", "window,h2o"], ["--policies", "window", "--policies", "h2o"])
+    forms = (
+        ["--policies", "window", "h2o"],
+        ["--policies", "window,h2o"],
+        ["--policies", "window", "--policies", "h2o"],
+    )
     for form in forms:
         assert parser.parse_args(["ppl", "--text", "x", *form]).policies == ["window", "h2o"]
     assert parser.parse_args(["bench", "--only", "curve", "speed"]).only == ["curve", "speed"]

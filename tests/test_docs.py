@@ -89,8 +89,17 @@ def test_readme_is_a_front_door():
 
 def test_the_docs_exist():
     names = {path.name for path in DOCS}
-    for name in ("CONTRIBUTING.md", "design.md", "policies.md", "benchmarks.md", "speed.md", "reliability.md",
-                 "configuration.md", "terminal.md", "browser.md"):
+    for name in (
+        "CONTRIBUTING.md",
+        "design.md",
+        "policies.md",
+        "benchmarks.md",
+        "speed.md",
+        "reliability.md",
+        "configuration.md",
+        "terminal.md",
+        "browser.md",
+    ):
         assert name in names, f"missing {name}"
 
 
@@ -110,4 +119,8 @@ def test_the_link_checker_finds_broken_links(tmp_path):
         "`[in code](nothing.md)`\n\n```\n[in a block](nothing.md)\n```\n\n## Here\n"
     )
     assert broken_links(tmp_path / "other.md") == []
-    assert [reason.split(":")[0] for reason in broken_links(page)] == ["missing.md", "other.md#nowhere", "images/none.png"]
+    assert [reason.split(":")[0] for reason in broken_links(page)] == [
+        "missing.md",
+        "other.md#nowhere",
+        "images/none.png",
+    ]

@@ -58,8 +58,10 @@ def test_repl_reports_a_missing_model_clearly():
 def test_a_chat_process_freezes_its_startup_objects():
     """load_for_chat (REPL, web UI, server) puts the ~400,000 objects of torch, transformers and the model out of
     the garbage collector's full collections, which otherwise stalled a reply by 90-170 ms at random."""
-    code = ("import gc; from streamchat.config import load_settings; from streamchat.model import load_for_chat; "
-            "before = gc.get_freeze_count(); load_for_chat(load_settings()); print(before, gc.get_freeze_count())")
+    code = (
+        "import gc; from streamchat.config import load_settings; from streamchat.model import load_for_chat; "
+        "before = gc.get_freeze_count(); load_for_chat(load_settings()); print(before, gc.get_freeze_count())"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     before, after = map(int, result.stdout.split())

@@ -15,8 +15,15 @@ from streamchat.batching import Engine, sample_rows
 from streamchat.config import load_settings
 from streamchat.session import ChatSession
 
-SETTINGS = {"sinks": 4, "window": 60, "temperature": 0, "max_new_tokens": 10, "prefill_chunk": 16,
-            "decode_weights": "int8", "repetition_penalty": 1.3}
+SETTINGS = {
+    "sinks": 4,
+    "window": 60,
+    "temperature": 0,
+    "max_new_tokens": 10,
+    "prefill_chunk": 16,
+    "decode_weights": "int8",
+    "repetition_penalty": 1.3,
+}
 TURNS = ["Hello there! How are you today?", "Tell me a story about a dragon.", "And then?", "What is 2+2?"]
 
 
@@ -44,8 +51,11 @@ def converse(session: ChatSession, stop_after: int | None = None) -> list[tuple[
     return out
 
 
-@pytest.mark.parametrize("changes", [{}, {"temperature": 0.8, "seed": 7}, {"repetition_penalty": 1.0}],
-                         ids=["greedy-penalty", "sampled-seeded", "greedy"])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"temperature": 0.8, "seed": 7}, {"repetition_penalty": 1.0}],
+    ids=["greedy-penalty", "sampled-seeded", "greedy"],
+)
 def test_engine_replies_and_streams_equal_a_plain_session(tiny, changes):
     settings = load_settings(None, {**SETTINGS, **changes})
     expected = converse(ChatSession(tiny, settings))
@@ -157,8 +167,9 @@ def test_prefill_pieces_ride_in_the_decode_step_and_change_no_reply(tiny, weight
     steps, cut the same way as when nobody decodes. Either way every reply is the one it gets alone."""
     if native.library() is None and weights == "int4":
         pytest.skip(f"native kernels: {native.unavailable_reason()}")
-    settings = load_settings(None, {**SETTINGS, "decode_weights": weights, "max_new_tokens": 24,
-                                    "repetition_penalty": 1.0})
+    settings = load_settings(
+        None, {**SETTINGS, "decode_weights": weights, "max_new_tokens": 24, "repetition_penalty": 1.0}
+    )
     prompts = [text * 3 for text in TURNS]  # several pieces each
     cuts: dict[int, list[int]] = {}  # first token of a prompt -> the sizes of the transformers forwards that fed it
     forward = ChatSession._forward
@@ -211,6 +222,7 @@ def test_seeded_sampled_replies_batched_equal_alone(tiny):
     seeds = [3, 5, 7, 11]
     engine = Engine(tiny, settings, max_sessions=4, prefill_piece=16)
     try:
+
         def reply(i: int) -> str:
             session = engine.new_session(settings.replace(seed=seeds[i]))
             return "".join(session.send(TURNS[i]))

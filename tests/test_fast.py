@@ -27,7 +27,15 @@ from streamchat.quant import int8_dynamic_available
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession
 
-SMALL = {"sinks": 2, "window": 46, "slack": 4, "kv_dtype": "model", "temperature": 0, "repetition_penalty": 1.0, "max_new_tokens": 24}
+SMALL = {
+    "sinks": 2,
+    "window": 46,
+    "slack": 4,
+    "kv_dtype": "model",
+    "temperature": 0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": 24,
+}
 
 
 def small_settings(**overrides):
@@ -42,8 +50,13 @@ def stream(loaded: LoadedModel, count: int) -> list[int]:
 @torch.inference_mode()
 def transformers_step(model, cache: BoundedCache, ids: list[int]) -> torch.Tensor:
     cache.make_room(len(ids))
-    return model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1,
-                 **attention_kwargs(cache)).logits[:, -1]
+    return model(
+        input_ids=torch.tensor([ids]),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **attention_kwargs(cache),
+    ).logits[:, -1]
 
 
 def assert_same_cache(a: BoundedCache, b: BoundedCache, tolerance: float = 1e-5) -> None:
@@ -53,8 +66,12 @@ def assert_same_cache(a: BoundedCache, b: BoundedCache, tolerance: float = 1e-5)
         assert torch.equal(layer_a.origins[..., :end], layer_b.origins[..., :end])
         for name in ("keys", "raw_keys", "values"):
             expected = getattr(layer_b, name)[:, :, :end]
-            torch.testing.assert_close(getattr(layer_a, name)[:, :, :end], expected,
-                                       atol=tolerance * max(1.0, expected.abs().max().item()), rtol=tolerance)
+            torch.testing.assert_close(
+                getattr(layer_a, name)[:, :, :end],
+                expected,
+                atol=tolerance * max(1.0, expected.abs().max().item()),
+                rtol=tolerance,
+            )
 
 
 # K/V dtype -> tolerance on the cache contents, relative to the largest value: fp32 to float rounding; in bf16 two
@@ -91,7 +108,9 @@ def fast_steps(monkeypatch) -> list[int]:
     """The tokens decoded through the fast path from now on in this test."""
     steps = []
     original = FastDecoder.decode
-    monkeypatch.setattr(FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache))
+    monkeypatch.setattr(
+        FastDecoder, "decode", lambda self, token, cache: steps.append(token) or original(self, token, cache)
+    )
     return steps
 
 
@@ -141,7 +160,9 @@ def test_refuses_what_it_cannot_reproduce(tiny):
 
 
 def test_unsupported_model_chats_through_transformers(tiny):
-    gelu = LoadedModel(tiny_model(len(tiny.tokenizer), hidden_act="gelu"), tiny.tokenizer, "tiny-gelu", "tiny", 0.0, False)
+    gelu = LoadedModel(
+        tiny_model(len(tiny.tokenizer), hidden_act="gelu"), tiny.tokenizer, "tiny-gelu", "tiny", 0.0, False
+    )
     with pytest.raises(FastPathUnavailable, match="activation"):
         decoder_for(gelu.model, "model")
     session = ChatSession(gelu, small_settings(decode_path="fast"))
@@ -163,8 +184,9 @@ def test_compiler_failure_falls_back_to_eager(tiny, capsys):
     transformers_step(tiny.model, reference, ids[:8])
     for token in ids[8:]:
         fast.make_room(1)
-        torch.testing.assert_close(decoder.decode(token, fast), transformers_step(tiny.model, reference, [token]),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            decoder.decode(token, fast), transformers_step(tiny.model, reference, [token]), atol=1e-4, rtol=1e-4
+        )
     assert not decoder.compiled and decoder.compile_seconds is not None
     assert "compilation failed" in capsys.readouterr().err
 
@@ -238,10 +260,17 @@ def test_auto_weights_are_quantized_only_for_4bit_models(tiny):
     assert FastDecoder(on_q4_1_grid(tiny.model), "auto").weights == "int4"  # a Q4 GGUF's weights: no further loss
 
 
-@pytest.mark.parametrize(("cpu", "native_build", "expected"), [
-    ("AVX2", None, torch.float32), ("AVX512", None, torch.float32), ("AMX", None, torch.bfloat16),
-    ("AVX2", "avx2", torch.float16), ("AVX512", "avx512vnni", torch.float16), ("AMX", "avx512vnni", torch.float16),
-])
+@pytest.mark.parametrize(
+    ("cpu", "native_build", "expected"),
+    [
+        ("AVX2", None, torch.float32),
+        ("AVX512", None, torch.float32),
+        ("AMX", None, torch.bfloat16),
+        ("AVX2", "avx2", torch.float16),
+        ("AVX512", "avx512vnni", torch.float16),
+        ("AMX", "avx512vnni", torch.float16),
+    ],
+)
 def test_auto_kv_dtype_follows_the_cpu(tiny, monkeypatch, cpu, native_build, expected):
     """`kv_dtype: auto` on the fast path: fp16 where the native attention kernel runs (F16C converts in hardware);
     on torch's SDPA, fp32 where bf16 attention is emulated (AVX2, Zen 4's AVX-512), bf16 on AMX; the model's dtype
@@ -277,8 +306,11 @@ def test_native_whole_step_matches_the_step_op_by_op(tiny, kv_dtype):
     for token in ids[40:92]:  # past the budget: evictions between steps
         for cache in whole + op_by_op:
             cache.make_room(1)
-        got = decode_batch(decoder, [token, token + 1, token + 2], whole) if steps % 2 else torch.cat(
-            [decoder.decode(token + b, cache) for b, cache in enumerate(whole)])
+        got = (
+            decode_batch(decoder, [token, token + 1, token + 2], whole)
+            if steps % 2
+            else torch.cat([decoder.decode(token + b, cache) for b, cache in enumerate(whole)])
+        )
         decoder._native_layers = None  # the Python step (native matmuls and attention, op by op)
         try:
             expected = torch.cat([decoder.decode(token + b, cache) for b, cache in enumerate(op_by_op)])
@@ -350,8 +382,9 @@ def test_the_native_step_hands_scoring_policies_their_attention_probabilities(ti
     for token in ids[8:]:
         for cache in caches:
             cache.make_room(1)
-        torch.testing.assert_close(native_decoder.decode(token, caches[0]), python_decoder.decode(token, caches[1]),
-                                   atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            native_decoder.decode(token, caches[0]), python_decoder.decode(token, caches[1]), atol=1e-3, rtol=1e-3
+        )
     assert caches[0].length == caches[1].length == 48
     for native_scores, python_scores in zip(caches[0].policy.scores, caches[1].policy.scores):
         assert native_scores is not None and native_scores.abs().sum() > 0

@@ -134,8 +134,10 @@ def test_kept_set_is_sinks_top_k_and_recent_per_layer_and_head(loaded, policy, m
             protected = cache.protected
             heavy = cache.policy.heavy_to_keep(keep, protected)
             assert heavy == settings.heavy - settings.slack
-            before = [(cache.policy.ranking(i, length).clone(), layer.origins[0, :, :length].clone())
-                      for i, layer in enumerate(cache.layers)]
+            before = [
+                (cache.policy.ranking(i, length).clone(), layer.origins[0, :, :length].clone())
+                for i, layer in enumerate(cache.layers)
+            ]
             cache.make_room(len(chunk))
             for i, (layer, (ranking, origins)) in enumerate(zip(cache.layers, before)):
                 places = expected_kept(ranking, length, keep, protected, heavy)

@@ -54,7 +54,10 @@ def test_a_row_group_gives_the_same_bits_in_a_16_row_tile_as_alone():
     scales = torch.rand(16, generator=generator) * 0.01
     for rows in (1, 2, 4, 7):
         x = torch.randn(rows, 96, generator=generator)
-        pair, alone = native.q4_matmul(x, native.pack_q4(weight4), 16), native.q4_matmul(x, native.pack_q4(weight4[:8]), 8)
+        pair, alone = (
+            native.q4_matmul(x, native.pack_q4(weight4), 16),
+            native.q4_matmul(x, native.pack_q4(weight4[:8]), 8),
+        )
         assert torch.equal(pair[:, :8], alone)
         pair = native.q8_matmul(x, *native.pack_q8(weight8, scales), 16)
         alone = native.q8_matmul(x, *native.pack_q8(weight8[:8], scales[:8]), 8)
@@ -98,7 +101,9 @@ def test_8bit_groups_round_trip_and_give_rows_back():
     assert torch.equal(packed[0, 0, :4], weight[0, :4]) and torch.equal(packed[0, 0, 4:8], weight[1, :4])
     assert torch.equal(packed[0, 1, 36:40], weight[1, 36:40])  # block 1, chunk 1, row 1: elements 32 + 4..7
     assert torch.equal(native.unpack_q8(packed, 21), weight)
-    assert torch.equal(packed[-1, :, :].view(2, 8, 8, 4)[:, :, 5:], torch.zeros(2, 8, 3, 4, dtype=torch.int8))  # padding
+    assert torch.equal(
+        packed[-1, :, :].view(2, 8, 8, 4)[:, :, 5:], torch.zeros(2, 8, 3, 4, dtype=torch.int8)
+    )  # padding
     assert torch.equal(scales[21:], torch.zeros(3))
     ids = torch.tensor([[20, 0, 7], [8, 8, 13]])
     assert torch.equal(native.q8_rows(packed, ids), weight[ids])
@@ -142,15 +147,20 @@ def test_attention_equals_sdpa(dtype, heads, kv_heads, length):
     values = torch.randn(1, kv_heads, 1024, 64, generator=generator).to(dtype)
     query = torch.randn(heads, 64, generator=generator)
     expected = F.scaled_dot_product_attention(
-        query.view(1, heads, 1, 64), keys[:, :, :length].float(), values[:, :, :length].float(), scale=0.125,
+        query.view(1, heads, 1, 64),
+        keys[:, :, :length].float(),
+        values[:, :, :length].float(),
+        scale=0.125,
         enable_gqa=True,
     ).view(heads, 64)
     torch.testing.assert_close(native.attention(query, keys, values, length, 0.125), expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "length"),
-                         [(16, 1, 64, 70), (10, 2, 40, 5), (7, 1, 24, 33), (12, 3, 128, 2), (9, 3, 64, 4)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "length"),
+    [(16, 1, 64, 70), (10, 2, 40, 5), (7, 1, 24, 33), (12, 3, 128, 2), (9, 3, 64, 4)],
+)
 def test_attention_takes_any_group_and_head_size(dtype, heads, kv_heads, dim, length):
     """Groups larger than a slice of heads (and not multiples of it), head sizes not a multiple of the output
     vectors per pass, key counts not a multiple of 4."""
@@ -159,7 +169,10 @@ def test_attention_takes_any_group_and_head_size(dtype, heads, kv_heads, dim, le
     values = torch.randn(1, kv_heads, 80, dim, generator=generator).to(dtype)
     query = torch.randn(heads, dim, generator=generator)
     expected = F.scaled_dot_product_attention(
-        query.view(1, heads, 1, dim), keys[:, :, :length].float(), values[:, :, :length].float(), scale=dim**-0.5,
+        query.view(1, heads, 1, dim),
+        keys[:, :, :length].float(),
+        values[:, :, :length].float(),
+        scale=dim**-0.5,
         enable_gqa=True,
     ).view(heads, dim)
     torch.testing.assert_close(native.attention(query, keys, values, length, dim**-0.5), expected, atol=1e-5, rtol=1e-4)
@@ -186,14 +199,28 @@ def test_attention_of_many_sequences_equals_one_at_a_time(threads):
     torch.set_num_threads(threads)
     try:
         status = native.library().sc_attention_many(
-            count, pointers(queries), pointers(keys), pointers(values), 1, (ctypes.c_long * count)(*[capacity * dim] * count),
-            (ctypes.c_int * count)(*lengths), heads, kv_heads, dim, ctypes.c_float(0.125), pointers(outs))
+            count,
+            pointers(queries),
+            pointers(keys),
+            pointers(values),
+            1,
+            (ctypes.c_long * count)(*[capacity * dim] * count),
+            (ctypes.c_int * count)(*lengths),
+            heads,
+            kv_heads,
+            dim,
+            ctypes.c_float(0.125),
+            pointers(outs),
+        )
     finally:
         torch.set_num_threads(previous)
     assert status == 0
     for query, k, v, length, out in zip(queries, keys, values, lengths, outs):
         expected = F.scaled_dot_product_attention(
-            query.view(1, heads, 1, dim), k[None, :, :length].float(), v[None, :, :length].float(), scale=0.125,
+            query.view(1, heads, 1, dim),
+            k[None, :, :length].float(),
+            v[None, :, :length].float(),
+            scale=0.125,
             enable_gqa=True,
         ).view(heads, dim)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
@@ -216,6 +243,7 @@ def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
             if target in refused:
                 raise RuntimeError(f"cc: unrecognized option for {target}")
             return real(target)
+
         return built
 
     monkeypatch.setattr(native, "_built", without("avx512vnni"))
@@ -230,8 +258,10 @@ def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
     assert "could not build" in native.unavailable_reason() and "torch's kernels" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("penalty", "temperature", "top_k", "top_p"),
-                         [(1.0, 1.0, 50, 1.0), (1.3, 0.7, 50, 0.9), (1.1, 1.5, 7, 0.5), (1.0, 0.3, 1, 0.9)])
+@pytest.mark.parametrize(
+    ("penalty", "temperature", "top_k", "top_p"),
+    [(1.0, 1.0, 50, 1.0), (1.3, 0.7, 50, 0.9), (1.1, 1.5, 7, 0.5), (1.0, 0.3, 1, 0.9)],
+)
 def test_native_sampling_draws_from_what_the_processors_keep(penalty, temperature, top_k, top_p):
     """`native.sample` at a uniform u picks the candidate whose share of the cumulative probability holds u, over
     the candidates and probabilities transformers' processors give (repetition penalty, temperature, then
@@ -244,8 +274,9 @@ def test_native_sampling_draws_from_what_the_processors_keep(penalty, temperatur
     logits = torch.randn(1, 3000, generator=generator) * 3
     history = torch.cat([torch.randint(0, 3000, (1, 40), generator=generator), torch.full((1, 8), 3000)], dim=1)
     reference = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
-    probabilities, candidates = candidate_probabilities(TemperatureLogitsWarper(temperature)(history, reference),
-                                                        top_k, top_p)
+    probabilities, candidates = candidate_probabilities(
+        TemperatureLogitsWarper(temperature)(history, reference), top_k, top_p
+    )
     kept = probabilities[0] > 0
     shares = probabilities[0][kept].double() / probabilities[0][kept].double().sum()
     ends = shares.cumsum(0)
@@ -256,15 +287,18 @@ def test_native_sampling_draws_from_what_the_processors_keep(penalty, temperatur
     assert len(ends) == 1 if top_k == 1 else 1 < len(ends) <= top_k  # top-p kept several of the top_k
     # several rows at once, each its own history and draw
     rows = torch.cat([logits, logits.flip(1)])
-    twice = native.sample(rows, torch.cat([history, history]), penalty, temperature, top_k, top_p,
-                          torch.tensor([0.0, 0.0]))
+    twice = native.sample(
+        rows, torch.cat([history, history]), penalty, temperature, top_k, top_p, torch.tensor([0.0, 0.0])
+    )
     assert twice[0] == int(candidates[0][0])
 
 
 def test_native_sampling_refuses_what_it_does_not_take():
     logits = torch.randn(1, 100)
     assert not native.can_sample(logits, 0.0, 50, 0.9) and not native.can_sample(logits, 0.7, 0, 0.9)
-    assert not native.can_sample(logits, 0.7, native.MAX_TOP_K + 1, 0.9) and not native.can_sample(torch.randn(2, 200)[:, ::2], 0.7, 5, 0.9)
+    assert not native.can_sample(logits, 0.7, native.MAX_TOP_K + 1, 0.9) and not native.can_sample(
+        torch.randn(2, 200)[:, ::2], 0.7, 5, 0.9
+    )
     with pytest.raises(ValueError, match="top_k"):
         native.sample(logits, torch.zeros(1, 4, dtype=torch.int64), 1.0, 0.7, 0, 0.9, torch.zeros(1))
 
@@ -279,8 +313,11 @@ def test_native_sampling_at_the_edges():
         assert native.sample(logits.clone(), history, 1.0, 1e-5, 5, 1.0, torch.tensor([uniform])) == [1]
     with_nan = torch.tensor([[0.0, float("nan"), 1.0, -2.0, 2.5]])
     assert native.sample(with_nan, history, 1.0, 1.0, 2, 1.0, torch.tensor([0.999])) == [2]  # of 2.5 and 1.0
-    for bad in (torch.full((1, 5), float("-inf")), torch.tensor([[0.0, float("inf"), 1.0, 0.0, 0.0]]),
-                torch.full((1, 5), float("nan"))):
+    for bad in (
+        torch.full((1, 5), float("-inf")),
+        torch.tensor([[0.0, float("inf"), 1.0, 0.0, 0.0]]),
+        torch.full((1, 5), float("nan")),
+    ):
         with pytest.raises(ValueError, match="infinite or NaN"):
             native.sample(bad, history, 1.0, 0.7, 3, 0.9, torch.zeros(1))
     assert not native.can_sample(logits, 1e-46, 5, 0.9)  # 0 as a float32: torch's path (the settings refuse it)

@@ -59,8 +59,15 @@ def wide_model(vocab_size: int) -> LlamaForCausalLM:
     of the fused tensor, where the tiny model's (64, 32, 32) take the fused-output path."""
     torch.manual_seed(1)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).eval()
@@ -197,7 +204,8 @@ def test_load_model_packs_and_caches_an_hf_folder(reference, tokenizer, tmp_path
         torch.testing.assert_close(second.model(ids).logits, first.model(ids).logits, atol=0, rtol=0)
     session = ChatSession(second, Settings(max_new_tokens=6, temperature=0.0, window=64))
     assert "".join(session.send("Tell me a story.")) == "".join(
-        ChatSession(first, Settings(max_new_tokens=6, temperature=0.0, window=64)).send("Tell me a story."))
+        ChatSession(first, Settings(max_new_tokens=6, temperature=0.0, window=64)).send("Tell me a story.")
+    )
     assert load_model(str(folder)).packing is None  # without decode_weights: the model as loaded
 
 

@@ -30,8 +30,24 @@ def test_command_writes_table_plot_and_json_line(loaded, text, tmp_path, capsys)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     out = tmp_path / "ppl"
-    argv = ["ppl", "--model", str(folder), "--text", str(text), "--tokens", "240", "--budget", "40",
-            "--recompute-every", "5", "--set", "slack=4", "--out", str(out), "--json"]
+    argv = [
+        "ppl",
+        "--model",
+        str(folder),
+        "--text",
+        str(text),
+        "--tokens",
+        "240",
+        "--budget",
+        "40",
+        "--recompute-every",
+        "5",
+        "--set",
+        "slack=4",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(printed[-1])
@@ -44,7 +60,13 @@ def test_command_writes_table_plot_and_json_line(loaded, text, tmp_path, capsys)
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "ppl.json").read_text())
     assert [row["policy"] for row in report["rows"]] == list(POLICY_NAMES)
-    assert report["policy_settings"]["h2o"] == {"policy": "h2o", "sinks": 4, "heavy": 18, "recent": 18, "h2o_score": "normalized"}
+    assert report["policy_settings"]["h2o"] == {
+        "policy": "h2o",
+        "sinks": 4,
+        "heavy": 18,
+        "recent": 18,
+        "h2o_score": "normalized",
+    }
     assert report["policy_settings"]["window"]["sinks"] == 0
     assert max(report["peak_cache_tokens"].values()) == 40
     assert (out / "ppl.png").read_bytes()[:4] == b"\x89PNG"
@@ -55,11 +77,21 @@ def test_nlls_against_direct_forwards(loaded, text, tmp_path):
     """dense = one causal forward; recompute = a forward over exactly the `budget` tokens before each target; a
     bounded cache that never fills = dense; once it evicts, sink_window and window differ from dense."""
     settings = load_settings(None, {"slack": 4})
-    rows, report = run_ppl(loaded, settings, text.read_text(encoding="utf-8-sig"), tokens=120, budget=32,
-                           recompute_every=7, out=tmp_path, show_progress=False)
+    rows, report = run_ppl(
+        loaded,
+        settings,
+        text.read_text(encoding="utf-8-sig"),
+        tokens=120,
+        budget=32,
+        recompute_every=7,
+        out=tmp_path,
+        show_progress=False,
+    )
     nll = {row["policy"]: None for row in rows}
     table = np.genfromtxt(tmp_path / "nll.csv", delimiter=",", names=True)
-    ids = torch.tensor(loaded.tokenizer(text.read_text(encoding="utf-8-sig"), add_special_tokens=False)["input_ids"][:120])
+    ids = torch.tensor(
+        loaded.tokenizer(text.read_text(encoding="utf-8-sig"), add_special_tokens=False)["input_ids"][:120]
+    )
     with torch.no_grad():
         logits = loaded.model(input_ids=ids[None]).logits[0, :-1].double()
     dense = -torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0].numpy()

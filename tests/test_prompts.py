@@ -38,8 +38,12 @@ def test_endless_turns_cycle_forever(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "no user turns"), ("\n  \n", "no user turns"), ('{"turns": [1]}\n', '"turns" list'),
-     ('{"turns": ["ok"]}\n{broken\n', ":2: invalid JSON")],
+    [
+        ("", "no user turns"),
+        ("\n  \n", "no user turns"),
+        ('{"turns": [1]}\n', '"turns" list'),
+        ('{"turns": ["ok"]}\n{broken\n', ":2: invalid JSON"),
+    ],
 )
 def test_bad_files_raise_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

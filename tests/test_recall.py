@@ -15,8 +15,16 @@ PROMPTS = list(recall.BUILTIN_PROMPTS)
 
 
 def make(tiny, **changes) -> ChatSession:
-    values = {"sinks": 4, "window": 1500, "slack": 4, "temperature": 0, "max_new_tokens": 8, "kv_dtype": "float32",
-              "decode_path": "transformers", "prefill_chunk": 32}
+    values = {
+        "sinks": 4,
+        "window": 1500,
+        "slack": 4,
+        "temperature": 0,
+        "max_new_tokens": 8,
+        "kv_dtype": "float32",
+        "decode_path": "transformers",
+        "prefill_chunk": 32,
+    }
     return ChatSession(tiny, load_settings(None, {**values, **changes}))
 
 
@@ -28,8 +36,11 @@ def stream_token(session: ChatSession, origin: int) -> int:
 
 def cache_state(session: ChatSession) -> list[torch.Tensor]:
     cache = session.cache
-    tensors = [getattr(layer, name)[:, :, : layer.length].clone() for layer in cache.layers
-               for name in ("keys", "raw_keys", "values", "origins")]
+    tensors = [
+        getattr(layer, name)[:, :, : layer.length].clone()
+        for layer in cache.layers
+        for name in ("keys", "raw_keys", "values", "origins")
+    ]
     tensors += [t.clone() for t in cache.policy.state()[0].values()]
     return tensors + [torch.tensor([cache.length, cache.seen_tokens, cache.evicted_tokens, *cache.message_starts])]
 
@@ -46,9 +57,9 @@ def test_fact_is_planted_at_the_requested_distance(tiny):
         assert record["retained"] == 1.0  # the window holds everything here
     # The realized distance is the token count between the planted exchange's end and the probe.
     plant_tokens = session.exchange_tokens(*script.plant)
-    text_after_plant = tokenizer.decode(list(session._recent_ids)[-records[-1]["realized_distance"]:])
+    text_after_plant = tokenizer.decode(list(session._recent_ids)[-records[-1]["realized_distance"] :])
     assert script.plant[0] not in text_after_plant and script.plant[1] not in text_after_plant
-    before = tokenizer.decode(list(session._recent_ids)[-records[-1]["realized_distance"] - plant_tokens:])
+    before = tokenizer.decode(list(session._recent_ids)[-records[-1]["realized_distance"] - plant_tokens :])
     assert before.count(script.plant[0]) == 1
 
 
@@ -62,7 +73,7 @@ def test_likelihood_scoring_matches_a_naive_forward(tiny):
     pieces, _ = session.encode_turn("Tell me a story")
     context = history + [i for ids, _, _ in pieces for i in ids] + session._tokenize("Numbers", True)
     for candidate, score in zip(candidates, scores):
-        tail = session._tokenize("Numbers" + candidate, True)[len(session._tokenize("Numbers", True)):]
+        tail = session._tokenize("Numbers" + candidate, True)[len(session._tokenize("Numbers", True)) :]
         ids = torch.tensor([context + tail])
         with torch.inference_mode():
             logits = tiny.model(input_ids=ids).logits[0].double()
@@ -93,8 +104,10 @@ def test_distractors_never_include_the_answer():
         drawn = recall.draw_distractors(rng, values + [answer], answer, 6)
         assert answer not in drawn and len(set(drawn)) == 6
     for trial in range(8):
-        for script in (recall.facts_script(random.Random(trial), trial, 4, PROMPTS),
-                       recall.lines_script(random.Random(trial), trial, 4, total_lines=40)):
+        for script in (
+            recall.facts_script(random.Random(trial), trial, 4, PROMPTS),
+            recall.lines_script(random.Random(trial), trial, 4, total_lines=40),
+        ):
             true = script.candidates[script.answer]
             assert script.candidates.count(true) == 1 and len(set(script.candidates)) == 5
             assert true.strip() in script.plant[0]
@@ -154,8 +167,7 @@ def test_recall_run_keeps_the_cache_within_budget(tiny, tmp_path, policy, monkey
     monkeypatch.setattr(ChatSession, "_forward", watched)
     settings = load_settings(None, {"sinks": 4, "kv_dtype": "float32"})
     names = [policy, "sink_message"] if policy == "sink_window" else [policy]
-    report = recall.run_recall(tiny, settings, [96], names, [60, 200], 2, 0, PROMPTS, out=tmp_path,
-                               show_progress=False)
+    report = recall.run_recall(tiny, settings, [96], names, [60, 200], 2, 0, PROMPTS, out=tmp_path, show_progress=False)
     assert peaks and max(peaks) <= 96
     assert {row["policy"] for row in report["rows"]} == set(names)
     assert all(row["retained"] == 0 for row in report["rows"] if row["distance"] == 200)  # evicted by then

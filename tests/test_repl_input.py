@@ -56,7 +56,7 @@ def test_triple_quote_block_is_one_message():
     read = lines_from('"""', "def f(x):", "    return x  # id", "", '"""', "after")
     assert repl.read_message(read) == "def f(x):\n    return x  # id\n"
     assert repl.read_message(read) == "after"
-    assert repl.read_message(lines_from('"""first', "last"'"""')) == "first\nlast"
+    assert repl.read_message(lines_from('"""first', 'last"""')) == "first\nlast"
     assert repl.read_message(lines_from('"""just one"""')) == "just one"
     with pytest.raises(EOFError):
         repl.read_message(lines_from('"""', "never closed"))
@@ -128,7 +128,11 @@ def test_jsonl_objects_carry_multi_line_messages_and_commands(session, monkeypat
     )
     records = run_scripted(session, monkeypatch, capsysbinary, data.encode())
     assert [r.get("user", r.get("command")) for r in records] == [
-        "line 1\nline 2: x # y", "/save scripted", "/set temperature=0.5", "plain text: still a message", "/quit",
+        "line 1\nline 2: x # y",
+        "/save scripted",
+        "/set temperature=0.5",
+        "plain text: still a message",
+        "/quit",
     ]
     assert records[0]["reply"] is not None and records[0]["turn"] == 1
     assert (tmp_path / "scripted.streamchat").is_file() and "saved to" in records[1]["output"]
@@ -139,8 +143,13 @@ def test_jsonl_objects_carry_multi_line_messages_and_commands(session, monkeypat
 @pytest.mark.parametrize(
     "bad",
     [
-        '{"message": ', '{"mesage": "hi"}', '{"message": 3}', '{"command": "save x"}',
-        '{"message": "a", "command": "/help"}', '{"command": "/set window=0"}', '{"message": "   "}',
+        '{"message": ',
+        '{"mesage": "hi"}',
+        '{"message": 3}',
+        '{"command": "save x"}',
+        '{"message": "a", "command": "/help"}',
+        '{"command": "/set window=0"}',
+        '{"message": "   "}',
     ],
 )
 def test_jsonl_bad_objects_get_an_error_line_and_the_session_goes_on(session, monkeypatch, capsysbinary, bad):

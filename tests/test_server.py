@@ -20,10 +20,20 @@ from streamchat.session import ChatSession
 
 # int8 decode weights: torch's weight-only kernels compute each row alone, so a batched step is bit-exact with a lone
 # one (fp32 F.linear is not: a 4-row GEMM rounds differently from a GEMV, ~1e-6, which can flip a greedy near-tie)
-SETTINGS = {"sinks": 4, "window": 60, "temperature": 0, "max_new_tokens": 12, "prefill_chunk": 16,
-            "decode_weights": "int8"}
-PROMPTS = ["Hello there! How are you today?", "Tell me a story about a dragon.", "What is 2+2?",
-           "Numbers 0123456789 and symbols"]
+SETTINGS = {
+    "sinks": 4,
+    "window": 60,
+    "temperature": 0,
+    "max_new_tokens": 12,
+    "prefill_chunk": 16,
+    "decode_weights": "int8",
+}
+PROMPTS = [
+    "Hello there! How are you today?",
+    "Tell me a story about a dragon.",
+    "What is 2+2?",
+    "Numbers 0123456789 and symbols",
+]
 KEY = "test-key"
 
 
@@ -52,10 +62,15 @@ def ask(api: openai.OpenAI, messages: list[dict], stream: bool, **kwargs) -> tup
     """(reply, streamchat extension, finish reason) through the openai client."""
     if not stream:
         response = api.chat.completions.create(model="tiny-llama", messages=messages, **kwargs)
-        return response.choices[0].message.content, response.model_extra["streamchat"], response.choices[0].finish_reason
+        return (
+            response.choices[0].message.content,
+            response.model_extra["streamchat"],
+            response.choices[0].finish_reason,
+        )
     pieces, extension, finish = [], None, None
-    chunks = api.chat.completions.create(model="tiny-llama", messages=messages, stream=True,
-                                         stream_options={"include_usage": True}, **kwargs)
+    chunks = api.chat.completions.create(
+        model="tiny-llama", messages=messages, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
     for chunk in chunks:
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
@@ -93,7 +108,10 @@ def test_a_resent_history_starts_a_conversation_that_streams_it_through_the_cach
     api = client(served)
     history = []
     for i in range(6):
-        history += [{"role": "user", "content": PROMPTS[i % 4] * 3}, {"role": "assistant", "content": PROMPTS[3 - i % 4]}]
+        history += [
+            {"role": "user", "content": PROMPTS[i % 4] * 3},
+            {"role": "assistant", "content": PROMPTS[3 - i % 4]},
+        ]
     reply, extension, _ = ask(api, [*history, {"role": "user", "content": "What is 2+2?"}], stream=False)
     assert reply and extension["evicted_this_turn"] > 0 and extension["cache_tokens"] <= 64
 
@@ -137,6 +155,7 @@ def test_greedy_batched_with_three_others_equals_alone(tiny):
     settings = load_settings(None, {**SETTINGS, "max_new_tokens": 24})
     engine = Engine(tiny, settings, max_sessions=4, prefill_piece=16)
     try:
+
         def run(text: str) -> str:
             return "".join(engine.open_turn(TurnRequest([{"role": "user", "content": text}])).run(threading.Event()))
 
@@ -158,16 +177,26 @@ def test_metrics_parse(served):
     ask(client(served), [{"role": "user", "content": "Hello there!"}], stream=True)
     response = httpx.get(served.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     families = {family.name: family for family in text_string_to_metric_families(response.text)}
-    for name in ("streamchat_conversations_live", "streamchat_kv_bytes", "streamchat_kv_bytes_total",
-                 "streamchat_cache_tokens", "streamchat_evicted_tokens", "streamchat_prompt_tokens",
-                 "streamchat_generated_tokens", "streamchat_time_to_first_token_seconds",
-                 "streamchat_inter_token_latency_seconds", "streamchat_queue_depth", "streamchat_step_threads"):
+    for name in (
+        "streamchat_conversations_live",
+        "streamchat_kv_bytes",
+        "streamchat_kv_bytes_total",
+        "streamchat_cache_tokens",
+        "streamchat_evicted_tokens",
+        "streamchat_prompt_tokens",
+        "streamchat_generated_tokens",
+        "streamchat_time_to_first_token_seconds",
+        "streamchat_inter_token_latency_seconds",
+        "streamchat_queue_depth",
+        "streamchat_step_threads",
+    ):
         assert name in families, name
     generated = next(s.value for s in families["streamchat_generated_tokens"].samples if s.name.endswith("_total"))
     assert generated >= 1
     assert families["streamchat_conversations_live"].samples[0].value == 1
-    ttft_count = next(s.value for s in families["streamchat_time_to_first_token_seconds"].samples
-                      if s.name.endswith("_count"))
+    ttft_count = next(
+        s.value for s in families["streamchat_time_to_first_token_seconds"].samples if s.name.endswith("_count")
+    )
     assert ttft_count == 1
     assert families["streamchat_step_threads"].samples[0].value == served.engine._threads >= 1
     tab = served.engine.new_session()  # a web UI tab on the same engine counts while it lives
@@ -196,28 +225,35 @@ def post(server, body, key: str | None = KEY, raw: bytes | None = None) -> httpx
 USER = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": USER, "n": 2}, "n"),
-    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [*USER, {"role": "assistant", "content": "hi"}]}, "messages[1].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0]"),
-    ({"messages": USER, "model": "gpt-4o"}, "model"),
-    ({"messages": USER, "temperature": 5}, "temperature"),
-    ({"messages": USER, "temperature": 1e-9}, "temperature"),  # logits divided by it overflow: 0 means greedy
-    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
-    ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"messages": USER, "stop": [""]}, "stop"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": USER, "n": 2}, "n"),
+        ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [*USER, {"role": "assistant", "content": "hi"}]}, "messages[1].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": USER, "model": "gpt-4o"}, "model"),
+        ({"messages": USER, "temperature": 5}, "temperature"),
+        ({"messages": USER, "temperature": 1e-9}, "temperature"),  # logits divided by it overflow: 0 means greedy
+        ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"messages": USER, "stop": [""]}, "stop"),
+    ],
+)
 def test_bad_requests_get_openai_errors_naming_the_field(served, body, param):
     response = post(served, body)
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["param"] == param and error["type"] == "invalid_request_error" and param.split("[")[0] in error["message"]
+    assert (
+        error["param"] == param and error["type"] == "invalid_request_error" and param.split("[")[0] in error["message"]
+    )
 
 
 def test_a_failed_generation_is_an_openai_error_not_a_bare_500(served, monkeypatch):
@@ -267,15 +303,20 @@ def test_stop_strings_and_explicit_conversation_id(served, tiny):
     again = post(served, {"messages": [{"role": "user", "content": "Go on."}], "conversation_id": "mine"})
     assert again.json()["streamchat"]["seen_tokens"] > response.json()["streamchat"]["seen_tokens"]
     # the whole history resent under the id, as the client holds it: the cache goes on
-    history = [*USER, {"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]},
-               {"role": "user", "content": "Go on."},
-               {"role": "assistant", "content": again.json()["choices"][0]["message"]["content"]}]
+    history = [
+        *USER,
+        {"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": again.json()["choices"][0]["message"]["content"]},
+    ]
     third = post(served, {"messages": [*history, {"role": "user", "content": "And then?"}], "conversation_id": "mine"})
     assert third.json()["streamchat"]["seen_tokens"] > again.json()["streamchat"]["seen_tokens"]
     assert served.engine.conversations["mine"].session.turns == 3  # continued, not started again
     # an edited earlier message under the same id: the conversation starts again from what was sent
     edited = [{"role": "user", "content": "Something else entirely."}, *history[1:]]
-    restarted = post(served, {"messages": [*edited, {"role": "user", "content": "And then?"}], "conversation_id": "mine"})
+    restarted = post(
+        served, {"messages": [*edited, {"role": "user", "content": "And then?"}], "conversation_id": "mine"}
+    )
     assert restarted.json()["streamchat"]["conversation_id"] == "mine"
     session = served.engine.conversations["mine"].session
     users = [m["content"] for m in session.messages if m["role"] == "user"]
@@ -306,9 +347,15 @@ def test_client_disconnect_stops_generation_and_keeps_the_conversation(tiny):
         assert session.last_turn.stop_reason == "stopped" and session.last_turn.new_tokens < 100_000
         assert session.messages[-1]["role"] == "assistant"
         # the conversation goes on: an explicit id continues it, consistently
-        reply = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
-            "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 5,
-            "conversation_id": conversation.id}).json()
+        reply = httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=30,
+            json={
+                "messages": [{"role": "user", "content": "Go on."}],
+                "max_tokens": 5,
+                "conversation_id": conversation.id,
+            },
+        ).json()
         assert reply["streamchat"]["conversation_id"] == conversation.id
         assert reply["usage"]["completion_tokens"] == 5
     engine.close()
@@ -316,8 +363,9 @@ def test_client_disconnect_stops_generation_and_keeps_the_conversation(tiny):
 
 def test_curl_style_sse_lines(served):
     body = {"messages": USER, "stream": True, "max_tokens": 4}
-    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+    with httpx.stream(
+        "POST", served.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
@@ -337,6 +385,7 @@ def test_greedy_batched_equals_alone_on_the_real_model(embedded):
     engine = Engine(embedded, settings, max_sessions=4)
     prompts = ["Name three colors.", "What is the capital of France?", "Write a haiku about rain.", "Count to five."]
     try:
+
         def run(text: str) -> str:
             return "".join(engine.open_turn(TurnRequest([{"role": "user", "content": text}])).run(threading.Event()))
 
@@ -360,8 +409,9 @@ def test_loadtest_level_against_a_tiny_server(served):
     row = run_level(served.url + "/v1", "tiny-llama", clients=2, requests=1, tokens=4, deadline_s=60, api_key=KEY)
     assert row["failures"] == 0 and row["clients"] == 2
     assert 2 <= row["completion_tokens"] <= 8 and row["aggregate_tok_s"] > 0
-    sampled = run_level(served.url + "/v1", "tiny-llama", clients=1, requests=1, tokens=4, deadline_s=60,
-                        api_key=KEY, temperature=0.7)
+    sampled = run_level(
+        served.url + "/v1", "tiny-llama", clients=1, requests=1, tokens=4, deadline_s=60, api_key=KEY, temperature=0.7
+    )
     assert sampled["failures"] == 0 and 1 <= sampled["completion_tokens"] <= 4
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
 
@@ -378,8 +428,10 @@ def test_ui_tabs_reply_through_the_engine(tiny):
         second, _ = app.sessions.get("tab-2")
         assert isinstance(first.chat, EngineSession) and first.chat is not second.chat
         replies = {}
-        threads = [threading.Thread(target=lambda s=s, k=k: replies.__setitem__(k, "".join(s.chat.send(PROMPTS[k]))))
-                   for k, s in enumerate((first, second))]
+        threads = [
+            threading.Thread(target=lambda s=s, k=k: replies.__setitem__(k, "".join(s.chat.send(PROMPTS[k]))))
+            for k, s in enumerate((first, second))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -42,8 +42,18 @@ def test_passages_cycle_the_text_and_generated_text_never_ends():
 
 
 def record(**changes):
-    base = {"kind": "paste", "seen_total": 100, "kv_bytes": 10, "rss_bytes": 1000, "error": None, "new_tokens": 2,
-            "cache_tokens": 50, "evicted_total": 0, "prefill_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0}
+    base = {
+        "kind": "paste",
+        "seen_total": 100,
+        "kv_bytes": 10,
+        "rss_bytes": 1000,
+        "error": None,
+        "new_tokens": 2,
+        "cache_tokens": 50,
+        "evicted_total": 0,
+        "prefill_tokens_per_s": 1.0,
+        "decode_tokens_per_s": 1.0,
+    }
     return {**base, **changes}
 
 
@@ -70,9 +80,26 @@ def test_soak_command(tiny, tmp_path, monkeypatch, capsys):
     text.write_text(TEXT)
     config = tmp_path / "empty.yaml"
     config.write_text("")
-    args = ["soak", "--config", str(config), "--window", "60", "--temperature", "0", "--tokens", "600",
-            "--paste-chars", "300", "--reply-tokens", "2", "--text", str(text), "--out", str(tmp_path / "out"),
-            "--json"]
+    args = [
+        "soak",
+        "--config",
+        str(config),
+        "--window",
+        "60",
+        "--temperature",
+        "0",
+        "--tokens",
+        "600",
+        "--paste-chars",
+        "300",
+        "--reply-tokens",
+        "2",
+        "--text",
+        str(text),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     assert cli.main(args) == 0
     headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert headline["command"] == "soak" and headline["passed"] and headline["tokens_processed"] >= 600

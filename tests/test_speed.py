@@ -31,16 +31,41 @@ def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys)
     folder = tmp_path / "model"
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
-    argv = ["speed", "--model", str(folder), "--text", str(text), "--budget", "40", "--tokens", "5",
-            "--weights", "auto,model,int8", "--kv-dtypes", "model,bfloat16", "--quality-tokens", "60",
-            "--set", "slack=4", "--out", str(tmp_path / "speed"), "--json"]
+    argv = [
+        "speed",
+        "--model",
+        str(folder),
+        "--text",
+        str(text),
+        "--budget",
+        "40",
+        "--tokens",
+        "5",
+        "--weights",
+        "auto,model,int8",
+        "--kv-dtypes",
+        "model,bfloat16",
+        "--quality-tokens",
+        "60",
+        "--set",
+        "slack=4",
+        "--out",
+        str(tmp_path / "speed"),
+        "--json",
+    ]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     figures = report["speed"]
     names = [row["path"] for row in figures["rows"]]
     # auto resolves to the model's own weights for this fp32 model: measured once, not twice
-    assert names == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32", "fast_model_kv_bf16",
-                     "fast_int8_kv_fp32", "fast_int8_kv_bf16"]
+    assert names == [
+        "transformers_dynamic",
+        "transformers_bounded",
+        "fast_model_kv_fp32",
+        "fast_model_kv_bf16",
+        "fast_int8_kv_fp32",
+        "fast_int8_kv_bf16",
+    ]
     auto_kv = speed.KV_NAMES[auto_kv_dtype(loaded.model.dtype)[0]]  # fp32, bf16 on AMX CPUs
     assert figures["default_path"] == f"fast_model_kv_{auto_kv}"
     reference = figures["rows"][0]["tokens_per_s"]
@@ -92,7 +117,11 @@ def test_a_dying_llama_cpp_costs_its_row_only(loaded, text, tmp_path, monkeypatc
     monkeypatch.setattr(speed, "LlamaCppStepper", CrashingWorker)
     settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
     figures = speed.measure_speed(loaded, settings, text.read_text(), 3, ["model"], ["model"], show_progress=False)
-    assert [row["path"] for row in figures["rows"]] == ["transformers_dynamic", "transformers_bounded", "fast_model_kv_fp32"]
+    assert [row["path"] for row in figures["rows"]] == [
+        "transformers_dynamic",
+        "transformers_bounded",
+        "fast_model_kv_fp32",
+    ]
     assert any(note.startswith("llama.cpp dropped: its process exited with code") for note in figures["notes"])
 
 
@@ -103,7 +132,10 @@ def test_missing_llama_cpp_is_a_note(loaded, text, tmp_path):
     gguf.write_bytes(b"GGUF")
     settings = load_settings(None, {"window": 36, "slack": 4, "model": str(gguf)})
     figures = speed.measure_speed(loaded, settings, text.read_text(), 2, ["model"], ["model"], show_progress=False)
-    assert "llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)" in figures["notes"]
+    assert (
+        "llama.cpp skipped: llama-cpp-python is not installed (optional: pip install llama-cpp-python)"
+        in figures["notes"]
+    )
 
 
 @pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])

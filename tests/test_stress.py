@@ -46,15 +46,20 @@ def test_verdict_too_short_when_cache_never_fills_or_nothing_after_warmup():
 
 @pytest.fixture(scope="module")
 def tiny_settings():
-    return load_settings(
-        None, {"sinks": 4, "window": 44, "slack": 4, "max_new_tokens": 6, "temperature": 0, "seed": 0}
-    )
+    return load_settings(None, {"sinks": 4, "window": 44, "slack": 4, "max_new_tokens": 6, "temperature": 0, "seed": 0})
 
 
 def test_tiny_run_writes_results_and_passes_while_dense_fails(tiny, tiny_settings, tmp_path):
     report = run_stress(
-        tiny, tiny_settings, tmp_path, turns=8, reply_tokens=6, rss_threshold=1.0,
-        compare_dense=True, dense_tokens=10_000, show_progress=False,
+        tiny,
+        tiny_settings,
+        tmp_path,
+        turns=8,
+        reply_tokens=6,
+        rss_threshold=1.0,
+        compare_dense=True,
+        dense_tokens=10_000,
+        show_progress=False,
     )
     bounded, dense = report["runs"]["sink_window"], report["runs"]["dense"]
     assert bounded["verdict"]["passed"], bounded["verdict"]["message"]
@@ -80,7 +85,13 @@ def test_tiny_run_writes_results_and_passes_while_dense_fails(tiny, tiny_setting
 
 def test_dense_mode_is_the_primary_verdict_and_stops_at_its_token_limit(tiny, tiny_settings, tmp_path):
     report = run_stress(
-        tiny, tiny_settings, tmp_path, mode="dense", turns=50, reply_tokens=6, dense_tokens=150,
+        tiny,
+        tiny_settings,
+        tmp_path,
+        mode="dense",
+        turns=50,
+        reply_tokens=6,
+        dense_tokens=150,
         show_progress=False,
     )
     run = report["runs"]["dense"]
@@ -104,7 +115,9 @@ TINY_FLAGS = ["--window", "44", "--sinks", "4", "--set", "slack=4", "--temperatu
 
 def test_command_passes_bounded_and_fails_dense_with_exit_status_1(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(stress, "load_model", lambda *args: tiny)
-    bounded = cli.main(["stress", "--turns", "6", "--rss-threshold", "1", "--out", str(tmp_path), "--json", *TINY_FLAGS])
+    bounded = cli.main(
+        ["stress", "--turns", "6", "--rss-threshold", "1", "--out", str(tmp_path), "--json", *TINY_FLAGS]
+    )
     out = capsys.readouterr().out
     assert bounded == 0 and "verdict: PASS" in out
     assert json.loads(out.strip().splitlines()[-1])["sink_window"]["passed"] is True

@@ -79,8 +79,16 @@ def test_heavy_tokens_are_the_tokens_the_policy_chose(tiny, policy):
     # slack 8 takes all 8 heavy places at an eviction: the policy keeps no heavy hitter, only the window
     settings = load_settings(
         None,
-        {"policy": policy, "sinks": 4, "heavy": 8, "recent": 16, "slack": 8, "pin_system_prompt": False,
-         "temperature": 0, "max_new_tokens": 6},
+        {
+            "policy": policy,
+            "sinks": 4,
+            "heavy": 8,
+            "recent": 16,
+            "slack": 8,
+            "pin_system_prompt": False,
+            "temperature": 0,
+            "max_new_tokens": 6,
+        },
     )
     session = ChatSession(tiny, settings)
     for text in ["Tell me a story about a dragon.", "What is 2+2?", "Hello there!"]:

@@ -59,7 +59,11 @@ def registry(max_sessions=3, idle_seconds=100.0):
         return made[-1]
 
     reg = SessionRegistry(
-        factory, max_sessions, idle_seconds, is_busy=lambda t: t.busy, on_free=lambda t: setattr(t, "freed", True),
+        factory,
+        max_sessions,
+        idle_seconds,
+        is_busy=lambda t: t.busy,
+        on_free=lambda t: setattr(t, "freed", True),
         clock=clock,
     )
     return reg, clock, made
@@ -243,8 +247,19 @@ def test_api_chat_round_trip_and_stats(server):
     assert isinstance(reply, str) and reply.strip()
     stats = c.predict(api_name="/stats")
     for key in (
-        "kv_bytes", "kv_mb", "cache_tokens", "cache_capacity", "sink_tokens", "heavy_tokens", "recent_tokens",
-        "seen_total", "evicted_total", "rss_mb", "decode_tokens_per_s", "ttft_s", "turns",
+        "kv_bytes",
+        "kv_mb",
+        "cache_tokens",
+        "cache_capacity",
+        "sink_tokens",
+        "heavy_tokens",
+        "recent_tokens",
+        "seen_total",
+        "evicted_total",
+        "rss_mb",
+        "decode_tokens_per_s",
+        "ttft_s",
+        "turns",
     ):
         assert key in stats, key
     assert stats["turns"] == 1 and stats["cache_capacity"] == 64

@@ -65,7 +65,9 @@ class DecodePath:
     def _run(self, ids: list[int], cache: Any, use_cache: bool = True) -> None:
         with torch.inference_mode():
             self.model(
-                input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=use_cache,
+                input_ids=torch.tensor([ids], device=self.device),
+                past_key_values=cache,
+                use_cache=use_cache,
                 logits_to_keep=1,
             )
 
@@ -181,7 +183,9 @@ class RecomputePath(DecodePath):
 
 # Paths the decode curve, the overhead and the recompute comparison can run; register new ones here.
 PATHS: dict[str, type[DecodePath]] = {
-    BoundedPath.name: BoundedPath, DensePath.name: DensePath, FastPath.name: FastPath,
+    BoundedPath.name: BoundedPath,
+    DensePath.name: DensePath,
+    FastPath.name: FastPath,
 }
 
 
@@ -194,7 +198,10 @@ def budget_settings(settings: Settings, budget: int) -> Settings:
 
 
 def interleaved_seconds(
-    steps: dict[str, Callable[[], None]], rounds: int, per_round: dict[str, int] | None = None, desc: str = "",
+    steps: dict[str, Callable[[], None]],
+    rounds: int,
+    per_round: dict[str, int] | None = None,
+    desc: str = "",
     show_progress: bool = True,
 ) -> dict[str, list[float]]:
     """Seconds of each step call, the named steps taking turns (`per_round[name]` calls each round), in an order
@@ -219,8 +226,13 @@ def _ms(seconds: list[float]) -> float:
 
 
 def measure_decode_curve(
-    loaded: LoadedModel, settings: Settings, budgets: list[int], tokens: int, paths: list[str] = ("sink_window", "dense"),
-    bin_size: int | None = None, show_progress: bool = True,
+    loaded: LoadedModel,
+    settings: Settings,
+    budgets: list[int],
+    tokens: int,
+    paths: list[str] = ("sink_window", "dense"),
+    bin_size: int | None = None,
+    show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """ms/token vs tokens processed from an empty cache, all paths stepped token by token in turns.
 
@@ -246,20 +258,26 @@ def measure_decode_curve(
         bar.update(1)
         if (index + 1) % bin_size == 0 or index + 1 == tokens:
             for key, path in runners.items():
-                rows.append({
-                    "path": path.name,
-                    "budget": path.budget,
-                    "tokens_processed": index + 1,
-                    "cache_tokens": path.cache_tokens,
-                    "ms_per_token": round(1000 * statistics.median(window[key]), 3),
-                })
+                rows.append(
+                    {
+                        "path": path.name,
+                        "budget": path.budget,
+                        "tokens_processed": index + 1,
+                        "cache_tokens": path.cache_tokens,
+                        "ms_per_token": round(1000 * statistics.median(window[key]), 3),
+                    }
+                )
                 window[key] = []
     bar.close()
     return rows
 
 
 def measure_overhead(
-    loaded: LoadedModel, settings: Settings, budget: int, rounds: int = 64, path: str = "sink_window",
+    loaded: LoadedModel,
+    settings: Settings,
+    budget: int,
+    rounds: int = 64,
+    path: str = "sink_window",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """The bounded path vs a DynamicCache at the same cache length, per token, interleaved.
@@ -280,15 +298,26 @@ def measure_overhead(
     times = interleaved_seconds(steps, rounds, desc=f"overhead @{budget}", show_progress=show_progress)
     ours, theirs = _ms(times[path]), _ms(times["dynamic_cache"])
     return {
-        "measure": "overhead", "path": path, "baseline": "dynamic_cache", "budget": budget, "cache_tokens": length,
-        "steps": rounds, "ms_per_token": round(ours, 3), "baseline_ms_per_token": round(theirs, 3),
-        "ratio": round(ours / theirs, 4), "overhead": round(ours / theirs - 1, 4),
+        "measure": "overhead",
+        "path": path,
+        "baseline": "dynamic_cache",
+        "budget": budget,
+        "cache_tokens": length,
+        "steps": rounds,
+        "ms_per_token": round(ours, 3),
+        "baseline_ms_per_token": round(theirs, 3),
+        "ratio": round(ours / theirs, 4),
+        "overhead": round(ours / theirs - 1, 4),
         "median_ratio": round(statistics.median(times[path]) / statistics.median(times["dynamic_cache"]), 4),
     }
 
 
 def measure_recompute_speedup(
-    loaded: LoadedModel, settings: Settings, budget: int, rounds: int = 6, path: str = "sink_window",
+    loaded: LoadedModel,
+    settings: Settings,
+    budget: int,
+    rounds: int = 6,
+    path: str = "sink_window",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """The bounded path vs sliding-window re-computation at the same budget, both with a full window.
@@ -309,9 +338,15 @@ def measure_recompute_speedup(
     )
     ours, theirs = _ms(times[path]), _ms(times["recompute"])
     return {
-        "measure": "recompute_speedup", "path": path, "baseline": "recompute", "budget": budget,
-        "steps": len(times[path]), "baseline_steps": len(times["recompute"]), "ms_per_token": round(ours, 3),
-        "baseline_ms_per_token": round(theirs, 3), "speedup": round(theirs / ours, 3),
+        "measure": "recompute_speedup",
+        "path": path,
+        "baseline": "recompute",
+        "budget": budget,
+        "steps": len(times[path]),
+        "baseline_steps": len(times["recompute"]),
+        "ms_per_token": round(ours, 3),
+        "baseline_ms_per_token": round(theirs, 3),
+        "speedup": round(theirs / ours, 3),
     }
 
 
@@ -321,7 +356,11 @@ def long_prompt(tokenizer, tokens: int) -> str:
 
 
 def measure_ttft(
-    loaded: LoadedModel, settings: Settings, budget: int, long_tokens: int = 1000, repeats: int = 3,
+    loaded: LoadedModel,
+    settings: Settings,
+    budget: int,
+    long_tokens: int = 1000,
+    repeats: int = 3,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Time to first token of a fresh conversation (ChatSession.send), short and long prompt, median of `repeats`."""
@@ -337,11 +376,17 @@ def measure_ttft(
                 pass
             seconds.append(session.last_turn.ttft_s)
             bar.update(1)
-        rows.append({
-            "measure": "ttft", "path": session.cache.policy.name, "budget": budget, "prompt": kind,
-            "prompt_tokens": session.last_turn.prompt_tokens, "ttft_s": round(statistics.median(seconds), 4),
-            "prefill_tokens_per_s": round(session.last_turn.prefill_tokens_per_s, 1),
-        })
+        rows.append(
+            {
+                "measure": "ttft",
+                "path": session.cache.policy.name,
+                "budget": budget,
+                "prompt": kind,
+                "prompt_tokens": session.last_turn.prompt_tokens,
+                "ttft_s": round(statistics.median(seconds), 4),
+                "prefill_tokens_per_s": round(session.last_turn.prefill_tokens_per_s, 1),
+            }
+        )
     bar.close()
     return rows
 
@@ -361,8 +406,12 @@ def measure_load_time(settings: Settings) -> dict[str, Any]:
             else:
                 os.environ[CACHE_ENV] = previous
     return {
-        "measure": "load", "path": "", "model": cached.source, "cold_s": round(cold.load_seconds, 3),
-        "cold_converted": cold.converted, "cached_s": round(cached.load_seconds, 3),
+        "measure": "load",
+        "path": "",
+        "model": cached.source,
+        "cold_s": round(cold.load_seconds, 3),
+        "cold_converted": cold.converted,
+        "cached_s": round(cached.load_seconds, 3),
     }
 
 
@@ -382,18 +431,31 @@ def measure_path_speeds(
 ) -> list[dict[str, Any]]:
     """Decode tokens/s of every decode path at a full cache of `budget` tokens, side by side (see `speed`)."""
     figures = speed.measure_speed(
-        loaded, budget_settings(settings, budget), None, tokens, list(LINEAR_MODES), list(SPEED_KV_DTYPES),
+        loaded,
+        budget_settings(settings, budget),
+        None,
+        tokens,
+        list(LINEAR_MODES),
+        list(SPEED_KV_DTYPES),
         show_progress=show_progress,
     )
-    rows = [{"measure": "speed", "budget": budget, **row, "default": row["path"] == figures["default_path"]}
-            for row in figures["rows"]]
+    rows = [
+        {"measure": "speed", "budget": budget, **row, "default": row["path"] == figures["default_path"]}
+        for row in figures["rows"]
+    ]
     rows += [{"measure": "speed", "budget": budget, "path": "note", "note": note} for note in figures["notes"]]
     llama_memory = figures["llama_cpp_memory"]
     if llama_memory:  # llama.cpp's process beside this one's (bench's RSS rows)
-        rows.append({"measure": "speed", "budget": budget, "path": "note", "note":
-                     f"llama.cpp RSS {llama_memory['rss_bytes'] / 2**20:.0f} MB "
-                     f"(peak {llama_memory['peak_rss_bytes'] / 2**20:.0f} MB), streamchat {memory.rss_bytes() / 2**20:.0f} MB "
-                     "(this process: every path's weights)"})
+        rows.append(
+            {
+                "measure": "speed",
+                "budget": budget,
+                "path": "note",
+                "note": f"llama.cpp RSS {llama_memory['rss_bytes'] / 2**20:.0f} MB "
+                f"(peak {llama_memory['peak_rss_bytes'] / 2**20:.0f} MB), streamchat {memory.rss_bytes() / 2**20:.0f} MB "
+                "(this process: every path's weights)",
+            }
+        )
     return rows
 
 
@@ -401,17 +463,31 @@ def measure_path_speeds(
 
 
 def run_bench(
-    loaded: LoadedModel, settings: Settings, out: str | Path, budgets: list[int], tokens: int = 1024,
-    measures: tuple[str, ...] = MEASURES, paths: list[str] = ("sink_window", "dense"), rounds: int = 64,
-    recompute_rounds: int = 6, long_tokens: int = 1000, show_progress: bool = True,
+    loaded: LoadedModel,
+    settings: Settings,
+    out: str | Path,
+    budgets: list[int],
+    tokens: int = 1024,
+    measures: tuple[str, ...] = MEASURES,
+    paths: list[str] = ("sink_window", "dense"),
+    rounds: int = 64,
+    recompute_rounds: int = 6,
+    long_tokens: int = 1000,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run the chosen measurements on an already loaded model; write bench.json, bench_curve.csv,
     bench_summary.csv and bench.png into `out`."""
     folder = reporting.output_dir(out)
     bounded_paths = [name for name in paths if PATHS[name].bounded]
     report: dict[str, Any] = {
-        "command": "bench", "machine": reporting.machine_info(), "model": loaded.source,
-        "settings": settings.to_dict(), "budgets": budgets, "tokens": tokens, "curve": [], "summary": [],
+        "command": "bench",
+        "machine": reporting.machine_info(),
+        "model": loaded.source,
+        "settings": settings.to_dict(),
+        "budgets": budgets,
+        "tokens": tokens,
+        "curve": [],
+        "summary": [],
     }
     if "curve" in measures:
         report["curve"] = measure_decode_curve(loaded, settings, budgets, tokens, paths, show_progress=show_progress)
@@ -459,8 +535,9 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
     groups: list[tuple[str, float, float, str]] = []  # (label, ours ms, theirs ms, baseline)
     for row in report["summary"]:
         if row["measure"] in ("overhead", "recompute_speedup"):
-            groups.append((f"{row['path']} @{row['budget']}", row["ms_per_token"], row["baseline_ms_per_token"],
-                           row["baseline"]))
+            groups.append(
+                (f"{row['path']} @{row['budget']}", row["ms_per_token"], row["baseline_ms_per_token"], row["baseline"])
+            )
     reference = next(iter(series), None)
     panels = [kind for kind, present in (("curve", series), ("ratio", len(series) > 1), ("bars", groups)) if present]
     if not panels:
@@ -469,8 +546,9 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
     for axis, kind in zip(axes[0], panels):
         if kind == "curve":
             for label, rows in series.items():
-                axis.plot([r["tokens_processed"] for r in rows], [r["ms_per_token"] for r in rows], marker=".",
-                          label=label)
+                axis.plot(
+                    [r["tokens_processed"] for r in rows], [r["ms_per_token"] for r in rows], marker=".", label=label
+                )
             for budget in report["budgets"]:
                 axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
             axis.set_xlabel("tokens processed")
@@ -482,8 +560,12 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
         elif kind == "ratio":
             base = {r["tokens_processed"]: r["ms_per_token"] for r in series[reference]}
             for label, rows in list(series.items())[1:]:
-                axis.plot([r["tokens_processed"] for r in rows],
-                          [r["ms_per_token"] / base[r["tokens_processed"]] for r in rows], marker=".", label=label)
+                axis.plot(
+                    [r["tokens_processed"] for r in rows],
+                    [r["ms_per_token"] / base[r["tokens_processed"]] for r in rows],
+                    marker=".",
+                    label=label,
+                )
             axis.axhline(1, color="grey", linewidth=1)
             for budget in report["budgets"]:
                 axis.axvline(budget, color="grey", linestyle=":", linewidth=1)
@@ -494,8 +576,13 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
         else:
             for index, (label, ours, theirs, baseline) in enumerate(groups):
                 axis.bar(index - 0.2, ours, width=0.4, color="tab:blue", label="bounded cache" if index == 0 else None)
-                axis.bar(index + 0.2, theirs, width=0.4, color="tab:orange" if baseline == "dynamic_cache" else "tab:red",
-                         label=baseline)
+                axis.bar(
+                    index + 0.2,
+                    theirs,
+                    width=0.4,
+                    color="tab:orange" if baseline == "dynamic_cache" else "tab:red",
+                    label=baseline,
+                )
                 axis.text(index, max(ours, theirs) * 1.08, f"x{theirs / ours:.2f}", ha="center", fontsize=8)
             handles, labels = axis.get_legend_handles_labels()
             unique = dict(zip(labels, handles))
@@ -506,8 +593,10 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
             axis.set_title("measured side by side (label: baseline ms / bounded ms)")
         axis.grid(alpha=0.3)
     machine = report["machine"]
-    figure.suptitle(f"streamchat bench, {machine['date']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch "
-                    "thread(s)", fontsize=9)
+    figure.suptitle(
+        f"streamchat bench, {machine['date']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s)",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -518,18 +607,38 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_list_argument(parser, "--budget", type=int, default=None, metavar="N",
-                      help="cache budgets in tokens, sinks included (default: the configured sinks + window)")
+    add_list_argument(
+        parser,
+        "--budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cache budgets in tokens, sinks included (default: the configured sinks + window)",
+    )
     parser.add_argument("--tokens", type=int, default=1024, help="length of the decode curve in tokens (default 1024)")
-    add_list_argument(parser, "--only", default=list(MEASURES), choices=MEASURES, metavar="NAME",
-                      help=f"measurements to run (default all: {' '.join(MEASURES)})")
-    add_list_argument(parser, "--paths", default=["sink_window", "dense"], choices=list(PATHS), metavar="NAME",
-                      help="decode paths to compare (default: sink_window dense)")
+    add_list_argument(
+        parser,
+        "--only",
+        default=list(MEASURES),
+        choices=MEASURES,
+        metavar="NAME",
+        help=f"measurements to run (default all: {' '.join(MEASURES)})",
+    )
+    add_list_argument(
+        parser,
+        "--paths",
+        default=["sink_window", "dense"],
+        choices=list(PATHS),
+        metavar="NAME",
+        help="decode paths to compare (default: sink_window dense)",
+    )
     parser.add_argument("--rounds", type=int, default=64, help="interleaved tokens for the overhead (default 64)")
     parser.add_argument("--recompute-rounds", type=int, default=6, help="re-computed tokens timed (default 6)")
     parser.add_argument("--long-prompt", type=int, default=1000, metavar="N", help="tokens of the long TTFT prompt")
     parser.add_argument("--out", default="out/bench", metavar="DIR", help="output folder (default out/bench)")
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+    parser.add_argument(
+        "--json", action="store_true", help="last stdout line: one JSON object with the headline figures"
+    )
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -541,7 +650,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     for key, rows in by_path.items():
         full = [r["ms_per_token"] for r in rows if r["budget"] and r["tokens_processed"] > 2 * r["budget"]]
         figures[f"curve_{key}"] = {
-            "first_ms": rows[0]["ms_per_token"], "last_ms": rows[-1]["ms_per_token"],
+            "first_ms": rows[0]["ms_per_token"],
+            "last_ms": rows[-1]["ms_per_token"],
             **({"full_cache_min_ms": min(full), "full_cache_max_ms": max(full)} if full else {}),
         }
     for row in report["summary"]:
@@ -567,30 +677,44 @@ def print_summary(report: dict[str, Any]) -> None:
             flat = ""
             if "full_cache_min_ms" in value:
                 flat = f", full cache {value['full_cache_min_ms']:.1f}-{value['full_cache_max_ms']:.1f}"
-            print(f"decode {key[6:]}: {value['first_ms']:.1f} ms/token at start{flat}, {value['last_ms']:.1f} at the end")
+            print(
+                f"decode {key[6:]}: {value['first_ms']:.1f} ms/token at start{flat}, {value['last_ms']:.1f} at the end"
+            )
     for row in report["summary"]:
         if row["measure"] == "overhead":
-            print(f"overhead {row['path']} @{row['budget']}: {row['ms_per_token']:.1f} vs DynamicCache "
-                  f"{row['baseline_ms_per_token']:.1f} ms/token at {row['cache_tokens']} tokens: {row['overhead']:+.1%}")
+            print(
+                f"overhead {row['path']} @{row['budget']}: {row['ms_per_token']:.1f} vs DynamicCache "
+                f"{row['baseline_ms_per_token']:.1f} ms/token at {row['cache_tokens']} tokens: {row['overhead']:+.1%}"
+            )
         elif row["measure"] == "recompute_speedup":
-            print(f"speedup vs re-computation @{row['budget']}: {row['speedup']:.1f}x "
-                  f"({row['ms_per_token']:.1f} vs {row['baseline_ms_per_token']:.1f} ms/token)")
+            print(
+                f"speedup vs re-computation @{row['budget']}: {row['speedup']:.1f}x "
+                f"({row['ms_per_token']:.1f} vs {row['baseline_ms_per_token']:.1f} ms/token)"
+            )
         elif row["measure"] == "ttft":
-            print(f"time to first token @{row['budget']}, {row['prompt']} prompt ({row['prompt_tokens']} tokens): "
-                  f"{row['ttft_s']:.3f} s")
+            print(
+                f"time to first token @{row['budget']}, {row['prompt']} prompt ({row['prompt_tokens']} tokens): "
+                f"{row['ttft_s']:.3f} s"
+            )
         elif row["measure"] == "load":
-            print(f"model load: cold {row['cold_s']:.1f} s (converted: {row['cold_converted']}), cached {row['cached_s']:.2f} s")
+            print(
+                f"model load: cold {row['cold_s']:.1f} s (converted: {row['cold_converted']}), cached {row['cached_s']:.2f} s"
+            )
         elif row["measure"] == "memory" and "error" in row:
             print(f"memory, {row['path']}: not measured ({row['error']})")
         elif row["measure"] == "memory":
-            print(f"memory, {row['path']} ({row['weights']}): RSS {row['rss_mb']:.0f} MB (peak {row['peak_rss_mb']:.0f}) "
-                  f"after {row['prompt_tokens']} prompt + {row['new_tokens']} new tokens; first prompt after "
-                  f"{row['ready_s']:.1f} s; prefill {row['prefill_tokens_per_s']:.0f} tok/s")
+            print(
+                f"memory, {row['path']} ({row['weights']}): RSS {row['rss_mb']:.0f} MB (peak {row['peak_rss_mb']:.0f}) "
+                f"after {row['prompt_tokens']} prompt + {row['new_tokens']} new tokens; first prompt after "
+                f"{row['ready_s']:.1f} s; prefill {row['prefill_tokens_per_s']:.0f} tok/s"
+            )
         elif row["measure"] == "speed" and "note" in row:
             print(f"decode speed @{row['budget']}: {row['note']}")
         elif row["measure"] == "speed":
-            print(f"decode speed @{row['budget']}, {row['path']}{' (default)' if row['default'] else ''}: "
-                  f"{row['tokens_per_s']:.1f} tok/s, {row['speedup_vs_transformers']:.2f}x plain transformers")
+            print(
+                f"decode speed @{row['budget']}, {row['path']}{' (default)' if row['default'] else ''}: "
+                f"{row['tokens_per_s']:.1f} tok/s, {row['speedup_vs_transformers']:.2f}x plain transformers"
+            )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -602,7 +726,9 @@ def main(args: argparse.Namespace) -> int:
         budgets = args.budget or [settings.budget]
         for budget in budgets:
             if budget <= settings.sinks + settings.slack + 1:
-                raise ValueError(f"--budget {budget} is too small for {settings.sinks} sinks and slack {settings.slack}")
+                raise ValueError(
+                    f"--budget {budget} is too small for {settings.sinks} sinks and slack {settings.slack}"
+                )
         if args.tokens < 1 or args.rounds < 1 or args.recompute_rounds < 1 or args.long_prompt < 1:
             raise ValueError("--tokens, --rounds, --recompute-rounds and --long-prompt must be at least 1")
     except ValueError as error:
@@ -610,7 +736,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     loaded = load_model(settings.model, settings.device, settings.dtype)
     report = run_bench(
-        loaded, settings, args.out, budgets, args.tokens, measures, paths, args.rounds, args.recompute_rounds,
+        loaded,
+        settings,
+        args.out,
+        budgets,
+        args.tokens,
+        measures,
+        paths,
+        args.rounds,
+        args.recompute_rounds,
         args.long_prompt,
     )
     print_summary(report)

@@ -35,7 +35,8 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
 
     prompts = Path(__file__).resolve().parent.parent / "prompts.py"  # importing it would import torch (reporting)
     DEFAULT_TURNS = next(  # noqa: N806 - the module's constant, read without importing the module
-        ast.literal_eval(node.value) for node in ast.parse(prompts.read_text()).body
+        ast.literal_eval(node.value)
+        for node in ast.parse(prompts.read_text()).body
         if isinstance(node, (ast.Assign, ast.AnnAssign))
         and getattr(node.targets[0] if isinstance(node, ast.Assign) else node.target, "id", "") == "DEFAULT_TURNS"
     )
@@ -53,11 +54,17 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
         llm.eval([llm.sample(temp=0.0)])  # greedy
     decode = time.perf_counter() - started
     return {
-        "resident": "llama.cpp", "weights": "gguf", "ready_s": round(ready, 2), "ready_cpu_s": round(ready_cpu, 2),
-        "prompt_tokens": len(ids), "new_tokens": new_tokens, "prefill_tokens_per_s": round(len(ids) / prefill, 1),
+        "resident": "llama.cpp",
+        "weights": "gguf",
+        "ready_s": round(ready, 2),
+        "ready_cpu_s": round(ready_cpu, 2),
+        "prompt_tokens": len(ids),
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": round(len(ids) / prefill, 1),
         "decode_tokens_per_s": round(new_tokens / decode, 1),
         "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "threads": threads or 2,
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        "threads": threads or 2,
     }
 
 
@@ -104,11 +111,26 @@ def measure(resident: str, prompt_tokens: int, new_tokens: int, threads: int | N
     }
 
 
-def run_child(resident: str, prompt_tokens: int, new_tokens: int, threads: int | None = None,
-              config: str | None = None, timeout: float = 1800) -> dict:
+def run_child(
+    resident: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    threads: int | None = None,
+    config: str | None = None,
+    timeout: float = 1800,
+) -> dict:
     """`measure` in a fresh interpreter; {"error": ...} when it fails."""
-    command = [sys.executable, "-m", "streamchat.evaluate.footprint", "--resident", resident,
-               "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+    command = [
+        sys.executable,
+        "-m",
+        "streamchat.evaluate.footprint",
+        "--resident",
+        resident,
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--new-tokens",
+        str(new_tokens),
+    ]
     if threads:
         command += ["--threads", str(threads)]
     if config:
@@ -124,9 +146,15 @@ def run_child(resident: str, prompt_tokens: int, new_tokens: int, threads: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamchat.evaluate.footprint", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resident", choices=RESIDENT, default="packed",
-                        help="packed: as `streamchat chat` holds the weights; full: the model as loaded")
+    parser = argparse.ArgumentParser(
+        prog="python -m streamchat.evaluate.footprint", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--resident",
+        choices=RESIDENT,
+        default="packed",
+        help="packed: as `streamchat chat` holds the weights; full: the model as loaded",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)

@@ -47,7 +47,9 @@ def serve(gguf: str, budget: int, threads: int) -> None:
         started = time.perf_counter()
         llm.eval([command["step"]])
         seconds = time.perf_counter() - started
-        print(json.dumps({"seconds": seconds, "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}), flush=True)
+        print(
+            json.dumps({"seconds": seconds, "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}), flush=True
+        )
 
 
 if __name__ == "__main__":

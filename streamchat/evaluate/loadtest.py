@@ -59,8 +59,16 @@ def cpu_model() -> str:
         return ""
 
 
-def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, deadline_s: float,
-              api_key: str = "loadtest", temperature: float = 0.0) -> dict[str, Any]:
+def run_level(
+    base_url: str,
+    model: str,
+    clients: int,
+    requests: int,
+    tokens: int,
+    deadline_s: float,
+    api_key: str = "loadtest",
+    temperature: float = 0.0,
+) -> dict[str, Any]:
     """One load level: `clients` client processes (`loadtest_client`), each `requests` streamed turns in one
     conversation at `temperature` (0: greedy), started together once all have imported the openai package. Also
     returns the CPU seconds the clients used while conversing."""
@@ -72,8 +80,21 @@ def run_level(base_url: str, model: str, clients: int, requests: int, tokens: in
     workers = []
     for index in range(clients):
         parent, child = context.Pipe()
-        process = context.Process(target=serve_one, daemon=True, args=(
-            child, base_url, model, api_key, PROMPTS[index % len(PROMPTS)], requests, tokens, deadline_s, temperature))
+        process = context.Process(
+            target=serve_one,
+            daemon=True,
+            args=(
+                child,
+                base_url,
+                model,
+                api_key,
+                PROMPTS[index % len(PROMPTS)],
+                requests,
+                tokens,
+                deadline_s,
+                temperature,
+            ),
+        )
         process.start()
         workers.append((process, parent))
     results, failures = [], []
@@ -194,19 +215,35 @@ def plot(rows: list[dict[str, Any]], path, title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from streamchat.cli import add_list_argument
 
-    add_list_argument(parser, "--clients", default=[1, 2, 4, 8], type=int, metavar="N",
-                      help="concurrent streaming clients per level (default: 1 2 4 8)")
+    add_list_argument(
+        parser,
+        "--clients",
+        default=[1, 2, 4, 8],
+        type=int,
+        metavar="N",
+        help="concurrent streaming clients per level (default: 1 2 4 8)",
+    )
     parser.add_argument("--requests", type=int, default=2, help="streamed turns per client per level (default 2)")
     parser.add_argument("--tokens", type=int, default=96, help="max_tokens of each request (default 96)")
-    parser.add_argument("--request-temperature", type=float, default=0.0, metavar="T",
-                        help="temperature each request asks for (default 0: greedy; e.g. 0.7 to sample, with the "
-                             "server's top_k, top_p and a seed per client)")
+    parser.add_argument(
+        "--request-temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="temperature each request asks for (default 0: greedy; e.g. 0.7 to sample, with the "
+        "server's top_k, top_p and a seed per client)",
+    )
     parser.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most (default 300)")
     parser.add_argument("--repeat", type=int, default=1, help="run the levels this many times, interleaved (default 1)")
-    parser.add_argument("--no-step-cost", action="store_true",
-                        help="skip the CPU-time cost of batched decode steps (measured in this process first)")
+    parser.add_argument(
+        "--no-step-cost",
+        action="store_true",
+        help="skip the CPU-time cost of batched decode steps (measured in this process first)",
+    )
     parser.add_argument("--out", default="out/loadtest", metavar="DIR", help="output folder (default out/loadtest)")
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+    parser.add_argument(
+        "--json", action="store_true", help="last stdout line: one JSON object with the headline figures"
+    )
 
 
 def _settings_argv(args: argparse.Namespace) -> list[str]:
@@ -235,8 +272,19 @@ def start_server(args: argparse.Namespace, max_sessions: int, timeout_s: float =
     import httpx
 
     port = _free_loopback_port()
-    command = [sys.executable, "-m", "streamchat", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-sessions", str(max_sessions), *_settings_argv(args)]
+    command = [
+        sys.executable,
+        "-m",
+        "streamchat",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-sessions",
+        str(max_sessions),
+        *_settings_argv(args),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "STREAMCHAT_API_KEY"}
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -259,28 +307,54 @@ def main(args: argparse.Namespace) -> int:
     try:
         import openai  # noqa: F401
     except ImportError:
-        print("streamchat loadtest: needs the openai package: .venv/bin/pip install -r requirements-dev.txt",
-              file=sys.stderr)
+        print(
+            "streamchat loadtest: needs the openai package: .venv/bin/pip install -r requirements-dev.txt",
+            file=sys.stderr,
+        )
         return 2
-    if any(n < 1 or n > 64 for n in args.clients) or not 1 <= args.requests <= 100 or not 1 <= args.tokens <= 4096 \
-            or args.level_timeout <= 0 or not 1 <= args.repeat <= 10:
-        print("streamchat loadtest: --clients 1-64, --requests 1-100, --tokens 1-4096, --repeat 1-10, "
-              "--level-timeout above 0", file=sys.stderr)
+    if (
+        any(n < 1 or n > 64 for n in args.clients)
+        or not 1 <= args.requests <= 100
+        or not 1 <= args.tokens <= 4096
+        or args.level_timeout <= 0
+        or not 1 <= args.repeat <= 10
+    ):
+        print(
+            "streamchat loadtest: --clients 1-64, --requests 1-100, --tokens 1-4096, --repeat 1-10, "
+            "--level-timeout above 0",
+            file=sys.stderr,
+        )
         return 2
     from streamchat.cli import settings_from_args
 
     settings = settings_from_args(args)  # checked here, so a bad flag fails before the server starts
-    info = {**machine_info(), "cpu_model": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "policy": settings.policy, "budget": settings.budget, "decode_weights": settings.decode_weights,
-            "load_before": os.getloadavg()}
-    print(f"loadtest: {info['cpu_model']}, {info['cpus']} CPUs, capability {info['capability']}; "
-          f"load average {info['load_before'][0]:.2f}", file=sys.stderr)
+    info = {
+        **machine_info(),
+        "cpu_model": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "policy": settings.policy,
+        "budget": settings.budget,
+        "decode_weights": settings.decode_weights,
+        "load_before": os.getloadavg(),
+    }
+    print(
+        f"loadtest: {info['cpu_model']}, {info['cpus']} CPUs, capability {info['capability']}; "
+        f"load average {info['load_before'][0]:.2f}",
+        file=sys.stderr,
+    )
     rows: list[dict[str, Any]] = []
     costs = [] if args.no_step_cost else step_cost(settings, sorted({1, *args.clients}))
     for cost in costs:
-        print(f"  batched step of {cost['batch']}: {cost['step_cpu_ms']:.1f} ms CPU (1 thread)"
-              + (f": x{cost['implied_tok_s_speedup']:.2f} tok/s, x{cost['implied_itl_ratio']:.2f} step time vs 1"
-                 if "implied_itl_ratio" in cost else ""), file=sys.stderr, flush=True)
+        print(
+            f"  batched step of {cost['batch']}: {cost['step_cpu_ms']:.1f} ms CPU (1 thread)"
+            + (
+                f": x{cost['implied_tok_s_speedup']:.2f} tok/s, x{cost['implied_itl_ratio']:.2f} step time vs 1"
+                if "implied_itl_ratio" in cost
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         process, base, model = start_server(args, max(args.clients))
     except RuntimeError as error:
@@ -293,8 +367,18 @@ def main(args: argparse.Namespace) -> int:
             for clients in args.clients:
                 server = psutil.Process(process.pid)
                 server_cpu = sum(server.cpu_times()[:2])
-                row = {"repeat": repeat, **run_level(base, model, clients, args.requests, args.tokens,
-                                                     args.level_timeout, temperature=args.request_temperature)}
+                row = {
+                    "repeat": repeat,
+                    **run_level(
+                        base,
+                        model,
+                        clients,
+                        args.requests,
+                        args.tokens,
+                        args.level_timeout,
+                        temperature=args.request_temperature,
+                    ),
+                }
                 # CPU seconds per generated token: the server's, and the clients' (they share the cores)
                 tokens = max(row["completion_tokens"], 1)
                 row["server_cpu_ms_per_token"] = round(1000 * (sum(server.cpu_times()[:2]) - server_cpu) / tokens, 2)
@@ -302,12 +386,15 @@ def main(args: argparse.Namespace) -> int:
                 row["rss_mb"] = round(server.memory_info().rss / 2**20, 1)
                 row["load_avg"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
-                print(f"  {clients} streams: {row['aggregate_tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.3f} s "
-                      f"p95 {row['ttft_p95_s']:.3f} s  ITL p50 {row['itl_p50_ms']:.1f} ms p95 {row['itl_p95_ms']:.1f} ms"
-                      f"  server RSS {row['rss_mb']:.0f} MB  CPU/token: server {row['server_cpu_ms_per_token']:.1f} ms, "
-                      f"clients {row['client_cpu_ms_per_token']:.1f} ms  load {row['load_avg']:.1f}"
-                      + (f"  FAILURES {row['failures']}: {row['first_failure']}" if row["failures"] else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {clients} streams: {row['aggregate_tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.3f} s "
+                    f"p95 {row['ttft_p95_s']:.3f} s  ITL p50 {row['itl_p50_ms']:.1f} ms p95 {row['itl_p95_ms']:.1f} ms"
+                    f"  server RSS {row['rss_mb']:.0f} MB  CPU/token: server {row['server_cpu_ms_per_token']:.1f} ms, "
+                    f"clients {row['client_cpu_ms_per_token']:.1f} ms  load {row['load_avg']:.1f}"
+                    + (f"  FAILURES {row['failures']}: {row['first_failure']}" if row["failures"] else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         process.terminate()
         try:
@@ -323,16 +410,24 @@ def main(args: argparse.Namespace) -> int:
         one, four = by_clients[1], by_clients[4]
         speedup = statistics.median(b["aggregate_tok_s"] / a["aggregate_tok_s"] for a, b in zip(one, four))
         itl = statistics.median(b["itl_p95_ms"] / a["itl_p95_ms"] for a, b in zip(one, four))
-        summary["targets"] = {"tok_s_4_over_1": round(speedup, 2), "tok_s_target": 2.5,
-                              "itl_p95_4_over_1": round(itl, 2), "itl_target": 2.0,
-                              "met": speedup >= 2.5 and itl <= 2.0}
-        print(f"loadtest: 4 streams vs 1 (median over repeats): aggregate tok/s x{speedup:.2f} (target >= 2.5), "
-              f"p95 inter-token latency x{itl:.2f} (target <= 2.0): {'met' if summary['targets']['met'] else 'NOT met'}",
-              file=sys.stderr)
+        summary["targets"] = {
+            "tok_s_4_over_1": round(speedup, 2),
+            "tok_s_target": 2.5,
+            "itl_p95_4_over_1": round(itl, 2),
+            "itl_target": 2.0,
+            "met": speedup >= 2.5 and itl <= 2.0,
+        }
+        print(
+            f"loadtest: 4 streams vs 1 (median over repeats): aggregate tok/s x{speedup:.2f} (target >= 2.5), "
+            f"p95 inter-token latency x{itl:.2f} (target <= 2.0): {'met' if summary['targets']['met'] else 'NOT met'}",
+            file=sys.stderr,
+        )
     out = output_dir(args.out)
     write_json(out / "loadtest.json", summary)
     write_csv(out / "loadtest.csv", rows)
-    title = f"streamchat serve, {model}, {info['cpu_model']} ({info['cpus']} CPUs, {info['capability']}), {info['date']}"
+    title = (
+        f"streamchat serve, {model}, {info['cpu_model']} ({info['cpus']} CPUs, {info['capability']}), {info['date']}"
+    )
     plot([r for r in rows if r["repeat"] == 0], out / "loadtest.png", title)
     print(f"loadtest: wrote {out}/loadtest.json, loadtest.csv, loadtest.png", file=sys.stderr)
     if args.json:

@@ -13,8 +13,16 @@ import time
 from typing import Any
 
 
-def converse(base_url: str, model: str, api_key: str, prompt: str, requests: int, tokens: int,
-             deadline: float, temperature: float = 0.0) -> dict[str, Any]:
+def converse(
+    base_url: str,
+    model: str,
+    api_key: str,
+    prompt: str,
+    requests: int,
+    tokens: int,
+    deadline: float,
+    temperature: float = 0.0,
+) -> dict[str, Any]:
     """`requests` streamed turns (the first `prompt`, then "Go on, with more details.") at `temperature` (0:
     greedy; else sampled, seeded per prompt) until time.time() passes `deadline` (seconds since the epoch).
     Returns times to first token and gaps between text chunks (s), completion tokens (from the usage chunk),
@@ -32,7 +40,11 @@ def converse(base_url: str, model: str, api_key: str, prompt: str, requests: int
         started, stamps, pieces, used = time.perf_counter(), [], [], 0
         try:
             stream = api.chat.completions.create(
-                model=model, messages=messages, max_tokens=tokens, temperature=temperature, stream=True,
+                model=model,
+                messages=messages,
+                max_tokens=tokens,
+                temperature=temperature,
+                stream=True,
                 seed=None if temperature == 0 else len(prompt),
                 stream_options={"include_usage": True},
             )
@@ -54,8 +66,17 @@ def converse(base_url: str, model: str, api_key: str, prompt: str, requests: int
     return result
 
 
-def serve_one(connection, base_url: str, model: str, api_key: str, prompt: str, requests: int, tokens: int,
-              deadline_s: float, temperature: float = 0.0) -> None:
+def serve_one(
+    connection,
+    base_url: str,
+    model: str,
+    api_key: str,
+    prompt: str,
+    requests: int,
+    tokens: int,
+    deadline_s: float,
+    temperature: float = 0.0,
+) -> None:
     """A client process: import, say ready, wait for the go, converse, send the result back (or the error)."""
     try:
         import openai  # noqa: F401 - imported before the go, so start-up is not timed
@@ -63,10 +84,12 @@ def serve_one(connection, base_url: str, model: str, api_key: str, prompt: str, 
         connection.send("ready")
         if connection.recv() != "go":
             return
-        connection.send(converse(base_url, model, api_key, prompt, requests, tokens, time.time() + deadline_s,
-                                 temperature))
+        connection.send(
+            converse(base_url, model, api_key, prompt, requests, tokens, time.time() + deadline_s, temperature)
+        )
     except Exception as error:  # noqa: BLE001 - reported by the parent
-        connection.send({"ttfts": [], "gaps": [], "tokens": 0, "failures": [f"{type(error).__name__}: {error}"],
-                         "cpu_s": 0.0})
+        connection.send(
+            {"ttfts": [], "gaps": [], "tokens": 0, "failures": [f"{type(error).__name__}: {error}"], "cpu_s": 0.0}
+        )
     finally:
         connection.close()

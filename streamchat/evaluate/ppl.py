@@ -59,20 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--text", required=True, metavar="FILE", help="a long UTF-8 text (e.g. ../shared/data/frankenstein.txt)")
     add("--tokens", type=int, default=DEFAULT_TOKENS, help=f"first tokens of the text (default {DEFAULT_TOKENS})")
     add(
-        "--budget", type=int, default=DEFAULT_BUDGET,
+        "--budget",
+        type=int,
+        default=DEFAULT_BUDGET,
         help=f"cache tokens of every bounded policy (default {DEFAULT_BUDGET}); --sinks sets the sinks, --heavy "
         "the heavy hitters of h2o (default: half the budget less the sinks)",
     )
     add_list_argument(
-        parser, "--policies", default=list(POLICY_NAMES), choices=CHOICES, metavar="NAME",
+        parser,
+        "--policies",
+        default=list(POLICY_NAMES),
+        choices=CHOICES,
+        metavar="NAME",
         help=f"what to run: {', '.join(CHOICES)} (default: {' '.join(POLICY_NAMES)})",
     )
     add(
-        "--recompute-every", type=int, default=DEFAULT_RECOMPUTE_EVERY, metavar="N",
+        "--recompute-every",
+        type=int,
+        default=DEFAULT_RECOMPUTE_EVERY,
+        metavar="N",
         help=f"evaluate recompute at every Nth token only (default {DEFAULT_RECOMPUTE_EVERY}; 1: all, slow)",
     )
     add(
-        "--resident", choices=("full", "packed"), default="full",
+        "--resident",
+        choices=("full", "packed"),
+        default="full",
         help="weights the model holds: full (as loaded, the default: policies compared on the model's own "
         "numerics) or packed (as a chat process holds them with the fast path: --set decode_weights=..., "
         "prefill included; docs/memory.md)",
@@ -172,7 +183,10 @@ class SteppedRun:
 
 
 def run_stepped(
-    model: torch.nn.Module, ids: torch.Tensor, runs: dict[str, Settings], progress: Callable,
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    runs: dict[str, Settings],
+    progress: Callable,
     message_starts: frozenset = frozenset(),
 ) -> dict[str, SteppedRun]:
     """The token-by-token policies in lock step: token t goes through every policy before token t+1.
@@ -375,7 +389,10 @@ def run_ppl(
     reporting.write_csv(folder / "ppl.csv", rows)
     reporting.write_json(folder / "ppl.json", report)
     per_token = [
-        {"token": index + 1, **{name: None if np.isnan(v[index]) else round(float(v[index]), 5) for name, v in nll.items()}}
+        {
+            "token": index + 1,
+            **{name: None if np.isnan(v[index]) else round(float(v[index]), 5) for name, v in nll.items()},
+        }
         for index in range(len(ids) - 1)
     ]
     reporting.write_csv(folder / "nll.csv", per_token)
@@ -400,15 +417,25 @@ def main(args: argparse.Namespace) -> int:
         else:
             loaded = load_model(settings.model, settings.device, settings.dtype)
         rows, report = run_ppl(
-            loaded, settings, text, args.tokens, args.budget, tuple(args.policies), args.recompute_every, heavy,
-            args.out, source=args.text,
+            loaded,
+            settings,
+            text,
+            args.tokens,
+            args.budget,
+            tuple(args.policies),
+            args.recompute_every,
+            heavy,
+            args.out,
+            source=args.text,
         )
     except (ModelError, PplError) as error:
         print(f"streamchat ppl: {error}", file=sys.stderr)
         return 2
     weights = loaded.packing.mode if loaded.packing and loaded.packing.mode else "full"
     print(f"weights: {weights} ({loaded.packing.note if loaded.packing else 'as loaded'})")
-    print(f"{report['tokens']} tokens of {args.text}, budget {args.budget} ({settings.sinks} sinks, slack {settings.slack})")
+    print(
+        f"{report['tokens']} tokens of {args.text}, budget {args.budget} ({settings.sinks} sinks, slack {settings.slack})"
+    )
     print(format_table(rows))
     print(f"results: {report['out']}/ppl.csv, ppl.json, nll.csv, ppl.png")
     if args.json:

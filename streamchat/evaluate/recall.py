@@ -66,10 +66,52 @@ ASSISTANT_FILLER = (
 ACK = "Got it, I will remember that."
 LINES_ACK = "Noted."
 
-NAMES = ("Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas", "Keiko",
-         "Lucas", "Maya", "Nikolai", "Olivia", "Pedro", "Quentin", "Rosa", "Stefan", "Tara", "Umar", "Valeria")
-CITIES = ("Paris", "Tokyo", "Lisbon", "Cairo", "Toronto", "Oslo", "Madrid", "Sydney", "Berlin", "Nairobi", "Lima",
-          "Vienna", "Dublin", "Seoul", "Prague", "Athens", "Mumbai", "Boston", "Denver", "Manila")
+NAMES = (
+    "Alice",
+    "Bruno",
+    "Chloe",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hiroshi",
+    "Ingrid",
+    "Jonas",
+    "Keiko",
+    "Lucas",
+    "Maya",
+    "Nikolai",
+    "Olivia",
+    "Pedro",
+    "Quentin",
+    "Rosa",
+    "Stefan",
+    "Tara",
+    "Umar",
+    "Valeria",
+)
+CITIES = (
+    "Paris",
+    "Tokyo",
+    "Lisbon",
+    "Cairo",
+    "Toronto",
+    "Oslo",
+    "Madrid",
+    "Sydney",
+    "Berlin",
+    "Nairobi",
+    "Lima",
+    "Vienna",
+    "Dublin",
+    "Seoul",
+    "Prague",
+    "Athens",
+    "Mumbai",
+    "Boston",
+    "Denver",
+    "Manila",
+)
 
 
 @dataclass(frozen=True)
@@ -85,12 +127,23 @@ class FactKind:
 
 FACT_KINDS = (
     FactKind("name", "By the way, my name is {}. Please remember it.", "What is my name?", "Your name is", NAMES),
-    FactKind("city", "By the way, I live in {}. Please remember it.", "Which city do I live in?", "You live in",
-             CITIES),
-    FactKind("number", "My lucky number is {}. Please remember it.", "What is my lucky number?",
-             "Your lucky number is", tuple(str(n) for n in range(11, 100))),
-    FactKind("code", "My locker code is {}. Please remember it.", "What is my locker code?", "Your locker code is",
-             tuple(str(n) for n in range(1000, 10000))),
+    FactKind(
+        "city", "By the way, I live in {}. Please remember it.", "Which city do I live in?", "You live in", CITIES
+    ),
+    FactKind(
+        "number",
+        "My lucky number is {}. Please remember it.",
+        "What is my lucky number?",
+        "Your lucky number is",
+        tuple(str(n) for n in range(11, 100)),
+    ),
+    FactKind(
+        "code",
+        "My locker code is {}. Please remember it.",
+        "What is my locker code?",
+        "Your locker code is",
+        tuple(str(n) for n in range(1000, 10000)),
+    ),
 )
 
 
@@ -149,8 +202,16 @@ def facts_script(rng: random.Random, trial: int, k: int, prompts: list[str]) -> 
     rng.shuffle(candidates)
     order = rng.sample(range(len(prompts)), len(prompts))
     filler = [(prompts[i], ASSISTANT_FILLER) for i in order]
-    return Script(kind.name, (kind.plant.format(value), ACK), kind.question, kind.answer_prefix,
-                  [f" {c}" for c in candidates], candidates.index(value), filler, False)
+    return Script(
+        kind.name,
+        (kind.plant.format(value), ACK),
+        kind.question,
+        kind.answer_prefix,
+        [f" {c}" for c in candidates],
+        candidates.index(value),
+        filler,
+        False,
+    )
 
 
 def register_line(number: int, value: str) -> str:
@@ -165,9 +226,16 @@ def lines_script(rng: random.Random, trial: int, k: int, lines_per_turn: int = 4
     answer = str(values[0])
     candidates = [answer, *draw_distractors(rng, [str(v) for v in values], answer, k)]
     rng.shuffle(candidates)
-    return Script("lines", (turns[0], LINES_ACK), "What is the REGISTER_CONTENT in line 0?",
-                  "The REGISTER_CONTENT in line 0 is <", candidates, candidates.index(answer),
-                  [(turn, LINES_ACK) for turn in turns[1:]], True)
+    return Script(
+        "lines",
+        (turns[0], LINES_ACK),
+        "What is the REGISTER_CONTENT in line 0?",
+        "The REGISTER_CONTENT in line 0 is <",
+        candidates,
+        candidates.index(answer),
+        [(turn, LINES_ACK) for turn in turns[1:]],
+        True,
+    )
 
 
 def trimmed(exchange: tuple[str, str], units: int, lines_filler: bool) -> tuple[str, str]:
@@ -222,8 +290,10 @@ class Filler:
 def retained_fraction(session: ChatSession, start: int, end: int) -> float:
     """Share of stream tokens start..end-1 still cached, averaged over layers and KV heads."""
     cache = session.cache
-    held = [((layer.origins[..., : layer.length] >= start) & (layer.origins[..., : layer.length] < end)).sum(-1)
-            for layer in cache.layers]
+    held = [
+        ((layer.origins[..., : layer.length] >= start) & (layer.origins[..., : layer.length] < end)).sum(-1)
+        for layer in cache.layers
+    ]
     return float(torch.stack(held).float().mean()) / max(end - start, 1)
 
 
@@ -247,15 +317,17 @@ def run_trial(
         scores = session.score_reply(script.question, script.candidates, script.prefix)
         true = float(scores[script.answer])
         others = torch.cat((scores[: script.answer], scores[script.answer + 1 :]))
-        records.append({
-            "kind": script.kind,
-            "distance": distance,
-            "realized_distance": session.cache.seen_tokens - plant_end,
-            "correct": bool(true > float(others.max())),
-            "margin": true - float(others.max()),
-            "retained": round(retained_fraction(session, plant_start, plant_end), 4),
-            "cache_tokens": session.cache.length,
-        })
+        records.append(
+            {
+                "kind": script.kind,
+                "distance": distance,
+                "realized_distance": session.cache.seen_tokens - plant_end,
+                "correct": bool(true > float(others.max())),
+                "margin": true - float(others.max()),
+                "retained": round(retained_fraction(session, plant_start, plant_end), 4),
+                "cache_tokens": session.cache.length,
+            }
+        )
     return records
 
 
@@ -271,17 +343,19 @@ def summarize(records: list[dict[str, Any]], chance: float) -> list[dict[str, An
     for (policy, budget, distance), group in groups.items():
         n = len(group)
         accuracy = sum(r["correct"] for r in group) / n
-        rows.append({
-            "policy": policy,
-            "budget": budget,
-            "distance": distance,
-            "trials": n,
-            "accuracy": round(accuracy, 4),
-            "above_chance": accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n),
-            "mean_margin": round(sum(r["margin"] for r in group) / n, 4),
-            "retained": round(sum(r["retained"] for r in group) / n, 4),
-            "realized_distance": round(sum(r["realized_distance"] for r in group) / n, 1),
-        })
+        rows.append(
+            {
+                "policy": policy,
+                "budget": budget,
+                "distance": distance,
+                "trials": n,
+                "accuracy": round(accuracy, 4),
+                "above_chance": accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n),
+                "mean_margin": round(sum(r["margin"] for r in group) / n, 4),
+                "retained": round(sum(r["retained"] for r in group) / n, 4),
+                "realized_distance": round(sum(r["realized_distance"] for r in group) / n, 1),
+            }
+        )
     return rows
 
 
@@ -320,7 +394,8 @@ def run_recall(
     distances = sorted(set(distances))
     rng = random.Random(seed)
     scripts = [
-        facts_script(random.Random(rng.random()), t, distractors, prompts) if mode == "facts"
+        facts_script(random.Random(rng.random()), t, distractors, prompts)
+        if mode == "facts"
         else lines_script(random.Random(rng.random()), t, distractors)
         for t in range(trials)
     ]
@@ -389,11 +464,18 @@ def plot(rows: list[dict[str, Any]], budgets: list[int], chance: float, path: Pa
     for axes, budget in zip(panels[0], budgets):
         names = dict.fromkeys(r["policy"] for r in rows)
         for name in names:
-            line = sorted((r for r in rows if r["policy"] == name and (r["budget"] == budget or name == DENSE)),
-                          key=lambda r: r["distance"])
+            line = sorted(
+                (r for r in rows if r["policy"] == name and (r["budget"] == budget or name == DENSE)),
+                key=lambda r: r["distance"],
+            )
             if line:
-                axes.plot([r["distance"] for r in line], [r["accuracy"] for r in line], marker="o", label=name,
-                          linestyle="--" if name == DENSE else "-")
+                axes.plot(
+                    [r["distance"] for r in line],
+                    [r["accuracy"] for r in line],
+                    marker="o",
+                    label=name,
+                    linestyle="--" if name == DENSE else "-",
+                )
         axes.axvline(budget, color="grey", linestyle=":", linewidth=1)
         axes.axhline(chance, color="black", linestyle="--", linewidth=0.8)
         axes.set_xscale("log", base=2)
@@ -422,19 +504,45 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add_list_argument(parser, "--budget", default=list(DEFAULT_BUDGETS), type=int, metavar="TOKENS",
-                      help="cache budget(s) of every bounded policy (default 256)")
-    add_list_argument(parser, "--policies", default=list(DEFAULT_POLICIES), choices=POLICY_NAMES, metavar="NAME",
-                      help=f"what to run: {', '.join(POLICY_NAMES)} (default: all)")
-    add_list_argument(parser, "--distances", default=list(DEFAULT_DISTANCES), type=int, metavar="TOKENS",
-                      help="tokens between the planted fact and the probe (default 32 64 128 256 512)")
+    add_list_argument(
+        parser,
+        "--budget",
+        default=list(DEFAULT_BUDGETS),
+        type=int,
+        metavar="TOKENS",
+        help="cache budget(s) of every bounded policy (default 256)",
+    )
+    add_list_argument(
+        parser,
+        "--policies",
+        default=list(DEFAULT_POLICIES),
+        choices=POLICY_NAMES,
+        metavar="NAME",
+        help=f"what to run: {', '.join(POLICY_NAMES)} (default: all)",
+    )
+    add_list_argument(
+        parser,
+        "--distances",
+        default=list(DEFAULT_DISTANCES),
+        type=int,
+        metavar="TOKENS",
+        help="tokens between the planted fact and the probe (default 32 64 128 256 512)",
+    )
     add("--trials", type=int, default=8, help="conversations per policy and budget (default 8; fact kinds rotate)")
     add("--distractors", type=int, default=4, metavar="K", help="wrong candidates per probe (default 4: chance 0.2)")
-    add("--mode", choices=MODES, default="facts",
-        help="facts: personal facts amid chat filler (default); lines: StreamEval register lines")
-    add("--prompts", default=None, metavar="FILE",
-        help="user filler turns (plain lines or JSONL with \"turns\"; default ../shared/data/mt_bench.jsonl when "
-        "present, else a built-in list)")
+    add(
+        "--mode",
+        choices=MODES,
+        default="facts",
+        help="facts: personal facts amid chat filler (default); lines: StreamEval register lines",
+    )
+    add(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help='user filler turns (plain lines or JSONL with "turns"; default ../shared/data/mt_bench.jsonl when '
+        "present, else a built-in list)",
+    )
     add("--out", default="out/recall", metavar="DIR", help="output folder (default out/recall)")
     add("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
 
@@ -450,19 +558,36 @@ def main(args: argparse.Namespace) -> int:
         prompts_path = args.prompts or (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
         prompts = load_turns(prompts_path) if prompts_path else list(BUILTIN_PROMPTS)
         loaded = load_model(settings.model, settings.device, settings.dtype)
-        report = run_recall(loaded, settings, args.budget, args.policies, args.distances, args.trials, seed,
-                            prompts, args.mode, args.distractors, args.out)
+        report = run_recall(
+            loaded,
+            settings,
+            args.budget,
+            args.policies,
+            args.distances,
+            args.trials,
+            seed,
+            prompts,
+            args.mode,
+            args.distractors,
+            args.out,
+        )
     except (ModelError, RecallError, PromptsError) as error:
         print(f"streamchat recall: {error}", file=sys.stderr)
         return 2
-    print(f"{args.mode}: {args.trials} trials, {args.distractors} distractors (chance {report['chance']}), "
-          f"prompts {prompts_path or 'built-in'}")
+    print(
+        f"{args.mode}: {args.trials} trials, {args.distractors} distractors (chance {report['chance']}), "
+        f"prompts {prompts_path or 'built-in'}"
+    )
     columns = ("policy", "budget", "distance", "accuracy", "mean_margin", "retained", "realized_distance")
     print(format_table(report["rows"], columns))
     print("memory ends (first distance not clearly above chance):", report["memory_ends"])
     print(f"results: {report['out']}/recall.csv, recall.json, recall.png")
     if args.json:
-        reporting.print_json_line({key: report[key] for key in (
-            "command", "mode", "budgets", "trials", "chance", "memory_ends", "wall_seconds", "out")} | {
-            "accuracy": {f"{r['policy']}@{r['budget']}@{r['distance']}": r["accuracy"] for r in report["rows"]}})
+        reporting.print_json_line(
+            {
+                key: report[key]
+                for key in ("command", "mode", "budgets", "trials", "chance", "memory_ends", "wall_seconds", "out")
+            }
+            | {"accuracy": {f"{r['policy']}@{r['budget']}@{r['distance']}": r["accuracy"] for r in report["rows"]}}
+        )
     return 0

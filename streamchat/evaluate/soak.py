@@ -219,12 +219,24 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamchat soak: {error}", file=sys.stderr)
         return 2
     out = reporting.output_dir(args.out)
-    about = {"machine": reporting.machine_info(), "model": loaded.source, "text": args.text or "generated",
-             "settings": settings.to_dict()}
+    about = {
+        "machine": reporting.machine_info(),
+        "model": loaded.source,
+        "text": args.text or "generated",
+        "settings": settings.to_dict(),
+    }
     partial = lambda records: reporting.write_json(out / "soak.partial.json", {**about, "turns": records})  # noqa: E731
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
-    result = run_soak(session, args.tokens, text, args.paste_chars, args.reply_tokens, args.rss_threshold,
-                      max_seconds=max_seconds, checkpoint=partial)
+    result = run_soak(
+        session,
+        args.tokens,
+        text,
+        args.paste_chars,
+        args.reply_tokens,
+        args.rss_threshold,
+        max_seconds=max_seconds,
+        checkpoint=partial,
+    )
     summary = result["summary"]
     report = {**about, "seconds": round(result["seconds"], 1), "summary": summary, "turns": result["turns"]}
     reporting.write_json(out / "soak.json", report)

@@ -110,16 +110,22 @@ class BoundedStepper(Stepper):
         for start in range(0, len(ids), self.cache.room):
             chunk = ids[start : start + self.cache.room]
             self.cache.make_room(len(chunk))
-            self.model(input_ids=torch.tensor([chunk], device=self.model.device), past_key_values=self.cache,
-                       **attention_kwargs(self.cache))
+            self.model(
+                input_ids=torch.tensor([chunk], device=self.model.device),
+                past_key_values=self.cache,
+                **attention_kwargs(self.cache),
+            )
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         self.cache.make_room(1)
         if self.decoder is not None:
             return self.decoder.decode(token_id, self.cache)
-        out = self.model(input_ids=torch.tensor([[token_id]], device=self.model.device), past_key_values=self.cache,
-                         **attention_kwargs(self.cache))
+        out = self.model(
+            input_ids=torch.tensor([[token_id]], device=self.model.device),
+            past_key_values=self.cache,
+            **attention_kwargs(self.cache),
+        )
         return out.logits[:, -1].float()
 
 
@@ -193,7 +199,9 @@ KV_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 TORCH_KERNELS = "fast_int4_torch_kernels_kv_fp32"  # int4 on torch's weight-only kernels (where native ones run)
 
 
-def fast_variants(loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str]) -> dict[str, tuple]:
+def fast_variants(
+    loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str]
+) -> dict[str, tuple]:
     """Each fast path to measure, by name (e.g. `fast_int4_kv_bf16`): (weights, settings with its kv_dtype).
     Options that resolve alike (auto and int4 on the embedded model) are measured once."""
     layers = loaded.model.model.layers
@@ -209,12 +217,19 @@ def fast_variants(loaded: LoadedModel, settings: Settings, weights: list[str], k
 
 def default_variant(loaded: LoadedModel, settings: Settings) -> str:
     """The name `fast_variants` gives the configuration a chat decodes with by default."""
-    variants = fast_variants(loaded, settings.replace(decode_path="fast"), [settings.decode_weights], [settings.kv_dtype])
+    variants = fast_variants(
+        loaded, settings.replace(decode_path="fast"), [settings.decode_weights], [settings.kv_dtype]
+    )
     return next(iter(variants))
 
 
 def build_paths(
-    loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str], compile: bool, llama_cpp: bool,
+    loaded: LoadedModel,
+    settings: Settings,
+    weights: list[str],
+    kv_dtypes: list[str],
+    compile: bool,
+    llama_cpp: bool,
     llama_cpp_dir: str | None = None,
 ) -> tuple[dict[str, Stepper], list[str]]:
     """The steppers to compare, and notes on paths skipped."""
@@ -250,8 +265,15 @@ def build_paths(
 
 
 def measure_speed(
-    loaded: LoadedModel, settings: Settings, text: str | None, tokens: int, weights: list[str],
-    kv_dtypes: list[str], compile: bool = False, llama_cpp: bool = True, show_progress: bool = True,
+    loaded: LoadedModel,
+    settings: Settings,
+    text: str | None,
+    tokens: int,
+    weights: list[str],
+    kv_dtypes: list[str],
+    compile: bool = False,
+    llama_cpp: bool = True,
+    show_progress: bool = True,
     llama_cpp_dir: str | None = None,
 ) -> dict[str, Any]:
     """Median ms/token of each path decoding at least `tokens` counted tokens at a full cache, and tokens/s ratios
@@ -295,16 +317,21 @@ def measure_speed(
     rows = []
     for name in names:
         median = statistics.median(times[name])
-        rows.append({
-            "path": name,
-            "ms_per_token": round(1000 * median, 2),
-            "tokens_per_s": round(1 / median, 2),
-            "speedup_vs_transformers": round(reference / median, 2),
-            "first_step_s": round(warmup[name], 2),
-        })
+        rows.append(
+            {
+                "path": name,
+                "ms_per_token": round(1000 * median, 2),
+                "tokens_per_s": round(1 / median, 2),
+                "speedup_vs_transformers": round(reference / median, 2),
+                "first_step_s": round(warmup[name], 2),
+            }
+        )
     return {
-        "budget": budget, "policy": settings.policy, "tokens": len(times[REFERENCE]),
-        "threads": torch.get_num_threads(), "rows": rows,
+        "budget": budget,
+        "policy": settings.policy,
+        "tokens": len(times[REFERENCE]),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
         "notes": notes,
         "default_path": default_variant(loaded, settings),
         "cpu_class": cpu_class(),
@@ -329,8 +356,13 @@ def measure_chat_memory(settings: Settings, budget: int, new_tokens: int = 64) -
 
 @torch.inference_mode()
 def measure_quality(
-    loaded: LoadedModel, settings: Settings, text: str, tokens: int, weights: list[str],
-    kv_dtypes: list[str], show_progress: bool = True,
+    loaded: LoadedModel,
+    settings: Settings,
+    text: str,
+    tokens: int,
+    weights: list[str],
+    kv_dtypes: list[str],
+    show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Perplexity of the first `tokens` tokens of `text`, token by token through the bounded cache, for each fast
     path variant (weights x K/V dtype, in lock step), and its change relative to the model's own weights and dtype."""
@@ -338,7 +370,9 @@ def measure_quality(
     variants.update(fast_variants(loaded, settings, weights, kv_dtypes))
     reference = next(iter(variants))
     ids = torch.tensor(text_ids(loaded.tokenizer, text, tokens))
-    steppers = {name: BoundedStepper(loaded.model, path_settings, option) for name, (option, path_settings) in variants.items()}
+    steppers = {
+        name: BoundedStepper(loaded.model, path_settings, option) for name, (option, path_settings) in variants.items()
+    }
     nll = {name: 0.0 for name in steppers}
     for stepper in steppers.values():
         stepper.prefill(ids[:1].tolist())  # the first token goes through the transformers path, like a prompt
@@ -350,7 +384,9 @@ def measure_quality(
     rows = []
     for name in steppers:
         value = math.exp(nll[name] / (tokens - 2))
-        rows.append({"path": name, "perplexity": round(value, 4), "change_pct": round(100 * (value / reference_ppl - 1), 3)})
+        rows.append(
+            {"path": name, "perplexity": round(value, 4), "change_pct": round(100 * (value / reference_ppl - 1), 3)}
+        )
     return rows
 
 
@@ -358,8 +394,10 @@ def format_report(report: dict[str, Any]) -> str:
     speed = report.get("speed")
     lines = []
     if speed:
-        lines.append(f"decode at a full cache of {speed['budget']} tokens ({speed.get('policy', 'sink_window')}), "
-                     f"{speed['tokens']} tokens, {speed['threads']} threads:")
+        lines.append(
+            f"decode at a full cache of {speed['budget']} tokens ({speed.get('policy', 'sink_window')}), "
+            f"{speed['tokens']} tokens, {speed['threads']} threads:"
+        )
         for row in speed["rows"]:
             lines.append(
                 f"  {row['path']:<28} {row['ms_per_token']:>8.2f} ms/token {row['tokens_per_s']:>7.1f} tok/s "
@@ -371,15 +409,21 @@ def format_report(report: dict[str, Any]) -> str:
         by_name = {row["path"]: row for row in speed["rows"]}
         default = by_name.get(speed["default_path"])
         if default:
-            lines.append(f"  default vs fastest ({fastest['path']}): {default['tokens_per_s'] / fastest['tokens_per_s']:.2f}x")
+            lines.append(
+                f"  default vs fastest ({fastest['path']}): {default['tokens_per_s'] / fastest['tokens_per_s']:.2f}x"
+            )
             if LLAMA_CPP in by_name:
-                lines.append(f"  default vs llama.cpp: {default['tokens_per_s'] / by_name[LLAMA_CPP]['tokens_per_s']:.2f}x")
+                lines.append(
+                    f"  default vs llama.cpp: {default['tokens_per_s'] / by_name[LLAMA_CPP]['tokens_per_s']:.2f}x"
+                )
     memory = report.get("memory")
     if memory:
         mb = 1024 * 1024
         for name, figures in memory.items():
             if figures:
-                lines.append(f"  memory, {name:<22} RSS {figures['rss_bytes'] / mb:6.0f} MB, peak {figures['peak_rss_bytes'] / mb:6.0f} MB")
+                lines.append(
+                    f"  memory, {name:<22} RSS {figures['rss_bytes'] / mb:6.0f} MB, peak {figures['peak_rss_bytes'] / mb:6.0f} MB"
+                )
     for row in report.get("quality", []):
         lines.append(f"  perplexity, {row['path']:<22} {row['perplexity']:.3f} ({row['change_pct']:+.3f}%)")
     return "\n".join(lines)
@@ -389,20 +433,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default="../shared/data/frankenstein.txt", metavar="FILE", help="text to decode")
     parser.add_argument("--budget", type=int, default=1024, help="cache tokens, sinks included (default 1024)")
     parser.add_argument("--tokens", type=int, default=48, help="decoded tokens timed per path (default 48)")
-    add_list_argument(parser, "--weights", default=list(LINEAR_MODES), choices=DECODE_WEIGHTS, metavar="NAME",
-                      help=f"fast path weight options to run (default {' '.join(LINEAR_MODES)}; auto is one of them)")
-    add_list_argument(parser, "--kv-dtypes", default=["model", "float16", "bfloat16"], choices=KV_DTYPES, metavar="NAME",
-                      help="K/V cache dtypes for each fast path (default model float16 bfloat16; also auto)")
-    parser.add_argument("--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)")
+    add_list_argument(
+        parser,
+        "--weights",
+        default=list(LINEAR_MODES),
+        choices=DECODE_WEIGHTS,
+        metavar="NAME",
+        help=f"fast path weight options to run (default {' '.join(LINEAR_MODES)}; auto is one of them)",
+    )
+    add_list_argument(
+        parser,
+        "--kv-dtypes",
+        default=["model", "float16", "bfloat16"],
+        choices=KV_DTYPES,
+        metavar="NAME",
+        help="K/V cache dtypes for each fast path (default model float16 bfloat16; also auto)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time compiled fast paths (compiles first: minutes)"
+    )
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
-    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
-                        help="CPU kernel class: native, or avx2 (forced in a child process, as on an AVX2-only CPU)")
-    parser.add_argument("--llama-cpp-avx2", default=os.environ.get(LLAMA_CPP_AVX2_ENV), metavar="DIR",
-                        help=f"folder of an AVX2-only llama_cpp build for --isa avx2 (default ${LLAMA_CPP_AVX2_ENV})")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="skip the chat-process RSS measurement (a child process: one prompt, 64 tokens)")
-    parser.add_argument("--quality-tokens", type=int, default=0, metavar="N",
-                        help="also measure each weight option's perplexity on the first N tokens of --text (e.g. 2000)")
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="CPU kernel class: native, or avx2 (forced in a child process, as on an AVX2-only CPU)",
+    )
+    parser.add_argument(
+        "--llama-cpp-avx2",
+        default=os.environ.get(LLAMA_CPP_AVX2_ENV),
+        metavar="DIR",
+        help=f"folder of an AVX2-only llama_cpp build for --isa avx2 (default ${LLAMA_CPP_AVX2_ENV})",
+    )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the chat-process RSS measurement (a child process: one prompt, 64 tokens)",
+    )
+    parser.add_argument(
+        "--quality-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure each weight option's perplexity on the first N tokens of --text (e.g. 2000)",
+    )
     parser.add_argument("--out", default="out/speed", metavar="DIR", help="output folder (default out/speed)")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the figures")
 
@@ -423,7 +497,9 @@ def main(args: argparse.Namespace) -> int:
     settings = at_budget(settings, args.budget)
     if args.isa == "avx2" and not forced_avx2():  # torch picks its kernels once per process: rerun in a child
         print(f"streamchat speed: running with {' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}", file=sys.stderr)
-        return subprocess.run([sys.executable, "-m", "streamchat", *args.argv], env={**os.environ, **AVX2_ENV}).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "streamchat", *args.argv], env={**os.environ, **AVX2_ENV}
+        ).returncode
     weights, kv_dtypes = list(args.weights), list(args.kv_dtypes)
     try:
         if args.tokens < 1 or not (args.quality_tokens == 0 or args.quality_tokens >= 3):
@@ -433,7 +509,14 @@ def main(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"command": "speed", "machine": reporting.machine_info(), "model": loaded.source}
         report["machine"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         report["speed"] = measure_speed(
-            loaded, settings, text, args.tokens, weights, kv_dtypes, args.compile, not args.no_llama_cpp,
+            loaded,
+            settings,
+            text,
+            args.tokens,
+            weights,
+            kv_dtypes,
+            args.compile,
+            not args.no_llama_cpp,
             llama_cpp_dir=args.llama_cpp_avx2 if forced_avx2() else None,
         )
         report["memory"] = {}

@@ -120,10 +120,16 @@ def memory_verdict(records: list[dict[str, Any]], budget: int, rss_threshold: fl
     warmup = next((i for i, record in enumerate(records) if record["tokens_total"] > budget), None)
     if warmup is None or warmup == len(records) - 1:
         return Verdict(
-            False, "too_short",
+            False,
+            "too_short",
             f"run too short to judge: need at least one turn after the stream first exceeds the budget "
             f"({budget} tokens); run more turns or tokens",
-            None if warmup is None else records[warmup]["turn"], None, None, None, None, None,
+            None if warmup is None else records[warmup]["turn"],
+            None,
+            None,
+            None,
+            None,
+            None,
         )
     base, after = records[warmup], records[warmup + 1 :]
     kv_max = max(record["kv_bytes"] for record in after)
@@ -134,20 +140,23 @@ def memory_verdict(records: list[dict[str, Any]], budget: int, rss_threshold: fl
     if changed:
         first = changed[0]
         return Verdict(
-            False, "kv_growth",
+            False,
+            "kv_growth",
             f"MEMORY GROWS: KV cache went from {base['kv_bytes'] / MB:.2f} MB (turn {base['turn']}, end of warm-up) "
             f"to {first['kv_bytes'] / MB:.2f} MB at turn {first['turn']} and {kv_max / MB:.2f} MB at most",
             *figures,
         )
     if growth > rss_threshold:
         return Verdict(
-            False, "rss_growth",
+            False,
+            "rss_growth",
             f"MEMORY GROWS: RSS rose {growth:.1%} after the warm-up ({base['rss_bytes'] / MB:.0f} -> "
             f"{rss_max / MB:.0f} MB), above the {rss_threshold:.1%} threshold",
             *figures,
         )
     return Verdict(
-        True, "pass",
+        True,
+        "pass",
         f"memory bounded: KV {base['kv_bytes'] / MB:.2f} MB constant over {len(after)} turns after the warm-up, "
         f"RSS growth {growth:+.2%} (threshold {rss_threshold:.1%})",
         *figures,
@@ -266,7 +275,11 @@ def plot_stress(results: dict[str, Any], budget: int, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(3, 1, figsize=(8, 8.5), sharex=True)
-    panels = (("kv_bytes", "KV cache (MB)", MB), ("rss_bytes", "process RSS (MB)", MB), ("decode_tokens_per_s", "decode tokens/s", 1))
+    panels = (
+        ("kv_bytes", "KV cache (MB)", MB),
+        ("rss_bytes", "process RSS (MB)", MB),
+        ("decode_tokens_per_s", "decode tokens/s", 1),
+    )
     for name, run in results.items():
         records = run["records"]
         x = [r["tokens_total"] for r in records]
@@ -296,14 +309,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--tokens", type=int, default=None, help="stop once this many tokens were processed")
     parser.add_argument("--prompts", default=None, metavar="FILE", help="user turns: plain lines or JSONL with 'turns'")
     parser.add_argument("--out", default="out/stress", metavar="DIR", help="output folder (default out/stress)")
-    parser.add_argument("--rss-threshold", type=float, default=0.02, help="allowed RSS growth after warm-up (0.02 = 2%%)")
+    parser.add_argument(
+        "--rss-threshold", type=float, default=0.02, help="allowed RSS growth after warm-up (0.02 = 2%%)"
+    )
     parser.add_argument(
         "--compare-dense", action="store_true", help="also run a plain growing DynamicCache and plot both"
     )
     parser.add_argument(
-        "--dense-tokens", type=int, default=DEFAULT_DENSE_TOKENS, help=f"token limit of a dense run (default {DEFAULT_DENSE_TOKENS})"
+        "--dense-tokens",
+        type=int,
+        default=DEFAULT_DENSE_TOKENS,
+        help=f"token limit of a dense run (default {DEFAULT_DENSE_TOKENS})",
     )
-    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the headline figures")
+    parser.add_argument(
+        "--json", action="store_true", help="last stdout line: one JSON object with the headline figures"
+    )
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -347,9 +367,16 @@ def main(args: argparse.Namespace) -> int:
         loaded = load_model(settings.model, settings.device, settings.dtype)
         turns = args.turns if args.turns is not None else (None if args.tokens is not None else DEFAULT_TURNS)
         report = run_stress(
-            loaded, settings, args.out, mode=mode, turns=turns, tokens=args.tokens,
-            reply_tokens=args.max_new_tokens or DEFAULT_REPLY_TOKENS, rss_threshold=args.rss_threshold,
-            compare_dense=args.compare_dense, dense_tokens=args.dense_tokens,
+            loaded,
+            settings,
+            args.out,
+            mode=mode,
+            turns=turns,
+            tokens=args.tokens,
+            reply_tokens=args.max_new_tokens or DEFAULT_REPLY_TOKENS,
+            rss_threshold=args.rss_threshold,
+            compare_dense=args.compare_dense,
+            dense_tokens=args.dense_tokens,
         )
     except (PromptsError, ModelError, SessionError) as error:
         print(f"streamchat stress: {error}", file=sys.stderr)

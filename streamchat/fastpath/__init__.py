@@ -25,8 +25,15 @@ from streamchat.fastpath.decoder import (
 )
 
 __all__ = [
-    "FastDecoder", "choice", "decode_summary", "FastPathUnavailable", "decoder_for", "decoder_for_prefill", "decoder_for_step",
-    "kv_dtype_for", "prepare_decoder",
+    "FastDecoder",
+    "choice",
+    "decode_summary",
+    "FastPathUnavailable",
+    "decoder_for",
+    "decoder_for_prefill",
+    "decoder_for_step",
+    "kv_dtype_for",
+    "prepare_decoder",
     "unsupported_reason",
 ]
 
@@ -123,6 +130,9 @@ def decode_summary(model: torch.nn.Module, settings: Settings) -> str:
     kernels = ""
     if weights in ("int4", "int8"):
         build = native.active()
-        kernels = (f", kernels native {build} (streamchat/kernels.c)" if build
-                   else f", torch's kernels (native ones: {native.unavailable_reason()})")
+        kernels = (
+            f", kernels native {build} (streamchat/kernels.c)"
+            if build
+            else f", torch's kernels (native ones: {native.unavailable_reason()})"
+        )
     return f"fast decode on {cpu_class()}: weights {weights} ({why_weights}), K/V {kv} ({why_kv}){kernels}, {threads}"

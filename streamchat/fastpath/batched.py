@@ -73,19 +73,27 @@ def decode_batch(decoder: FastDecoder, token_ids: list[int], caches: list[Bounde
             buffers, length = cache.layers[i], lengths[b]
             end = length + 1
             buffers.keys.narrow(2, length, 1).copy_(qk[b].narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
-            buffers.raw_keys.narrow(2, length, 1).copy_(qkv[b].narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
-            buffers.values.narrow(2, length, 1).copy_(qkv[b].narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
+            buffers.raw_keys.narrow(2, length, 1).copy_(
+                qkv[b].narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim)
+            )
+            buffers.values.narrow(2, length, 1).copy_(
+                qkv[b].narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim)
+            )
             buffers.origins.narrow(2, length, 1).copy_(origins[b].view(1, 1, 1).expand(1, kv_heads, 1))
             kv_dtype = buffers.keys.dtype
             if decoder.native_attention and kv_dtype in native.ATTENTION_DTYPES:
                 query = qk[b].narrow(0, 0, heads)
                 attended.append(native.attention(query, buffers.keys, buffers.values, end, decoder.scaling).view(1, -1))
                 continue
-            attended.append(F.scaled_dot_product_attention(
-                qk[b].narrow(0, 0, heads).view(1, heads, 1, head_dim).to(kv_dtype),
-                buffers.keys.narrow(2, 0, end), buffers.values.narrow(2, 0, end),
-                scale=decoder.scaling, enable_gqa=True,
-            ).view(1, heads * head_dim))
+            attended.append(
+                F.scaled_dot_product_attention(
+                    qk[b].narrow(0, 0, heads).view(1, heads, 1, head_dim).to(kv_dtype),
+                    buffers.keys.narrow(2, 0, end),
+                    buffers.values.narrow(2, 0, end),
+                    scale=decoder.scaling,
+                    enable_gqa=True,
+                ).view(1, heads * head_dim)
+            )
         x.add_(layer.out(torch.cat(attended).to(matmul_dtype)))
         normed = F.rms_norm(x, hidden, layer.post_norm, decoder.eps).to(matmul_dtype)
         gate, up = layer.gate_up(normed).chunk(2, dim=-1)

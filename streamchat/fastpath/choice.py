@@ -37,8 +37,10 @@ def auto_kv_dtype(model_dtype: torch.dtype) -> tuple[torch.dtype, str]:
     if model_dtype != torch.float32:
         return model_dtype, "the model's dtype"
     if native.active():
-        return torch.float16, (f"native attention kernel ({native.active()}) reads fp16 K/V with F16C: half the "
-                               "bytes of fp32, 12-16% faster decode, perplexity within 0.2%")
+        return torch.float16, (
+            f"native attention kernel ({native.active()}) reads fp16 K/V with F16C: half the "
+            "bytes of fp32, 12-16% faster decode, perplexity within 0.2%"
+        )
     if cpu_class() == "AMX":
         return torch.bfloat16, "AMX CPU: bf16 attention is native and halves the bytes read"
     if cpu_class() == "AVX2":
@@ -50,5 +52,6 @@ def auto_weights_reason(resolved: str) -> str:
     """Why `decode_weights: auto` resolved to `resolved` (see `quant.resolve_weights`)."""
     if resolved == "int4":
         return "4-bit model: the GGUF's own precision" + (
-            "; int8_dynamic is no faster in a whole step and costs perplexity" if int8_dynamic_available() else "")
+            "; int8_dynamic is no faster in a whole step and costs perplexity" if int8_dynamic_available() else ""
+        )
     return "weights not 4-bit: decode in the model's own precision"

@@ -105,8 +105,10 @@ class FastDecoder:
         self._sin_signs = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(self.device, self.dtype)
         self._native_layers = self._native_plan()
         if compile and self._native_layers is not None:  # the whole step is one C call: nothing left to compile
-            print("streamchat: decode_compile skipped: the native decode step runs without Python between layers",
-                  file=sys.stderr)
+            print(
+                "streamchat: decode_compile skipped: the native decode step runs without Python between layers",
+                file=sys.stderr,
+            )
             compile = False
         elif compile:
             self._native_layers = None
@@ -127,7 +129,9 @@ class FastDecoder:
             return None
         for layer in self.layers:
             linears = (layer.qkv, layer.out, layer.gate_up, layer.down)
-            if any((l.mode, l.kernel) != ("int4", "native") for l in linears) or any(l.bias is not None for l in linears[1:]):
+            if any((l.mode, l.kernel) != ("int4", "native") for l in linears) or any(
+                l.bias is not None for l in linears[1:]
+            ):
                 return None
         self._kept = []  # the fp32 norm weights the structures point at
 
@@ -155,8 +159,11 @@ class FastDecoder:
         if self._native_layers is None:
             return False
         dtypes = {cache.layers[0].dtype for cache in caches}  # what the buffers hold (or will, once allocated)
-        return (len(dtypes) == 1 and dtypes <= set(native.ATTENTION_DTYPES)
-                and not (prefill and any(cache.policy.needs_attention_scores for cache in caches)))
+        return (
+            len(dtypes) == 1
+            and dtypes <= set(native.ATTENTION_DTYPES)
+            and not (prefill and any(cache.policy.needs_attention_scores for cache in caches))
+        )
 
     def prefill(self, ids: list[int], cache: BoundedCache) -> torch.Tensor:
         """Feed `ids` at places cache.length, ... in one native call (`native_feed`); returns fp32 logits [1, vocab]
@@ -206,18 +213,39 @@ class FastDecoder:
         scored = [cache.policy.needs_attention_scores for cache in caches]
         if any(count != 1 for count, scoring in zip(counts, scored) if scoring):
             raise RuntimeError("a policy that observes attention scores is fed one token per native step")
-        probs = [torch.empty(layers, self.num_kv_heads, cache.layers[0].keys.shape[2]) if scoring else None
-                 for cache, scoring in zip(caches, scored)]
+        probs = [
+            torch.empty(layers, self.num_kv_heads, cache.layers[0].keys.shape[2]) if scoring else None
+            for cache, scoring in zip(caches, scored)
+        ]
         per_row = [p.data_ptr() if p is not None else None for p, count in zip(probs, counts) for _ in range(count)]
         probs_pointers = (ctypes.c_void_p * rows)(*per_row) if any(scored) else None
         native.use_threads()
         status = lib.sc_decode(
-            rows, layers, self._native_layers, x.shape[1], self.num_heads, self.num_kv_heads,
-            self.head_dim, self._intermediate, self.eps, self.scaling, x.data_ptr(), (ctypes.c_int * rows)(*places),
-            (ctypes.c_int64 * rows)(*origins), cos.data_ptr(), sin.data_ptr(), buffers,
-            (ctypes.c_int * rows)(*capacities), int(caches[0].layers[0].keys.dtype == torch.float16),
-            self._final_norm, self.lm_head.weight.data_ptr(), self.lm_head.scales.data_ptr(),
-            self.lm_head.out_features, len(chunks), (ctypes.c_int * len(chunks))(*last_rows), logits.data_ptr(),
+            rows,
+            layers,
+            self._native_layers,
+            x.shape[1],
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self._intermediate,
+            self.eps,
+            self.scaling,
+            x.data_ptr(),
+            (ctypes.c_int * rows)(*places),
+            (ctypes.c_int64 * rows)(*origins),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            buffers,
+            (ctypes.c_int * rows)(*capacities),
+            int(caches[0].layers[0].keys.dtype == torch.float16),
+            self._final_norm,
+            self.lm_head.weight.data_ptr(),
+            self.lm_head.scales.data_ptr(),
+            self.lm_head.out_features,
+            len(chunks),
+            (ctypes.c_int * len(chunks))(*last_rows),
+            logits.data_ptr(),
             probs_pointers,
         )
         if status:
@@ -233,7 +261,9 @@ class FastDecoder:
 
     def nbytes(self) -> int:
         """Bytes of the weights this decoder holds of its own (converted copies; 0 extra for "model")."""
-        linears = [self.lm_head] + [l for layer in self.layers for l in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        linears = [self.lm_head] + [
+            l for layer in self.layers for l in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        ]
         return sum(linear.nbytes() for linear in linears)
 
     @staticmethod
@@ -293,7 +323,9 @@ class FastDecoder:
         try:
             logits = self._step(*arguments)
         except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
-            print(f"streamchat: compilation failed ({type(error).__name__}: {error}); decoding eagerly", file=sys.stderr)
+            print(
+                f"streamchat: compilation failed ({type(error).__name__}: {error}); decoding eagerly", file=sys.stderr
+            )
             self.compiled, self._step = False, self._forward
             logits = self._step(*arguments)
         self.compile_seconds = time.perf_counter() - started
@@ -324,14 +356,21 @@ class FastDecoder:
             raw_keys[i].narrow(2, length, 1).copy_(qkv.narrow(0, heads, kv_heads).view(1, kv_heads, 1, head_dim))
             values[i].narrow(2, length, 1).copy_(qkv.narrow(0, rotated, kv_heads).view(1, kv_heads, 1, head_dim))
             origins[i].narrow(2, length, 1).copy_(origin.view(1, 1, 1).expand(1, kv_heads, 1))
-            query, layer_keys, layer_values = qk.narrow(0, 0, heads), keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end)
+            query, layer_keys, layer_values = (
+                qk.narrow(0, 0, heads),
+                keys[i].narrow(2, 0, end),
+                values[i].narrow(2, 0, end),
+            )
             if observe is None and self.native_attention and kv_dtype in native.ATTENTION_DTYPES:
                 attended = native.attention(query, keys[i], values[i], end, self.scaling)  # streamchat/kernels.c
             elif observe is None:
                 # Grouped-query attention without repeating K/V (query head h reads KV head h // group, as
                 # transformers' repeat_kv pairs them), in the cache's dtype: bf16 halves the bytes read (kv_dtype).
                 attended = F.scaled_dot_product_attention(
-                    query.view(1, heads, 1, head_dim).to(kv_dtype), layer_keys, layer_values, scale=self.scaling,
+                    query.view(1, heads, 1, head_dim).to(kv_dtype),
+                    layer_keys,
+                    layer_values,
+                    scale=self.scaling,
                     enable_gqa=True,
                 )
             else:
@@ -394,8 +433,10 @@ def decoder_for(model: torch.nn.Module, weights: str = "model", compile: bool = 
                     decoders[key] = FastDecoder(model, weights, compile)
                     if weights != "model" and packed is None:
                         seconds = time.perf_counter() - started
-                        print(f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)",
-                              file=sys.stderr)
+                        print(
+                            f"streamchat: {weights} decode weights prepared in {seconds:.1f} s (once per model)",
+                            file=sys.stderr,
+                        )
             except FastPathUnavailable as error:
                 decoders[key] = error
         found = decoders[key]

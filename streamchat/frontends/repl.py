@@ -59,7 +59,8 @@ def terminal_safe(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--jsonl", action="store_true",
+        "--jsonl",
+        action="store_true",
         help='read one message (or a JSON object: {"message": ...} or {"command": "/..."}) per stdin line, '
         "write one JSON object per line",
     )
@@ -233,7 +234,7 @@ def interactive(session: ChatSession) -> int:
     s = session.settings
     print(
         f"streamchat: {session.loaded.source} | policy {s.policy}, budget {session.cache.capacity} tokens "
-        f"({session.pinned_tokens or s.sinks} pinned) | /help for commands, \"\"\" for a multi-line message"
+        f'({session.pinned_tokens or s.sinks} pinned) | /help for commands, """ for a multi-line message'
     )
     print(f"streamchat: {decode_summary(session.model, s)}")
     with bracketed_paste(sys.stdin.isatty() and sys.stdout.isatty()):
@@ -311,8 +312,10 @@ def parse_request(line: str) -> dict:
     kinds = [key for key in ("message", "command") if key in request]
     unknown = sorted(set(request) - {"message", "command"})
     if unknown or len(kinds) != 1:
-        raise ValueError('expected exactly one of "message" or "command" (and no other key), got keys: '
-                         + ", ".join(map(repr, request)))
+        raise ValueError(
+            'expected exactly one of "message" or "command" (and no other key), got keys: '
+            + ", ".join(map(repr, request))
+        )
     value = request[kinds[0]]
     if not isinstance(value, str):
         raise ValueError(f'"{kinds[0]}" must be a string, got {type(value).__name__}')

@@ -36,9 +36,12 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far beyond any cache
 MAX_MESSAGES = 4096
 MAX_TOKENS_LIMIT = 100_000
 REFUSED_FIELDS = {
-    "tools": "tools are not supported", "tool_choice": "tools are not supported",
-    "functions": "functions are not supported", "function_call": "functions are not supported",
-    "audio": "audio is not supported", "modalities": "only text output is supported",
+    "tools": "tools are not supported",
+    "tool_choice": "tools are not supported",
+    "functions": "functions are not supported",
+    "function_call": "functions are not supported",
+    "audio": "audio is not supported",
+    "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -47,8 +50,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
 class APIError(Exception):
     """An error response in OpenAI's format."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers or {}
 
@@ -97,8 +106,12 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
         raise APIError(400, "the body must be a JSON object")
     model = body.get("model")
     if model is not None and model not in model_names:
-        raise APIError(400, f"model: unknown model {str(model)[:80]!r}; this server has {', '.join(model_names)}",
-                       "model", headers={})
+        raise APIError(
+            400,
+            f"model: unknown model {str(model)[:80]!r}; this server has {', '.join(model_names)}",
+            "model",
+            headers={},
+        )
     for name, why in REFUSED_FIELDS.items():
         if body.get(name) not in (None, [], {}):
             raise _bad(name, why)
@@ -108,7 +121,7 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
         raise _bad("logprobs", "log probabilities are not supported")
     response_format = body.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise _bad("response_format", "only {\"type\": \"text\"} is supported")
+        raise _bad("response_format", 'only {"type": "text"} is supported')
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, -2.0, 2.0) not in (None, 0, 0.0):
             raise _bad(name, "not supported; the server applies its configured repetition_penalty instead")
@@ -125,8 +138,10 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{index}].role",
-                       f"must be system (or developer), user or assistant, got {json.dumps(role)[:40]}")
+            raise _bad(
+                f"messages[{index}].role",
+                f"must be system (or developer), user or assistant, got {json.dumps(role)[:40]}",
+            )
         if role == "system" and index != 0:
             raise _bad(f"messages[{index}].role", "a system message may only come first")
         if message.get("tool_calls"):
@@ -138,8 +153,9 @@ def parse_request(body: Any, model_names: tuple[str, ...]) -> tuple[TurnRequest,
         raise _bad(f"messages[{len(parsed) - 1}].content", "the user message is empty")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
-                                 and all(isinstance(s, str) and s for s in stop)):
+    if stop is not None and not (
+        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+    ):
         raise _bad("stop", "must be a non-empty string or a list of at most 4 non-empty strings")
     max_tokens = _number(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, integer=True)
     if max_tokens is None:
@@ -176,14 +192,21 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.engine = engine
         r = self.registry
-        self.requests = Counter("streamchat_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
+        self.requests = Counter(
+            "streamchat_requests", "Chat completion requests by HTTP status", ["status"], registry=r
+        )
         self.prompt_tokens = Counter("streamchat_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("streamchat_generated_tokens", "Tokens generated", registry=r)
         self.evicted_tokens = Counter("streamchat_evicted_tokens", "Tokens evicted from bounded caches", registry=r)
-        self.ttft = Histogram("streamchat_time_to_first_token_seconds", "Time to first token", registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.itl = Histogram("streamchat_inter_token_latency_seconds", "Time between streamed text pieces",
-                             registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram(
+            "streamchat_time_to_first_token_seconds", "Time to first token", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.itl = Histogram(
+            "streamchat_inter_token_latency_seconds",
+            "Time between streamed text pieces",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         r.register(self)
 
     def collect(self):
@@ -191,10 +214,12 @@ class Metrics:
         conversations = stats["conversations"]
         yield GaugeMetricFamily("streamchat_conversations_live", "Live conversations", value=len(conversations))
         yield GaugeMetricFamily("streamchat_active_turns", "Conversations replying now", value=stats["active_turns"])
-        yield GaugeMetricFamily("streamchat_queue_depth", "Prefill chunks waiting for the scheduler",
-                                value=stats["queued_steps"])
-        yield GaugeMetricFamily("streamchat_decoding", "Replies decoding on the scheduler (rows of its next step)",
-                                value=stats["decoding"])
+        yield GaugeMetricFamily(
+            "streamchat_queue_depth", "Prefill chunks waiting for the scheduler", value=stats["queued_steps"]
+        )
+        yield GaugeMetricFamily(
+            "streamchat_decoding", "Replies decoding on the scheduler (rows of its next step)", value=stats["decoding"]
+        )
         kv = GaugeMetricFamily("streamchat_kv_bytes", "KV cache bytes per conversation", labels=["conversation"])
         tokens = GaugeMetricFamily("streamchat_cache_tokens", "Tokens cached per conversation", labels=["conversation"])
         for name, cache in conversations.items():
@@ -202,14 +227,21 @@ class Metrics:
             tokens.add_metric([name], cache["cache_tokens"])
         yield kv
         yield tokens
-        yield GaugeMetricFamily("streamchat_kv_bytes_total", "KV cache bytes of all conversations",
-                                value=sum(c["kv_bytes"] for c in conversations.values()))
-        yield GaugeMetricFamily("streamchat_step_threads",
-                                "Threads the scheduler's last step (decode or prefill) ran on; 0 before the first",
-                                value=stats["step_threads"])
-        yield GaugeMetricFamily("streamchat_batched_rows_per_step",
-                                "Mean conversations per batched step since start (steps of 2 or more)",
-                                value=stats["batched_rows"] / max(stats["batched_steps"], 1))
+        yield GaugeMetricFamily(
+            "streamchat_kv_bytes_total",
+            "KV cache bytes of all conversations",
+            value=sum(c["kv_bytes"] for c in conversations.values()),
+        )
+        yield GaugeMetricFamily(
+            "streamchat_step_threads",
+            "Threads the scheduler's last step (decode or prefill) ran on; 0 before the first",
+            value=stats["step_threads"],
+        )
+        yield GaugeMetricFamily(
+            "streamchat_batched_rows_per_step",
+            "Mean conversations per batched step since start (steps of 2 or more)",
+            value=stats["batched_rows"] / max(stats["batched_steps"], 1),
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -237,8 +269,9 @@ async def _read_body(request: Request, limit: int) -> Any:
         raise APIError(400, f"could not parse the JSON body: {error}") from None
 
 
-def api_router(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> tuple[APIRouter, Metrics]:
+def api_router(
+    engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> tuple[APIRouter, Metrics]:
     """The API's routes over `engine` (for `serve`, and for mounting beside the web UI in one process)."""
     router = APIRouter()
     metrics = Metrics(engine)
@@ -250,14 +283,22 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
             return
         given = request.headers.get("authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), api_key.encode())):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @router.get("/health")
     async def health() -> dict:
         stats = engine.stats()
-        return {"status": "ok", "model": model_name, "conversations": len(stats["conversations"]),
-                "active_turns": stats["active_turns"]}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "conversations": len(stats["conversations"]),
+            "active_turns": stats["active_turns"],
+        }
 
     @router.get("/v1/models")
     async def models(request: Request):
@@ -265,8 +306,10 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
             check_key(request)
         except APIError as error:
             return error.response()
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "streamchat"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "streamchat"}],
+        }
 
     @router.get("/metrics")
     async def prometheus(request: Request):
@@ -288,8 +331,12 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
             try:
                 turn = engine.open_turn(turn_request)
             except Overloaded as error:
-                raise APIError(error.status, str(error), kind="rate_limit_error" if error.status == 429 else
-                               "server_overloaded", headers={"Retry-After": str(error.retry_after)}) from None
+                raise APIError(
+                    error.status,
+                    str(error),
+                    kind="rate_limit_error" if error.status == 429 else "server_overloaded",
+                    headers={"Retry-After": str(error.retry_after)},
+                ) from None
             except SessionError as error:
                 raise APIError(400, str(error), "messages") from None
         except APIError as error:
@@ -301,7 +348,8 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
             metrics.requests.labels("200").inc()  # the headers go out now; a later failure is an SSE error event
             return StreamingResponse(
                 _sse(request, turn, events, completion_id, model_name, include_usage, metrics),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
             text = await _collect(request, turn, events, metrics)
@@ -313,10 +361,20 @@ def api_router(engine: Engine, model_name: str, api_key: str | None = None,
             return Response(status_code=499)
         result = turn.result
         return {
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": _usage(result), "streamchat": result.extension,
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(result),
+            "streamchat": result.extension,
         }
 
     return router, metrics
@@ -366,8 +424,11 @@ def _start(turn) -> _Events:
 
 
 def _usage(result) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _record(metrics: Metrics, turn, started: float, stamps: list[float]) -> None:
@@ -406,8 +467,14 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
     created = int(time.time())
 
     def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     recorded = False
@@ -432,8 +499,15 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
         recorded = True
         yield chunk({}, result.finish_reason, streamchat=result.extension)
         if include_usage:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [], "usage": _usage(result), "streamchat": result.extension}
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [],
+                "usage": _usage(result),
+                "streamchat": result.extension,
+            }
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
@@ -443,8 +517,9 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
             _record(metrics, turn, started, stamps)
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The API as a FastAPI app of its own (`serve`); `app.state.metrics` holds its metrics."""
     app = FastAPI(title="streamchat", docs_url=None, redoc_url=None, openapi_url=None)
     router, metrics = api_router(engine, model_name, api_key, max_body_bytes)
@@ -457,8 +532,10 @@ def security_warning(host: str, api_key: str | None) -> str | None:
     """The warning printed when the API is reachable beyond this machine without a key (None: nothing to say)."""
     if api_key or _is_loopback(host):
         return None
-    return (f"streamchat: WARNING: listening on {host} without an API key: anyone who can reach this address can "
-            "use the model. Set --api-key (or STREAMCHAT_API_KEY), or bind 127.0.0.1.")
+    return (
+        f"streamchat: WARNING: listening on {host} without an API key: anyone who can reach this address can "
+        "use the model. Set --api-key (or STREAMCHAT_API_KEY), or bind 127.0.0.1."
+    )
 
 
 def api_key_for(args: argparse.Namespace) -> str | None:
@@ -504,12 +581,23 @@ class BackgroundServer:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--max-sessions", type=int, default=8,
-                        help="live conversations at most; the least recently used idle one is freed past it (default: 8)")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' (default: $STREAMCHAT_API_KEY, else no key)")
-    parser.add_argument("--prefill-piece", type=int, default=32,
-                        help="prefill tokens per scheduler step between batched decode steps (default: 32)")
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=8,
+        help="live conversations at most; the least recently used idle one is freed past it (default: 8)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $STREAMCHAT_API_KEY, else no key)",
+    )
+    parser.add_argument(
+        "--prefill-piece",
+        type=int,
+        default=32,
+        help="prefill tokens per scheduler step between batched decode steps (default: 32)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -526,8 +614,11 @@ def main(args: argparse.Namespace) -> int:
     loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions, args.prefill_piece)
     app = create_app(engine, loaded.identity, api_key)
-    print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; OpenAI API at "
-          f"http://{args.host}:{args.port}/v1 (model {loaded.identity!r})", file=sys.stderr)
+    print(
+        f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; OpenAI API at "
+        f"http://{args.host}:{args.port}/v1 (model {loaded.identity!r})",
+        file=sys.stderr,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

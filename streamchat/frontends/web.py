@@ -123,7 +123,10 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
         card("Process RSS", _mb(stats["rss_mb"]), "whole server, model included", "rss_mb"),
         card("Turns", f"{stats['turns']:,}", f"policy {stats['policy']}", "turns"),
         card(
-            "Cache tokens used", f"{used:,} / {capacity:,}", f'<div class="sc-bar">{bar}</div>{split}', "cache_tokens",
+            "Cache tokens used",
+            f"{used:,} / {capacity:,}",
+            f'<div class="sc-bar">{bar}</div>{split}',
+            "cache_tokens",
             wide=True,
         ),
         card("Tokens seen", f"{stats['seen_total']:,}", "fed to the model in total", "seen_total"),
@@ -306,7 +309,17 @@ class ChatApp:
         return session.page_messages(), self._status(session, "New conversation: the cache is empty again.")
 
     def apply_settings(
-        self, system_prompt, policy, sinks, window, heavy, recent, temperature, top_p, top_k, max_new_tokens,
+        self,
+        system_prompt,
+        policy,
+        sinks,
+        window,
+        heavy,
+        recent,
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
         request: gr.Request,
     ) -> tuple[Any, str]:
         """Use the settings boxes; cache settings or a new system prompt start a new conversation (and say so)."""
@@ -374,9 +387,18 @@ class ChatApp:
         s = session.chat.settings
         status = self._status(session, f"Loaded: {len(visible)} messages, the cache as it was ({s.policy}).")
         return (
-            session.page_messages(), status, s.system_prompt or "", s.temperature, s.top_p, s.top_k,
-            gr.update(value=s.max_new_tokens, maximum=max(2048, s.max_new_tokens)), s.policy, s.sinks, s.window,
-            s.heavy, s.recent,
+            session.page_messages(),
+            status,
+            s.system_prompt or "",
+            s.temperature,
+            s.top_p,
+            s.top_k,
+            gr.update(value=s.max_new_tokens, maximum=max(2048, s.max_new_tokens)),
+            s.policy,
+            s.sinks,
+            s.window,
+            s.heavy,
+            s.recent,
         )
 
     # ----- endless demo ---------------------------------------------------------------------------------------
@@ -432,7 +454,10 @@ class ChatApp:
         key = None
         if session is not None:
             key = (
-                session.conversations, session.chat.cache.seen_tokens, session.chat.turns, session.busy,
+                session.conversations,
+                session.chat.cache.seen_tokens,
+                session.chat.turns,
+                session.busy,
                 len(self.sessions),
             )
             if key == session.rendered_key:
@@ -496,8 +521,15 @@ def _cache_field_visibility(policy: str) -> list[Any]:
 def conversation_plot(y: str, title: str, colors: dict[str, str], elem_id: str) -> gr.LinePlot:
     """A line per series against tokens processed, as the memory panel draws them."""
     return gr.LinePlot(
-        x="tokens processed", y=y, color="series", title=title, color_map=colors, color_title=" ", height=210,
-        elem_id=elem_id, show_label=False,
+        x="tokens processed",
+        y=y,
+        color="series",
+        title=title,
+        color_map=colors,
+        color_title=" ",
+        height=210,
+        elem_id=elem_id,
+        show_label=False,
     )
 
 
@@ -561,12 +593,16 @@ def build_app(
             with gr.Column(scale=2, min_width=380):
                 panel = gr.HTML(memory_panel_html(None, 0, max_sessions), elem_id="memory-panel", label="Memory")
                 memory_plot = conversation_plot(
-                    "MB", "Memory: flat while the token count climbs", {"KV cache": "#6366f1", "RSS": "#64748b"},
+                    "MB",
+                    "Memory: flat while the token count climbs",
+                    {"KV cache": "#6366f1", "RSS": "#64748b"},
                     "memory-plot",
                 )
                 token_plot = conversation_plot(
-                    "tokens", "Cache tokens: climb, then flat when full",
-                    {"cache tokens used": "#f59e0b", "cache capacity": "#64748b"}, "token-plot",
+                    "tokens",
+                    "Cache tokens: climb, then flat when full",
+                    {"cache tokens used": "#f59e0b", "cache capacity": "#64748b"},
+                    "token-plot",
                 )
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             with gr.Row():
@@ -620,7 +656,11 @@ def build_app(
         )
         demo.click(app.start_demo, None, [demo_timer, status], **LIGHT)
         demo_timer.tick(
-            app.demo_turn, sampling, [chatbot, status, demo_timer], api_visibility="private", show_progress="hidden",
+            app.demo_turn,
+            sampling,
+            [chatbot, status, demo_timer],
+            api_visibility="private",
+            show_progress="hidden",
             **generate,
         )
         stats_timer.tick(app.panel_tick, None, [panel, memory_plot, token_plot], **LIGHT)
@@ -645,8 +685,14 @@ def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, 
     )
 
 
-def serve_with_api(blocks: gr.Blocks, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 7860,
-                   api_key: str | None = None) -> None:
+def serve_with_api(
+    blocks: gr.Blocks,
+    engine: Engine,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    api_key: str | None = None,
+) -> None:
     """One process, one port: the OpenAI-compatible API (frontends/server.py) at /v1, /health and /metrics, and
     the UI mounted at / (gr.mount_gradio_app); both use `engine`. Blocks until interrupted."""
     import uvicorn
@@ -654,8 +700,9 @@ def serve_with_api(blocks: gr.Blocks, engine: Engine, model_name: str, host: str
     from streamchat.frontends.server import create_app
 
     api = create_app(engine, model_name, api_key)
-    app = gr.mount_gradio_app(api, blocks, path="/", theme=THEME, css=CSS, ssr_mode=False, show_error=True,
-                              max_file_size="1gb")
+    app = gr.mount_gradio_app(
+        api, blocks, path="/", theme=THEME, css=CSS, ssr_mode=False, show_error=True, max_file_size="1gb"
+    )
     blocks.chat_app.sessions.start_sweeper()
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
@@ -666,8 +713,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=8, help="live browser sessions at most (default: 8)")
     parser.add_argument("--idle-minutes", type=float, default=30.0, help="free a session idle this long (default: 30)")
     parser.add_argument("--max-visible", type=int, default=60, help="messages the page shows at most (default: 60)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the OpenAI API at /v1 "
-                        "(default: $STREAMCHAT_API_KEY, else no key)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the OpenAI API at /v1 (default: $STREAMCHAT_API_KEY, else no key)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -675,8 +725,10 @@ def main(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if args.max_sessions < 1 or args.idle_minutes <= 0 or args.max_visible < 2:
-        print("streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
-              file=sys.stderr)
+        print(
+            "streamchat: --max-sessions must be 1 or more, --idle-minutes above 0, --max-visible 2 or more",
+            file=sys.stderr,
+        )
         return 2
     from streamchat.frontends.server import api_key_for
 
@@ -684,8 +736,10 @@ def main(args: argparse.Namespace) -> int:
     loaded = load_for_chat(settings)
     engine = Engine(loaded, settings, args.max_sessions)
     blocks = build_app(loaded, settings, args.max_sessions, args.idle_minutes * 60, args.max_visible, engine)
-    print(f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port} "
-          f"(OpenAI API at http://{args.host}:{args.port}/v1)")
+    print(
+        f"streamchat: {loaded.source} loaded in {loaded.load_seconds:.1f} s; open http://{args.host}:{args.port} "
+        f"(OpenAI API at http://{args.host}:{args.port}/v1)"
+    )
     try:
         serve_with_api(blocks, engine, loaded.identity, args.host, args.port, api_key)
     finally:

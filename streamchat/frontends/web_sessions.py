@@ -121,6 +121,7 @@ class SessionRegistry(Generic[T]):
 
     def start_sweeper(self, interval: float = 30.0) -> threading.Thread:
         """Sweep every `interval` seconds in a daemon thread until `close`."""
+
         def loop() -> None:
             while not self._sweeper_stop.wait(interval):
                 self.sweep()

@@ -71,8 +71,13 @@ class UISession:
     """A browser tab's conversation. The page shows at most `max_visible` messages (older ones are dropped
     from the page, not just hidden), so a conversation of any length keeps the page small too."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings, max_visible: int = 60,
-                 make_chat: Callable[[], ChatSession] | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: Settings,
+        max_visible: int = 60,
+        make_chat: Callable[[], ChatSession] | None = None,
+    ):
         """`make_chat`: builds the tab's ChatSession (the UI passes the batching engine's `new_session`, so every
         tab's reply decodes in the engine's shared batched steps); None: a plain ChatSession."""
         self.chat = make_chat() if make_chat is not None else ChatSession(loaded, settings)
