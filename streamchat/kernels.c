@@ -556,6 +556,8 @@ int sc_q8_matmul(const float *x, int M, int K, const void *weights, const float 
     return 0;
 }
 
+#include "kernels_ggml.c" /* ggml's block types as a GGUF file stores them */
+
 static inline __m256 load8(const void *base, size_t index, int half) {
     if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + index)));
     return _mm256_loadu_ps((const float *)base + index);
@@ -870,11 +872,55 @@ static void probs_task(void *context, int kv) {
  * attention over places 0..place; output projection added to the residual stream; RMSNorm; fused gate/up matmul;
  * SiLU(gate) * up; down projection added. Then the final RMSNorm and the 8-bit output projection.
  */
+#define SC_Q4X8 100 /* streamchat's own layouts beside ggml's type numbers: block_q4x8, block_q8x8 (scales in extra) */
+#define SC_Q8X8 101
+
+/* A linear's weights: up to 3 row-parts side by side in the output (q, k and v; gate and up), each a GGUF tensor
+ * of its own type (kernels_ggml.c) or one streamchat-packed matrix (SC_Q4X8 or SC_Q8X8, the only part). */
 typedef struct {
-    const void *qkv, *out, *gate_up, *down; /* block_q4x8 weights */
-    const float *qkv_bias;                  /* [q + k + v rows] or NULL */
-    const float *input_norm, *post_norm;    /* [hidden] */
+    const void *data;
+    const float *extra; /* SC_Q8X8: row scales; else NULL */
+    int type, rows;
+} sc_part;
+
+typedef struct {
+    sc_part parts[3];
+    int count;
+} sc_linear;
+
+typedef struct {
+    sc_linear qkv, out, gate_up, down;
+    const float *qkv_bias;               /* [q + k + v rows] or NULL */
+    const float *input_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm;        /* [D] per-head RMSNorm of queries and keys before RoPE (Qwen3), or NULL */
 } sc_layer;
+
+int sc_linear_bytes(void) { return (int)sizeof(sc_linear); }
+
+/* x [M, K] times the linear's parts: out [M, N], N the parts' rows together, + bias [N] when not NULL.
+ * Returns 0, or -1 on sizes or types the kernels do not take. */
+int sc_linear_matmul(const float *x, int M, int K, const sc_linear *linear, int N, const float *bias, float *out) {
+    if (linear->count < 1 || linear->count > 3) return -1;
+    const sc_part *first = linear->parts;
+    if (first->type == SC_Q4X8 || first->type == SC_Q8X8) {
+        if (linear->count != 1 || first->rows != N) return -1;
+        if (first->type == SC_Q4X8) return sc_q4_matmul(x, M, K, first->data, N, bias, out);
+        if (sc_q8_matmul(x, M, K, first->data, first->extra, N, out)) return -1;
+    } else {
+        int offset = 0;
+        for (int p = 0; p < linear->count; p++) {
+            const sc_part *part = linear->parts + p;
+            if (offset + part->rows > N || sc_ggml_matmul(part->type, x, M, K, part->data, part->rows, out + offset, N))
+                return -1;
+            offset += part->rows;
+        }
+        if (offset != N) return -1;
+    }
+    if (bias)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) out[(size_t)m * N + n] += bias[n];
+    return 0;
+}
 
 typedef struct {
     void *keys, *raw_keys, *values; /* [kv_heads, capacity, D] fp32 or fp16 */
@@ -930,7 +976,7 @@ static void store(void *buffer, int half, size_t index, const float *x, int D) {
 int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads, int kv_heads, int D,
               int intermediate, float eps, float scale, float *x, const int *places, const int64_t *origins,
               const float *cos, const float *sin, const sc_cache_layer *caches, const int *capacity, int half,
-              const float *final_norm, const void *head, const float *head_scales, int vocab, int L,
+              const float *final_norm, const sc_linear *head, int vocab, int L,
               const int *logit_rows, float *logits, float *const *probs) {
     if (D % 8 || D > MAX_DIM || heads % kv_heads || L < 0 || L > B) return -1;
     const int rows = (heads + 2 * kv_heads) * D;
@@ -948,12 +994,17 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
     for (int l = 0; l < n_layers && !status; l++) {
         const sc_layer *layer = layers + l;
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->input_norm, normed + (size_t)b * hidden, hidden, eps);
-        status |= sc_q4_matmul(normed, B, hidden, layer->qkv, rows, layer->qkv_bias, qkv);
+        status |= sc_linear_matmul(normed, B, hidden, &layer->qkv, rows, layer->qkv_bias, qkv);
         for (int b = 0; b < B && !status; b++) {
             float *row = qkv + (size_t)b * rows;
             const float *c = cos + (size_t)b * D, *s = sin + (size_t)b * D;
             const sc_cache_layer *cache = caches + (size_t)b * n_layers + l;
             const size_t stride = (size_t)capacity[b] * D, place = (size_t)places[b];
+            if (layer->q_norm)
+                for (int h = 0; h < heads; h++) rms_norm(row + (size_t)h * D, layer->q_norm, row + (size_t)h * D, D, eps);
+            if (layer->k_norm)
+                for (int h = 0; h < kv_heads; h++)
+                    rms_norm(row + (size_t)(heads + h) * D, layer->k_norm, row + (size_t)(heads + h) * D, D, eps);
             for (int h = 0; h < kv_heads; h++) { /* raw key first: the rotation is in place */
                 float *key = row + (size_t)(heads + h) * D;
                 store(cache->raw_keys, half, h * stride + place * D, key, D);
@@ -976,10 +1027,10 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
                                        capacity[b], scale, probs[b] + (size_t)l * kv_heads * capacity[b]};
                 run_tasks(kv_heads, probs_task, (void *)&job);
             }
-        status |= sc_q4_matmul(attended, B, heads * D, layer->out, hidden, NULL, delta);
+        status |= sc_linear_matmul(attended, B, heads * D, &layer->out, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
         for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * hidden, layer->post_norm, normed + (size_t)b * hidden, hidden, eps);
-        status |= sc_q4_matmul(normed, B, hidden, layer->gate_up, 2 * intermediate, NULL, gate_up);
+        status |= sc_linear_matmul(normed, B, hidden, &layer->gate_up, 2 * intermediate, NULL, gate_up);
         for (int b = 0; b < B; b++) { /* SiLU(gate) * up, packed into the first half of each row */
             float *g = gate_up + (size_t)b * 2 * intermediate;
             float *h = normed + (size_t)b * intermediate;
@@ -992,13 +1043,13 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
             }
             for (; i < intermediate; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * g[intermediate + i];
         }
-        status |= sc_q4_matmul(normed, B, intermediate, layer->down, hidden, NULL, delta);
+        status |= sc_linear_matmul(normed, B, intermediate, &layer->down, hidden, NULL, delta);
         for (size_t i = 0; i < (size_t)B * hidden; i++) x[i] += delta[i];
     }
     if (!status && L > 0) {
         for (int l = 0; l < L; l++)
             rms_norm(x + (size_t)logit_rows[l] * hidden, final_norm, normed + (size_t)l * hidden, hidden, eps);
-        status |= sc_q8_matmul(normed, L, hidden, head, head_scales, vocab, logits);
+        status |= sc_linear_matmul(normed, L, hidden, head, vocab, NULL, logits);
     }
     park_workers();
     free(normed), free(qkv), free(attended), free(gate_up), free(delta);

@@ -37,6 +37,7 @@ import torch
 from streamchat.paths import cache_root
 
 SOURCE = Path(__file__).with_name("kernels.c")
+INCLUDED = (Path(__file__).with_name("kernels_ggml.c"),)  # sources kernels.c includes (one translation unit)
 DISABLE_ENV = "STREAMCHAT_NATIVE"  # "0" turns the native kernels off (torch's kernels then)
 BLOCK = 32  # inputs per Q4_1 / Q8 block
 ROWS = 8  # output rows interleaved per 4-bit (and 8-bit) block group
@@ -124,7 +125,8 @@ def _built(target: str) -> Path:
     """The shared library for `target`, compiled now if this source and these flags have not been before. Cached
     under the model cache (older builds of the same target are removed); where that is not writable, in a
     temporary folder for this process."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[target]).encode()).hexdigest()[:16]
+    sources = SOURCE.read_bytes() + b"".join(path.read_bytes() for path in INCLUDED)
+    digest = hashlib.sha256(sources + " ".join(FLAGS[target]).encode()).hexdigest()[:16]
     folder = cache_root() / "kernels"
     path = folder / f"{target}-{digest}.so"
     if path.exists():
@@ -209,7 +211,6 @@ def library() -> ctypes.CDLL | None:
             integer,
             pointer,
             pointer,
-            pointer,
             integer,
             integer,
             pointer,
@@ -245,6 +246,9 @@ def library() -> ctypes.CDLL | None:
             pointer,
             pointer,
         ]
+        lib.sc_ggml_matmul.argtypes = [integer, pointer, integer, integer, pointer, integer, pointer, integer]
+        lib.sc_ggml_dequantize.argtypes = [integer, pointer, ctypes.c_long, pointer]
+        lib.sc_linear_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
         lib.sc_set_threads.argtypes = [integer]
         lib.sc_set_threads.restype = None
         for function in (
@@ -255,9 +259,13 @@ def library() -> ctypes.CDLL | None:
             lib.sc_compact,
             lib.sc_greedy,
             lib.sc_sample,
+            lib.sc_ggml_matmul,
+            lib.sc_ggml_dequantize,
+            lib.sc_linear_matmul,
         ):
             function.restype = integer
-        if (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes()) != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer)):
+        sizes = (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes(), lib.sc_linear_bytes())
+        if sizes != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer), ctypes.sizeof(Linear)):
             _REASON = "the compiled decode-step structures do not match"
             return None
         if (lib.sc_block_q4x8_bytes(), lib.sc_block_q8x8_bytes()) != (GROUP_BYTES, Q8_GROUP_BYTES):
@@ -309,11 +317,35 @@ def compact(layer, src: int, dst: int, count: int) -> bool:
     return status == 0
 
 
-class Layer(ctypes.Structure):
-    """kernels.c's `sc_layer`: one decoder layer's packed weights and norms (addresses)."""
+Q4X8, Q8X8 = 100, 101  # kernels.c's own layouts (pack_q4, pack_q8) beside ggml's type numbers (ggml_blocks.py)
 
-    _fields_ = [
-        (name, ctypes.c_void_p) for name in ("qkv", "out", "gate_up", "down", "qkv_bias", "input_norm", "post_norm")
+
+class Part(ctypes.Structure):
+    """kernels.c's `sc_part`: one row-part of a linear (a GGUF tensor of a ggml type, or a packed matrix)."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("extra", ctypes.c_void_p), ("type", ctypes.c_int), ("rows", ctypes.c_int)]
+
+
+class Linear(ctypes.Structure):
+    """kernels.c's `sc_linear`: up to 3 parts side by side in the output (q, k, v; gate, up)."""
+
+    _fields_ = [("parts", Part * 3), ("count", ctypes.c_int)]
+
+
+def linear(parts: list[tuple[int, int, int, int | None]]) -> Linear:
+    """A `Linear` of (type, rows, data address, extra address or None) parts."""
+    structure = Linear()
+    structure.count = len(parts)
+    for slot, (kind, rows, data, extra) in zip(structure.parts, parts):
+        slot.type, slot.rows, slot.data, slot.extra = kind, rows, data, extra
+    return structure
+
+
+class Layer(ctypes.Structure):
+    """kernels.c's `sc_layer`: one decoder layer's linears, biases and norms (addresses)."""
+
+    _fields_ = [(name, Linear) for name in ("qkv", "out", "gate_up", "down")] + [
+        (name, ctypes.c_void_p) for name in ("qkv_bias", "input_norm", "post_norm", "q_norm", "k_norm")
     ]
 
 
@@ -601,3 +633,30 @@ if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): 
             f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
             "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)"
         )
+
+
+def ggml_matmul(
+    kind: int, x: torch.Tensor, weight: torch.Tensor, rows: int, out: torch.Tensor | None = None, column: int = 0
+) -> torch.Tensor:
+    """x [M, K] fp32 contiguous times a GGUF tensor (`rows` rows of K weights of ggml type `kind`, its blocks as
+    uint8 bytes) transposed: [M, rows] fp32, or written into columns column..column+rows of `out` [M, N]. Raises
+    RuntimeError where the kernels do not take the type or sizes."""
+    use_threads()
+    M, K = x.shape
+    if out is None:
+        out, column = torch.empty(M, rows), 0
+    status = _LIBRARY.sc_ggml_matmul(
+        kind, x.data_ptr(), M, K, weight.data_ptr(), rows, out.data_ptr() + 4 * column, out.shape[1]
+    )
+    if status:
+        raise RuntimeError(f"sc_ggml_matmul refused type {kind}, x {tuple(x.shape)}, {rows} rows")
+    return out
+
+
+def ggml_dequantize(kind: int, data: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` weights of ggml type `kind` from their blocks (uint8 bytes) -> fp32 [count]. Raises RuntimeError
+    where the kernels do not take the type, or count is not whole blocks."""
+    out = torch.empty(count)
+    if _LIBRARY.sc_ggml_dequantize(kind, data.data_ptr(), count, out.data_ptr()):
+        raise RuntimeError(f"sc_ggml_dequantize refused type {kind} for {count} weights")
+    return out

@@ -144,11 +144,16 @@ class FastDecoder:
 
         layers = (native.Layer * len(self.layers))()
         for structure, layer in zip(layers, self.layers):
-            structure.qkv, structure.out = layer.qkv.weight.data_ptr(), layer.out.weight.data_ptr()
-            structure.gate_up, structure.down = layer.gate_up.weight.data_ptr(), layer.down.weight.data_ptr()
+            for name in ("qkv", "out", "gate_up", "down"):
+                linear = getattr(layer, name)
+                setattr(
+                    structure, name, native.linear([(native.Q4X8, linear.out_features, linear.weight.data_ptr(), None)])
+                )
             structure.qkv_bias = address(layer.qkv.bias)
             structure.input_norm, structure.post_norm = address(layer.input_norm), address(layer.post_norm)
         self._final_norm = address(self.final_norm)
+        head = self.lm_head
+        self._head = native.linear([(native.Q8X8, head.out_features, head.weight.data_ptr(), head.scales.data_ptr())])
         self._intermediate = self.layers[0].gate_up.out_features // 2
         return layers
 
@@ -240,8 +245,7 @@ class FastDecoder:
             (ctypes.c_int * rows)(*capacities),
             int(caches[0].layers[0].keys.dtype == torch.float16),
             self._final_norm,
-            self.lm_head.weight.data_ptr(),
-            self.lm_head.scales.data_ptr(),
+            ctypes.byref(self._head),
             self.lm_head.out_features,
             len(chunks),
             (ctypes.c_int * len(chunks))(*last_rows),

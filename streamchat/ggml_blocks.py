@@ -1,0 +1,132 @@
+"""ggml's block types, as a GGUF file stores them: which ones the native kernels take, their sizes, and tensors
+over their bytes.
+
+A GGUF tensor of ggml type T and shape [N, K] (rows, inputs; ggml lists it as ne = [K, N]) is N rows, each K / B
+blocks of S bytes (B weights per block: 32 for Q4_0..Q8_0, 256 for the K-quants, 1 for F32/F16/BF16). The layouts
+are ggml-common.h's; kernels_ggml.c reads them in place (dequantization and matmuls), so a weight keeps its file's
+bytes, in the file's memory map, for the life of the process. Types outside `NATIVE` (IQ*, Q2_K, Q3_K, TQ*,
+MXFP4...) are converted by `convert_tensor` to the nearest native one, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from streamchat import native
+
+T = GGMLQuantizationType
+NATIVE = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+# where a type the kernels do not take goes (at about its precision): lower bits -> Q4_K, else Q6_K or Q8_0
+CONVERT_TO = {
+    T.Q2_K: T.Q4_K,
+    T.Q3_K: T.Q4_K,
+    T.IQ1_S: T.Q4_K,
+    T.IQ1_M: T.Q4_K,
+    T.IQ2_XXS: T.Q4_K,
+    T.IQ2_XS: T.Q4_K,
+    T.IQ2_S: T.Q4_K,
+    T.IQ3_XXS: T.Q4_K,
+    T.IQ3_S: T.Q4_K,
+    T.IQ4_NL: T.Q4_K,
+    T.IQ4_XS: T.Q4_K,
+    T.Q8_1: T.Q8_0,
+    T.Q8_K: T.Q8_0,
+    T.F64: T.F32,
+}
+
+
+class BlockTypeError(ValueError):
+    """A tensor's type or size does not fit the kernels (the message names the tensor and its type)."""
+
+
+def block_size(kind: int) -> tuple[int, int]:
+    """(weights per block, bytes per block) of ggml type `kind`; KeyError for a type gguf does not know."""
+    return GGML_QUANT_SIZES[T(kind)]
+
+
+def row_bytes(kind: int, columns: int) -> int:
+    """Bytes of one row of `columns` weights; BlockTypeError when the row is not whole blocks."""
+    weights, size = block_size(kind)
+    if columns % weights:
+        raise BlockTypeError(f"{T(kind).name} rows hold whole blocks of {weights}; {columns} inputs is not")
+    return columns // weights * size
+
+
+@dataclass
+class BlockTensor:
+    """A GGUF tensor's bytes as the kernels read them: `data` uint8 [rows, row_bytes] (a view of the file's memory
+    map, or of a converted copy), ggml type `kind`, logical shape [rows, columns]."""
+
+    name: str
+    kind: int
+    rows: int
+    columns: int
+    data: torch.Tensor
+
+    @property
+    def type_name(self) -> str:
+        return T(self.kind).name
+
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def row_slice(self, start: int, stop: int) -> BlockTensor:
+        """Rows start..stop, sharing the bytes (rows are independent in every ggml type)."""
+        return BlockTensor(self.name, self.kind, stop - start, self.columns, self.data[start:stop])
+
+    def gather_rows(self, order: torch.Tensor) -> BlockTensor:
+        """The rows in `order` (a permutation), copied: lossless, since each row is its own blocks."""
+        return BlockTensor(self.name, self.kind, len(order), self.columns, self.data[order].contiguous())
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [rows, columns] (or of the rows in `rows`): the native kernel where it takes the type, else
+        gguf-py's dequantization."""
+        data = self.data if rows is None else self.data[rows]
+        count = data.shape[0]
+        if self.kind in NATIVE and native.library() is not None:
+            flat = data.contiguous()
+            return native.ggml_dequantize(self.kind, flat, count * self.columns).view(count, self.columns)
+        array = gguf_dequantize(data.numpy(), T(self.kind))
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).view(count, self.columns)
+
+
+def convert_tensor(tensor: BlockTensor) -> BlockTensor:
+    """A tensor of a type the kernels do not take, re-encoded as `CONVERT_TO`'s type one row block at a time (never
+    the whole tensor in fp32: at most 64 rows at once). BlockTypeError where there is no conversion."""
+    from gguf.quants import quantize as gguf_quantize
+
+    target = CONVERT_TO.get(T(tensor.kind))
+    if target is None:
+        raise BlockTypeError(
+            f"tensor {tensor.name!r} has ggml type {tensor.type_name}, which streamchat cannot run or convert "
+            f"(native: {', '.join(t.name for t in NATIVE)})"
+        )
+    quantizable = target if target in (T.F32, T.Q8_0) else T.Q8_0  # what gguf-py can encode
+    out = torch.empty(tensor.rows, row_bytes(quantizable, tensor.columns), dtype=torch.uint8)
+    for start in range(0, tensor.rows, 64):
+        stop = min(start + 64, tensor.rows)
+        rows = tensor.dequantize(torch.arange(start, stop)).numpy()
+        encoded = gguf_quantize(rows.astype(np.float32), quantizable)
+        out[start:stop] = torch.from_numpy(np.ascontiguousarray(encoded).view(np.uint8).reshape(stop - start, -1))
+    return BlockTensor(tensor.name, int(quantizable), tensor.rows, tensor.columns, out)
+
+
+def matmul(x: torch.Tensor, parts: list[BlockTensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] fp32 times the parts' rows side by side, transposed: [..., sum of rows] fp32 (+ bias).
+    The native kernels for every type in `NATIVE`; RuntimeError without them."""
+    leading = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    total = sum(part.rows for part in parts)
+    out = torch.empty(x.shape[0], total)
+    column = 0
+    for part in parts:
+        native.ggml_matmul(part.kind, x, part.data, part.rows, out, column)
+        column += part.rows
+    if bias is not None:
+        out += bias
+    return out.view(*leading, total)

@@ -1,0 +1,513 @@
+/* ggml's block types, read as a GGUF file stores them: dequantization and matmuls over row-major blocks.
+ *
+ * Included by kernels.c (one translation unit: the thread pool, quantize_q8 and hsum live there). A GGUF tensor
+ * of N rows and K inputs is N rows of K / block_size blocks, each block as ggml-common.h lays it out; these
+ * kernels read those bytes where the file's memory map holds them, so a model loads without converting a weight.
+ *
+ * Types (ggml's numbers, `enum ggml_type`): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12,
+ * Q5_K 13, Q6_K 14, BF16 30. Dequantization follows ggml's dequantize_row_* (gguf-py's quants.py computes the
+ * same; tests/test_ggml_blocks.py holds each against it). The matmuls quantize the activations as llama.cpp's CPU
+ * backend does for each type: 32-input 8-bit blocks (Q8_0/Q8_1: scale and sum) for the 32-input types, 256-input
+ * blocks with 16-input sums (Q8_K) for the K-quants, then integer dot products per block (vpmaddubsw on AVX2,
+ * vpdpbusd with AVX-512 VNNI), the block scales applied in fp32: the method of ggml_vec_dot_*_q8_* (ggml-cpu's
+ * x86 quants.c), written anew. F16, BF16 and F32 weights multiply fp32 activations in fp32.
+ */
+
+#define QK_K 256
+
+enum {
+    SC_F32 = 0, SC_F16 = 1, SC_Q4_0 = 2, SC_Q4_1 = 3, SC_Q5_0 = 6, SC_Q5_1 = 7, SC_Q8_0 = 8,
+    SC_Q4_K = 12, SC_Q5_K = 13, SC_Q6_K = 14, SC_BF16 = 30,
+};
+
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;                   /* 18 bytes, 32 weights */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;                /* 20 */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;    /* 22 */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1; /* 24 */
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;                    /* 34 */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;             /* 144, 256 */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K; /* 176 */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;   /* 210 */
+
+/* 256 activations at 8 bits: scale, values, and the sums of each 16 (llama.cpp's block_q8_K). */
+typedef struct {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+} block_q8_K;
+
+static inline float fp16(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Weights per block and bytes per block of a type; 0 for a type these kernels do not take. */
+static int block_weights(int type) {
+    switch (type) {
+        case SC_F32: case SC_F16: case SC_BF16: return 1;
+        case SC_Q4_0: case SC_Q4_1: case SC_Q5_0: case SC_Q5_1: case SC_Q8_0: return 32;
+        case SC_Q4_K: case SC_Q5_K: case SC_Q6_K: return QK_K;
+        default: return 0;
+    }
+}
+
+static size_t block_bytes(int type) {
+    switch (type) {
+        case SC_F32: return 4;
+        case SC_F16: case SC_BF16: return 2;
+        case SC_Q4_0: return sizeof(block_q4_0);
+        case SC_Q4_1: return sizeof(block_q4_1);
+        case SC_Q5_0: return sizeof(block_q5_0);
+        case SC_Q5_1: return sizeof(block_q5_1);
+        case SC_Q8_0: return sizeof(block_q8_0);
+        case SC_Q4_K: return sizeof(block_q4_K);
+        case SC_Q5_K: return sizeof(block_q5_K);
+        case SC_Q6_K: return sizeof(block_q6_K);
+        default: return 0;
+    }
+}
+
+int sc_ggml_block_weights(int type) { return block_weights(type); }
+int sc_ggml_block_bytes(int type) { return (int)block_bytes(type); }
+
+/* The 6-bit scale and minimum of sub-block j (0..7) of a Q4_K/Q5_K block (ggml's get_scale_min_k4). */
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *scale, uint8_t *minimum) {
+    if (j < 4) {
+        *scale = q[j] & 63;
+        *minimum = q[j + 4] & 63;
+    } else {
+        *scale = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *minimum = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Dequantization: `n` weights (a multiple of the type's block) from `src` into fp32 `out`. Returns 0, or -1 for a
+ * type it does not take or a size that is not whole blocks. Scalar and plain: it serves the embedding's rows (one
+ * row per token) and the tests; the matmuls never widen weights to floats.
+ */
+int sc_ggml_dequantize(int type, const void *src, long n, float *out) {
+    const int bw = block_weights(type);
+    if (bw == 0 || n < 0 || n % bw) return -1;
+    const long nb = n / bw;
+    for (long b = 0; b < nb; b++) {
+        float *y = out + b * bw;
+        switch (type) {
+            case SC_F32: memcpy(y, (const float *)src + b, sizeof(float)); break;
+            case SC_F16: *y = fp16(((const uint16_t *)src)[b]); break;
+            case SC_BF16: *y = bf16(((const uint16_t *)src)[b]); break;
+            case SC_Q4_0: {
+                const block_q4_0 *x = (const block_q4_0 *)src + b;
+                const float d = fp16(x->d);
+                for (int j = 0; j < 16; j++) {
+                    y[j] = ((x->qs[j] & 0xF) - 8) * d;
+                    y[j + 16] = ((x->qs[j] >> 4) - 8) * d;
+                }
+                break;
+            }
+            case SC_Q4_1: {
+                const block_q4_1 *x = (const block_q4_1 *)src + b;
+                const float d = fp16(x->d), m = fp16(x->m);
+                for (int j = 0; j < 16; j++) {
+                    y[j] = (x->qs[j] & 0xF) * d + m;
+                    y[j + 16] = (x->qs[j] >> 4) * d + m;
+                }
+                break;
+            }
+            case SC_Q5_0: case SC_Q5_1: {
+                const int legacy0 = type == SC_Q5_0;
+                const block_q5_0 *x0 = (const block_q5_0 *)src + b;
+                const block_q5_1 *x1 = (const block_q5_1 *)src + b;
+                const float d = fp16(legacy0 ? x0->d : x1->d), m = legacy0 ? 0.0f : fp16(x1->m);
+                const uint8_t *qs = legacy0 ? x0->qs : x1->qs, *qhb = legacy0 ? x0->qh : x1->qh;
+                uint32_t qh;
+                memcpy(&qh, qhb, 4);
+                for (int j = 0; j < 16; j++) {
+                    const int low = (qs[j] & 0xF) | (((qh >> j) & 1) << 4);
+                    const int high = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+                    y[j] = legacy0 ? (low - 16) * d : low * d + m;
+                    y[j + 16] = legacy0 ? (high - 16) * d : high * d + m;
+                }
+                break;
+            }
+            case SC_Q8_0: {
+                const block_q8_0 *x = (const block_q8_0 *)src + b;
+                const float d = fp16(x->d);
+                for (int j = 0; j < 32; j++) y[j] = x->qs[j] * d;
+                break;
+            }
+            case SC_Q4_K: case SC_Q5_K: {
+                const int five = type == SC_Q5_K;
+                const block_q4_K *x4 = (const block_q4_K *)src + b;
+                const block_q5_K *x5 = (const block_q5_K *)src + b;
+                const float d = fp16(five ? x5->d : x4->d), dmin = fp16(five ? x5->dmin : x4->dmin);
+                const uint8_t *scales = five ? x5->scales : x4->scales, *qs = five ? x5->qs : x4->qs;
+                for (int j = 0; j < 4; j++) { /* 64 weights: sub-block 2j in low nibbles, 2j + 1 in high */
+                    uint8_t s0, m0, s1, m1;
+                    scale_min_k4(2 * j, scales, &s0, &m0);
+                    scale_min_k4(2 * j + 1, scales, &s1, &m1);
+                    for (int l = 0; l < 32; l++) {
+                        int low = qs[32 * j + l] & 0xF, high = qs[32 * j + l] >> 4;
+                        if (five) {
+                            low |= ((x5->qh[l] >> (2 * j)) & 1) << 4;
+                            high |= ((x5->qh[l] >> (2 * j + 1)) & 1) << 4;
+                        }
+                        y[64 * j + l] = d * s0 * low - dmin * m0;
+                        y[64 * j + 32 + l] = d * s1 * high - dmin * m1;
+                    }
+                }
+                break;
+            }
+            case SC_Q6_K: {
+                const block_q6_K *x = (const block_q6_K *)src + b;
+                const float d = fp16(x->d);
+                for (int n = 0; n < 2; n++) {
+                    const uint8_t *ql = x->ql + 64 * n, *qh = x->qh + 32 * n;
+                    const int8_t *sc = x->scales + 8 * n;
+                    float *yy = y + 128 * n;
+                    for (int l = 0; l < 32; l++) {
+                        const int is = l / 16;
+                        yy[l] = d * sc[is] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+                        yy[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                        yy[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                        yy[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                    }
+                }
+                break;
+            }
+            default: return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Activations for the K-quants: x [K] fp32 -> K / 256 `block_q8_K` (scale max|x| / 127, round to nearest, and the
+ * sums of each 16 values). */
+static void quantize_q8_K(const float *x, block_q8_K *y, int K) {
+    for (int b = 0; b < K / QK_K; b++) {
+        const float *xb = x + (size_t)b * QK_K;
+        float amax = 0.0f;
+        for (int i = 0; i < QK_K; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = d;
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int i = 16 * g; i < 16 * g + 16; i++) {
+                const int q = (int)lrintf(xb[i] * id);
+                y[b].qs[i] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                sum += y[b].qs[i];
+            }
+            y[b].bsums[g] = (int16_t)sum;
+        }
+    }
+}
+
+/* int32 lanes: each the sum of 4 products of unsigned weight bytes (<= 63) and signed activation bytes. */
+static inline __m256i dot_u8(__m256i u, __m256i s) {
+#ifdef SC_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* As dot_u8, lanes 0-3 (inputs 0-15) times scale s0 and lanes 4-7 (inputs 16-31) times s1. */
+static inline __m256i dot_u8_scaled(__m256i u, __m256i s, int s0, int s1) {
+#ifdef SC_VNNI
+    const __m256i scales = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+    return _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), scales);
+#else
+    const __m256i scales = _mm256_setr_m128i(_mm_set1_epi16((short)s0), _mm_set1_epi16((short)s1));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scales);
+#endif
+}
+
+/* 32 bytes, each 0xFF where bit i of x is set (byte i), else 0. */
+static inline __m256i bits_to_bytes(uint32_t x) {
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32((int)x), _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+#define ALWAYS_INLINE_G static inline __attribute__((always_inline))
+#define MAX_C 4 /* activation rows per pass over a weight row */
+
+/* One weight row of nb 32-input blocks against C activation rows (block_q8, `stride` blocks apart): out[c]. The
+ * unpacked weights of a block serve all C rows. */
+ALWAYS_INLINE_G void dot_legacy(int type, const void *row, int nb, const block_q8 *a, size_t stride, int C,
+                                float *out) {
+    __m256 acc[MAX_C];
+    float offset[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offset[c] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        __m256i u;
+        float d, m; /* w = d * u + m, u unsigned; Q8_0: w = d * u signed */
+        if (type == SC_Q8_0) {
+            const block_q8_0 *x = (const block_q8_0 *)row + b;
+            u = _mm256_loadu_si256((const __m256i *)x->qs), d = fp16(x->d), m = 0.0f;
+        } else {
+            const uint8_t *qs;
+            if (type == SC_Q4_0) {
+                const block_q4_0 *x = (const block_q4_0 *)row + b;
+                qs = x->qs, d = fp16(x->d), m = -8.0f * d;
+            } else if (type == SC_Q4_1) {
+                const block_q4_1 *x = (const block_q4_1 *)row + b;
+                qs = x->qs, d = fp16(x->d), m = fp16(x->m);
+            } else if (type == SC_Q5_0) {
+                const block_q5_0 *x = (const block_q5_0 *)row + b;
+                qs = x->qs, d = fp16(x->d), m = -16.0f * d;
+            } else {
+                const block_q5_1 *x = (const block_q5_1 *)row + b;
+                qs = x->qs, d = fp16(x->d), m = fp16(x->m);
+            }
+            const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+            u = _mm256_and_si256(_mm256_setr_m128i(raw, _mm_srli_epi16(raw, 4)), low);
+            if (type == SC_Q5_0 || type == SC_Q5_1) {
+                uint32_t qh;
+                memcpy(&qh, type == SC_Q5_0 ? ((const block_q5_0 *)row + b)->qh : ((const block_q5_1 *)row + b)->qh, 4);
+                u = _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(16)));
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            const block_q8 *ab = a + c * stride + b;
+            const __m256i s = _mm256_loadu_si256((const __m256i *)ab->qs);
+            __m256i p;
+            if (type == SC_Q8_0) /* signed x signed as |w| x (s sign(w)) */
+                p = dot_u8(_mm256_sign_epi8(u, u), _mm256_sign_epi8(s, u));
+            else
+                p = dot_u8(u, s);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ab->d), acc[c]);
+            offset[c] += m * ab->s;
+        }
+    }
+    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]) + offset[c];
+}
+
+/* One Q4_K or Q5_K row of nb 256-input blocks against C activation rows (block_q8_K). */
+ALWAYS_INLINE_G void dot_q45_K(int type, const void *row, int nb, const block_q8_K *a, size_t stride, int C,
+                               float *out) {
+    __m256 acc[MAX_C];
+    float mins[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), mins[c] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const int five = type == SC_Q5_K;
+        const block_q4_K *x4 = (const block_q4_K *)row + b;
+        const block_q5_K *x5 = (const block_q5_K *)row + b;
+        const uint8_t *scales = five ? x5->scales : x4->scales, *qs = five ? x5->qs : x4->qs;
+        const float d = fp16(five ? x5->d : x4->d), dmin = fp16(five ? x5->dmin : x4->dmin);
+        uint8_t sc[8], mn[8];
+        for (int j = 0; j < 8; j++) scale_min_k4(j, scales, sc + j, mn + j);
+        __m256i u[8];
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)x5->qh) : _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            u[2 * j] = _mm256_and_si256(raw, low);
+            u[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        }
+        if (five)
+            for (int j = 0; j < 8; j++) {
+                const __m256i bit = _mm256_set1_epi8((char)(1 << j));
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                u[j] = _mm256_or_si256(u[j], _mm256_and_si256(set, _mm256_set1_epi8(16)));
+            }
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m256i sum = _mm256_setzero_si256();
+            int msum = 0;
+            for (int j = 0; j < 8; j++) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(ab->qs + 32 * j));
+                sum = _mm256_add_epi32(sum, dot_u8_scaled(u[j], s, sc[j], sc[j]));
+                msum += mn[j] * (ab->bsums[2 * j] + ab->bsums[2 * j + 1]);
+            }
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * ab->d), acc[c]);
+            mins[c] += dmin * ab->d * (float)msum;
+        }
+    }
+    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]) - mins[c];
+}
+
+/* One Q6_K row against C activation rows (block_q8_K): 6-bit values u in 0..63 (w = d * scale * (u - 32)), 16
+ * signed 8-bit scales per block, one per 16 weights. */
+ALWAYS_INLINE_G void dot_q6_K(const void *row, int nb, const block_q8_K *a, size_t stride, int C, float *out) {
+    __m256 acc[MAX_C];
+    float offsets[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offsets[c] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const block_q6_K *x = (const block_q6_K *)row + b;
+        const float d = fp16(x->d);
+        __m256i u[8];
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
+            u[4 * n] = _mm256_or_si256(_mm256_and_si256(l0, low),
+                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+            u[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(l1, low),
+                                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+            u[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                           _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
+            u[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
+        }
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m256i sum = _mm256_setzero_si256();
+            int offset = 0;
+            for (int g = 0; g < 8; g++) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(ab->qs + 32 * g));
+                sum = _mm256_add_epi32(sum, dot_u8_scaled(u[g], s, x->scales[2 * g], x->scales[2 * g + 1]));
+            }
+            for (int k = 0; k < 16; k++) offset += x->scales[k] * ab->bsums[k];
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * ab->d), acc[c]);
+            offsets[c] += d * ab->d * (float)(32 * offset); /* the -32 of every value, once per block */
+        }
+    }
+    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]) - offsets[c];
+}
+
+/* 8 weights of a 16/32-bit float row as fp32. */
+ALWAYS_INLINE_G __m256 load_float8(int type, const void *row, int i) {
+    if (type == SC_F32) return _mm256_loadu_ps((const float *)row + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    if (type == SC_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* One F32/F16/BF16 row of K weights (K a multiple of 8) against C fp32 activation rows `stride` floats apart. */
+ALWAYS_INLINE_G void dot_float(int type, const void *row, int K, const float *x, size_t stride, int C, float *out) {
+    __m256 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int i = 0; i < K; i += 8) {
+        const __m256 w = load_float8(type, row, i);
+        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c * stride + i), acc[c]);
+    }
+    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]);
+}
+
+/* A row's dot products with C activation rows, one function per type and C (1 or MAX_C) so that each loop above
+ * is compiled with its type and count fixed. */
+typedef void (*row_dot_fn)(const void *row, int K, const void *a, size_t stride, float *out);
+
+#define ROW_DOTS(NAME, CALL)                                                                                      \
+    static void NAME##_1(const void *row, int K, const void *a, size_t stride, float *out) { CALL(1); }          \
+    static void NAME##_4(const void *row, int K, const void *a, size_t stride, float *out) { CALL(MAX_C); }
+#define LEGACY(T, C_) dot_legacy(T, row, K / 32, (const block_q8 *)a, stride, C_, out)
+#define CALL_Q4_0(C_) LEGACY(SC_Q4_0, C_)
+#define CALL_Q4_1(C_) LEGACY(SC_Q4_1, C_)
+#define CALL_Q5_0(C_) LEGACY(SC_Q5_0, C_)
+#define CALL_Q5_1(C_) LEGACY(SC_Q5_1, C_)
+#define CALL_Q8_0(C_) LEGACY(SC_Q8_0, C_)
+#define CALL_Q4_K(C_) dot_q45_K(SC_Q4_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#define CALL_Q5_K(C_) dot_q45_K(SC_Q5_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#define CALL_Q6_K(C_) dot_q6_K(row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#define CALL_F32(C_) dot_float(SC_F32, row, K, (const float *)a, stride, C_, out)
+#define CALL_F16(C_) dot_float(SC_F16, row, K, (const float *)a, stride, C_, out)
+#define CALL_BF16(C_) dot_float(SC_BF16, row, K, (const float *)a, stride, C_, out)
+ROW_DOTS(dot_row_q4_0, CALL_Q4_0)
+ROW_DOTS(dot_row_q4_1, CALL_Q4_1)
+ROW_DOTS(dot_row_q5_0, CALL_Q5_0)
+ROW_DOTS(dot_row_q5_1, CALL_Q5_1)
+ROW_DOTS(dot_row_q8_0, CALL_Q8_0)
+ROW_DOTS(dot_row_q4_K, CALL_Q4_K)
+ROW_DOTS(dot_row_q5_K, CALL_Q5_K)
+ROW_DOTS(dot_row_q6_K, CALL_Q6_K)
+ROW_DOTS(dot_row_f32, CALL_F32)
+ROW_DOTS(dot_row_f16, CALL_F16)
+ROW_DOTS(dot_row_bf16, CALL_BF16)
+
+/* The row-dot functions of a type (C = 1 and C = MAX_C); 0 when the type is not taken. */
+static int row_dots(int type, row_dot_fn *one, row_dot_fn *four) {
+#define PICK(T, NAME) case T: *one = NAME##_1, *four = NAME##_4; return 1;
+    switch (type) {
+        PICK(SC_Q4_0, dot_row_q4_0) PICK(SC_Q4_1, dot_row_q4_1) PICK(SC_Q5_0, dot_row_q5_0)
+        PICK(SC_Q5_1, dot_row_q5_1) PICK(SC_Q8_0, dot_row_q8_0) PICK(SC_Q4_K, dot_row_q4_K)
+        PICK(SC_Q5_K, dot_row_q5_K) PICK(SC_Q6_K, dot_row_q6_K) PICK(SC_F32, dot_row_f32)
+        PICK(SC_F16, dot_row_f16) PICK(SC_BF16, dot_row_bf16)
+        default: return 0;
+    }
+#undef PICK
+}
+
+#define GGML_ROW_TILE 16 /* weight rows per task */
+#define GGML_M_TILE 16   /* activation rows swept per pass over a task's weight rows (kept in cache) */
+
+typedef struct {
+    row_dot_fn one, four;
+    const uint8_t *w;
+    size_t row_bytes;
+    const void *a;
+    size_t a_row; /* bytes per activation row */
+    size_t a_stride; /* activation rows apart, in the row_dot's unit (blocks, or floats) */
+    float *out;
+    int M, K, N, ldo;
+} ggml_job;
+
+static void ggml_task(void *context, int t) {
+    const ggml_job *job = context;
+    const int n0 = t * GGML_ROW_TILE, n1 = n0 + GGML_ROW_TILE < job->N ? n0 + GGML_ROW_TILE : job->N;
+    float results[MAX_C];
+    for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
+        const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
+        for (int n = n0; n < n1; n++) {
+            const uint8_t *row = job->w + (size_t)n * job->row_bytes;
+            int m = m0;
+            for (; m + MAX_C <= m1; m += MAX_C) {
+                job->four(row, job->K, (const uint8_t *)job->a + (size_t)m * job->a_row, job->a_stride, results);
+                for (int c = 0; c < MAX_C; c++) job->out[(size_t)(m + c) * job->ldo + n] = results[c];
+            }
+            for (; m < m1; m++) {
+                job->one(row, job->K, (const uint8_t *)job->a + (size_t)m * job->a_row, job->a_stride, results);
+                job->out[(size_t)m * job->ldo + n] = results[0];
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *x;
+    block_q8_K *q;
+    int K;
+} quantize_k_job;
+
+static void quantize_k_task(void *context, int m) {
+    const quantize_k_job *job = context;
+    quantize_q8_K(job->x + (size_t)m * job->K, job->q + (size_t)m * (job->K / QK_K), job->K);
+}
+
+/* x [M, K] fp32 times the GGUF tensor w (N rows of K weights of `type`, row-major blocks) transposed:
+ * out[m * ldo + n] for n < N (ldo >= N: a part of a wider output, e.g. q, k and v side by side). Returns 0, or -1
+ * for a type it does not take, a K that is not whole blocks (or not a multiple of 8), or memory that ran out. */
+int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    row_dot_fn one, four;
+    const int bw = block_weights(type);
+    if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
+    ggml_job job = {one, four, w, (size_t)(K / bw) * block_bytes(type), x, sizeof(float) * K, (size_t)K, out,
+                    M, K, N, ldo};
+    void *activations = NULL;
+    if (bw == QK_K) {
+        block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * (K / QK_K));
+        if (!q) return -1;
+        quantize_k_job qjob = {x, q, K};
+        if (M >= 8)
+            run_tasks(M, quantize_k_task, &qjob);
+        else
+            for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
+        activations = q, job.a = q, job.a_row = sizeof(block_q8_K) * (K / QK_K), job.a_stride = K / QK_K;
+    } else if (bw == 32) {
+        block_q8 *q = quantize_rows(x, M, K);
+        if (!q) return -1;
+        activations = q, job.a = q, job.a_row = sizeof(block_q8) * (K / 32), job.a_stride = K / 32;
+    }
+    run_tasks((N + GGML_ROW_TILE - 1) / GGML_ROW_TILE, ggml_task, &job);
+    free(activations);
+    return 0;
+}
