@@ -130,3 +130,65 @@ def matmul(x: torch.Tensor, parts: list[BlockTensor], bias: torch.Tensor | None 
     if bias is not None:
         out += bias
     return out.view(*leading, total)
+
+
+class BlockLinear:
+    """y = x W^T (+ b) where W is row-parts side by side (q, k, v; gate, up), each a GGUF tensor of its own type,
+    read in place by the native kernels. The interface of `quant.PackedLinear` that the engine uses (`mode`
+    "gguf", `kernel`, `input_dtype`, `out_features`, `bias`, `rows`, `nbytes`, called on x [..., in] fp32)."""
+
+    mode = "gguf"
+    kernel = "native"
+    input_dtype = torch.float32
+    scales = None
+
+    def __init__(self, parts: list[BlockTensor], bias: torch.Tensor | None = None):
+        self.parts, self.bias = parts, bias
+        self.out_features = sum(part.rows for part in parts)
+        self.in_features = parts[0].columns
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.parts, self.bias)
+
+    def rows(self, start: int, stop: int) -> BlockLinear:
+        """Output rows start..stop (within one part, or whole parts) sharing the bytes."""
+        parts, offset = [], 0
+        for part in self.parts:
+            low, high = max(start, offset), min(stop, offset + part.rows)
+            if low < high:
+                parts.append(part.row_slice(low - offset, high - offset))
+            offset += part.rows
+        bias = None if self.bias is None else self.bias[start:stop]
+        return BlockLinear(parts, bias)
+
+    def nbytes(self) -> int:
+        return sum(part.nbytes() for part in self.parts)
+
+    def types(self) -> list[str]:
+        return [part.type_name for part in self.parts]
+
+
+class BlockEmbedding(torch.nn.Module):
+    """An `nn.Embedding` stand-in over a GGUF token_embd tensor [vocab, hidden] of any native type: rows are
+    dequantized per lookup (ids [...] -> [..., hidden] fp32), the table stays in its file's blocks."""
+
+    def __init__(self, table: BlockTensor):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.rows, table.columns
+        self.padding_idx = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if native.library() is None:
+            rows = self.table.dequantize(flat.cpu())
+        else:
+            rows = torch.empty(len(flat), self.embedding_dim)
+            lib, data, kind, width = native.library(), self.table.data, self.table.kind, self.embedding_dim
+            for n, token in enumerate(flat.tolist()):
+                if lib.sc_ggml_dequantize(kind, data[token].data_ptr(), width, rows[n].data_ptr()):
+                    raise RuntimeError(f"cannot dequantize embedding rows of type {self.table.type_name}")
+        return rows.view(*ids.shape, self.embedding_dim).to(ids.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weights={self.table.type_name} (GGUF blocks)"

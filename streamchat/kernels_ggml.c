@@ -191,10 +191,11 @@ int sc_ggml_dequantize(int type, const void *src, long n, float *out) {
 static void quantize_q8_K(const float *x, block_q8_K *y, int K) {
     for (int b = 0; b < K / QK_K; b++) {
         const float *xb = x + (size_t)b * QK_K;
-        float amax = 0.0f;
-        for (int i = 0; i < QK_K; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[b].d = d;
+        float amax = 0.0f, max = 0.0f; /* the value of largest magnitude, with its sign, as llama.cpp takes it */
+        for (int i = 0; i < QK_K; i++)
+            if (fabsf(xb[i]) > amax) amax = fabsf(xb[i]), max = xb[i];
+        const float id = amax != 0.0f ? -127.0f / max : 0.0f; /* llama.cpp's quantize_row_q8_K: same roundings */
+        y[b].d = amax != 0.0f ? 1.0f / id : 0.0f;
         for (int g = 0; g < QK_K / 16; g++) {
             int sum = 0;
             for (int i = 16 * g; i < 16 * g + 16; i++) {

@@ -273,6 +273,8 @@ def load_model(
             raise ModelError(
                 f"not a model: {target} (expected a .gguf file, or a folder with config.json and *.safetensors)"
             )
+    if gguf is not None and path is not None and _native_gguf(device, torch_dtype):
+        return _load_gguf_blocks(gguf, source, started)
     if gguf is not None:
         folder = cache_root() / _gguf_key(gguf)
         identity = folder.name
@@ -321,6 +323,60 @@ def load_model(
         except (OSError, ValueError, KeyError) as error:
             raise ModelError(f"cannot pack the weights of {source} as {decode_weights}: {error}") from error
     return LoadedModel(model, tokenizer, identity, source, time.perf_counter() - started, converted, packing)
+
+
+def _native_gguf(device: str, dtype: torch.dtype) -> bool:
+    """Whether a GGUF file runs from its own blocks (gguf_model.py): on the CPU with the native kernels, fp32
+    activations. (The embedded model keeps its 8-row repacked layout, block_q4x8, measured faster for Q4_1.)"""
+    from streamchat import native
+
+    return device == "cpu" and dtype == torch.float32 and native.library() is not None
+
+
+def gguf_tokenizer(gguf: Path):
+    """The file's tokenizer and chat template (transformers' GGUF conversion), cached beside the model cache
+    (a few MB) so later starts skip the conversion."""
+    folder = cache_root() / "tokenizers" / _gguf_key(gguf)
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_made(folder.parent)))
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    except OSError:
+        pass  # a read-only cache: converted again at the next start
+    return tokenizer
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _load_gguf_blocks(gguf: Path, source: str, started: float) -> LoadedModel:
+    """A GGUF file's model over its own blocks (gguf_model.py): nothing converted, nothing written but the
+    tokenizer."""
+    from streamchat.gguf_file import GGUFError
+    from streamchat.gguf_model import build_model
+
+    try:
+        model, built = build_model(gguf)
+    except GGUFError as error:
+        raise ModelError(str(error)) from error
+    try:
+        tokenizer = gguf_tokenizer(gguf)
+    except Exception as error:
+        raise ModelError(f"cannot read the tokenizer of {gguf}: {error}") from error
+    if tokenizer.chat_template is None:
+        raise ModelError(f"the tokenizer of {source} has no chat template; streamchat needs an instruct model")
+    seconds = time.perf_counter() - started
+    packing = PackResult("gguf", built.seconds, True, built.note())
+    return LoadedModel(model, tokenizer, _gguf_key(gguf), source, seconds, False, packing)
 
 
 def load_for_chat(settings) -> LoadedModel:

@@ -56,7 +56,18 @@ class PplError(ValueError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--text", required=True, metavar="FILE", help="a long UTF-8 text (e.g. ../shared/data/frankenstein.txt)")
+    add(
+        "--text",
+        metavar="FILE",
+        help="a long UTF-8 text (e.g. ../shared/data/frankenstein.txt); not with --kl-reference",
+    )
+    add(
+        "--kl-reference",
+        metavar="REF.npz",
+        help="instead of the text: KL divergence against another engine's logits (tokens int32 [P], logits "
+        "[P, vocab]; as llama-perplexity --kl-divergence) through the chat path; --json: kl_mean, kl_p99, "
+        "top1_agreement, ppl, ppl_reference",
+    )
     add("--tokens", type=int, default=DEFAULT_TOKENS, help=f"first tokens of the text (default {DEFAULT_TOKENS})")
     add(
         "--budget",
@@ -406,6 +417,11 @@ def main(args: argparse.Namespace) -> int:
 
     heavy, args.heavy = args.heavy, None  # --heavy is the h2o split here, not the chat default
     settings = settings_from_args(args)
+    if args.kl_reference:
+        return _main_kl(args, settings)
+    if not args.text:
+        print("streamchat ppl: give --text FILE (a long UTF-8 text) or --kl-reference REF.npz", file=sys.stderr)
+        return 2
     try:
         text = reporting.read_text_file(args.text, "--text file", encoding="utf-8-sig")  # a byte-order mark is not text
     except ValueError as error:
@@ -440,4 +456,28 @@ def main(args: argparse.Namespace) -> int:
     print(f"results: {report['out']}/ppl.csv, ppl.json, nll.csv, ppl.png")
     if args.json:
         reporting.print_json_line(headline(rows, report))
+    return 0
+
+
+def _main_kl(args: argparse.Namespace, settings: Settings) -> int:
+    """`ppl --kl-reference REF.npz` (streamchat/evaluate/kl.py)."""
+    from streamchat.evaluate.kl import ReferenceError, run_kl
+    from streamchat.model import ModelError, load_for_chat
+
+    if not Path(args.kl_reference).is_file():
+        print(f"streamchat ppl: --kl-reference file not found: {args.kl_reference}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_for_chat(settings.replace(decode_path=settings.decode_path))
+        result = run_kl(loaded, settings, args.kl_reference)
+    except (ModelError, ReferenceError) as error:
+        print(f"streamchat ppl: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{result['positions']} positions of {args.kl_reference} on {loaded.source}: KL mean {result['kl_mean']:.5f}, "
+        f"p99 {result['kl_p99']:.5f}, max {result['kl_max']:.5f} nats; top-1 agreement {result['top1_agreement']:.3f}; "
+        f"perplexity {result['ppl']:.3f} (reference {result['ppl_reference']:.3f})"
+    )
+    if args.json:
+        reporting.print_json_line({"kl_reference": str(args.kl_reference), "model": loaded.source, **result})
     return 0

@@ -17,6 +17,7 @@ from streamchat.quant import resolve_weights
 from streamchat.config import Settings
 from streamchat.fastpath import choice
 from streamchat.fastpath.choice import auto_kv_dtype, auto_weights_reason, cpu_class
+from streamchat.packing import PACKED_ATTR
 from streamchat.fastpath.decoder import (
     FastDecoder,
     FastPathUnavailable,
@@ -123,12 +124,17 @@ def decode_summary(model: torch.nn.Module, settings: Settings) -> str:
     reason = unsupported_reason(model)
     if reason:
         return f"transformers decode (the fast path does not support {reason}), {threads}"
-    weights = resolve_weights(model.model.layers, settings.decode_weights)
+    packed = getattr(model, PACKED_ATTR, None)
+    blocks = packed is not None and packed.mode == "gguf"
+    weights = "gguf" if blocks else resolve_weights(model.model.layers, settings.decode_weights)
     kv = str(kv_dtype_for(model, settings)).removeprefix("torch.")
     why_weights = f"auto: {auto_weights_reason(weights)}" if settings.decode_weights == "auto" else "set"
+    if blocks:
+        types = sorted({t for layer in packed.layers for t in layer.qkv.types() + layer.down.types()})
+        weights, why_weights = "GGUF blocks", f"{', '.join(types)} read in place; head {packed.lm_head.types()[0]}"
     why_kv = f"auto: {auto_kv_dtype(model.dtype)[1]}" if settings.kv_dtype == "auto" else "set"
     kernels = ""
-    if weights in ("int4", "int8"):
+    if weights in ("int4", "int8", "GGUF blocks"):
         build = native.active()
         kernels = (
             f", kernels native {build} (streamchat/kernels.c)"

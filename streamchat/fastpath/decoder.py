@@ -27,7 +27,7 @@ from streamchat.quant import PackedLinear, fuse, resolve_weights
 
 PACKED_ATTR = "streamchat_packed"  # where streamchat/packing.py leaves a packed model's weights
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class FastPathUnavailable(RuntimeError):
@@ -45,10 +45,14 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return f"activation {config.hidden_act!r}"
     if getattr(config, "mlp_bias", False):
         return "MLP biases"
+    packed = getattr(model, PACKED_ATTR, None)
+    on_blocks = packed is not None and packed.mode == "gguf" and native.library() is not None
     for layer in model.model.layers:
         attention = layer.self_attn
-        if any(hasattr(attention, name) for name in ("q_norm", "k_norm")) or not hasattr(layer.mlp, "gate_proj"):
+        if not hasattr(layer.mlp, "gate_proj"):
             return "a layer layout other than Llama's"
+        if any(hasattr(attention, name) for name in ("q_norm", "k_norm")) and not on_blocks:
+            return "per-head q/k norms (Qwen3) outside the native step over GGUF blocks"
     return None
 
 
@@ -59,6 +63,9 @@ class _Layer:
             self.qkv, self.out, self.gate_up, self.down = packed.qkv, packed.out, packed.gate_up, packed.down
             self.input_norm = layer.input_layernorm.weight.detach()
             self.post_norm = layer.post_attention_layernorm.weight.detach()
+            q_norm, k_norm = getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)
+            self.q_norm = None if q_norm is None else q_norm.weight.detach()
+            self.k_norm = None if k_norm is None else k_norm.weight.detach()
             return
         attention, mlp = layer.self_attn, layer.mlp
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
@@ -66,8 +73,19 @@ class _Layer:
         self.out = PackedLinear(attention.o_proj.weight, attention.o_proj.bias, weights)
         self.gate_up = fuse([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None], weights)
         self.down = PackedLinear(mlp.down_proj.weight, None, weights)
+        self.q_norm = self.k_norm = None
         self.input_norm = layer.input_layernorm.weight.detach()
         self.post_norm = layer.post_attention_layernorm.weight.detach()
+
+
+def _native_linear(linear) -> native.Linear:
+    """kernels.c's `sc_linear` for a linear: GGUF tensors as typed parts (ggml_blocks.BlockLinear), or one packed
+    matrix (int4: block_q4x8; int8: block_q8x8 with its row scales)."""
+    if linear.mode == "gguf":
+        return native.linear([(part.kind, part.rows, part.data.data_ptr(), None) for part in linear.parts])
+    if linear.mode == "int4":
+        return native.linear([(native.Q4X8, linear.out_features, linear.weight.data_ptr(), None)])
+    return native.linear([(native.Q8X8, linear.out_features, linear.weight.data_ptr(), linear.scales.data_ptr())])
 
 
 class FastDecoder:
@@ -125,13 +143,13 @@ class FastDecoder:
         if native.library() is None or self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         head = self.lm_head
-        if (head.mode, head.kernel, head.bias) != ("int8", "native", None):
+        blocks = head.mode == "gguf"
+        if (head.mode, head.kernel, head.bias) not in (("int8", "native", None), ("gguf", "native", None)):
             return None
         for layer in self.layers:
             linears = (layer.qkv, layer.out, layer.gate_up, layer.down)
-            if any((l.mode, l.kernel) != ("int4", "native") for l in linears) or any(
-                l.bias is not None for l in linears[1:]
-            ):
+            wanted = ("gguf", "native") if blocks else ("int4", "native")
+            if any((l.mode, l.kernel) != wanted for l in linears) or any(l.bias is not None for l in linears[1:]):
                 return None
         self._kept = []  # the fp32 norm weights the structures point at
 
@@ -145,15 +163,12 @@ class FastDecoder:
         layers = (native.Layer * len(self.layers))()
         for structure, layer in zip(layers, self.layers):
             for name in ("qkv", "out", "gate_up", "down"):
-                linear = getattr(layer, name)
-                setattr(
-                    structure, name, native.linear([(native.Q4X8, linear.out_features, linear.weight.data_ptr(), None)])
-                )
+                setattr(structure, name, _native_linear(getattr(layer, name)))
             structure.qkv_bias = address(layer.qkv.bias)
             structure.input_norm, structure.post_norm = address(layer.input_norm), address(layer.post_norm)
+            structure.q_norm, structure.k_norm = address(layer.q_norm), address(layer.k_norm)
         self._final_norm = address(self.final_norm)
-        head = self.lm_head
-        self._head = native.linear([(native.Q8X8, head.out_features, head.weight.data_ptr(), head.scales.data_ptr())])
+        self._head = _native_linear(head)
         self._intermediate = self.layers[0].gate_up.out_features // 2
         return layers
 
