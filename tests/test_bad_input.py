@@ -208,9 +208,10 @@ def test_garbage_gguf_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(model.CACHE_ENV, str(tmp_path / "cache"))
     fake = tmp_path / "broken.gguf"
     fake.write_bytes(b"not really a gguf file" * 10)
-    with pytest.raises(ModelError, match="cannot convert GGUF file"):
+    with pytest.raises(ModelError, match="broken.gguf is not a GGUF file"):
         load_model(str(fake))
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".converting-")]  # cleaned up
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.name.startswith(".converting-")]  # cleaned up
 
 
 def write_conversion(folder: Path, loaded) -> None:
@@ -250,6 +251,7 @@ def test_corrupted_conversion_is_rebuilt(tiny, tmp_path, monkeypatch):
         staging.rename(folder)
 
     monkeypatch.setattr(model, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(model, "_native_gguf", lambda *_: False)  # the conversion path (embedded model, no kernels)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     first = load_model(str(gguf))
@@ -272,6 +274,7 @@ def test_unwritable_cache_folder_falls_back_with_a_warning(tiny, tmp_path, monke
     monkeypatch.setattr(model, "_convert_gguf", lambda *a: pytest.fail("must not convert into an unwritable cache"))
     direct = []
     monkeypatch.setattr(model, "_load_gguf", lambda gguf, *_: direct.append(gguf) or (tiny.model, tiny.tokenizer))
+    monkeypatch.setattr(model, "_native_gguf", lambda *_: False)  # the conversion path (embedded model, no kernels)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     with warnings.catch_warnings(record=True) as caught:
