@@ -85,6 +85,21 @@ static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *scale, uint8_t
     }
 }
 
+/* All 8 scales (bytes 0-7) and minimums (bytes 8-15) of a Q4_K/Q5_K block at once: the same values as
+ * scale_min_k4 for j = 0..7, by 32-bit masks and shifts (the 12 bytes hold 8 low 6-bit scales and minimums for
+ * j < 4; for j >= 4, 4 low bits in bytes 8-11 and 2 high bits in the top of bytes 0-7). */
+static inline void scales_mins_k4(const uint8_t *packed, uint8_t out[16]) {
+    uint32_t w[4];
+    memcpy(w, packed, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    w[3] = ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4); /* minimums 4-7 */
+    const uint32_t mins = w[1] & low6;                          /* minimums 0-3 */
+    w[1] = (w[2] & low4) | (((w[0] >> 6) & low2) << 4);        /* scales 4-7 */
+    w[2] = mins;
+    w[0] &= low6; /* scales 0-3 */
+    memcpy(out, w, 16);
+}
+
 /* ---------------------------------------------------------------------------------------------------------------
  * Dequantization: `n` weights (a multiple of the type's block) from `src` into fp32 `out`. Returns 0, or -1 for a
  * type it does not take or a size that is not whole blocks. Scalar and plain: it serves the embedding's rows (one
@@ -291,6 +306,124 @@ ALWAYS_INLINE_G void dot_legacy(int type, const void *row, int nb, const block_q
     for (int c = 0; c < C; c++) out[c] = hsum(acc[c]) + offset[c];
 }
 
+/* sum of the 8 products mins[j] * (bsums[2j] + bsums[2j + 1]) (int). */
+static inline int mins_dot(const uint8_t *mins, const int16_t *bsums) {
+    const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
+                                         _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mins));
+    __m128i p = _mm_madd_epi16(m, pairs);
+    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4E));
+    p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0xB1));
+    return _mm_cvtsi128_si32(p);
+}
+
+/* sum of the 16 products scales[k] * bsums[k] (Q6_K's offset of 32). */
+static inline int scales_dot(const int8_t *scales, const int16_t *bsums) {
+    const __m256i p = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)scales)),
+                                        _mm256_loadu_si256((const __m256i *)bsums));
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1));
+    return _mm_cvtsi128_si32(q);
+}
+
+#ifdef SC_VNNI
+/* AVX-512: 64 weights a vector (two 32-weight sub-blocks side by side, as their 64 activations lie), one vpdpbusd
+ * and one scale multiply each; Q4_K's low and high nibbles of a 32-byte chunk are exactly such a pair. */
+static inline __m512i pair512(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+
+ALWAYS_INLINE_G void dot_q45_K_512(int type, const void *row, int nb, const block_q8_K *a, size_t stride, int C,
+                                   float *out) {
+    __m512 acc[MAX_C];
+    float mins[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), mins[c] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const int five = type == SC_Q5_K;
+        const block_q4_K *x4 = (const block_q4_K *)row + b;
+        const block_q5_K *x5 = (const block_q5_K *)row + b;
+        const uint8_t *qs = five ? x5->qs : x4->qs;
+        const float d = fp16(five ? x5->d : x4->d), dmin = fp16(five ? x5->dmin : x4->dmin);
+        uint8_t sm[16];
+        scales_mins_k4(five ? x5->scales : x4->scales, sm);
+        /* per pair j: 16 int32 lanes, 8 of sub-block 2j's scale then 8 of 2j + 1's */
+        const __m512i scales = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sm));
+        __m512i u[4], sc[4];
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)x5->qh) : _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+            __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            if (five) {
+                const __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * j))), b1 = _mm256_set1_epi8((char)(2 << (2 * j)));
+                const __m256i sixteen = _mm256_set1_epi8(16);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
+            }
+            u[j] = pair512(lo, hi);
+            const int e = 2 * j, o = 2 * j + 1;
+            sc[j] = _mm512_permutexvar_epi32(_mm512_setr_epi32(e, e, e, e, e, e, e, e, o, o, o, o, o, o, o, o), scales);
+        }
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m512i sum = _mm512_setzero_si512();
+            for (int j = 0; j < 4; j++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[j],
+                                                        _mm512_loadu_si512((const void *)(ab->qs + 64 * j)));
+                sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(dot, sc[j]));
+            }
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * ab->d), acc[c]);
+            mins[c] += dmin * ab->d * (float)mins_dot(sm + 8, ab->bsums);
+        }
+    }
+    for (int c = 0; c < C; c++) out[c] = _mm512_reduce_add_ps(acc[c]) - mins[c];
+}
+
+ALWAYS_INLINE_G void dot_q6_K_512(const void *row, int nb, const block_q8_K *a, size_t stride, int C, float *out) {
+    __m512 acc[MAX_C];
+    float offsets[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), offsets[c] = 0.0f;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const block_q6_K *x = (const block_q6_K *)row + b;
+        const float d = fp16(x->d);
+        __m512i u[4], sc[4];
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
+            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(l0, low),
+                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(l1, low),
+                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+            const __m256i u2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                               _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
+            const __m256i u3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                               _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
+            u[2 * n] = pair512(u0, u1), u[2 * n + 1] = pair512(u2, u3);
+        }
+        /* pair p (64 weights) has 4 scales, 2p*2 .. 2p*2+3, each over 16 weights = 4 int32 lanes */
+        const __m512i all = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x->scales));
+        for (int p = 0; p < 4; p++)
+            sc[p] = _mm512_permutexvar_epi32(
+                _mm512_setr_epi32(4 * p, 4 * p, 4 * p, 4 * p, 4 * p + 1, 4 * p + 1, 4 * p + 1, 4 * p + 1, 4 * p + 2,
+                                  4 * p + 2, 4 * p + 2, 4 * p + 2, 4 * p + 3, 4 * p + 3, 4 * p + 3, 4 * p + 3),
+                all);
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m512i sum = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[p],
+                                                        _mm512_loadu_si512((const void *)(ab->qs + 64 * p)));
+                sum = _mm512_add_epi32(sum, _mm512_mullo_epi32(dot, sc[p]));
+            }
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d * ab->d), acc[c]);
+            offsets[c] += d * ab->d * (float)(32 * scales_dot(x->scales, ab->bsums));
+        }
+    }
+    for (int c = 0; c < C; c++) out[c] = _mm512_reduce_add_ps(acc[c]) - offsets[c];
+}
+#endif
+
 /* One Q4_K or Q5_K row of nb 256-input blocks against C activation rows (block_q8_K). */
 ALWAYS_INLINE_G void dot_q45_K(int type, const void *row, int nb, const block_q8_K *a, size_t stride, int C,
                                float *out) {
@@ -407,9 +540,16 @@ typedef void (*row_dot_fn)(const void *row, int K, const void *a, size_t stride,
 #define CALL_Q5_0(C_) LEGACY(SC_Q5_0, C_)
 #define CALL_Q5_1(C_) LEGACY(SC_Q5_1, C_)
 #define CALL_Q8_0(C_) LEGACY(SC_Q8_0, C_)
-#define CALL_Q4_K(C_) dot_q45_K(SC_Q4_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
-#define CALL_Q5_K(C_) dot_q45_K(SC_Q5_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
-#define CALL_Q6_K(C_) dot_q6_K(row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#ifdef SC_VNNI
+#define K512 _512
+#else
+#define K512
+#endif
+#define GLUE_(a, b) a##b
+#define GLUE(a, b) GLUE_(a, b)
+#define CALL_Q4_K(C_) GLUE(dot_q45_K, K512)(SC_Q4_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#define CALL_Q5_K(C_) GLUE(dot_q45_K, K512)(SC_Q5_K, row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
+#define CALL_Q6_K(C_) GLUE(dot_q6_K, K512)(row, K / QK_K, (const block_q8_K *)a, stride, C_, out)
 #define CALL_F32(C_) dot_float(SC_F32, row, K, (const float *)a, stride, C_, out)
 #define CALL_F16(C_) dot_float(SC_F16, row, K, (const float *)a, stride, C_, out)
 #define CALL_BF16(C_) dot_float(SC_BF16, row, K, (const float *)a, stride, C_, out)

@@ -641,6 +641,7 @@ def ggml_matmul(
     """x [M, K] fp32 contiguous times a GGUF tensor (`rows` rows of K weights of ggml type `kind`, its blocks as
     uint8 bytes) transposed: [M, rows] fp32, or written into columns column..column+rows of `out` [M, N]. Raises
     RuntimeError where the kernels do not take the type or sizes."""
+    _require()
     use_threads()
     M, K = x.shape
     if out is None:
@@ -656,7 +657,13 @@ def ggml_matmul(
 def ggml_dequantize(kind: int, data: torch.Tensor, count: int) -> torch.Tensor:
     """`count` weights of ggml type `kind` from their blocks (uint8 bytes) -> fp32 [count]. Raises RuntimeError
     where the kernels do not take the type, or count is not whole blocks."""
+    _require()
     out = torch.empty(count)
     if _LIBRARY.sc_ggml_dequantize(kind, data.data_ptr(), count, out.data_ptr()):
         raise RuntimeError(f"sc_ggml_dequantize refused type {kind} for {count} weights")
     return out
+
+
+def _require() -> None:
+    if library() is None:
+        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
