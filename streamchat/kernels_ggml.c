@@ -589,17 +589,24 @@ typedef struct {
     size_t a_row; /* bytes per activation row */
     size_t a_stride; /* activation rows apart, in the row_dot's unit (blocks, or floats) */
     float *out;
-    int M, K, N, ldo;
+    int M, K, N, ldo, per_task;
 } ggml_job;
+
+#define PREFETCH_AHEAD 2 /* weight rows read ahead: their bytes are on the way while a row is multiplied */
 
 static void ggml_task(void *context, int t) {
     const ggml_job *job = context;
-    const int n0 = t * GGML_ROW_TILE, n1 = n0 + GGML_ROW_TILE < job->N ? n0 + GGML_ROW_TILE : job->N;
+    const int n0 = t * job->per_task, n1 = n0 + job->per_task < job->N ? n0 + job->per_task : job->N;
     float results[MAX_C];
     for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int n = n0; n < n1; n++) {
             const uint8_t *row = job->w + (size_t)n * job->row_bytes;
+            if (m0 == 0 && n + PREFETCH_AHEAD < n1) {
+                const uint8_t *ahead = row + PREFETCH_AHEAD * job->row_bytes;
+                for (size_t offset = 0; offset < job->row_bytes; offset += 64)
+                    _mm_prefetch((const char *)ahead + offset, _MM_HINT_T0);
+            }
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C) {
                 job->four(row, job->K, (const uint8_t *)job->a + (size_t)m * job->a_row, job->a_stride, results);
@@ -631,8 +638,12 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
     row_dot_fn one, four;
     const int bw = block_weights(type);
     if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
+    /* long runs of rows per task (about 8 tasks a thread, at least GGML_ROW_TILE rows): each thread then streams
+     * contiguous weight bytes, which the hardware prefetchers follow */
+    int per_task = (N + 8 * thread_count - 1) / (8 * thread_count);
+    per_task = (per_task + GGML_ROW_TILE - 1) / GGML_ROW_TILE * GGML_ROW_TILE;
     ggml_job job = {one, four, w, (size_t)(K / bw) * block_bytes(type), x, sizeof(float) * K, (size_t)K, out,
-                    M, K, N, ldo};
+                    M, K, N, ldo, per_task};
     void *activations = NULL;
     if (bw == QK_K) {
         block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * (K / QK_K));
@@ -648,7 +659,7 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
         if (!q) return -1;
         activations = q, job.a = q, job.a_row = sizeof(block_q8) * (K / 32), job.a_stride = K / 32;
     }
-    run_tasks((N + GGML_ROW_TILE - 1) / GGML_ROW_TILE, ggml_task, &job);
+    run_tasks((N + per_task - 1) / per_task, ggml_task, &job);
     free(activations);
     return 0;
 }
