@@ -70,13 +70,18 @@ class BlockTensor:
 
     @property
     def type_name(self) -> str:
-        return T(self.kind).name
+        return "Q4_K (8-row layout)" if self.kind == Q4_KX8 else T(self.kind).name
 
     def nbytes(self) -> int:
         return self.data.numel()
 
     def row_slice(self, start: int, stop: int) -> BlockTensor:
-        """Rows start..stop, sharing the bytes (rows are independent in every ggml type)."""
+        """Rows start..stop, sharing the bytes (rows are independent in every ggml type; a tensor re-laid 8 rows
+        at a time is cut at multiples of 8, ValueError otherwise)."""
+        if self.kind == Q4_KX8:
+            if start % 8 or stop % 8:
+                raise ValueError(f"{self.name}: an 8-row layout is cut at multiples of 8, not {start}..{stop}")
+            return BlockTensor(self.name, self.kind, stop - start, self.columns, self.data[start // 8 : stop // 8])
         return BlockTensor(self.name, self.kind, stop - start, self.columns, self.data[start:stop])
 
     def gather_rows(self, order: torch.Tensor) -> BlockTensor:
@@ -93,6 +98,57 @@ class BlockTensor:
             return native.ggml_dequantize(self.kind, flat, count * self.columns).view(count, self.columns)
         array = gguf_dequantize(data.numpy(), T(self.kind))
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).view(count, self.columns)
+
+
+Q4_KX8 = 112  # kernels_ggml.c's block_q4_Kx8: Q4_K re-laid 8 rows at a time (lossless)
+Q4_KX8_BYTES = 1184  # per 8 rows x 256 inputs
+
+
+def repack_q4_K(tensor: BlockTensor) -> BlockTensor:
+    """A Q4_K tensor (rows a multiple of 8) re-laid for the 8-row kernel (kernels_ggml.c, block_q4_Kx8): the same
+    values, every bit of d, dmin, the 6-bit scales and minimums and the nibbles kept; 2.8% more bytes (the scales
+    unpacked). Done row group by row group in numpy; the copy is what the process holds (the file's pages are then
+    not read again). ValueError for another type or row count."""
+    if tensor.kind != T.Q4_K or tensor.rows % 8:
+        raise ValueError(
+            f"{tensor.name}: repack_q4_K takes Q4_K with rows a multiple of 8, got {tensor.type_name} x{tensor.rows}"
+        )
+    rows, nb = tensor.rows, tensor.columns // 256
+    out = torch.empty(rows // 8, nb * Q4_KX8_BYTES, dtype=torch.uint8)
+    step = 512  # rows per slice: bounds the temporaries
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start // 8 : stop // 8] = torch.from_numpy(_repack_rows(tensor.data[start:stop].numpy(), nb))
+    return BlockTensor(tensor.name, Q4_KX8, tensor.rows, tensor.columns, out)
+
+
+def _repack_rows(data: np.ndarray, nb: int) -> np.ndarray:
+    n = data.shape[0]
+    groups = n // 8
+    raw = data.reshape(n, nb, 144)
+    d, dmin, q, qs = raw[..., 0:2], raw[..., 2:4], raw[..., 4:16], raw[..., 16:144]
+    scales = np.empty((n, nb, 8), np.uint8)
+    mins = np.empty((n, nb, 8), np.uint8)
+    for j in range(4):  # ggml's get_scale_min_k4
+        scales[..., j], mins[..., j] = q[..., j] & 63, q[..., j + 4] & 63
+        scales[..., j + 4] = (q[..., j + 8] & 0xF) | ((q[..., j] >> 6) << 4)
+        mins[..., j + 4] = (q[..., j + 8] >> 4) | ((q[..., j + 4] >> 6) << 4)
+    elements = np.empty((n, nb, 8, 32), np.uint8)  # [row, block, sub-block, element]
+    for j in range(4):
+        elements[:, :, 2 * j] = qs[..., 32 * j : 32 * j + 32] & 0xF
+        elements[:, :, 2 * j + 1] = qs[..., 32 * j : 32 * j + 32] >> 4
+    # [G, r, b, s, g, i] -> [G, b, s, g, r, i]: per sub-block, the 8 rows' 4-element groups side by side
+    e = elements.reshape(groups, 8, nb, 8, 8, 4).transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 8, 8, 32)
+    nibbles = e[:, :, :, :4] | (e[:, :, :, 4:] << 4)  # [G, b, s, 4, 32]
+
+    def by_group(a: np.ndarray, width: int) -> np.ndarray:  # [n, nb, width] -> [G, nb, 8 * width], rows inner
+        return a.reshape(groups, 8, nb, width).transpose(0, 2, 1, 3).reshape(groups, nb, 8 * width)
+
+    def by_sub(a: np.ndarray) -> np.ndarray:  # [n, nb, 8 sub] -> [G, nb, 64]: [sub][row]
+        return a.reshape(groups, 8, nb, 8).transpose(0, 2, 3, 1).reshape(groups, nb, 64)
+
+    parts = [by_group(d, 2), by_group(dmin, 2), by_sub(scales), by_sub(mins), nibbles.reshape(groups, nb, 1024)]
+    return np.concatenate(parts, axis=-1).reshape(groups, nb * Q4_KX8_BYTES)
 
 
 def convert_tensor(tensor: BlockTensor) -> BlockTensor:

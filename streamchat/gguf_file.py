@@ -9,6 +9,7 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from pathlib import Path
 
@@ -79,6 +80,8 @@ class GGUFFile:
                 warnings.simplefilter("ignore", UserWarning)
                 data = torch.from_numpy(tensor.data.view(np.uint8).reshape(rows, -1))
             self.tensors[tensor.name] = BlockTensor(tensor.name, int(tensor.tensor_type), rows, columns, data)
+        self._map = getattr(reader.data, "_mmap", None)
+        self._offsets = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
         self.architecture = str(self.metadata.get("general.architecture", ""))
         self.file_bytes = size
 
@@ -113,6 +116,21 @@ class GGUFFile:
         for tensor in self.tensors.values():
             counts[tensor.type_name] = counts.get(tensor.type_name, 0) + 1
         return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages from this process's resident memory (madvise MADV_DONTNEED on its whole
+        pages): for a tensor copied into another layout, whose file bytes are not read again. The file stays
+        mapped; a later read would fault the pages back in from the page cache."""
+        if self._map is None or name not in self._offsets or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        offset, size = self._offsets[name]
+        page = mmap.PAGESIZE
+        start, stop = -(-offset // page) * page, (offset + size) // page * page
+        if stop > start:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
 
     def vector(self, name: str, length: int) -> torch.Tensor:
         """A small tensor (norm weights, biases, RoPE factors) as an fp32 copy [length]."""

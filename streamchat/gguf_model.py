@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from streamchat.ggml_blocks import NATIVE, BlockEmbedding, BlockLinear, BlockTensor, BlockTypeError, convert_tensor
+from gguf import GGMLQuantizationType as T
+
+from streamchat.ggml_blocks import (
+    NATIVE,
+    BlockEmbedding,
+    BlockLinear,
+    BlockTensor,
+    BlockTypeError,
+    convert_tensor,
+    repack_q4_K,
+)
 from streamchat.gguf_file import GGUFError, GGUFFile
 from streamchat.packing import PACKED_ATTR, PackedLayer, PackedWeights
 from streamchat.quant import QuantLinear
@@ -99,6 +109,20 @@ def _rope_rows(heads: int, head_dim: int) -> torch.Tensor:
 def _native(tensor: BlockTensor, load: GGUFLoad) -> BlockTensor:
     if tensor.kind in NATIVE:
         return tensor
+    return _converted(tensor, load)
+
+
+def _for_matmul(tensor: BlockTensor, file: GGUFFile) -> BlockTensor:
+    """A linear's tensor in the layout its kernel reads fastest: Q4_K re-laid 8 rows at a time (lossless); the
+    file's pages of it are then released (their bytes are not read again)."""
+    if tensor.kind == T.Q4_K and tensor.rows % 8 == 0:
+        repacked = repack_q4_K(tensor)
+        file.release(tensor.name)
+        return repacked
+    return tensor
+
+
+def _converted(tensor: BlockTensor, load: GGUFLoad) -> BlockTensor:
     try:
         converted = convert_tensor(tensor)
     except (BlockTypeError, NotImplementedError, ValueError) as error:
@@ -135,6 +159,7 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
         v = linear(p + "attn_v.weight", kv * D, hidden)
         if arch == "llama":  # back to rotate-half order (the module's note)
             q, k = q.gather_rows(_rope_rows(heads, D)), k.gather_rows(_rope_rows(kv, D))
+        q, k, v = _for_matmul(q, file), _for_matmul(k, file), _for_matmul(v, file)
         bias = None
         if p + "attn_q.bias" in file.tensors:
             biases = [
@@ -144,9 +169,10 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
                 biases[0], biases[1] = biases[0][_rope_rows(heads, D)], biases[1][_rope_rows(kv, D)]
             bias = torch.cat(biases)
         qkv = BlockLinear([q, k, v], bias)
-        out = BlockLinear([linear(p + "attn_output.weight", hidden, heads * D)])
-        gate_up = BlockLinear([linear(p + "ffn_gate.weight", ffn, hidden), linear(p + "ffn_up.weight", ffn, hidden)])
-        down = BlockLinear([linear(p + "ffn_down.weight", hidden, ffn)])
+        out = BlockLinear([_for_matmul(linear(p + "attn_output.weight", hidden, heads * D), file)])
+        gate, up = linear(p + "ffn_gate.weight", ffn, hidden), linear(p + "ffn_up.weight", ffn, hidden)
+        gate_up = BlockLinear([_for_matmul(gate, file), _for_matmul(up, file)])
+        down = BlockLinear([_for_matmul(linear(p + "ffn_down.weight", hidden, ffn), file)])
         attention, mlp = layer.self_attn, layer.mlp
         attention.q_proj = QuantLinear(qkv.rows(0, heads * D), hidden)
         attention.k_proj = QuantLinear(qkv.rows(heads * D, (heads + kv) * D), hidden)
@@ -167,7 +193,11 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
         packed_layers.append(packed)
     _parameter(model.model.norm, "weight", file.vector("output_norm.weight", hidden))
     embedding = _native(file.tensor("token_embd.weight", (config.vocab_size, hidden)), load)
-    head_tensor = embedding if config.tie_word_embeddings else linear("output.weight", config.vocab_size, hidden)
+    head_tensor = (
+        embedding
+        if config.tie_word_embeddings
+        else _for_matmul(linear("output.weight", config.vocab_size, hidden), file)
+    )
     head = BlockLinear([head_tensor])
     model.model.embed_tokens = BlockEmbedding(embedding)
     model.lm_head = QuantLinear(head, hidden)

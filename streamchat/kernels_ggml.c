@@ -592,7 +592,7 @@ typedef struct {
     int M, K, N, ldo, per_task;
 } ggml_job;
 
-#define PREFETCH_AHEAD 2 /* weight rows read ahead: their bytes are on the way while a row is multiplied */
+#define PREFETCH_AHEAD 4 /* weight rows read ahead: their bytes are on the way while a row is multiplied */
 
 static void ggml_task(void *context, int t) {
     const ggml_job *job = context;
@@ -634,7 +634,10 @@ static void quantize_k_task(void *context, int m) {
 /* x [M, K] fp32 times the GGUF tensor w (N rows of K weights of `type`, row-major blocks) transposed:
  * out[m * ldo + n] for n < N (ldo >= N: a part of a wider output, e.g. q, k and v side by side). Returns 0, or -1
  * for a type it does not take, a K that is not whole blocks (or not a multiple of 8), or memory that ran out. */
+static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
+
 int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    if (type == 112) return q4_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q4_KX8, below */
     row_dot_fn one, four;
     const int bw = block_weights(type);
     if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
@@ -661,5 +664,112 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
     }
     run_tasks((N + per_task - 1) / per_task, ggml_task, &job);
     free(activations);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Q4_K re-laid 8 rows at a time (lossless; as llama.cpp's CPU "repack" interleaves rows): per 8-row group and
+ * 256-input block, the 8 rows' d and dmin, their 6-bit scales and minimums unpacked ([sub-block][row] bytes), and
+ * per 32-input sub-block the 8 rows' nibbles in block_q4x8's order (4 chunks of 32 bytes; byte 4r + i of chunk g
+ * holds row r's element 4g + i in its low nibble, 4(g + 4) + i in its high one). One activation broadcast then
+ * serves 8 rows (group_dot), and a block's scales apply to 8 rows in one vector. ggml_blocks.py, repack_q4_K,
+ * writes it; type number SC_Q4_KX8 (streamchat's own, beside ggml's). */
+#define SC_Q4_KX8 112
+
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t scales[8][8], mins[8][8];
+    uint8_t qs[8][4][32];
+} block_q4_Kx8; /* 1184 bytes: 8 rows x 256 inputs (8 x 144 = 1152 in the file) */
+
+int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
+
+/* One 8-row group of nb blocks against C activation rows (block_q8_K, `stride` blocks apart): out[c * ostride + r]. */
+ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
+                                 float *out, size_t ostride) {
+    __m256 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8 *block = w + b;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->dmin));
+        __m256 sums[MAX_C], mins[MAX_C];
+        for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_ps(), mins[c] = _mm256_setzero_ps();
+        for (int s = 0; s < 8; s++) {
+            __m256i wg[8];
+            for (int j = 0; j < 4; j++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[s][j]);
+                wg[j] = _mm256_and_si256(raw, low);
+                wg[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            }
+            const __m256 scale = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)block->scales[s])));
+            const __m256 minimum = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)block->mins[s])));
+            for (int c = 0; c < C; c++) {
+                const block_q8_K *ab = a + c * stride + b;
+                const __m256 dot = _mm256_cvtepi32_ps(group_dot(wg, ab->qs + 32 * s));
+                sums[c] = _mm256_fmadd_ps(dot, scale, sums[c]);
+                mins[c] = _mm256_fmadd_ps(minimum, _mm256_set1_ps((float)(ab->bsums[2 * s] + ab->bsums[2 * s + 1])), mins[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            const __m256 dx = _mm256_set1_ps(a[c * stride + b].d);
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), sums[c], acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), mins[c], acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
+}
+
+static void q4_Kx8_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx8_rows(w, nb, a, stride, 1, out, o);
+}
+static void q4_Kx8_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
+}
+
+typedef struct {
+    const block_q4_Kx8 *w;
+    const block_q8_K *a;
+    float *out;
+    int M, nb, groups, per_task, ldo;
+} q4_Kx8_job;
+
+static void q4_Kx8_task(void *context, int t) {
+    const q4_Kx8_job *job = context;
+    const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
+    const size_t nb = (size_t)job->nb;
+    for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
+        const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
+        for (int g = g0; g < g1; g++) {
+            const block_q4_Kx8 *w = job->w + g * nb;
+            if (m0 == 0 && g + 1 < g1)
+                for (size_t offset = 0; offset < nb * sizeof(block_q4_Kx8); offset += 64)
+                    _mm_prefetch((const char *)(w + nb) + offset, _MM_HINT_T0);
+            int m = m0;
+            for (; m + MAX_C <= m1; m += MAX_C)
+                q4_Kx8_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+            for (; m < m1; m++)
+                q4_Kx8_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+        }
+    }
+}
+
+/* As sc_ggml_matmul for a SC_Q4_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q4_Kx8. */
+static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
+    const int nb = K / QK_K, groups = N / 8;
+    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
+    if (!q) return -1;
+    quantize_k_job qjob = {x, q, K};
+    if (M >= 8)
+        run_tasks(M, quantize_k_task, &qjob);
+    else
+        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
+    int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
+    per_task = per_task < 2 ? 2 : per_task;
+    const q4_Kx8_job job = {w, q, out, M, nb, groups, per_task, ldo};
+    run_tasks((groups + per_task - 1) / per_task, q4_Kx8_task, (void *)&job);
+    free(q);
     return 0;
 }

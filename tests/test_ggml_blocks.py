@@ -97,3 +97,16 @@ def test_unsupported_type_is_converted_or_named():
     tensor.kind = int(T.TQ1_0)
     with pytest.raises(ggml_blocks.BlockTypeError, match="blk.0.attn_q.weight.*TQ1_0"):
         ggml_blocks.convert_tensor(tensor)
+
+
+@pytest.mark.parametrize("rows_in", [1, 5])
+def test_q4_K_8_row_layout_equals_the_file_layout(rows_in):
+    tensor = random_tensor(T.Q4_K, 48, 512, seed=7)
+    repacked = ggml_blocks.repack_q4_K(tensor)
+    assert repacked.data.numel() == 48 // 8 * 2 * ggml_blocks.Q4_KX8_BYTES
+    x = torch.randn(rows_in, 512, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ggml_blocks.matmul(x, [repacked]), ggml_blocks.matmul(x, [tensor]), rtol=1e-5, atol=1e-4)
+    q, k = ggml_blocks.matmul(x, [repacked.row_slice(8, 24)]), ggml_blocks.matmul(x, [tensor.row_slice(8, 24)])
+    torch.testing.assert_close(q, k, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        repacked.row_slice(4, 8)
