@@ -721,6 +721,58 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
 }
 
+#ifdef SC_VNNI
+static inline __m128i two_halves(const void *lo, const void *hi) {
+    return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)lo), _mm_loadl_epi64((const __m128i *)hi));
+}
+
+/* Two adjacent 8-row groups (16 rows) in 512-bit vectors: the arithmetic of q4_Kx8_rows per lane. */
+ALWAYS_INLINE_G void q4_Kx16_rows(const block_q4_Kx8 *w0, const block_q4_Kx8 *w1, int nb, const block_q8_K *a,
+                                  size_t stride, int C, float *out, size_t ostride) {
+    __m512 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8 *b0 = w0 + b, *b1 = w1 + b;
+        const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->d)), _mm_loadu_si128((const __m128i *)b1->d), 1));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->dmin)), _mm_loadu_si128((const __m128i *)b1->dmin), 1));
+        __m512 sums[MAX_C], mins[MAX_C];
+        for (int c = 0; c < C; c++) sums[c] = _mm512_setzero_ps(), mins[c] = _mm512_setzero_ps();
+        for (int s = 0; s < 8; s++) {
+            __m512i wg[8];
+            for (int j = 0; j < 4; j++) {
+                const __m512i raw = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b0->qs[s][j])),
+                                                       _mm256_loadu_si256((const __m256i *)b1->qs[s][j]), 1);
+                wg[j] = _mm512_and_si512(raw, low);
+                wg[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            }
+            const __m512 scale = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(two_halves(b0->scales[s], b1->scales[s])));
+            const __m512 minimum = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(two_halves(b0->mins[s], b1->mins[s])));
+            for (int c = 0; c < C; c++) {
+                const block_q8_K *ab = a + c * stride + b;
+                sums[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot16(wg, ab->qs + 32 * s)), scale, sums[c]);
+                mins[c] = _mm512_fmadd_ps(minimum, _mm512_set1_ps((float)(ab->bsums[2 * s] + ab->bsums[2 * s + 1])), mins[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            const __m512 dx = _mm512_set1_ps(a[c * stride + b].d);
+            acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(d, dx), sums[c], acc[c]);
+            acc[c] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx), mins[c], acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(out + c * ostride, acc[c]);
+}
+
+static void q4_Kx16_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, w + nb, nb, a, stride, 1, out, o);
+}
+static void q4_Kx16_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, w + nb, nb, a, stride, MAX_C, out, o);
+}
+#endif
+
 static void q4_Kx8_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, 1, out, o);
 }
@@ -743,9 +795,20 @@ static void q4_Kx8_task(void *context, int t) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int g = g0; g < g1; g++) {
             const block_q4_Kx8 *w = job->w + g * nb;
-            if (m0 == 0 && g + 1 < g1)
-                for (size_t offset = 0; offset < nb * sizeof(block_q4_Kx8); offset += 64)
-                    _mm_prefetch((const char *)(w + nb) + offset, _MM_HINT_T0);
+            if (m0 == 0 && g + 2 < g1)
+                for (size_t offset = 0; offset < 2 * nb * sizeof(block_q4_Kx8); offset += 64)
+                    _mm_prefetch((const char *)(w + 2 * nb) + offset, _MM_HINT_T0);
+#ifdef SC_VNNI
+            if (g + 1 < g1) { /* two groups at once: 16 rows */
+                int m = m0;
+                for (; m + MAX_C <= m1; m += MAX_C)
+                    q4_Kx16_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                for (; m < m1; m++)
+                    q4_Kx16_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                g++;
+                continue;
+            }
+#endif
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C)
                 q4_Kx8_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
@@ -767,7 +830,7 @@ static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, flo
     else
         for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
     int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
-    per_task = per_task < 2 ? 2 : per_task;
+    per_task = per_task < 2 ? 2 : per_task + (per_task & 1); /* even: 16-row pairs */
     const q4_Kx8_job job = {w, q, out, M, nb, groups, per_task, ldo};
     run_tasks((groups + per_task - 1) / per_task, q4_Kx8_task, (void *)&job);
     free(q);

@@ -47,11 +47,13 @@ from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
 from streamchat.fastpath import decode_summary, decoder_for, kv_dtype_for
 from streamchat.fastpath.choice import cpu_class
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
+from streamchat.packing import PACKED_ATTR
 from streamchat.prompts import demo_token_ids
 from streamchat.quant import LINEAR_MODES, resolve_weights
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 LLAMA_CPP_AVX2_ENV = "STREAMCHAT_LLAMA_CPP_AVX2"  # folder holding an AVX2-only llama_cpp package
+LLAMA_CPP_ENV = "STREAMCHAT_LLAMA_CPP"  # folder holding the llama_cpp package to compare with (any ISA)
 REFERENCE = "transformers_dynamic"
 LLAMA_CPP = "llama_cpp"
 BLOCK = 8  # tokens a path decodes per turn in the speed measurement
@@ -238,6 +240,8 @@ def build_paths(
         REFERENCE: DynamicStepper(model, budget),
         "transformers_bounded": BoundedStepper(model, settings, None),
     }
+    if getattr(getattr(model, PACKED_ATTR, None), "mode", None) == "gguf":
+        weights = ["model"]  # a GGUF run from its own blocks has one set of weights: the file's
     variants = fast_variants(loaded, settings, weights, kv_dtypes)
     for name, (option, path_settings) in variants.items():
         paths[name] = BoundedStepper(model, path_settings, option)
@@ -466,6 +470,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"folder of an AVX2-only llama_cpp build for --isa avx2 (default ${LLAMA_CPP_AVX2_ENV})",
     )
     parser.add_argument(
+        "--llama-cpp",
+        default=os.environ.get(LLAMA_CPP_ENV),
+        metavar="DIR",
+        help=f"folder holding the llama_cpp package to compare with (e.g. another venv's site-packages; default "
+        f"${LLAMA_CPP_ENV}, else the one this Python imports)",
+    )
+    parser.add_argument(
         "--no-memory",
         action="store_true",
         help="skip the chat-process RSS measurement (a child process: one prompt, 64 tokens)",
@@ -517,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
             kv_dtypes,
             args.compile,
             not args.no_llama_cpp,
-            llama_cpp_dir=args.llama_cpp_avx2 if forced_avx2() else None,
+            llama_cpp_dir=args.llama_cpp_avx2 if forced_avx2() else args.llama_cpp,
         )
         report["memory"] = {}
         if not args.no_memory:
