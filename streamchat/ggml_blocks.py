@@ -70,7 +70,9 @@ class BlockTensor:
 
     @property
     def type_name(self) -> str:
-        return "Q4_K (8-row layout)" if self.kind == Q4_KX8 else T(self.kind).name
+        if self.kind in LAYOUTS:
+            return f"{LAYOUTS[self.kind][0]} (8-row layout)"
+        return T(self.kind).name
 
     def nbytes(self) -> int:
         return self.data.numel()
@@ -78,7 +80,7 @@ class BlockTensor:
     def row_slice(self, start: int, stop: int) -> BlockTensor:
         """Rows start..stop, sharing the bytes (rows are independent in every ggml type; a tensor re-laid 8 rows
         at a time is cut at multiples of 8, ValueError otherwise)."""
-        if self.kind == Q4_KX8:
+        if self.kind in LAYOUTS:
             if start % 8 or stop % 8:
                 raise ValueError(f"{self.name}: an 8-row layout is cut at multiples of 8, not {start}..{stop}")
             return BlockTensor(self.name, self.kind, stop - start, self.columns, self.data[start // 8 : stop // 8])
@@ -149,6 +151,50 @@ def _repack_rows(data: np.ndarray, nb: int) -> np.ndarray:
 
     parts = [by_group(d, 2), by_group(dmin, 2), by_sub(scales), by_sub(mins), nibbles.reshape(groups, nb, 1024)]
     return np.concatenate(parts, axis=-1).reshape(groups, nb * Q4_KX8_BYTES)
+
+
+Q6_KX8 = 114  # kernels_ggml.c's block_q6_Kx8: Q6_K re-laid 8 rows at a time (lossless, the same bytes)
+Q6_KX8_BYTES = 1680
+LAYOUTS = {Q4_KX8: ("Q4_K", Q4_KX8_BYTES), Q6_KX8: ("Q6_K", Q6_KX8_BYTES)}  # streamchat's 8-row layouts
+
+
+def repack_q6_K(tensor: BlockTensor) -> BlockTensor:
+    """A Q6_K tensor (rows a multiple of 8) re-laid for the 8-row kernel (kernels_ggml.c, block_q6_Kx8): every bit
+    kept, the same size. ValueError for another type or row count."""
+    if tensor.kind != T.Q6_K or tensor.rows % 8:
+        raise ValueError(
+            f"{tensor.name}: repack_q6_K takes Q6_K with rows a multiple of 8, got {tensor.type_name} x{tensor.rows}"
+        )
+    rows, nb = tensor.rows, tensor.columns // 256
+    out = torch.empty(rows // 8, nb * Q6_KX8_BYTES, dtype=torch.uint8)
+    for start in range(0, rows, 512):
+        stop = min(rows, start + 512)
+        out[start // 8 : stop // 8] = torch.from_numpy(_repack_q6_rows(tensor.data[start:stop].numpy(), nb))
+    return BlockTensor(tensor.name, Q6_KX8, tensor.rows, tensor.columns, out)
+
+
+def _repack_q6_rows(data: np.ndarray, nb: int) -> np.ndarray:
+    n = data.shape[0]
+    groups = n // 8
+    raw = data.reshape(n, nb, 210)
+    ql, qh, scales, d = raw[..., :128], raw[..., 128:192], raw[..., 192:208], raw[..., 208:210]
+    values = np.empty((n, nb, 256), np.uint8)  # 0..63, ggml's dequantize_row_q6_K order
+    for half in range(2):
+        low, high, base = ql[..., 64 * half : 64 * half + 64], qh[..., 32 * half : 32 * half + 32], 128 * half
+        values[..., base : base + 32] = (low[..., :32] & 0xF) | ((high & 3) << 4)
+        values[..., base + 32 : base + 64] = (low[..., 32:] & 0xF) | (((high >> 2) & 3) << 4)
+        values[..., base + 64 : base + 96] = (low[..., :32] >> 4) | (((high >> 4) & 3) << 4)
+        values[..., base + 96 : base + 128] = (low[..., 32:] >> 4) | (((high >> 6) & 3) << 4)
+    # [G, r, b, s, g, i] -> [G, b, s, g, r, i]
+    e = values.reshape(groups, 8, nb, 8, 8, 4).transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 8, 8, 32)
+    first, last = e[:, :, :, :4], e[:, :, :, 4:]  # [G, b, s, 4 chunks, 32]
+    low4 = (first & 0xF) | ((last & 0xF) << 4)
+    top = (first >> 4) | ((last >> 4) << 2)  # a chunk's 4 top bits
+    top2 = top[:, :, :, 0::2] | (top[:, :, :, 1::2] << 4)  # [G, b, s, 2, 32]
+    by_part = scales.reshape(groups, 8, nb, 16).transpose(0, 2, 3, 1).reshape(groups, nb, 128)
+    dd = d.reshape(groups, 8, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 16)
+    parts = [dd, by_part, low4.reshape(groups, nb, 1024), top2.reshape(groups, nb, 512)]
+    return np.concatenate(parts, axis=-1).reshape(groups, nb * Q6_KX8_BYTES)
 
 
 def convert_tensor(tensor: BlockTensor) -> BlockTensor:

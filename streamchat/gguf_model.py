@@ -32,6 +32,7 @@ from streamchat.ggml_blocks import (
     BlockTypeError,
     convert_tensor,
     repack_q4_K,
+    repack_q6_K,
 )
 from streamchat.gguf_file import GGUFError, GGUFFile
 from streamchat.packing import PACKED_ATTR, PackedLayer, PackedWeights
@@ -113,10 +114,11 @@ def _native(tensor: BlockTensor, load: GGUFLoad) -> BlockTensor:
 
 
 def _for_matmul(tensor: BlockTensor, file: GGUFFile) -> BlockTensor:
-    """A linear's tensor in the layout its kernel reads fastest: Q4_K re-laid 8 rows at a time (lossless); the
+    """A linear's tensor in the layout its kernel reads fastest: Q4_K and Q6_K re-laid 8 rows at a time (lossless); the
     file's pages of it are then released (their bytes are not read again)."""
-    if tensor.kind == T.Q4_K and tensor.rows % 8 == 0:
-        repacked = repack_q4_K(tensor)
+    repack = {T.Q4_K: repack_q4_K, T.Q6_K: repack_q6_K}.get(T(tensor.kind)) if tensor.kind in (T.Q4_K, T.Q6_K) else None
+    if repack is not None and tensor.rows % 8 == 0:
+        repacked = repack(tensor)
         file.release(tensor.name)
         return repacked
     return tensor
@@ -193,11 +195,9 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
         packed_layers.append(packed)
     _parameter(model.model.norm, "weight", file.vector("output_norm.weight", hidden))
     embedding = _native(file.tensor("token_embd.weight", (config.vocab_size, hidden)), load)
-    head_tensor = (
-        embedding
-        if config.tie_word_embeddings
-        else _for_matmul(linear("output.weight", config.vocab_size, hidden), file)
-    )
+    # tied: the head multiplies a re-laid copy; the embedding reads its few rows a turn from the file
+    tied = config.tie_word_embeddings
+    head_tensor = _for_matmul(embedding if tied else linear("output.weight", config.vocab_size, hidden), file)
     head = BlockLinear([head_tensor])
     model.model.embed_tokens = BlockEmbedding(embedding)
     model.lm_head = QuantLinear(head, hidden)

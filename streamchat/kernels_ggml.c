@@ -635,9 +635,11 @@ static void quantize_k_task(void *context, int m) {
  * out[m * ldo + n] for n < N (ldo >= N: a part of a wider output, e.g. q, k and v side by side). Returns 0, or -1
  * for a type it does not take, a K that is not whole blocks (or not a multiple of 8), or memory that ran out. */
 static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
+static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
 
 int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
     if (type == 112) return q4_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q4_KX8, below */
+    if (type == 114) return q6_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q6_KX8, below */
     row_dot_fn one, four;
     const int bw = block_weights(type);
     if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
@@ -833,6 +835,137 @@ static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, flo
     per_task = per_task < 2 ? 2 : per_task + (per_task & 1); /* even: 16-row pairs */
     const q4_Kx8_job job = {w, q, out, M, nb, groups, per_task, ldo};
     run_tasks((groups + per_task - 1) / per_task, q4_Kx8_task, (void *)&job);
+    free(q);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Q6_K re-laid 8 rows at a time (lossless, the same 1680 bytes as the file's 8 rows): per 8-row group and
+ * 256-input block, the 8 rows' d, their 16 scales ([16-input part][row]), then per 32-input sub-block the 8 rows'
+ * low 4 bits of each value in block_q4x8's order (4 chunks: byte 4r + i of chunk g holds row r's value 4g + i in
+ * its low nibble, 4(g + 4) + i in its high one) and their top 2 bits (2 chunks: byte 4r + i of chunk k holds those
+ * of chunk 2k's two values in bits 0-3, chunk 2k + 1's in bits 4-7). Values 4g + i (g < 4) are the sub-block's
+ * first 16, with one scale; the others the last 16. ggml_blocks.py, repack_q6_K, writes it. */
+#define SC_Q6_KX8 114
+
+typedef struct {
+    uint16_t d[8];
+    int8_t scales[16][8];
+    uint8_t ql[8][4][32];
+    uint8_t qh[8][2][32];
+} block_q6_Kx8; /* 1680 bytes: 8 rows x 256 inputs */
+
+int sc_block_q6_Kx8_bytes(void) { return (int)sizeof(block_q6_Kx8); }
+
+/* int32 per row lane: 4 weight chunks (values 0..63) times 16 activation bytes broadcast 4 at a time. */
+static inline __m256i half_dot(const __m256i wg[4], const int8_t *aq) {
+#ifdef SC_VNNI
+    __m256i acc = _mm256_setzero_si256();
+    for (int g = 0; g < 4; g++) acc = _mm256_dpbusd_epi32(acc, wg[g], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * g)));
+    return acc;
+#else /* two pair sums of 63 x 127 products fit int16 (2 x 16002); four would not */
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(wg[0], _mm256_set1_epi32(*(const int32_t *)aq)),
+                                         _mm256_maddubs_epi16(wg[1], _mm256_set1_epi32(*(const int32_t *)(aq + 4))));
+    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(wg[2], _mm256_set1_epi32(*(const int32_t *)(aq + 8))),
+                                         _mm256_maddubs_epi16(wg[3], _mm256_set1_epi32(*(const int32_t *)(aq + 12))));
+    return _mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones));
+#endif
+}
+
+ALWAYS_INLINE_G void q6_Kx8_rows(const block_q6_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
+                                 float *out, size_t ostride) {
+    __m256 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int b = 0; b < nb; b++) {
+        const block_q6_Kx8 *block = w + b;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
+        __m256 sums[MAX_C], offsets[MAX_C];
+        for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_ps(), offsets[c] = _mm256_setzero_ps();
+        for (int s = 0; s < 8; s++) {
+            __m256i first[4], last[4];
+            const __m256i h0 = _mm256_loadu_si256((const __m256i *)block->qh[s][0]);
+            const __m256i h1 = _mm256_loadu_si256((const __m256i *)block->qh[s][1]);
+            for (int g = 0; g < 4; g++) {
+                const __m256i l = _mm256_loadu_si256((const __m256i *)block->ql[s][g]);
+                const __m256i h = _mm256_srli_epi16(g < 2 ? h0 : h1, 4 * (g & 1)); /* this chunk's 4 bits at 0-3 */
+                first[g] = _mm256_or_si256(_mm256_and_si256(l, low), _mm256_slli_epi16(_mm256_and_si256(h, two), 4));
+                last[g] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l, 4), low),
+                                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), two), 4));
+            }
+            const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)block->scales[2 * s])));
+            const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)block->scales[2 * s + 1])));
+            for (int c = 0; c < C; c++) {
+                const block_q8_K *ab = a + c * stride + b;
+                const int8_t *aq = ab->qs + 32 * s;
+                sums[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot(first, aq)), s0, sums[c]);
+                sums[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot(last, aq + 16)), s1, sums[c]);
+                offsets[c] = _mm256_fmadd_ps(s0, _mm256_set1_ps((float)ab->bsums[2 * s]), offsets[c]);
+                offsets[c] = _mm256_fmadd_ps(s1, _mm256_set1_ps((float)ab->bsums[2 * s + 1]), offsets[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            const __m256 scaled = _mm256_mul_ps(d, _mm256_set1_ps(a[c * stride + b].d));
+            acc[c] = _mm256_fmadd_ps(scaled, _mm256_fnmadd_ps(_mm256_set1_ps(32.0f), offsets[c], sums[c]), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
+}
+
+static void q6_Kx8_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q6_Kx8_rows(w, nb, a, stride, 1, out, o);
+}
+static void q6_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q6_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
+}
+
+typedef void (*group_fn)(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t ostride);
+
+typedef struct {
+    group_fn one, four;
+    const uint8_t *w;
+    size_t group_bytes;
+    const block_q8_K *a;
+    float *out;
+    int M, nb, groups, per_task, ldo;
+} kx8_job;
+
+static void kx8_task(void *context, int t) {
+    const kx8_job *job = context;
+    const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
+    const size_t nb = (size_t)job->nb;
+    for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
+        const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
+        for (int g = g0; g < g1; g++) {
+            const uint8_t *w = job->w + (size_t)g * job->group_bytes;
+            if (m0 == 0 && g + 2 < g1)
+                for (size_t offset = 0; offset < job->group_bytes; offset += 64)
+                    _mm_prefetch((const char *)w + 2 * job->group_bytes + offset, _MM_HINT_T0);
+            int m = m0;
+            for (; m + MAX_C <= m1; m += MAX_C)
+                job->four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+            for (; m < m1; m++)
+                job->one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+        }
+    }
+}
+
+/* As sc_ggml_matmul for a SC_Q6_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q6_Kx8. */
+static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
+    const int nb = K / QK_K, groups = N / 8;
+    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
+    if (!q) return -1;
+    quantize_k_job qjob = {x, q, K};
+    if (M >= 8)
+        run_tasks(M, quantize_k_task, &qjob);
+    else
+        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
+    int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
+    per_task = per_task < 2 ? 2 : per_task;
+    const kx8_job job = {q6_Kx8_rows_1, q6_Kx8_rows_4, w, sizeof(block_q6_Kx8) * nb, q, out, M, nb, groups, per_task, ldo};
+    run_tasks((groups + per_task - 1) / per_task, kx8_task, (void *)&job);
     free(q);
     return 0;
 }

@@ -110,3 +110,18 @@ def test_q4_K_8_row_layout_equals_the_file_layout(rows_in):
     torch.testing.assert_close(q, k, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="multiples of 8"):
         repacked.row_slice(4, 8)
+
+
+@pytest.mark.parametrize("rows_in", [1, 6])
+def test_q6_K_8_row_layout_equals_the_file_layout(rows_in):
+    tensor = random_tensor(T.Q6_K, 40, 512, seed=9)
+    repacked = ggml_blocks.repack_q6_K(tensor)
+    assert repacked.data.numel() == tensor.data.numel()
+    x = torch.randn(rows_in, 512, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(ggml_blocks.matmul(x, [repacked]), ggml_blocks.matmul(x, [tensor]), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        ggml_blocks.matmul(x, [repacked.row_slice(16, 40)]),
+        ggml_blocks.matmul(x, [tensor.row_slice(16, 40)]),
+        rtol=1e-4,
+        atol=1e-3,
+    )
