@@ -102,6 +102,7 @@ class BlockTensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).view(count, self.columns)
 
 
+_NUMPY_REPACK = False  # tests: the numpy re-layout (the reference) instead of the kernel's
 Q4_KX8 = 112  # kernels_ggml.c's block_q4_Kx8: Q4_K re-laid 8 rows at a time (lossless)
 Q4_KX8_BYTES = 1184  # per 8 rows x 256 inputs
 
@@ -117,6 +118,9 @@ def repack_q4_K(tensor: BlockTensor) -> BlockTensor:
         )
     rows, nb = tensor.rows, tensor.columns // 256
     out = torch.empty(rows // 8, nb * Q4_KX8_BYTES, dtype=torch.uint8)
+    if native.library() is not None and not _NUMPY_REPACK:
+        native.ggml_repack(int(T.Q4_K), tensor.data.contiguous(), rows, nb, out)
+        return BlockTensor(tensor.name, Q4_KX8, tensor.rows, tensor.columns, out)
     step = 512  # rows per slice: bounds the temporaries
     for start in range(0, rows, step):
         stop = min(rows, start + step)
@@ -167,6 +171,9 @@ def repack_q6_K(tensor: BlockTensor) -> BlockTensor:
         )
     rows, nb = tensor.rows, tensor.columns // 256
     out = torch.empty(rows // 8, nb * Q6_KX8_BYTES, dtype=torch.uint8)
+    if native.library() is not None and not _NUMPY_REPACK:
+        native.ggml_repack(int(T.Q6_K), tensor.data.contiguous(), rows, nb, out)
+        return BlockTensor(tensor.name, Q6_KX8, tensor.rows, tensor.columns, out)
     for start in range(0, rows, 512):
         stop = min(rows, start + 512)
         out[start // 8 : stop // 8] = torch.from_numpy(_repack_q6_rows(tensor.data[start:stop].numpy(), nb))

@@ -10,6 +10,7 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 from __future__ import annotations
 
 import mmap
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,32 @@ MAGIC = b"GGUF"
 
 class GGUFError(ValueError):
     """The file is not a GGUF file streamchat can read; the message names the file and what is wrong."""
+
+
+_READING = threading.Lock()
+
+
+def _read(path: Path) -> GGUFReader:
+    """GGUFReader over the file's memory map as a plain ndarray view (its `.base` is the np.memmap): the header
+    parse slices the map once per field part, ~250,000 times for a 49k-token vocabulary, and every slice of an
+    np.memmap pays numpy's memmap bookkeeping (1.8 s of a 1B file's 2 s header read; 0.3 s this way)."""
+    import gguf.gguf_reader as module
+
+    with _READING:  # the reader's module-level np.memmap, swapped for this call only
+        original = module.np.memmap
+
+        def plain(*args, **kwargs):
+            return np.asarray(original(*args, **kwargs))
+
+        class _Numpy:  # the module's `np`, with memmap returning the plain view
+            def __getattr__(self, name):
+                return plain if name == "memmap" else getattr(np, name)
+
+        module.np = _Numpy()
+        try:
+            return GGUFReader(path, "r")
+        finally:
+            module.np = np
 
 
 class GGUFFile:
@@ -42,7 +69,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path} is not a GGUF file (it starts with {magic!r}, a GGUF file with {MAGIC!r})")
         size = self.path.stat().st_size
         try:
-            reader = GGUFReader(self.path, "r")
+            reader = _read(self.path)
         except Exception as error:  # gguf raises ValueError/IndexError/struct errors on a short or corrupt header
             raise GGUFError(
                 f"{self.path} is truncated or corrupt ({size:,} bytes; gguf could not read it: {error}); "
@@ -80,7 +107,7 @@ class GGUFFile:
                 warnings.simplefilter("ignore", UserWarning)
                 data = torch.from_numpy(tensor.data.view(np.uint8).reshape(rows, -1))
             self.tensors[tensor.name] = BlockTensor(tensor.name, int(tensor.tensor_type), rows, columns, data)
-        self._map = getattr(reader.data, "_mmap", None)
+        self._map = getattr(reader.data.base, "_mmap", None) or getattr(reader.data, "_mmap", None)
         self._offsets = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
         self.architecture = str(self.metadata.get("general.architecture", ""))
         self.file_bytes = size

@@ -969,3 +969,70 @@ static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, flo
     free(q);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The 8-row layouts written from the file's rows (rows a multiple of 8, nb blocks a row): byte for byte what
+ * ggml_blocks.py's numpy re-layout writes (tested equal), at memory speed, split over the pool by row group. */
+typedef struct {
+    const uint8_t *src;
+    uint8_t *dst;
+    int nb, six;
+} repack_job;
+
+static void repack_task(void *context, int g) {
+    const repack_job *job = context;
+    const size_t nb = (size_t)job->nb;
+    for (size_t b = 0; b < nb; b++) {
+        if (!job->six) {
+            block_q4_Kx8 *out = (block_q4_Kx8 *)job->dst + (size_t)g * nb + b;
+            memset(out, 0, sizeof *out);
+            for (int r = 0; r < 8; r++) {
+                const block_q4_K *x = (const block_q4_K *)job->src + ((size_t)g * 8 + r) * nb + b;
+                uint8_t sm[16];
+                scales_mins_k4(x->scales, sm);
+                out->d[r] = x->d, out->dmin[r] = x->dmin;
+                for (int s = 0; s < 8; s++) {
+                    out->scales[s][r] = sm[s], out->mins[s][r] = sm[8 + s];
+                    for (int e = 0; e < 32; e++) {
+                        const uint8_t byte = x->qs[32 * (s / 2) + e];
+                        const int value = s & 1 ? byte >> 4 : byte & 0xF, group = e / 4;
+                        out->qs[s][group % 4][4 * r + e % 4] |= (uint8_t)(value << (group >= 4 ? 4 : 0));
+                    }
+                }
+            }
+        } else {
+            block_q6_Kx8 *out = (block_q6_Kx8 *)job->dst + (size_t)g * nb + b;
+            memset(out, 0, sizeof *out);
+            for (int r = 0; r < 8; r++) {
+                const block_q6_K *x = (const block_q6_K *)job->src + ((size_t)g * 8 + r) * nb + b;
+                uint8_t u[QK_K];
+                for (int n = 0; n < 2; n++)
+                    for (int l = 0; l < 32; l++) {
+                        const uint8_t *ql = x->ql + 64 * n, *qh = x->qh + 32 * n;
+                        u[128 * n + l] = (uint8_t)((ql[l] & 0xF) | ((qh[l] & 3) << 4));
+                        u[128 * n + l + 32] = (uint8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+                        u[128 * n + l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+                        u[128 * n + l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+                    }
+                out->d[r] = x->d;
+                for (int k = 0; k < 16; k++) out->scales[k][r] = x->scales[k];
+                for (int s = 0; s < 8; s++)
+                    for (int e = 0; e < 32; e++) {
+                        const int value = u[32 * s + e], group = e / 4, chunk = group % 4, last = group >= 4;
+                        out->ql[s][chunk][4 * r + e % 4] |= (uint8_t)((value & 0xF) << (last ? 4 : 0));
+                        out->qh[s][chunk / 2][4 * r + e % 4] |= (uint8_t)((value >> 4) << (4 * (chunk % 2) + 2 * last));
+                    }
+            }
+        }
+    }
+}
+
+/* A Q4_K (type 12) or Q6_K (14) tensor of `rows` rows (a multiple of 8) and nb blocks a row, re-laid into `dst`
+ * (rows / 8 * nb block_q4_Kx8 or block_q6_Kx8). Returns 0, or -1 for another type or row count. */
+int sc_ggml_repack(int type, const void *src, int rows, int nb, void *dst) {
+    if ((type != SC_Q4_K && type != SC_Q6_K) || rows <= 0 || rows % 8 || nb <= 0) return -1;
+    repack_job job = {src, dst, nb, type == SC_Q6_K};
+    run_tasks(rows / 8, repack_task, &job);
+    park_workers();
+    return 0;
+}

@@ -248,6 +248,7 @@ def library() -> ctypes.CDLL | None:
         ]
         lib.sc_ggml_matmul.argtypes = [integer, pointer, integer, integer, pointer, integer, pointer, integer]
         lib.sc_ggml_dequantize.argtypes = [integer, pointer, ctypes.c_long, pointer]
+        lib.sc_ggml_repack.argtypes = [integer, pointer, integer, integer, pointer]
         lib.sc_linear_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
         lib.sc_set_threads.argtypes = [integer]
         lib.sc_set_threads.restype = None
@@ -261,6 +262,7 @@ def library() -> ctypes.CDLL | None:
             lib.sc_sample,
             lib.sc_ggml_matmul,
             lib.sc_ggml_dequantize,
+            lib.sc_ggml_repack,
             lib.sc_linear_matmul,
         ):
             function.restype = integer
@@ -667,3 +669,12 @@ def ggml_dequantize(kind: int, data: torch.Tensor, count: int) -> torch.Tensor:
 def _require() -> None:
     if library() is None:
         raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+
+
+def ggml_repack(kind: int, data: torch.Tensor, rows: int, blocks: int, out: torch.Tensor) -> None:
+    """A Q4_K/Q6_K tensor's rows (uint8 [rows, row bytes], contiguous) re-laid 8 rows at a time into `out`
+    (kernels_ggml.c's block_q4_Kx8 / block_q6_Kx8). RuntimeError for another type or row count."""
+    _require()
+    use_threads()
+    if _LIBRARY.sc_ggml_repack(kind, data.data_ptr(), rows, blocks, out.data_ptr()):
+        raise RuntimeError(f"sc_ggml_repack refused type {kind} with {rows} rows")

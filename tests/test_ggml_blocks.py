@@ -125,3 +125,13 @@ def test_q6_K_8_row_layout_equals_the_file_layout(rows_in):
         rtol=1e-4,
         atol=1e-3,
     )
+
+
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K], ids=lambda k: k.name)
+def test_native_repack_equals_numpy_repack(kind, monkeypatch):
+    tensor = random_tensor(kind, 24, 768, seed=11)
+    repack = ggml_blocks.repack_q4_K if kind == T.Q4_K else ggml_blocks.repack_q6_K
+    fast = repack(tensor)
+    monkeypatch.setattr(ggml_blocks, "_NUMPY_REPACK", True)
+    reference = repack(tensor)
+    assert torch.equal(fast.data, reference.data)
