@@ -53,6 +53,7 @@ from streamchat.quant import LINEAR_MODES, resolve_weights
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 LLAMA_CPP_AVX2_ENV = "STREAMCHAT_LLAMA_CPP_AVX2"  # folder holding an AVX2-only llama_cpp package
+SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "data" / "frankenstein-opening.txt"  # ~5,000 tokens
 LLAMA_CPP_ENV = "STREAMCHAT_LLAMA_CPP"  # folder holding the llama_cpp package to compare with (any ISA)
 REFERENCE = "transformers_dynamic"
 LLAMA_CPP = "llama_cpp"
@@ -434,7 +435,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", default="../shared/data/frankenstein.txt", metavar="FILE", help="text to decode")
+    parser.add_argument(
+        "--text",
+        default=str(SAMPLE_TEXT),
+        metavar="FILE",
+        help="text to decode (default: the opening of Frankenstein, public domain, shipped in streamchat/data/)",
+    )
     parser.add_argument("--budget", type=int, default=1024, help="cache tokens, sinks included (default 1024)")
     parser.add_argument("--tokens", type=int, default=48, help="decoded tokens timed per path (default 48)")
     add_list_argument(
