@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from streamchat.cache import BoundedCache  # annotations only: the cache imports the policies, not the reverse
+
+class CacheView(Protocol):
+    """What a policy reads of its cache for `stats` (`streamchat.cache.BoundedCache` has it): the policies never
+    import the cache module, which imports them."""
+
+    length: int  # tokens cached
+    protected: int  # leading places no policy evicts (pinned prompt and sinks)
 
 
 class PolicySettings(Protocol):
@@ -69,7 +74,7 @@ class EvictionPolicy:
     def reset(self) -> None:
         """Forget all per-token state (a new conversation)."""
 
-    def stats(self, cache: "BoundedCache") -> dict[str, Any]:
+    def stats(self, cache: CacheView) -> dict[str, Any]:
         """Figures for the front ends, such as how many heavy hitters `cache` holds."""
         return {}
 

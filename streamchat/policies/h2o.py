@@ -17,14 +17,11 @@ sinks), so between evictions it holds from `heavy - slack` up to `heavy` tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from streamchat.policies.base import EvictionPolicy, PolicySettings
-
-if TYPE_CHECKING:
-    from streamchat.cache import BoundedCache
+from streamchat.policies.base import CacheView, EvictionPolicy, PolicySettings
 
 H2O_SCORES = ("normalized", "cumulative", "decayed")
 
@@ -119,7 +116,7 @@ class H2OPolicy(EvictionPolicy):
 
     # ----- reporting and saving -----------------------------------------------------------------------------
 
-    def stats(self, cache: "BoundedCache") -> dict[str, Any]:
+    def stats(self, cache: CacheView) -> dict[str, Any]:
         """Heavy hitters and recent tokens held: the heavy hitters are the tokens the ranking chose at the last
         eviction (none before the first one, and none when slack and a pinned prompt take all `heavy` places);
         everything else beyond the sinks is the recent window, which holds `recent` tokens after an eviction and
