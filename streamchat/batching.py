@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from streamchat import native
 from streamchat.config import Settings
@@ -47,7 +48,6 @@ from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_d
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text, native_sampling
-from transformers import LogitsProcessorList
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
@@ -67,7 +67,7 @@ class _Step:
     """A forward pass a turn's thread waits for (`EngineSession._forward`): a prefill chunk, run in pieces, or a
     single token outside a reply's decode loop; `logits` [1, vocab] of its last token when `done` is set."""
 
-    __slots__ = ("session", "ids", "fed", "done", "logits", "error")
+    __slots__ = ("done", "error", "fed", "ids", "logits", "session")
 
     def __init__(self, session: ChatSession, ids: list[int]):
         self.session, self.ids, self.fed = session, ids, 0  # fed: prefill tokens run so far (in pieces)
@@ -84,17 +84,17 @@ class _Decode:
     what the turn has seen, and a turn that stops after token k leaves nothing after it in the cache."""
 
     __slots__ = (
-        "session",
-        "token",
-        "fed",
-        "taken",
-        "limit",
-        "stop",
-        "processors",
-        "settings",
-        "tokens",
         "cancelled",
         "ended",
+        "fed",
+        "limit",
+        "processors",
+        "session",
+        "settings",
+        "stop",
+        "taken",
+        "token",
+        "tokens",
     )
 
     def __init__(
@@ -121,7 +121,7 @@ class _Decode:
 class EngineSession(ChatSession):
     """A ChatSession whose forward passes run on the engine's scheduler thread (batched with other sessions')."""
 
-    def __init__(self, engine: "Engine", settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings):
         self.engine = engine
         super().__init__(engine.loaded, settings)
 
@@ -201,7 +201,7 @@ class Turn:
 
     def __init__(
         self,
-        engine: "Engine",
+        engine: Engine,
         conversation: Conversation,
         request: TurnRequest,
         new_conversation: bool,
@@ -215,7 +215,7 @@ class Turn:
     def run(self, stop: threading.Event) -> Iterator[str]:
         """Text pieces of the reply; setting `stop` ends it at the next token (the conversation stays consistent).
         Stop strings end the reply before them. Releases the conversation when done, however it ends."""
-        conversation, request, session = self.conversation, self.request, self.conversation.session
+        _conversation, request, session = self.conversation, self.request, self.conversation.session
         text, sent, ended_by_stop_string = "", 0, False
         self._turns_before = session.turns
         hold = max((len(s) for s in request.stop), default=1) - 1  # keep back what could start a stop string
@@ -543,7 +543,7 @@ class Engine:
             try:
                 session.evicted_last_turn += cache.make_room(1)
                 decoder = decoder_for_step(session.model, cache, session.settings)
-            except Exception as error:  # noqa: BLE001 - handed to the waiting turn
+            except Exception as error:
                 self._deliver([row], error=error)
                 continue
             if decoder is None or (cache.policy.needs_attention_scores and not decoder.native_ready([cache])):
@@ -566,7 +566,7 @@ class Engine:
                 for step, ids in pieces:
                     step.session._recent_ids.extend(ids)
                 logits = feed_batch(decoder, chunks, caches)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 self.steps += 1
                 self._deliver(members, error=error)
                 for step, _ in pieces:
@@ -606,7 +606,7 @@ class Engine:
             ids = step.ids[step.fed : step.fed + budget]
             try:
                 session.evicted_last_turn += cache.make_room(len(ids))
-            except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+            except Exception as error:
                 step.error = error
                 step.done.set()
                 continue
@@ -624,7 +624,7 @@ class Engine:
     def _run_alone(self, row) -> None:
         try:
             logits = ChatSession._forward(row.session, [_token(row)])
-        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+        except Exception as error:
             self.steps += 1
             self._deliver([row], error=error)
             return
@@ -647,7 +647,7 @@ class Engine:
             try:
                 mine = logits[: len(rows)] if len(jobs) == len(rows) else logits[[index for index, _ in jobs]]
                 tokens = sample_rows([job for _, job in jobs], mine)  # a view when every row is a reply: no copy
-            except Exception as failure:  # noqa: BLE001 - a bad sampling setting ends those replies, not the engine
+            except Exception as failure:
                 error = failure
         if error is None:
             with self._cond:
@@ -668,7 +668,7 @@ class Engine:
         try:
             step.logits = ChatSession._forward(step.session, piece)
             step.fed += len(piece)
-        except Exception as error:  # noqa: BLE001 - raised in the turn's own thread
+        except Exception as error:
             step.error = error
         self.steps += 1
         if step.error is not None or step.fed >= len(step.ids):

@@ -21,7 +21,6 @@ from streamchat.config import Settings
 from streamchat.policies import EvictionPolicy, get_policy_class
 from streamchat.rope import RopeTable
 
-
 LAYER_BUFFERS = ("keys", "raw_keys", "values", "origins")
 
 
@@ -101,14 +100,12 @@ class BoundedLayer(CacheLayerMixin):
                     self.length = fixed + count
                     return
         if moved.dim() == 1:
-            gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)  # noqa: E731
+            gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)
         else:
-            gather = (
-                lambda buffer: torch.gather(  # noqa: E731
-                    buffer[:, :, :length],
-                    2,
-                    moved.reshape(moved.shape + (1,) * (buffer.dim() - 3)).expand(moved.shape + buffer.shape[3:]),
-                )
+            gather = lambda buffer: torch.gather(
+                buffer[:, :, :length],
+                2,
+                moved.reshape(moved.shape + (1,) * (buffer.dim() - 3)).expand(moved.shape + buffer.shape[3:]),
             )
         raw_keys, values, origins = gather(self.raw_keys), gather(self.values), gather(self.origins)
         count = fixed + raw_keys.shape[2]
@@ -270,7 +267,7 @@ class BoundedCache(Cache):
         self.pinned = 0
         self.message_starts = []
 
-    def fork(self) -> "BoundedCache":
+    def fork(self) -> BoundedCache:
         """An independent copy (buffers, counters, message marks, policy state) sharing only the settings and the
         RoPE table: feed it freely (e.g. to score a candidate continuation) and this cache stays as it is."""
         twin = copy.copy(self)

@@ -78,7 +78,7 @@ class Settings:
         """Tokens the cache may hold, whatever the policy."""
         return get_policy_class(self.policy).budget(self)
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A validated copy with `changes` applied (values may be strings, as typed on a command line)."""
         return load_settings(None, overrides=changes, base=self)
 

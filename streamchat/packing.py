@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save_file
 
-from streamchat.memory import release_free_memory
 from streamchat import native
+from streamchat.memory import release_free_memory
 from streamchat.quant import (
     LINEAR_MODES,
     PackedLinear,

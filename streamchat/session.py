@@ -102,7 +102,7 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -451,7 +451,7 @@ class ChatSession:
                         offsets.append(tokens + len(self._tokenize(before, False)))
                     break
                 chars, tokens = chars + len(text), tokens + len(ids)
-        return sorted(set(offset for offset in offsets if offset >= 0))
+        return sorted({offset for offset in offsets if offset >= 0})
 
     def _mark_message_starts(self, cache: BoundedCache, pieces, messages, add_generation_prompt: bool) -> None:
         """Under `evict_unit: message`, tell `cache` where the messages about to be fed (after `_pending`) begin."""

@@ -6,10 +6,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from streamchat import cli, model
 from streamchat.config import SettingsError, load_settings
+from streamchat.frontends.repl import run_command
 from streamchat.memory import rss_bytes
 from streamchat.model import (
     MANIFEST,
@@ -20,8 +19,8 @@ from streamchat.model import (
     _file_digest,
     load_model,
 )
-from streamchat.frontends.repl import run_command
 from streamchat.session import ChatSession, SessionError
+from transformers import LlamaConfig, LlamaForCausalLM
 
 MB = 1024 * 1024
 

@@ -3,11 +3,9 @@ import json
 
 import pytest
 import torch
-
 from streamchat import cli
-from streamchat.evaluate import bench
-from streamchat.evaluate import speed
 from streamchat.config import load_settings
+from streamchat.evaluate import bench, speed
 from streamchat.fastpath.choice import auto_kv_dtype
 from streamchat.prompts import demo_token_ids
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from streamchat.cache import BoundedCache
-from streamchat.fastpath import kv_dtype_for
 from streamchat.config import load_settings
+from streamchat.fastpath import kv_dtype_for
 from streamchat.rope import rotate
+
 from tiny import tiny_model
 
 

@@ -1,7 +1,6 @@
 """Settings: one validation place, clear errors naming the key, command-line overrides."""
 
 import pytest
-
 from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import CONFIG_DIR, SettingsError, load_settings, parse_assignments
 

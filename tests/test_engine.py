@@ -8,12 +8,11 @@ import threading
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
-
 from streamchat import native
 from streamchat.batching import Engine, sample_rows
 from streamchat.config import load_settings
 from streamchat.session import ChatSession
+from transformers import RepetitionPenaltyLogitsProcessor
 
 SETTINGS = {
     "sinks": 4,
@@ -84,7 +83,7 @@ def test_four_batched_sessions_stopped_at_different_tokens(tiny):
         def run(i: int) -> None:
             try:
                 results[i] = converse(sessions[i], stops[i])
-            except BaseException as error:  # noqa: BLE001 - reported below
+            except BaseException as error:
                 errors.append(error)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stops))]

@@ -11,8 +11,6 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_model
-
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import SettingsError, load_settings
@@ -23,9 +21,11 @@ from streamchat.fastpath import (
     decoder_for,
     kv_dtype_for,
 )
-from streamchat.quant import int8_dynamic_available
 from streamchat.model import LoadedModel
+from streamchat.quant import int8_dynamic_available
 from streamchat.session import ChatSession
+
+from tiny import tiny_model
 
 SMALL = {
     "sinks": 2,
@@ -196,7 +196,7 @@ def on_q4_1_grid(model: torch.nn.Module) -> torch.nn.Module:
     the embedded GGUF's do."""
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for name, parameter in model.model.layers.named_parameters():
+        for _name, parameter in model.model.layers.named_parameters():
             if parameter.dim() == 2:
                 blocks = parameter.view(parameter.shape[0], -1, 32)
                 low = blocks.amin(-1, keepdim=True)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
-
 from streamchat import ggml_blocks, native
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels unavailable on this CPU")

@@ -9,7 +9,6 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import quantize
-
 from streamchat import native
 from streamchat.config import Settings
 from streamchat.evaluate.kl import ReferenceError, chat_path_logits, compare, read_reference

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from streamchat import attention, policies
 from streamchat.attention import SCORING_ATTENTION, attention_kwargs, attention_probabilities
 from streamchat.cache import BoundedCache
@@ -16,6 +15,7 @@ from streamchat.policies.base import EvictionPolicy
 from streamchat.policies.h2o import H2OPolicy
 from streamchat.rope import rotate_half
 from streamchat.session import ChatSession
+
 from tiny import tiny_loaded
 
 

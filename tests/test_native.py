@@ -7,10 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from transformers import RepetitionPenaltyLogitsProcessor
-
 from streamchat import native
+from transformers import RepetitionPenaltyLogitsProcessor
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels: {native.unavailable_reason()}")
 
@@ -266,9 +264,8 @@ def test_native_sampling_draws_from_what_the_processors_keep(penalty, temperatur
     """`native.sample` at a uniform u picks the candidate whose share of the cumulative probability holds u, over
     the candidates and probabilities transformers' processors give (repetition penalty, temperature, then
     `candidate_probabilities`' top-k and top-p): u at the middle of each kept candidate's share picks exactly it."""
-    from transformers import TemperatureLogitsWarper
-
     from streamchat.session import candidate_probabilities
+    from transformers import TemperatureLogitsWarper
 
     generator = torch.Generator().manual_seed(top_k)
     logits = torch.randn(1, 3000, generator=generator) * 3

@@ -10,9 +10,6 @@ import weakref
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings
 from streamchat.fastpath import decoder_for
@@ -20,6 +17,9 @@ from streamchat.model import LoadedModel, load_model
 from streamchat.packing import PACKED_ATTR, PACKED_MODES, cache_paths, pack_model, packed_mode
 from streamchat.quant import INT4_GROUP, QuantEmbedding, QuantLinear, quantize_int4, resolve_weights
 from streamchat.session import ChatSession
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tiny import tiny_model, tiny_tokenizer
 
 
 def int8_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-
 from streamchat import persist
 from streamchat.config import load_settings
 from streamchat.model import LoadedModel

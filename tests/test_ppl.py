@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from streamchat import cli
 from streamchat.config import load_settings
 from streamchat.evaluate.ppl import POLICY_NAMES, PplError, policy_settings, run_ppl
+
 from tiny import shuffled_story, tiny_loaded
 
 

@@ -2,7 +2,6 @@ import itertools
 import json
 
 import pytest
-
 from streamchat.prompts import DEFAULT_TURNS, PromptsError, endless_turns, load_turns
 
 

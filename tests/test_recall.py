@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-
 from streamchat import persist
 from streamchat.config import SettingsError, load_settings
 from streamchat.evaluate import recall

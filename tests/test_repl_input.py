@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from streamchat.config import load_settings
 from streamchat.frontends import repl
 from streamchat.session import ChatSession

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from streamchat.batching import Engine, Overloaded, TurnRequest
 from streamchat.config import load_settings
 from streamchat.frontends.server import BackgroundServer, create_app, security_warning
@@ -129,7 +128,7 @@ def test_four_concurrent_clients_are_isolated_batched_and_bounded(served, tiny):
             messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Go on."}]
             second, extension, _ = ask(api, messages, stream=i % 2 == 0)
             results[i] = ([first, second], extension)
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]

@@ -4,10 +4,9 @@ import threading
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
-
 from streamchat.config import load_settings
 from streamchat.session import ChatSession, IncrementalDecoder, SessionError, candidate_probabilities
+from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 
 def make_session(tiny, **overrides):

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-
 from streamchat import cli
-from streamchat.evaluate import soak
 from streamchat.config import load_settings
+from streamchat.evaluate import soak
 from streamchat.session import ChatSession
 
 TEXT = "It was a dreary night of November. " * 40 + "The rain pattered dismally against the panes. " * 40

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from streamchat import cli
 from streamchat.config import load_settings
 from streamchat.evaluate import speed
 from streamchat.fastpath.choice import auto_kv_dtype
+
 from tiny import shuffled_story, tiny_loaded
 
 

@@ -7,7 +7,6 @@ import signal
 import threading
 
 import pytest
-
 from streamchat.config import load_settings
 from streamchat.frontends.repl import stop_on_ctrl_c
 from streamchat.session import _PLACEHOLDER, ChatSession

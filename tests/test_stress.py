@@ -2,10 +2,9 @@ import csv
 import json
 
 import pytest
-
 from streamchat import cli
-from streamchat.evaluate import stress
 from streamchat.config import load_settings
+from streamchat.evaluate import stress
 from streamchat.evaluate.stress import DenseSession, headline, memory_verdict, run_stress
 
 MB = 1024 * 1024

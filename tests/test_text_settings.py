@@ -3,7 +3,6 @@ named flags, --set, a YAML file with the value quoted, the REPL's /set and /syst
 loaded .streamchat file. Numbers and switches typed as text still parse; an unusable value is quoted as typed."""
 
 import pytest
-
 from streamchat import persist
 from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import SettingsError, load_settings
@@ -109,7 +108,6 @@ def test_repl_system_and_set_keep_text_as_typed(session, text, capsys):
 
 def test_web_settings_box_and_api_keep_text_as_typed(tiny):
     import gradio as gr
-
     from streamchat.frontends.web import ChatApp
 
     app = ChatApp(tiny, load_settings(overrides=SMALL), max_sessions=2)

@@ -4,7 +4,6 @@ prompt_tokens reports after such a stop, a too-small window's error, and what H2
 import threading
 
 import pytest
-
 from streamchat.config import SettingsError, load_settings
 from streamchat.session import ChatSession
 

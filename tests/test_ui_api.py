@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from streamchat.config import load_settings
 from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry
 from streamchat.frontends.web_state import MemoryHistory, UISession
@@ -203,7 +202,6 @@ def test_ui_session_demo_reads_the_prompts_file(tiny, tmp_path):
 
 def test_chat_app_frees_idle_sessions_and_says_so(tiny):
     import gradio as gr
-
     from streamchat.frontends.web import ChatApp
 
     app = ChatApp(tiny, load_settings(overrides=SETTINGS), max_sessions=2, idle_seconds=60)

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from streamchat.config import load_settings
 from streamchat.frontends.web_screenshot import CHROMIUM_ARGS
 
@@ -38,9 +37,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def url():
-    from test_ui_api import endless_talker
-
     from streamchat.frontends.web import build_app, launch
+
+    from test_ui_api import endless_talker
 
     # Replies long enough to press Stop in the middle; a small window so that turns evict.
     settings = load_settings(overrides={"sinks": 4, "window": 60, "max_new_tokens": 100_000, "seed": 0})

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from streamchat.model import LoadedModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from streamchat.model import LoadedModel
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

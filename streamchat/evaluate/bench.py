@@ -32,8 +32,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import memory, reporting
-from streamchat.cli import add_list_argument
 from streamchat.cache import BoundedCache
+from streamchat.cli import add_list_argument
 from streamchat.config import Settings
 from streamchat.evaluate import footprint, speed
 from streamchat.fastpath import decoder_for_step, kv_dtype_for
@@ -574,7 +574,7 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path:
             axis.set_title("same bins, measured side by side (load cancels)")
             axis.legend(fontsize=8)
         else:
-            for index, (label, ours, theirs, baseline) in enumerate(groups):
+            for index, (_label, ours, theirs, baseline) in enumerate(groups):
                 axis.bar(index - 0.2, ours, width=0.4, color="tab:blue", label="bounded cache" if index == 0 else None)
                 axis.bar(
                     index + 0.2,

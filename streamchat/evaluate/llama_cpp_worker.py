@@ -27,7 +27,7 @@ def serve(gguf: str, budget: int, threads: int) -> None:
         return
     try:
         llm = Llama(model_path=gguf, n_ctx=budget + 64, n_threads=threads, n_batch=256, verbose=False)
-    except Exception as error:  # noqa: BLE001 - reported to the parent, which skips the row
+    except Exception as error:
         print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
         return
     import llama_cpp

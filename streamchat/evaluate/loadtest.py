@@ -99,14 +99,14 @@ def run_level(
         workers.append((process, parent))
     results, failures = [], []
     try:
-        for process, connection in workers:  # every client started and imported before the clock starts
+        for _process, connection in workers:  # every client started and imported before the clock starts
             if not connection.poll(120):
                 raise RuntimeError("a load-test client did not start within 120 s")
             connection.recv()
         started = time.perf_counter()
         for _, connection in workers:
             connection.send("go")
-        for process, connection in workers:
+        for _process, connection in workers:
             if connection.poll(deadline_s + 60):
                 results.append(connection.recv())
             else:

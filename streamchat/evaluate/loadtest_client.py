@@ -54,7 +54,7 @@ def converse(
                     pieces.append(chunk.choices[0].delta.content)
                 if chunk.usage:
                     used = chunk.usage.completion_tokens
-        except Exception as error:  # noqa: BLE001 - counted and reported
+        except Exception as error:
             result["failures"].append(f"{type(error).__name__}: {error}")
             break
         messages.append({"role": "assistant", "content": "".join(pieces)})
@@ -87,7 +87,7 @@ def serve_one(
         connection.send(
             converse(base_url, model, api_key, prompt, requests, tokens, time.time() + deadline_s, temperature)
         )
-    except Exception as error:  # noqa: BLE001 - reported by the parent
+    except Exception as error:
         connection.send(
             {"ttfts": [], "gaps": [], "tokens": 0, "failures": [f"{type(error).__name__}: {error}"], "cpu_s": 0.0}
         )

@@ -36,9 +36,9 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import reporting
-from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
+from streamchat.cli import add_list_argument
 from streamchat.config import Settings
 from streamchat.model import LoadedModel
 

@@ -35,10 +35,42 @@ QUESTIONS = (
 )
 FINAL_QUESTION = "Thank you. Are you still with me? Answer in one short sentence."
 MB = 1024 * 1024
-WORDS = (
-    "the sea wind light house night storm keeper ship rock wave old young letter friend journey cold mountain "
-    "river fire book window door road village bell morning evening silence voice promise memory garden winter"
-).split()
+WORDS = [
+    "the",
+    "sea",
+    "wind",
+    "light",
+    "house",
+    "night",
+    "storm",
+    "keeper",
+    "ship",
+    "rock",
+    "wave",
+    "old",
+    "young",
+    "letter",
+    "friend",
+    "journey",
+    "cold",
+    "mountain",
+    "river",
+    "fire",
+    "book",
+    "window",
+    "door",
+    "road",
+    "village",
+    "bell",
+    "morning",
+    "evening",
+    "silence",
+    "voice",
+    "promise",
+    "memory",
+    "garden",
+    "winter",
+]
 
 
 def generated_text(seed: int = 0) -> Iterator[str]:
@@ -127,7 +159,7 @@ def run_soak(
         try:
             for _ in session.send(message, max_new_tokens=reply_tokens):
                 pass
-        except Exception as failure:  # noqa: BLE001 (a soak counts failures instead of stopping at the first)
+        except Exception as failure:
             error = f"{type(failure).__name__}: {failure}"
         records.append(_record(session, kind, len(message), error))
         bar.update(min(records[-1]["seen_total"], tokens) - bar.n)
@@ -141,7 +173,7 @@ def run_soak(
     try:
         final_reply = "".join(session.send(FINAL_QUESTION, max_new_tokens=reply_tokens))
         records.append(_record(session, "final", len(FINAL_QUESTION), None))
-    except Exception as failure:  # noqa: BLE001
+    except Exception as failure:
         records.append(_record(session, "final", len(FINAL_QUESTION), f"{type(failure).__name__}: {failure}"))
     summary = summarize(records, session.cache.capacity, rss_threshold, final_reply, tokens)
     return {"summary": summary, "turns": records, "seconds": time.perf_counter() - started}
@@ -225,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
         "text": args.text or "generated",
         "settings": settings.to_dict(),
     }
-    partial = lambda records: reporting.write_json(out / "soak.partial.json", {**about, "turns": records})  # noqa: E731
+    partial = lambda records: reporting.write_json(out / "soak.partial.json", {**about, "turns": records})
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
     result = run_soak(
         session,

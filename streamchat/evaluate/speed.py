@@ -39,11 +39,11 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from streamchat import native, reporting
-from streamchat.evaluate import footprint
-from streamchat.cli import add_list_argument
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
+from streamchat.cli import add_list_argument
 from streamchat.config import DECODE_WEIGHTS, KV_DTYPES, Settings
+from streamchat.evaluate import footprint
 from streamchat.fastpath import decode_summary, decoder_for, kv_dtype_for
 from streamchat.fastpath.choice import cpu_class
 from streamchat.model import LoadedModel, embedded_gguf_path, load_model
@@ -378,7 +378,7 @@ def measure_quality(
     steppers = {
         name: BoundedStepper(loaded.model, path_settings, option) for name, (option, path_settings) in variants.items()
     }
-    nll = {name: 0.0 for name in steppers}
+    nll = dict.fromkeys(steppers, 0.0)
     for stepper in steppers.values():
         stepper.prefill(ids[:1].tolist())  # the first token goes through the transformers path, like a prompt
     for index in tqdm(range(1, tokens - 1), desc="perplexity", disable=not show_progress, file=sys.stderr, leave=False):

@@ -13,23 +13,23 @@ import torch
 
 from streamchat import native
 from streamchat.cache import BoundedCache
-from streamchat.quant import resolve_weights
 from streamchat.config import Settings
 from streamchat.fastpath import choice
 from streamchat.fastpath.choice import auto_kv_dtype, auto_weights_reason, cpu_class
-from streamchat.packing import PACKED_ATTR
 from streamchat.fastpath.decoder import (
     FastDecoder,
     FastPathUnavailable,
     decoder_for,
     unsupported_reason,
 )
+from streamchat.packing import PACKED_ATTR
+from streamchat.quant import resolve_weights
 
 __all__ = [
     "FastDecoder",
+    "FastPathUnavailable",
     "choice",
     "decode_summary",
-    "FastPathUnavailable",
     "decoder_for",
     "decoder_for_prefill",
     "decoder_for_step",
@@ -97,7 +97,7 @@ def prepare_decoder(model: torch.nn.Module, settings: Settings) -> FastDecoder |
     return chosen[key]
 
 
-_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _prepare(model: torch.nn.Module, settings: Settings) -> FastDecoder | None:
@@ -118,7 +118,7 @@ def decode_summary(model: torch.nn.Module, settings: Settings) -> str:
     """One line saying how single-token decode runs under `settings` on this machine and why `auto` chose so,
     e.g. "fast decode on AVX2: weights int8_dynamic (auto: ...), K/V float32 (auto: ...), 2 threads"."""
     threads = f"{torch.get_num_threads()} threads" + ("" if settings.threads else " (all cores)")
-    if settings.decode_path == "transformers" or model.device.type != "cpu" and settings.decode_weights == "auto":
+    if settings.decode_path == "transformers" or (model.device.type != "cpu" and settings.decode_weights == "auto"):
         where = "transformers decode" if settings.decode_path == "transformers" else f"fast decode on {model.device}"
         return f"{where}: K/V {str(kv_dtype_for(model, settings)).removeprefix('torch.')}, {threads}"
     reason = unsupported_reason(model)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from streamchat.attention import grouped_probabilities
 from streamchat import native
+from streamchat.attention import grouped_probabilities
 from streamchat.cache import BoundedCache
 from streamchat.quant import PackedLinear, fuse, resolve_weights
 
@@ -341,7 +341,7 @@ class FastDecoder:
         started = time.perf_counter()
         try:
             logits = self._step(*arguments)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: decode eagerly instead
+        except Exception as error:
             print(
                 f"streamchat: compilation failed ({type(error).__name__}: {error}); decoding eagerly", file=sys.stderr
             )

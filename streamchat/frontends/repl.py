@@ -83,7 +83,7 @@ def read_message(read_line: Callable[[str], str], prompt: str = "\nyou> ", more:
     become LF. Raises EOFError at the end of input (an unfinished block is dropped) and KeyboardInterrupt from
     `read_line`."""
     original = read_line
-    read_line = lambda text: original(text).removesuffix("\r")  # noqa: E731  (a CRLF line from a pipe)
+    read_line = lambda text: original(text).removesuffix("\r")
     line = read_line(prompt)
     if PASTE_START in line:
         before, _, text = line.partition(PASTE_START)

@@ -353,7 +353,7 @@ def api_router(
             )
         try:
             text = await _collect(request, turn, events, metrics)
-        except Exception as error:  # noqa: BLE001 - the generation failed: OpenAI's error format, not a bare 500
+        except Exception as error:
             metrics.requests.labels("500").inc()
             return APIError(500, f"generation failed: {error}", kind="server_error").response()
         metrics.requests.labels("200").inc()
@@ -391,12 +391,12 @@ class _Events:
         self.thread = threading.Thread(target=self._run, args=(turn,), name="streamchat-turn", daemon=True)
 
     def _run(self, turn) -> None:
-        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         try:
             for piece in turn.run(self.stop):
                 put(("text", piece))
             put(("end", None))
-        except BaseException as error:  # noqa: BLE001 - reported to the client
+        except BaseException as error:
             put(("error", error))
 
     async def next(self, request: Request) -> tuple[str, Any]:
@@ -413,7 +413,7 @@ class _Events:
                 return self.queue.get_nowait()
             try:
                 return await asyncio.wait_for(self.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
 
@@ -563,7 +563,7 @@ class BackgroundServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline and self.thread.is_alive():

@@ -25,18 +25,18 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
+import gradio as gr
+import pandas as pd
 
-from streamchat import persist  # noqa: E402
-from streamchat.config import Settings, SettingsError  # noqa: E402
-from streamchat.model import LoadedModel, load_for_chat  # noqa: E402
-from streamchat.policies import POLICIES  # noqa: E402
-from streamchat.prompts import PromptsError  # noqa: E402
-from streamchat.session import SessionError  # noqa: E402
-from streamchat.batching import Engine  # noqa: E402
-from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry  # noqa: E402
-from streamchat.frontends.web_state import UISession  # noqa: E402
+from streamchat import persist
+from streamchat.batching import Engine
+from streamchat.config import Settings, SettingsError
+from streamchat.frontends.web_sessions import SessionLimitError, SessionRegistry
+from streamchat.frontends.web_state import UISession
+from streamchat.model import LoadedModel, load_for_chat
+from streamchat.policies import POLICIES
+from streamchat.prompts import PromptsError
+from streamchat.session import SessionError
 
 # Which cache fields each policy reads (the others are hidden); a policy not listed shows them all.
 CACHE_FIELDS = ("sinks", "window", "heavy", "recent")
@@ -604,28 +604,25 @@ def build_app(
                     {"cache tokens used": "#f59e0b", "cache capacity": "#64748b"},
                     "token-plot",
                 )
-        with gr.Accordion("Settings", open=False, elem_id="settings"):
-            with gr.Row():
-                with gr.Column():
-                    system_prompt = gr.Textbox(
-                        s.system_prompt or "", label="System prompt (empty: the model's default)", lines=3
-                    )
-                    gr.Markdown("**Sampling** (applies to the next reply)")
-                    temperature = gr.Slider(0, 2, s.temperature, step=0.05, label="Temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1, s.top_p, step=0.05, label="Top-p")
-                    top_k = gr.Slider(0, 200, s.top_k, step=1, label="Top-k (0: off)")
-                    max_new = gr.Slider(
-                        1, max(2048, s.max_new_tokens), s.max_new_tokens, step=1, label="Max new tokens"
-                    )
-                with gr.Column():
-                    gr.Markdown("**Cache** (changing it starts a new conversation)")
-                    policy = gr.Dropdown(sorted(POLICIES), value=s.policy, label="Eviction policy")
-                    shown = POLICIES[s.policy].settings_keys
-                    sinks = gr.Number(s.sinks, label="Attention sinks", precision=0, visible="sinks" in shown)
-                    window = gr.Number(s.window, label="Window (recent tokens)", precision=0, visible="window" in shown)
-                    heavy = gr.Number(s.heavy, label="Heavy hitters (H2O)", precision=0, visible="heavy" in shown)
-                    recent = gr.Number(s.recent, label="Recent tokens (H2O)", precision=0, visible="recent" in shown)
-                    apply = gr.Button("Apply settings", variant="secondary", elem_id="apply")
+        with gr.Accordion("Settings", open=False, elem_id="settings"), gr.Row():
+            with gr.Column():
+                system_prompt = gr.Textbox(
+                    s.system_prompt or "", label="System prompt (empty: the model's default)", lines=3
+                )
+                gr.Markdown("**Sampling** (applies to the next reply)")
+                temperature = gr.Slider(0, 2, s.temperature, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, s.top_p, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, s.top_k, step=1, label="Top-k (0: off)")
+                max_new = gr.Slider(1, max(2048, s.max_new_tokens), s.max_new_tokens, step=1, label="Max new tokens")
+            with gr.Column():
+                gr.Markdown("**Cache** (changing it starts a new conversation)")
+                policy = gr.Dropdown(sorted(POLICIES), value=s.policy, label="Eviction policy")
+                shown = POLICIES[s.policy].settings_keys
+                sinks = gr.Number(s.sinks, label="Attention sinks", precision=0, visible="sinks" in shown)
+                window = gr.Number(s.window, label="Window (recent tokens)", precision=0, visible="window" in shown)
+                heavy = gr.Number(s.heavy, label="Heavy hitters (H2O)", precision=0, visible="heavy" in shown)
+                recent = gr.Number(s.recent, label="Recent tokens (H2O)", precision=0, visible="recent" in shown)
+                apply = gr.Button("Apply settings", variant="secondary", elem_id="apply")
         stats_timer = gr.Timer(1.0)
         demo_timer = gr.Timer(0.3, active=False)
 
