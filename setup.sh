@@ -23,6 +23,16 @@ if [ ! -f "$runtime_stamp" ]; then
   .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil, fastapi, uvicorn, prometheus_client" || { echo "setup: install failed"; exit 1; }
   touch "$runtime_stamp"
 fi
+# The project itself, editable (its requirements are in already): the `streamchat` command, `import streamchat`
+# from anywhere with this venv.
+project_stamp=".venv/.setup-project-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$project_stamp" ] || [ ! -x .venv/bin/streamchat ]; then
+  echo "setup: installing streamchat itself (editable: .venv/bin/streamchat)"
+  "${pip[@]}" --no-deps -e . 2>&1 | quiet
+  .venv/bin/streamchat --help >/dev/null || { echo "setup: install failed"; exit 1; }
+  rm -f .venv/.setup-project-*
+  touch "$project_stamp"
+fi
 dev_stamp=".venv/.setup-dev-$(cat requirements-dev.txt | sha256sum | cut -c1-16)"
 if [ "$dev" = 1 ] && [ ! -f "$dev_stamp" ]; then
   echo "setup: installing the test tools"

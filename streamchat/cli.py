@@ -1,4 +1,5 @@
-"""`python -m streamchat COMMAND`: the command-line entry point shared by every front end.
+"""`python -m streamchat COMMAND`, or `streamchat COMMAND` (the console script of `pip install .`): the command-line
+entry point shared by every front end.
 
 Each front end module exposes `add_arguments(parser)` and `main(args) -> int`; settings flags are common to all.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 import torch
 
@@ -146,7 +148,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or with `only`, of that one command's options (the others are listed, not
     imported: `chat` then never imports gradio, matplotlib or the measuring tools, which would cost start-up time
     and resident memory)."""
-    parser = argparse.ArgumentParser(prog="python -m streamchat", description="Endless chat in constant memory.")
+    prog = "streamchat" if Path(sys.argv[0]).name == "streamchat" else "python -m streamchat"  # the console script
+    parser = argparse.ArgumentParser(prog=prog, description="Endless chat in constant memory.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)

@@ -19,7 +19,10 @@ from streamchat.policies import POLICIES, get_policy_class
 from streamchat.policies.h2o import H2O_SCORES
 from streamchat.reporting import read_text_file
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ beside the package in a checkout (and an editable install); `pip install .` ships it inside the package
+# as streamchat/configs (pyproject.toml), which is looked for first.
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _INSTALLED_CONFIGS if _INSTALLED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MIN_TEMPERATURE = 1e-5  # below it (but above 0, greedy), logits divided by the temperature overflow float32
