@@ -11,6 +11,8 @@ the AVX2 build.
 The shared library is cached under the converted-models folder (`kernels/<isa>-<digest of source and flags>.so`),
 compiled in about a second when missing; where there is no compiler, no x86 CPU or the build fails, `library()`
 returns None and `unavailable_reason()` says why, and the fast path keeps torch's kernels.
+$STREAMCHAT_KERNELS_LIB=path loads a library built elsewhere instead (no build, no cache): .ci/sanitize runs the
+kernel tests on a build with AddressSanitizer and UndefinedBehaviorSanitizer that way.
 Threads: the kernels run on a small thread pool of their own (kernels.c), as many threads as
 `torch.get_num_threads()` says in the calling thread (`use_threads`), whichever thread calls: the server's scheduler
 is not the main thread, and libgomp throttles a team started from another thread when it manages more threads than
@@ -39,6 +41,9 @@ from streamchat.paths import cache_root
 SOURCE = Path(__file__).with_name("kernels.c")
 INCLUDED = (Path(__file__).with_name("kernels_ggml.c"),)  # sources kernels.c includes (one translation unit)
 DISABLE_ENV = "STREAMCHAT_NATIVE"  # "0" turns the native kernels off (torch's kernels then)
+# A prebuilt kernels library to load instead of building one (.ci/sanitize: a build with the sanitizers); it must be
+# an AVX2 build, or an AVX-512 VNNI one (-DSC_VNNI) where this process runs the VNNI kernels (see `isa`).
+LIBRARY_ENV = "STREAMCHAT_KERNELS_LIB"
 BLOCK = 32  # inputs per Q4_1 / Q8 block
 ROWS = 8  # output rows interleaved per 4-bit (and 8-bit) block group
 GROUP_BYTES = 160  # one block group: 8 fp16 steps, 8 fp16 minimums, 128 bytes of nibbles
@@ -143,6 +148,19 @@ def _built(target: str) -> Path:
     return path
 
 
+def _load_prebuilt(path: str, target: str) -> tuple[ctypes.CDLL | None, str, str | None]:
+    """The library at `path` ($STREAMCHAT_KERNELS_LIB), its build ("avx512vnni" or "avx2", as its sc_vnni() says),
+    and None; or None, `target` and why it cannot be used here."""
+    try:
+        lib = ctypes.CDLL(str(Path(path).resolve()))
+    except OSError as error:
+        return None, target, str(error)
+    build = "avx512vnni" if lib.sc_vnni() else "avx2"
+    if build == "avx512vnni" and target != "avx512vnni":
+        return None, target, f"an AVX-512 VNNI build, but this process runs {target}"
+    return lib, build, None
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels for this CPU, built first if needed; None where unavailable (see `unavailable_reason`)."""
     global _LIBRARY, _REASON, _LOADED, _ISA
@@ -162,7 +180,12 @@ def library() -> ctypes.CDLL | None:
             )
             return None
         lib, errors = None, []
-        for build in [target] + (["avx2"] if target != "avx2" else []):  # an older compiler may lack AVX-512 VNNI
+        prebuilt = os.environ.get(LIBRARY_ENV)
+        if prebuilt:
+            lib, target, error = _load_prebuilt(prebuilt, target)
+            errors.append(error or "")
+        builds = [target] + (["avx2"] if target != "avx2" else [])  # an older compiler may lack AVX-512 VNNI
+        for build in [] if prebuilt else builds:
             try:
                 lib = ctypes.CDLL(str(_built(build)))
                 target = build
@@ -171,6 +194,8 @@ def library() -> ctypes.CDLL | None:
                 errors.append(f"{build}: {error}")
         if lib is None:
             _REASON = f"could not build the native kernels ({'; '.join(errors)})"
+            if prebuilt:
+                _REASON = f"could not load {LIBRARY_ENV}={prebuilt} ({'; '.join(errors)})"
             print(f"streamchat: {_REASON}; using torch's kernels", file=sys.stderr)
             return None
         _ISA = target

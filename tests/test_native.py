@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from streamchat import native
 from transformers import RepetitionPenaltyLogitsProcessor
+
+from streamchat import native
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels: {native.unavailable_reason()}")
 
@@ -234,6 +235,7 @@ def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
     """A compiler without AVX-512 VNNI still gives the AVX2 build; with no build at all, torch's kernels, said once."""
     for name, value in (("_LOADED", False), ("_LIBRARY", None), ("_ISA", None), ("_REASON", None)):
         monkeypatch.setattr(native, name, value)  # restored after the test: the process keeps its own library
+    monkeypatch.delenv(native.LIBRARY_ENV, raising=False)  # builds here, also in .ci/sanitize's run
     real = native._built
 
     def without(*refused):
@@ -254,6 +256,27 @@ def test_build_falls_back_to_avx2_then_to_torch(monkeypatch, capsys):
     monkeypatch.setattr(native, "_built", without("avx512vnni", "avx2"))
     assert native.library() is None and native.active() is None
     assert "could not build" in native.unavailable_reason() and "torch's kernels" in capsys.readouterr().err
+
+
+def test_a_prebuilt_library_is_loaded_as_given(monkeypatch, tmp_path):
+    """$STREAMCHAT_KERNELS_LIB loads that file (no build); its sc_vnni() names its build; a path that does not
+    load is a reason, not a crash."""
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    built = native._built("avx2")
+    for name, value in (("_LOADED", False), ("_LIBRARY", None), ("_ISA", None), ("_REASON", None)):
+        monkeypatch.setattr(native, name, value)
+    monkeypatch.setenv(native.LIBRARY_ENV, str(built))
+    monkeypatch.setattr(native, "_built", lambda target: pytest.fail("built although a library was given"))
+    assert native.library() is not None and native.active() == "avx2"
+    x, packed = torch.randn(2, 64), native.pack_q4(torch.randn(16, 64))
+    expected = x @ native.unpack_q4(packed, 64).T
+    assert (native.q4_matmul(x, packed, 16) - expected).norm() < 0.01 * expected.norm()
+    monkeypatch.setattr(native, "_LOADED", False)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setenv(native.LIBRARY_ENV, str(tmp_path / "missing.so"))
+    assert native.library() is None
+    assert native.unavailable_reason().startswith(f"could not load {native.LIBRARY_ENV}=")
 
 
 @pytest.mark.parametrize(
