@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import RepetitionPenaltyLogitsProcessor
-
 from streamchat import native
+from transformers import RepetitionPenaltyLogitsProcessor
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels: {native.unavailable_reason()}")
 
