@@ -67,10 +67,11 @@ class _Step:
     """A forward pass a turn's thread waits for (`EngineSession._forward`): a prefill chunk, run in pieces, or a
     single token outside a reply's decode loop; `logits` [1, vocab] of its last token when `done` is set."""
 
-    __slots__ = ("done", "error", "fed", "ids", "logits", "session")
+    __slots__ = ("call", "done", "error", "fed", "ids", "logits", "session")
 
-    def __init__(self, session: ChatSession, ids: list[int]):
+    def __init__(self, session: ChatSession, ids: list[int], call=None):
         self.session, self.ids, self.fed = session, ids, 0  # fed: prefill tokens run so far (in pieces)
+        self.call = call  # instead of a forward pass: a function of no arguments run alone, its result in `logits`
         self.done = threading.Event()
         self.logits: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -140,6 +141,10 @@ class EngineSession(ChatSession):
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         return self.engine._submit(self, ids)
+
+    def _embed(self, texts_ids: list[list[int]]):
+        """Conversation memory's semantic vectors, computed on the scheduler thread (which owns the model)."""
+        return self.engine._submit(self, [], call=lambda: ChatSession._embed(self, texts_ids))
 
     def _reply_tokens(self, logits, limit, stop, processors, settings) -> Iterator[int]:
         """ChatSession's reply tokens, decoded by the engine's scheduler (see the module's docstring)."""
@@ -441,8 +446,8 @@ class Engine:
             self._active -= 1
             self._cond.notify_all()
 
-    def _submit(self, session: ChatSession, ids: list[int]) -> torch.Tensor:
-        step = _Step(session, ids)
+    def _submit(self, session: ChatSession, ids: list[int], call=None) -> torch.Tensor:
+        step = _Step(session, ids, call)
         with self._cond:
             if not self._running:
                 raise RuntimeError("the engine is closed")
@@ -535,6 +540,13 @@ class Engine:
         prefill forward. A prefill the native step cannot run (H2O/TOVA, torch's kernels) runs alone, one per step;
         so does a decode row it cannot batch. What is left of a prefill waits for the next step."""
         self.step_threads = native.kernel_threads() if native.library() is not None else torch.get_num_threads()
+        for step in [step for step in batch if step.call is not None]:
+            try:
+                step.logits = step.call()
+            except Exception as error:
+                step.error = error
+            step.done.set()
+        batch = [step for step in batch if step.call is None]
         prefills = [step for step in batch if len(step.ids) != 1]
         rows: list[_Step | _Decode] = [step for step in batch if len(step.ids) == 1] + jobs
         groups: dict[int, tuple[Any, list, list]] = {}  # id(decoder) -> (decoder, decode rows, prefill pieces)

@@ -156,6 +156,7 @@ class BoundedCache(Cache):
         self.capacity = settings.budget
         self.sinks = settings.sinks
         self.pinned = 0
+        self.recall_length = 0  # places after the pinned/sink part holding recalled passages (memory on)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = next(model.parameters()).device
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -173,7 +174,12 @@ class BoundedCache(Cache):
 
     @property
     def protected(self) -> int:
-        """Places never evicted: the sinks, or the pinned prefix if that is longer."""
+        """Places never evicted: the sinks, or the pinned prefix if that is longer, then the recalled region."""
+        return max(self.sinks, self.pinned) + self.recall_length
+
+    @property
+    def sink_places(self) -> int:
+        """The sinks or the pinned prefix: the places before the recalled region."""
         return max(self.sinks, self.pinned)
 
     @property
@@ -212,6 +218,81 @@ class BoundedCache(Cache):
         if self.seen_tokens in self.message_starts:
             places = torch.cat((places, torch.tensor([length])))
         return places
+
+    def window_start(self) -> int:
+        """Stream index of the oldest token of the unbroken run of recent tokens the cache holds (read from layer 0's
+        first KV head): every stream token from it on is cached, and a message that ended before it has left the
+        window (sink_window: fully evicted; h2o/tova may keep some of its tokens as heavy hitters)."""
+        length, first = self.length, min(self.protected, self.length)
+        if length <= first:
+            return self.seen_tokens
+        origins = self.layers[0].origins[0, 0, first:length].cpu()
+        breaks = torch.nonzero(origins[1:] - origins[:-1] != 1).flatten()
+        return int(origins[int(breaks[-1]) + 1] if breaks.numel() else origins[0])
+
+    def replace_recall(self, count: int, feed) -> int:
+        """Make the recalled region `count` new places, written by `feed()`, which must run the model forward over
+        exactly `count` tokens into this cache (positions right after the sinks/pinned part). The window moves
+        behind them: set aside (raw keys, values, origins, the policy's per-place state), then put back at its
+        new places and re-rotated there, so positions stay 0..length-1 in cache order. The window tokens are not
+        recomputed, as StreamingLLM keeps them after any eviction. Recalled places are no stream tokens: their
+        origins are -1 and `seen_tokens` does not count them. Evicts first (by the policy) if the new region
+        needs room; returns the tokens so evicted. `count` 0 just removes the region. Raises ValueError if
+        `count` exceeds the reserved `recall_budget`."""
+        if count > self.settings.recall_budget:
+            raise ValueError(f"{count} recalled tokens exceed the {self.settings.recall_budget} reserved for them")
+        base = self.sink_places
+        if self.length < base:
+            raise ValueError("nothing to recall into: the sinks/pinned part is not cached yet")
+        evicted = self.make_room(count - self.recall_length) if count > self.recall_length else 0
+        saved, seen = self._set_window_aside(base), self.seen_tokens
+        self.recall_length = 0
+        try:
+            if count:
+                feed()  # outside inference mode: the caller's own forward decides (its tensors may outlive this call)
+            if self.length - base != count:
+                raise RuntimeError(f"the recall feed wrote {self.length - base} tokens, expected {count}")
+        except BaseException:  # the window goes back behind no recalled region: the conversation is kept
+            self.seen_tokens = seen
+            with torch.inference_mode():
+                for layer_idx, layer in enumerate(self.layers):
+                    layer.length = base
+                    self.policy.on_compact(layer_idx, torch.arange(base, device=layer.device))
+                self._put_window_back(saved, base, 0)
+            raise
+        self.seen_tokens = seen
+        self._put_window_back(saved, base, count)
+        self.recall_length = count
+        return evicted
+
+    @torch.inference_mode()
+    def _set_window_aside(self, base: int) -> list:
+        """Copies of every layer's window (places after the recalled region) and its policy state; each layer is
+        then cut back to its first `base` places."""
+        start, length = base + self.recall_length, self.length
+        kept = torch.arange(base)
+        saved = []
+        for layer_idx, layer in enumerate(self.layers):
+            window = tuple(
+                getattr(layer, name)[:, :, start:length].clone() for name in ("raw_keys", "values", "origins")
+            )
+            saved.append((window, self.policy.take_places(layer_idx, start, length)))
+            layer.length = base
+            self.policy.on_compact(layer_idx, kept.to(layer.device))
+        return saved
+
+    @torch.inference_mode()
+    def _put_window_back(self, saved: list, base: int, count: int) -> None:
+        """`_set_window_aside`'s window, after `count` recalled places at `base`, re-rotated at its new places."""
+        for layer_idx, (layer, ((raw_keys, values, origins), policy_state)) in enumerate(zip(self.layers, saved)):
+            layer.origins[:, :, base : base + count] = -1
+            at, end = base + count, base + count + raw_keys.shape[2]
+            layer.raw_keys[:, :, at:end] = raw_keys
+            layer.values[:, :, at:end] = values
+            layer.origins[:, :, at:end] = origins
+            layer.keys[:, :, at:end] = layer.rope.rotate_at(raw_keys, at, end)
+            layer.length = end
+            self.policy.put_places(layer_idx, policy_state, at)
 
     def _forget_evicted_starts(self) -> None:
         """Drop marks of messages whose start is no longer cached (bounded bookkeeping for an endless chat)."""
@@ -264,7 +345,7 @@ class BoundedCache(Cache):
         super().reset()
         self.policy.reset()
         self.seen_tokens = self.evicted_tokens = 0
-        self.pinned = 0
+        self.pinned = self.recall_length = 0
         self.message_starts = []
 
     def fork(self) -> BoundedCache:
@@ -295,6 +376,7 @@ class BoundedCache(Cache):
             "pinned": self.pinned,
             "seen_tokens": self.seen_tokens,
             "evicted_tokens": self.evicted_tokens,
+            "recall_length": self.recall_length,
             "policy": self.policy.name,
             "policy_state": policy_meta,
         }
@@ -309,7 +391,10 @@ class BoundedCache(Cache):
         length, pinned, seen, evicted = (meta.get(key) for key in ("length", "pinned", "seen_tokens", "evicted_tokens"))
         if not all(type(value) is int and value >= 0 for value in (length, pinned, seen, evicted)):
             raise ValueError("cache counters are missing or not whole numbers")
-        if length > self.capacity or seen - evicted != length or pinned >= self.capacity:
+        recall = meta.get("recall_length", 0)  # files from before conversation memory: none
+        if type(recall) is not int or not 0 <= recall <= self.settings.recall_budget:
+            raise ValueError(f"recall_length must be a count from 0 to {self.settings.recall_budget}")
+        if length > self.capacity or seen - evicted + recall != length or pinned >= self.capacity:
             raise ValueError(f"cache counters do not add up (length {length}, capacity {self.capacity})")
         starts = meta.get("message_starts", [])
         if not (
@@ -342,6 +427,7 @@ class BoundedCache(Cache):
             if buffers:
                 layer.restore({name: tensor.to(device) for name, tensor in buffers.items()})
         self.pinned, self.seen_tokens, self.evicted_tokens = pinned, seen, evicted
+        self.recall_length = recall
         self.message_starts = list(starts)
 
     def stats(self) -> dict[str, Any]:
@@ -350,7 +436,8 @@ class BoundedCache(Cache):
             "policy": self.policy.name,
             "cache_tokens": length,
             "cache_capacity": self.capacity,
-            "sink_tokens": min(self.protected, length),
+            "sink_tokens": min(self.sink_places, length),
+            "recalled_tokens": self.recall_length,
             "seen_total": self.seen_tokens,
             "evicted_total": self.evicted_tokens,
             "kv_bytes": self.nbytes(),

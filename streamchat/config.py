@@ -26,6 +26,7 @@ CONFIG_DIR = _INSTALLED_CONFIGS if _INSTALLED_CONFIGS.is_dir() else Path(__file_
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 MAX_NEW_TOKENS_LIMIT = 1_000_000
 MIN_TEMPERATURE = 1e-5  # below it (but above 0, greedy), logits divided by the temperature overflow float32
+MIN_RECALL_TOKENS, MAX_RECALL_TOKENS = 32, 8192  # a recalled passage needs a few dozen tokens with its frame
 MAX_BUDGET = 1 << 20  # no model has a longer context; a typo like window: 10000000000 fails here, not in malloc
 DTYPES = ("float32", "bfloat16", "float16")
 DECODE_PATHS = ("fast", "transformers")
@@ -55,6 +56,8 @@ class Settings:
     h2o_decay: float = 0.99  # h2o_score decayed: weight a past attention score keeps per new token
     slack: int = 16  # extra tokens evicted at once, to amortize compaction
     evict_unit: str = "token"  # sink_window: token (rolling window) | message (whole oldest messages; docs/recall.md)
+    memory: bool = False  # conversation memory: evicted messages kept on disk and recalled (docs/recall.md)
+    recall_tokens: int = 256  # memory on: cache places reserved for recalled passages, after the pinned/sink part
     kv_dtype: str = "auto"  # auto (fastpath/choice.py: fp16 on native kernels, else the model dtype or bf16 on AMX) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights
@@ -78,8 +81,13 @@ class Settings:
 
     @property
     def budget(self) -> int:
-        """Tokens the cache may hold, whatever the policy."""
-        return get_policy_class(self.policy).budget(self)
+        """Tokens the cache may hold, whatever the policy: the policy's budget, plus `recall_tokens` with memory on."""
+        return get_policy_class(self.policy).budget(self) + self.recall_budget
+
+    @property
+    def recall_budget(self) -> int:
+        """Cache places reserved for recalled passages: `recall_tokens` with memory on, else 0."""
+        return self.recall_tokens if self.memory else 0
 
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with `changes` applied (values may be strings, as typed on a command line)."""
@@ -184,7 +192,19 @@ def _check_ranges(s: Settings) -> None:
         "decode_weights",
         f"must be one of {', '.join(DECODE_WEIGHTS)}, got {s.decode_weights!r}",
     )
+    need(
+        MIN_RECALL_TOKENS <= s.recall_tokens <= MAX_RECALL_TOKENS,
+        "recall_tokens",
+        f"must be between {MIN_RECALL_TOKENS} and {MAX_RECALL_TOKENS:,}, got {s.recall_tokens}",
+    )
     budget = s.budget
+    if s.memory:  # the recalled region must leave the policy its own budget beyond the sinks and a pinned prompt
+        policy_budget = budget - s.recall_tokens
+        need(
+            s.recall_tokens <= policy_budget,
+            "recall_tokens",
+            f"{s.recall_tokens} is more than the rest of the cache ({policy_budget}): lower it or raise the window",
+        )
     need(budget <= MAX_BUDGET, "budget", f"{budget:,} cache tokens is above {MAX_BUDGET:,}: lower window/heavy/recent")
     need(s.sinks < budget, "sinks", f"must be below the cache budget ({budget})")
     if s.slack >= budget - s.sinks:  # name what the user can change: the cache size or the slack

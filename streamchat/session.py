@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     LogitsProcessorList,
@@ -29,12 +30,26 @@ from streamchat import native
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
+from streamchat.conversation_store import ConversationStore, Passage, StoreError, split_passages
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, kv_dtype_for, prepare_decoder
 from streamchat.memory import release_free_memory, rss_bytes
 from streamchat.model import LoadedModel
+from streamchat.passage_embedding import EMBED_DIM, PassageEmbedder
 from streamchat.scoring import continuation_logprobs, feed
 
-CACHE_KEYS = ("policy", "sinks", "window", "heavy", "recent", "h2o_score", "h2o_decay", "slack", "evict_unit")
+CACHE_KEYS = (
+    "policy",
+    "sinks",
+    "window",
+    "heavy",
+    "recent",
+    "h2o_score",
+    "h2o_decay",
+    "slack",
+    "evict_unit",
+    "memory",
+    "recall_tokens",
+)
 # Settings that name files or machine resources: fixed for a run, never taken from a chat front end (`/set`, the
 # UI's configure API) nor from a loaded session file, so no chat input can make streamchat read or write a path.
 LOCAL_KEYS = ("model", "device", "dtype", "threads", "sessions_dir", "prompts_file")
@@ -48,6 +63,29 @@ HISTORY_LIMIT = 96  # trimming back to HISTORY_KEEP happens past this, so its co
 # for the call: two threads tokenizing at once (the server's and the web UI's conversations) could see each
 # other's setting, and a turn header such as <|im_start|> would be split into pieces. One lock for every call.
 _TOKENIZE_LOCK = threading.Lock()
+
+
+RECALL_HEADER = "Recalled from earlier in this conversation:"
+RECALL_LINE_TOKENS = 10  # "(turn 12, assistant) " and the line break, counted before tokenizing the whole frame
+
+
+def _passages(value: Any, name: str) -> list[Passage]:
+    """Passages from a saved session's memory section; ValueError naming `name` when malformed."""
+    if not isinstance(value, list) or not all(
+        isinstance(p, dict)
+        and {*p} == {"turn", "role", "text", "tokens"}
+        and type(p["turn"]) is int
+        and type(p["tokens"]) is int
+        and isinstance(p["role"], str)
+        and isinstance(p["text"], str)
+        for p in value
+    ):
+        raise ValueError(f"memory: {name} are malformed")
+    return [Passage(**p) for p in value]
+
+
+def _passage_key(passage: Passage) -> tuple[int, str, str]:
+    return passage.turn, passage.role, passage.text
 
 
 def _placeholder(index: int) -> str:
@@ -71,6 +109,8 @@ class TurnStats:
     cache: dict[str, Any] = field(default_factory=dict)
     rss_bytes: int = 0
     prompt_tokens_requested: int = 0  # tokens the prompt had (pending reply token and turn template included)
+    recalled: list[dict[str, Any]] = field(default_factory=list)  # memory on: passages in the cache this turn
+    recall_changed: bool = False  # memory on: the recalled region was rewritten this turn (a re-prefill)
 
     def to_dict(self) -> dict[str, Any]:
         flat = asdict(self)
@@ -185,6 +225,11 @@ class ChatSession:
         self.last_turn: TurnStats | None = None
         self.last_reply_ids: list[int] = []
         self.busy = False
+        self.memory_store: ConversationStore | None = None
+        self.memory_note: str | None = None  # why conversation memory stopped (a store error), for the front ends
+        self._frame: tuple[str, str] | None = None  # the recalled region's template text (`_recall_frame`)
+        self._embedder: PassageEmbedder | bool | None = False  # False: not made yet; None: the model has no layout
+        self._recall_changed = False
         self.reset()
 
     # ----- conversation state -------------------------------------------------------------------------------
@@ -211,8 +256,37 @@ class ChatSession:
         self.turns = 0
         self.evicted_last_turn = 0
         self.last_turn = None
+        self._reset_memory()
         if settings.seed is not None:
             self.generator.manual_seed(settings.seed)
+
+    def _reset_memory(self, passages: list[Passage] = (), vectors: np.ndarray | None = None) -> None:
+        """A conversation memory holding `passages` (a new conversation: none), or none with memory off."""
+        self._unstored: list[dict[str, Any]] = []  # messages not yet out of the window: turn, role, text, end
+        self.recalled: list[Passage] = []  # what the cache's recalled region holds now
+        self.memory_note = None
+        if not self.settings.memory:
+            self.close_memory()
+            return
+        try:
+            if self.memory_store is None:
+                self.memory_store = ConversationStore()
+            self.memory_store.clear()
+            self.memory_store.add(list(passages), vectors)
+        except StoreError as error:
+            self._memory_failed(error)
+
+    def _memory_failed(self, error: StoreError) -> None:
+        self.memory_note = f"{error}; the chat goes on without conversation memory"
+        if self.memory_store is not None:
+            self.memory_store.close()
+        self.memory_store = None
+
+    def close_memory(self) -> None:
+        """Close the conversation memory's file (a temporary one is deleted)."""
+        if self.memory_store is not None:
+            self.memory_store.close()
+            self.memory_store = None
 
     def make_cache(self, settings: Settings) -> BoundedCache:
         """The cache a conversation runs on; a subclass may return another with the same interface (the stress
@@ -270,7 +344,23 @@ class ChatSession:
 
     def stats(self) -> dict[str, Any]:
         """Live figures, safe to read from another thread while a turn runs."""
-        return {**self.cache.stats(), "rss_bytes": rss_bytes(), "turns": self.turns}
+        return {**self.cache.stats(), **self.memory_stats(), "rss_bytes": rss_bytes(), "turns": self.turns}
+
+    def memory_stats(self) -> dict[str, Any]:
+        """The conversation memory's figures (`ConversationStore.stats`), `memory` on/off and any `memory_note`;
+        empty with memory off."""
+        if not self.settings.memory:
+            return {}
+        figures: dict[str, Any] = {"memory": self.memory_store is not None}
+        if self.memory_store is not None:
+            try:
+                figures.update(self.memory_store.stats())
+            except StoreError as error:
+                self._memory_failed(error)
+                figures["memory"] = False
+        if self.memory_note:
+            figures["memory_note"] = self.memory_note
+        return figures
 
     # ----- saving and resuming (the file format is persist.py's) ----------------------------------------------
 
@@ -293,6 +383,21 @@ class ChatSession:
             "last_turn": asdict(self.last_turn) if self.last_turn else None,
             "cache": cache_meta,
         }
+        if self.settings.memory:  # the store travels with the file: its passages, the messages not yet in it
+            stored, vectors = [], None
+            try:
+                if self.memory_store:
+                    stored, vectors = self.memory_store.passages()
+            except StoreError as error:
+                self._memory_failed(error)
+            if vectors is not None:
+                tensors["memory.vectors"] = torch.from_numpy(vectors.copy())
+            stored = [p.to_dict() for p in stored]
+            meta["memory"] = {
+                "passages": stored,
+                "unstored": self._unstored,
+                "recalled": [p.to_dict() for p in self.recalled],
+            }
         return tensors, meta
 
     def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -334,9 +439,30 @@ class ChatSession:
                 and all(type(i) is int and 0 <= i < vocab for i in (*pending, *recent))
             ):
                 raise ValueError("messages, template, turns or token ids are malformed")
+            memory = meta.get("memory", {"passages": [], "unstored": [], "recalled": []})
+            if not isinstance(memory, dict):
+                raise ValueError("memory: expected a mapping")
+            if settings.memory:
+                passages = _passages(memory.get("passages"), "passages")
+                recalled = _passages(memory.get("recalled"), "recalled")
+                unstored = memory.get("unstored")
+                if not (
+                    isinstance(unstored, list)
+                    and all(isinstance(m, dict) and {*m} == {"turn", "role", "text", "end"} for m in unstored)
+                    and all(type(m["turn"]) is int and type(m["end"]) is int for m in unstored)
+                    and all(isinstance(m["role"], str) and isinstance(m["text"], str) for m in unstored)
+                ):
+                    raise ValueError("memory: unstored messages are malformed")
+            vectors = tensors.get("memory.vectors")
+            if vectors is not None and (
+                not settings.memory
+                or vectors.dtype != torch.float16
+                or tuple(vectors.shape) != (len(passages), EMBED_DIM)
+            ):
+                raise ValueError(f"memory.vectors: expected float16 [passages, {EMBED_DIM}] with memory on")
             cache = self.make_cache(settings)
             cache_tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("cache.")}
-            if len(cache_tensors) + 1 != len(tensors):
+            if len(cache_tensors) + 1 + (vectors is not None) != len(tensors):
                 raise ValueError("unexpected tensors besides the cache and the sampler state")
             cache.load_state(cache_tensors, meta["cache"])
             if cache.pinned != meta["pinned_tokens"]:
@@ -355,6 +481,140 @@ class ChatSession:
             RecentTokens(cache.capacity, self.model.config.vocab_size, recent),
         )
         self.evicted_last_turn, self.last_reply_ids = 0, []
+        if settings.memory:
+            self._reset_memory(passages, None if vectors is None else vectors.numpy())
+            self._unstored, self.recalled = [dict(m) for m in unstored], recalled
+        else:
+            self._reset_memory()
+
+    # ----- conversation memory (streamchat/conversation_store.py) -----------------------------------------------
+
+    def _record_messages(self, pieces, base: int, messages: list[dict[str, str]]) -> None:
+        """Memory on: note the messages whose contents `pieces` fed (from stream index `base` on) with the stream
+        index their content ends at; each goes into the store once the window has passed it (`_store_evicted`)."""
+        if self.memory_store is None:
+            return
+        end = base
+        for ids, index, _ in pieces:
+            end += len(ids)
+            if index is not None and messages[index]["role"] != "system" and messages[index]["content"].strip():
+                message = messages[index]
+                self._unstored.append(
+                    {"turn": self.turns + 1, "role": message["role"], "text": message["content"], "end": end}
+                )
+
+    def _store_evicted(self, cache: BoundedCache) -> None:
+        """Move the noted messages that ended before the cache's window (`BoundedCache.window_start`) into the
+        store, as passages with their token counts."""
+        boundary = cache.window_start()
+        evicted = [m for m in self._unstored if m["end"] <= boundary]
+        if not evicted:
+            return
+        self._unstored = [m for m in self._unstored if m["end"] > boundary]
+        texts = [(m, text) for m in evicted for text in split_passages(m["text"])]
+        ids = [self._tokenize(text, True) for _, text in texts]
+        passages = [Passage(m["turn"], m["role"], text, len(i)) for (m, text), i in zip(texts, ids)]
+        self.memory_store.add(passages, self._embed(ids) if self._passage_embedder() else None)
+
+    def _passage_embedder(self) -> PassageEmbedder | None:
+        """The semantic score's embedder over this model (`streamchat.passage_embedding`); None: lexical only."""
+        if self._embedder is False:
+            try:
+                self._embedder = PassageEmbedder(self.model)
+            except ValueError:
+                self._embedder = None
+        return self._embedder
+
+    def _embed(self, texts_ids: list[list[int]]) -> np.ndarray:
+        """Semantic vectors of token-id lists, float32 [n, EMBED_DIM] (a subclass may run it elsewhere: the
+        batching engine runs it on its scheduler thread, which owns the model)."""
+        return self._passage_embedder().embed(texts_ids)
+
+    def _recall_frame(self) -> tuple[str, str]:
+        """Template text before and after a recalled region's content: that of a system message in the middle of
+        a conversation where the chat template renders one there, else of a user message, else line breaks."""
+        if self._frame is None:
+            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+            self._frame = ("\n", "\n")
+            for role in ("system", "user"):
+                try:
+                    base = self._render(probe, add_generation_prompt=False)
+                    full = self._render([*probe, {"role": role, "content": "c"}], add_generation_prompt=False)
+                except Exception:  # a template that refuses the role there (jinja's TemplateError and others)
+                    continue
+                delta, mark = full[len(base) :], _placeholder(2)
+                if full.startswith(base) and delta.count(mark) == 1:
+                    before, after = delta.split(mark)
+                    self._frame = (before, after)
+                    break
+        return self._frame
+
+    def _recall_ids(self, passages: list[Passage]) -> list[int]:
+        """The tokens of the recalled region: one framed message listing `passages` with their turn and role."""
+        before, after = self._recall_frame()
+        lines = [RECALL_HEADER, *(f"(turn {p.turn}, {p.role}) {p.text}" for p in passages)]
+        return self._tokenize(before, False) + self._tokenize("\n".join(lines), True) + self._tokenize(after, False)
+
+    def _choose_recall(self, query: str) -> list[Passage]:
+        """The stored passages to recall for `query`: the best BM25 matches (at least `RECALL_MIN_SHARE` of the
+        best's score) that fit `recall_tokens` with their frame, in conversation order. A best passage too long
+        for the budget alone is cut to fit."""
+        vector = None
+        if self._passage_embedder() is not None and self.memory_store.has_vectors:
+            vector = self._embed([self._tokenize(query, True)])[0]
+        found = self.memory_store.search(query, vector)
+        if not found:
+            return []
+        room = self.settings.recall_tokens - len(self._recall_ids([]))
+        chosen, used = [], 0
+        for passage in found:
+            if used + passage.tokens + RECALL_LINE_TOKENS <= room:
+                chosen.append(passage)
+                used += passage.tokens + RECALL_LINE_TOKENS
+        if not chosen:
+            best = found[0]
+            ids = self._tokenize(best.text, True)[: max(room - RECALL_LINE_TOKENS, 1)]
+            text = _whole_characters(self.tokenizer.decode(ids), best.text)
+            chosen = [Passage(best.turn, best.role, text, len(ids), best.id, best.score)]
+        while (
+            len(chosen) > 1 and len(self._recall_ids(sorted(chosen, key=lambda p: p.id))) > self.settings.recall_tokens
+        ):
+            chosen.pop()  # the least relevant: the token estimate per line was short
+        return sorted(chosen, key=lambda p: p.id)
+
+    def _recall(self, query: str, cache: BoundedCache, feed, commit: bool = True) -> bool:
+        """Memory on: store what left the window, search the store with `query` (a new user message) and make the
+        cache's recalled region the passages chosen (`BoundedCache.replace_recall`), by `feed(ids)` running the
+        model over the region's tokens into `cache`. Kept as it is when nothing matches or the same passages are
+        chosen again (no re-prefill). `commit` False: a fork being scored, the session's own record unchanged.
+        Returns whether the region was rewritten. A store error ends memory for this conversation, with a note."""
+        if self.memory_store is None:
+            return False
+        try:
+            self._store_evicted(cache)
+            chosen = self._choose_recall(query)
+        except StoreError as error:
+            self._memory_failed(error)
+            return False
+        if not chosen or [_passage_key(p) for p in chosen] == [_passage_key(p) for p in self.recalled]:
+            return False
+        ids = self._recall_ids(chosen)
+        if len(ids) > self.settings.recall_tokens:  # a frame longer than the budget: recall nothing
+            return False
+        evicted = cache.replace_recall(len(ids), lambda: feed(ids))
+        if commit:
+            self.recalled = chosen
+            self.evicted_last_turn += evicted
+        return True
+
+    def _feed_recall(self, ids: list[int]) -> None:
+        """Run the model over a recalled region's tokens into the session's cache. They are not part of the
+        repetition penalty's history (a recalled name would be penalized in the very reply that needs it)."""
+        recent = list(self._recent_ids)
+        chunk = self.settings.prefill_chunk
+        for start in range(0, len(ids), chunk):
+            self._forward(ids[start : start + chunk])
+        self._recent_ids = RecentTokens(self.cache.capacity, self.model.config.vocab_size, recent)
 
     # ----- tokenization -------------------------------------------------------------------------------------
 
@@ -560,7 +820,9 @@ class ChatSession:
     def _turn(self, user_text: str, stop: threading.Event, limit: int, settings: Settings) -> Iterator[str]:
         started = time.perf_counter()
         self.evicted_last_turn = 0
+        self._recall_changed = self._recall(user_text, self.cache, self._feed_recall)
         pieces, messages = self.encode_turn(user_text)
+        base = self.cache.seen_tokens + len(self._pending)
         self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=True)
         ids = list(self._pending)
         for piece_ids, _, _ in pieces:
@@ -582,6 +844,7 @@ class ChatSession:
         self._pending = []
         for _, _, template_text in pieces:
             self._fed_template += template_text
+        self._record_messages(pieces, base, messages)
         self.messages = messages
         yield from self._decode(logits, limit, stop, started, len(ids), prefill_seconds, settings)
 
@@ -596,12 +859,14 @@ class ChatSession:
             raise SessionError("a reply is still being generated; stop it first")
         started = time.perf_counter()
         self.evicted_last_turn = 0
+        self._recall_changed = self._recall(clean_text(user_text), self.cache, self._feed_recall)
         messages = [
             *self.messages,
             {"role": "user", "content": clean_text(user_text)},
             {"role": "assistant", "content": clean_text(reply_text)},
         ]
         pieces = self._encode(messages, add_generation_prompt=False)
+        base = self.cache.seen_tokens + len(self._pending)
         self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=False)
         ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids)]
         chunk = min(self.settings.prefill_chunk, self.cache.room)
@@ -609,6 +874,7 @@ class ChatSession:
             self._forward(ids[start : start + chunk])
         self._pending = []
         self._fed_template += "".join(text for _, _, text in pieces)
+        self._record_messages(pieces, base, messages)
         self.messages = messages
         self._finish(len(ids), len(ids), 0, "given", time.perf_counter() - started, 0.0, 0.0)
 
@@ -636,10 +902,16 @@ class ChatSession:
             raise SessionError("a reply is still being generated; stop it first")
         pieces, messages = self.encode_turn(clean_text(user_text))
         context = self.cache.fork()
+        chunk = self.settings.prefill_chunk
+        self._recall(
+            clean_text(user_text),
+            context,
+            lambda ids: feed(self.model, context, ids, chunk, last_only=True),
+            commit=False,
+        )
         self._mark_message_starts(context, pieces, messages, add_generation_prompt=True)
         prefix_ids = self._tokenize(reply_prefix, True)
         ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids), *prefix_ids]
-        chunk = self.settings.prefill_chunk
         next_logits = feed(self.model, context, ids, chunk, last_only=True)[-1]
         scores = []
         for candidate in candidates:
@@ -700,6 +972,9 @@ class ChatSession:
             decode_seconds = time.perf_counter() - decode_started
             index = len(self.messages)
             self.messages.append({"role": "assistant", "content": "".join(reply)})
+            if self.memory_store is not None and "".join(reply).strip():
+                end = self.cache.seen_tokens + len(self._pending)
+                self._unstored.append({"turn": self.turns + 1, "role": "assistant", "text": "".join(reply), "end": end})
             self._fed_template += _placeholder(index)
             if reason == "eos":
                 self._fed_template += self.tokenizer.decode(self._pending)
@@ -762,9 +1037,12 @@ class ChatSession:
             prefill_tokens_per_s=fed / prefill_seconds if prefill_seconds > 0 else 0.0,
             decode_tokens_per_s=decode_rate,
             evicted_turn=self.evicted_last_turn,
-            cache=self.cache.stats(),
+            cache={**self.cache.stats(), **self.memory_stats()},
             rss_bytes=rss_bytes(),
+            recalled=[{"turn": p.turn, "role": p.role, "text": p.text} for p in self.recalled],
+            recall_changed=self._recall_changed,
         )
+        self._recall_changed = False
 
     def eviction_note(self) -> str | None:
         """A sentence for the user when the last turn evicted tokens (evictions are never silent)."""

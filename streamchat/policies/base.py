@@ -27,6 +27,7 @@ class PolicySettings(Protocol):
     h2o_decay: float
     slack: int
     evict_unit: str
+    recall_budget: int  # cache places reserved for recalled passages beyond the policy's own budget
 
 
 class EvictionPolicy:
@@ -66,6 +67,14 @@ class EvictionPolicy:
 
     def on_compact(self, layer_idx: int, kept: torch.Tensor) -> None:
         """The layer kept places `kept` (as returned by `keep_indices`); drop state of the others."""
+
+    def take_places(self, layer_idx: int, start: int, end: int) -> Any:
+        """Per-token state of places start..end-1 (the window, set aside while the cache's recalled region is
+        rewritten: `BoundedCache.replace_recall`); the cache then truncates the layer to `start` (`on_compact`)."""
+        return None
+
+    def put_places(self, layer_idx: int, state: Any, at: int) -> None:
+        """Put back what `take_places` gave, now at places at, at+1, ... (after the new recalled region)."""
 
     def observe(self, layer_idx: int, probs: torch.Tensor) -> None:
         """Attention probabilities of a forward pass's new queries, [batch, kv_heads, new tokens, cache length]

@@ -33,7 +33,7 @@ class H2OPolicy(EvictionPolicy):
 
     def __init__(self, settings: PolicySettings, num_layers: int):
         super().__init__(settings, num_layers)
-        self.capacity = self.budget(settings)
+        self.capacity = self.budget(settings) + settings.recall_budget
         self.mode = settings.h2o_score
         self.reset()
 
@@ -113,6 +113,20 @@ class H2OPolicy(EvictionPolicy):
             kept_places = kept.expand(buffer.shape[:2] + kept.shape[-1:])
             buffer[..., : kept.shape[-1]] = torch.gather(buffer, 2, kept_places)
         self.scored[layer_idx] = kept.shape[-1]
+
+    def take_places(self, layer_idx: int, start: int, end: int) -> Any:
+        if self.scores[layer_idx] is None:
+            return None
+        return self.scores[layer_idx][..., start:end].clone(), self.queries[layer_idx][..., start:end].clone()
+
+    def put_places(self, layer_idx: int, state: Any, at: int) -> None:
+        if state is None:
+            return
+        scores, queries = state
+        end = at + scores.shape[-1]
+        self.scores[layer_idx][..., at:end] = scores
+        self.queries[layer_idx][..., at:end] = queries
+        self.scored[layer_idx] = end
 
     # ----- reporting and saving -----------------------------------------------------------------------------
 

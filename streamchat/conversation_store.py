@@ -1,0 +1,327 @@
+"""A conversation's long-term memory: the text of messages evicted from the bounded cache, searchable, on disk.
+
+The KV cache forgets a message once it leaves the window (StreamingLLM, Xiao et al., 2023, Appendix A: it "does
+not extend the models' context window or enhance their long-term memory"). The text is a few bytes a token, so
+it can be kept: every fully evicted message goes here, cut into passages of at most `PASSAGE_WORDS` words, in a
+per-conversation SQLite file. A new user message searches it (BM25 over SQLite's FTS5 where the build has it,
+`PRAGMA compile_options`; the same BM25 computed over a plain table where not) and the session brings the best
+passages back into a reserved region of the cache (`ChatSession`, `BoundedCache.replace_recall`). RAM holds one
+query's candidates at most, whatever the conversation's length; the file grows by the text alone.
+
+Retrieval of evicted context is InfLLM's idea (Xiao et al., 2024, arXiv 2402.04617), which keeps every evicted
+K/V in RAM; this store keeps only text, so memory stays constant.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import re
+import sqlite3
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PASSAGE_WORDS = 48  # a long message is stored (and recalled) as passages of about this many words
+SEARCH_CANDIDATES = 32  # passages ranked per query, by each score
+RRF_K = 60  # reciprocal rank fusion of the two rankings (Cormack et al., 2009): 1 / (60 + rank) each
+LEXICAL_MIN_SHARE = 0.5  # a lexical match counts at this share of the best BM25 score or more
+SEMANTIC_MIN_Z = 2.5  # a semantic match counts this many standard deviations above the store's mean cosine
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's own bm25() defaults, also used by the fallback
+_WORD = re.compile(r"\w+", re.UNICODE)
+# Function words a question is mostly made of ("what is my ..."): left out of the query so that a passage is
+# found by what the question is about. Common English ones only; anything else is searched.
+_STOPWORD_TEXT = """a about above after again all also am an and any are as at be been before being below between both but by
+    can could did do does doing done down during each either else ever every few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just let lets me mine more
+    most much must my myself no nor not now of off on once only or other our ours ourselves out over own please
+    same she should so some such than that the their theirs them themselves then there these they this those
+    through to too under until up us very was we were what when where which while who whom whose why will with
+    would yes yet you your yours yourself yourselves"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+
+
+class StoreError(RuntimeError):
+    """The store's file is missing, unreadable or not a streamchat memory store; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A stored piece of an evicted message: the turn it was said in (1-based), who said it, its text, and the
+    number of tokens it takes (counted by the session's tokenizer when stored)."""
+
+    turn: int
+    role: str
+    text: str
+    tokens: int
+    id: int = 0
+    score: float = 0.0  # fused relevance to the last query (higher is more relevant)
+    lexical: float = 0.0  # its BM25 score (0: no search term in it)
+    semantic: float = 0.0  # its cosine's z-score among the store's passages (0: no vector)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k in ("turn", "role", "text", "tokens")}
+
+
+def fts5_available() -> bool:
+    """Whether this Python's SQLite has FTS5 (`PRAGMA compile_options` lists ENABLE_FTS5)."""
+    with sqlite3.connect(":memory:") as db:
+        return any(row[0] == "ENABLE_FTS5" for row in db.execute("PRAGMA compile_options"))
+
+
+def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
+    """`text` cut into passages of at most `words` words, at sentence ends where one falls in the second half."""
+    tokens = text.split()
+    passages, start = [], 0
+    while start < len(tokens):
+        end = min(start + words, len(tokens))
+        if end < len(tokens):
+            for cut in range(end, start + words // 2, -1):
+                if tokens[cut - 1].endswith((".", "!", "?", ":", ";")):
+                    end = cut
+                    break
+        passages.append(" ".join(tokens[start:end]))
+        start = end
+    return passages
+
+
+def query_terms(text: str) -> list[str]:
+    """The words of `text` a search uses: lowercased, function words (`STOPWORDS`) left out, each once, in order.
+    A question made only of function words keeps them all."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    kept = [w for w in words if w not in STOPWORDS] or words
+    return list(dict.fromkeys(kept))
+
+
+class ConversationStore:
+    """The evicted passages of one conversation in an SQLite file.
+
+    `path` None: a new file in a private temporary folder, deleted by `close`. Raises StoreError when the file
+    cannot be opened or is not a store (a corrupt file: "file is not a database")."""
+
+    def __init__(self, path: str | Path | None = None, use_fts5: bool | None = None):
+        self._owned_dir = None
+        self._vector_sum: np.ndarray | None = None  # of the stored vectors (float64), for centering
+        self._vectors = 0
+        if path is None:
+            self._owned_dir = tempfile.mkdtemp(prefix="streamchat-memory-")
+            path = Path(self._owned_dir) / "memory.sqlite"
+        self.path = Path(path)
+        self.fts5 = fts5_available() if use_fts5 is None else use_fts5
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS passages (id INTEGER PRIMARY KEY, turn INTEGER NOT NULL, role TEXT NOT NULL, "
+                "text TEXT NOT NULL, tokens INTEGER NOT NULL, vector BLOB)"
+            )
+            if self.fts5:
+                self.db.execute(
+                    "CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(text, content='passages', "
+                    "content_rowid='id', tokenize='unicode61')"
+                )
+            self.db.commit()
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+
+    # ----- writing ------------------------------------------------------------------------------------------
+
+    def add(self, passages: list[Passage], vectors: np.ndarray | None = None) -> None:
+        """Store passages (one transaction), with their semantic vectors (float [len(passages), dim], kept as
+        float16; None: lexical search only). Raises StoreError if the file cannot be written."""
+        if vectors is not None and len(vectors) != len(passages):
+            raise ValueError(f"{len(vectors)} vectors for {len(passages)} passages")
+        try:
+            with self.db:
+                for index, passage in enumerate(passages):
+                    vector = None if vectors is None else np.asarray(vectors[index], np.float16)
+                    cursor = self.db.execute(
+                        "INSERT INTO passages (turn, role, text, tokens, vector) VALUES (?, ?, ?, ?, ?)",
+                        (
+                            passage.turn,
+                            passage.role,
+                            passage.text,
+                            passage.tokens,
+                            None if vector is None else vector.tobytes(),
+                        ),
+                    )
+                    if vector is not None:
+                        if self._vector_sum is None:
+                            self._vector_sum = np.zeros(vector.shape, np.float64)
+                        self._vector_sum += vector
+                        self._vectors += 1
+                    if self.fts5:
+                        self.db.execute(
+                            "INSERT INTO passages_fts (rowid, text) VALUES (?, ?)", (cursor.lastrowid, passage.text)
+                        )
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+
+    def clear(self) -> None:
+        """Forget everything (a new conversation)."""
+        try:
+            with self.db:
+                self.db.execute("DELETE FROM passages")
+                self._vector_sum, self._vectors = None, 0
+                if self.fts5:
+                    self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('delete-all')")
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+
+    # ----- reading ------------------------------------------------------------------------------------------
+
+    def search(self, query: str, vector: np.ndarray | None = None, limit: int = SEARCH_CANDIDATES) -> list[Passage]:
+        """The passages relevant to `query` (and its semantic `vector`, if any), best first.
+
+        Two rankings of `limit` passages each: lexical, BM25 (Robertson et al.; FTS5's bm25(), k1 1.2, b 0.75) over
+        the query's words less function words; semantic, the cosine of the passages' vectors with `vector`, both
+        centred on the store's mean vector. A passage counts as relevant when its BM25 is at least
+        `LEXICAL_MIN_SHARE` of the best one's, or its cosine at least `SEMANTIC_MIN_Z` standard deviations above
+        the mean cosine; the relevant ones are ordered by reciprocal rank fusion (`score`). Raises StoreError if
+        the file cannot be read."""
+        try:
+            lexical = self._bm25(query_terms(query), limit)
+            semantic = self._nearest(vector, limit) if vector is not None and self.has_vectors else []
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+        found: dict[int, Passage] = {}
+        fused: dict[int, float] = {}
+        best = lexical[0].lexical if lexical else 0.0
+        for rank, passage in enumerate(lexical):
+            if passage.lexical >= best * LEXICAL_MIN_SHARE:
+                found[passage.id], fused[passage.id] = passage, 1 / (RRF_K + rank + 1)
+        for rank, (passage, z) in enumerate(semantic):
+            if z >= SEMANTIC_MIN_Z:
+                kept = found.get(passage.id, passage)
+                found[passage.id] = Passage(**{**asdict(kept), "semantic": z})
+                fused[passage.id] = fused.get(passage.id, 0.0) + 1 / (RRF_K + rank + 1)
+        order = sorted(found, key=lambda i: -fused[i])
+        return [Passage(**{**asdict(found[i]), "score": fused[i]}) for i in order]
+
+    def _nearest(self, vector: np.ndarray, limit: int) -> list[tuple[Passage, float]]:
+        """The `limit` passages whose centred vectors have the highest cosine with the centred `vector`, with
+        each one's z-score among all stored passages' cosines. One pass through a cursor, in batches: RAM holds a
+        batch and the best `limit`."""
+        mean = self._vector_sum / self._vectors
+        query = np.asarray(vector, np.float64) - mean
+        query /= np.linalg.norm(query) or 1.0
+        best: list[tuple[float, int, tuple]] = []
+        total = total_sq = 0.0
+        count = 0
+        cursor = self.db.execute("SELECT id, turn, role, text, tokens, vector FROM passages WHERE vector IS NOT NULL")
+        while rows := cursor.fetchmany(256):
+            matrix = np.stack([np.frombuffer(row[5], np.float16) for row in rows]).astype(np.float64) - mean
+            cosines = matrix @ query / np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
+            total, total_sq, count = total + cosines.sum(), total_sq + (cosines**2).sum(), count + len(rows)
+            for cosine, row in zip(cosines, rows):
+                heapq.heappush(best, (float(cosine), row[0], row[:5]))
+                if len(best) > limit:
+                    heapq.heappop(best)
+        average = total / count
+        spread = math.sqrt(max(total_sq / count - average**2, 1e-12))
+        ranked = sorted(best, reverse=True)
+        return [
+            (Passage(row[1], row[2], row[3], row[4], row[0]), (cosine - average) / spread) for cosine, _, row in ranked
+        ]
+
+    def _bm25(self, terms: list[str], limit: int) -> list[Passage]:
+        """The `limit` best passages by BM25 over `terms`, best first (`lexical` set); none sharing no term."""
+        if not terms:
+            return []
+        if not self.fts5:
+            return self._search_plain(terms, limit)
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+        rows = self.db.execute(
+            "SELECT p.id, p.turn, p.role, p.text, p.tokens, bm25(passages_fts) AS rank FROM passages_fts "
+            "JOIN passages p ON p.id = passages_fts.rowid WHERE passages_fts MATCH ? ORDER BY rank LIMIT ?",
+            (match, limit),
+        ).fetchall()
+        return [Passage(turn, role, text, tokens, id_, lexical=-rank) for id_, turn, role, text, tokens, rank in rows]
+
+    def _search_plain(self, terms: list[str], limit: int) -> list[Passage]:
+        """BM25 without FTS5: two passes over the table through a cursor (document frequencies, then scores), so
+        RAM holds the terms' counts and the best `limit` passages only."""
+        wanted = set(terms)
+        frequency = dict.fromkeys(terms, 0)
+        count = total_words = 0
+        for (text,) in self.db.execute("SELECT text FROM passages"):
+            words = [w.lower() for w in _WORD.findall(text)]
+            count, total_words = count + 1, total_words + len(words)
+            for word in wanted.intersection(words):
+                frequency[word] += 1
+        if not count:
+            return []
+        average = total_words / count
+        idf = {t: math.log((count - n + 0.5) / (n + 0.5) + 1) for t, n in frequency.items()}
+        best: list[Passage] = []
+        for id_, turn, role, text, tokens in self.db.execute("SELECT id, turn, role, text, tokens FROM passages"):
+            words = [w.lower() for w in _WORD.findall(text)]
+            score = 0.0
+            for term in wanted.intersection(words):
+                tf = words.count(term)
+                score += idf[term] * tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * len(words) / average))
+            if score > 0:
+                best.append(Passage(turn, role, text, tokens, id_, lexical=score))
+                best = sorted(best, key=lambda p: -p.lexical)[:limit]
+        return best
+
+    def passages(self) -> tuple[list[Passage], np.ndarray | None]:
+        """Every stored passage in order, and their vectors (float16 [n, dim]; None when some passage has none):
+        for saving a session, as the store travels with it."""
+        try:
+            rows = self.db.execute("SELECT id, turn, role, text, tokens, vector FROM passages ORDER BY id").fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+        passages = [Passage(turn, role, text, tokens, id_) for id_, turn, role, text, tokens, _ in rows]
+        if not rows or any(row[5] is None for row in rows):
+            return passages, None
+        return passages, np.stack([np.frombuffer(row[5], np.float16) for row in rows])
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether a semantic search can rank anything (two stored vectors at least: one has no spread)."""
+        return self._vectors > 1
+
+    def count(self) -> int:
+        try:
+            return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+
+    def stats(self) -> dict[str, Any]:
+        """Passages, tokens and text bytes stored, and the file's size on disk (bytes, with its journal)."""
+        try:
+            passages, tokens, text, vectors = self.db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
+                "COALESCE(SUM(LENGTH(vector)), 0) FROM passages"
+            ).fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"conversation memory {self.path}: {error}") from None
+        size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-journal")) if os.path.exists(p))
+        return {
+            "memory_passages": passages,
+            "memory_tokens": tokens,
+            "memory_text_bytes": text,
+            "memory_vector_bytes": vectors,
+            "memory_file_bytes": size,
+            "memory_search": "fts5" if self.fts5 else "plain",
+        }
+
+    def close(self) -> None:
+        """Close the file; a store that made its own temporary file deletes it."""
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+        if self._owned_dir is not None:
+            for name in os.listdir(self._owned_dir):
+                os.unlink(os.path.join(self._owned_dir, name))
+            os.rmdir(self._owned_dir)
+            self._owned_dir = None
+
+    def __del__(self):
+        if getattr(self, "_owned_dir", None) is not None:
+            self.close()
