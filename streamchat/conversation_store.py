@@ -91,10 +91,8 @@ def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
 
 def query_terms(text: str) -> list[str]:
     """The words of `text` a search uses: lowercased, function words (`STOPWORDS`) left out, each once, in order.
-    A question made only of function words keeps them all."""
-    words = [w.lower() for w in _WORD.findall(text)]
-    kept = [w for w in words if w not in STOPWORDS] or words
-    return list(dict.fromkeys(kept))
+    A message made only of function words ("what is it?") searches nothing lexically."""
+    return list(dict.fromkeys(w for w in (w.lower() for w in _WORD.findall(text)) if w not in STOPWORDS))
 
 
 class ConversationStore:
@@ -198,7 +196,7 @@ class ConversationStore:
                 kept = found.get(passage.id, passage)
                 found[passage.id] = Passage(**{**asdict(kept), "semantic": z})
                 fused[passage.id] = fused.get(passage.id, 0.0) + 1 / (RRF_K + rank + 1)
-        order = sorted(found, key=lambda i: -fused[i])
+        order = sorted(found, key=lambda i: (-fused[i], -found[i].lexical))  # a tie: the lexical match first
         return [Passage(**{**asdict(found[i]), "score": fused[i]}) for i in order]
 
     def _nearest(self, vector: np.ndarray, limit: int) -> list[tuple[Passage, float]]:

@@ -35,14 +35,16 @@ from tqdm import tqdm
 
 from streamchat import reporting
 from streamchat.cli import add_list_argument
-from streamchat.config import Settings
+from streamchat.config import MIN_RECALL_TOKENS, Settings
 from streamchat.model import LoadedModel
 from streamchat.prompts import PromptsError, load_turns
 from streamchat.session import ChatSession
 
 DENSE = "dense"
-POLICY_NAMES = (DENSE, "sink_window", "sink_message", "h2o", "tova")
+MEMORY = "memory"
+POLICY_NAMES = (DENSE, "sink_window", "sink_message", "h2o", "tova", MEMORY)
 DEFAULT_POLICIES = POLICY_NAMES
+PROBES = ("benchmark", "paraphrase")
 DEFAULT_BUDGETS = (256,)
 DEFAULT_DISTANCES = (32, 64, 128, 256, 512)
 MODES = ("facts", "lines")
@@ -123,12 +125,25 @@ class FactKind:
     question: str  # the probe turn
     answer_prefix: str  # the start of the assistant's reply; candidates follow it
     values: tuple[str, ...]
+    paraphrase: str = ""  # the question asked another way, sharing few words with the planted turn
 
 
 FACT_KINDS = (
-    FactKind("name", "By the way, my name is {}. Please remember it.", "What is my name?", "Your name is", NAMES),
     FactKind(
-        "city", "By the way, I live in {}. Please remember it.", "Which city do I live in?", "You live in", CITIES
+        "name",
+        "By the way, my name is {}. Please remember it.",
+        "What is my name?",
+        "Your name is",
+        NAMES,
+        "Who am I? Tell me how I am called.",
+    ),
+    FactKind(
+        "city",
+        "By the way, I live in {}. Please remember it.",
+        "Which city do I live in?",
+        "You live in",
+        CITIES,
+        "Which town is home for me?",
     ),
     FactKind(
         "number",
@@ -136,6 +151,7 @@ FACT_KINDS = (
         "What is my lucky number?",
         "Your lucky number is",
         tuple(str(n) for n in range(11, 100)),
+        "Do you recall the figure that brings me good fortune?",
     ),
     FactKind(
         "code",
@@ -143,6 +159,7 @@ FACT_KINDS = (
         "What is my locker code?",
         "Your locker code is",
         tuple(str(n) for n in range(1000, 10000)),
+        "Which digits open the locker at my gym?",
     ),
 )
 
@@ -154,11 +171,16 @@ class RecallError(ValueError):
 # ----- settings of each policy ----------------------------------------------------------------------------------
 
 
+def memory_recall_tokens(settings: Settings, budget: int) -> int:
+    """The recalled region of the `memory` row at `budget`: `recall_tokens`, at most a quarter of the budget."""
+    return max(min(settings.recall_tokens, budget // 4), MIN_RECALL_TOKENS)
+
+
 def policy_settings(settings: Settings, name: str, budget: int, context: int) -> Settings:
     """Settings that give `name` a cache of `budget` tokens (`dense`: the model's whole `context`, never evicting
     in a conversation that fits it). The filler is fed through transformers' forward, so `kv_dtype: auto` is the
     model's dtype: policies compare on the model's own numerics."""
-    base = settings.replace(decode_path="transformers", evict_unit="token", temperature=0)
+    base = settings.replace(decode_path="transformers", evict_unit="token", temperature=0, memory=False)
     if name == DENSE:  # `budget` here: as much as the longest conversation needs, at most the model's context
         return base.replace(policy="sink_window", window=min(budget, context) - settings.sinks)
     if name in ("sink_window", "sink_message"):
@@ -167,6 +189,11 @@ def policy_settings(settings: Settings, name: str, budget: int, context: int) ->
     if name in ("h2o", "tova"):
         split = budget - settings.sinks
         return base.replace(policy=name, heavy=split // 2, recent=split - split // 2)
+    if name == MEMORY:  # sink_window with conversation memory, its recalled region inside the same budget
+        recall = memory_recall_tokens(settings, budget)
+        return base.replace(
+            policy="sink_window", window=budget - settings.sinks - recall, memory=True, recall_tokens=recall
+        )
     raise RecallError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
 
 
@@ -195,7 +222,7 @@ def draw_distractors(rng: random.Random, values: list[str] | tuple[str, ...], an
     return rng.sample(pool, k)
 
 
-def facts_script(rng: random.Random, trial: int, k: int, prompts: list[str]) -> Script:
+def facts_script(rng: random.Random, trial: int, k: int, prompts: list[str], probes: str = "benchmark") -> Script:
     kind = FACT_KINDS[trial % len(FACT_KINDS)]
     value = rng.choice(kind.values)
     candidates = [value, *draw_distractors(rng, kind.values, value, k)]
@@ -205,7 +232,7 @@ def facts_script(rng: random.Random, trial: int, k: int, prompts: list[str]) -> 
     return Script(
         kind.name,
         (kind.plant.format(value), ACK),
-        kind.question,
+        kind.paraphrase if probes == "paraphrase" else kind.question,
         kind.answer_prefix,
         [f" {c}" for c in candidates],
         candidates.index(value),
@@ -381,6 +408,7 @@ def run_recall(
     seed: int,
     prompts: list[str],
     mode: str = "facts",
+    probes: str = "benchmark",
     distractors: int = 4,
     out: str | Path = "out/recall",
     show_progress: bool = True,
@@ -390,11 +418,13 @@ def run_recall(
         raise RecallError("--trials and --distractors must be at least 1, --distances positive")
     if mode not in MODES:
         raise RecallError(f"--mode must be one of {', '.join(MODES)}")
+    if probes not in PROBES or (probes == "paraphrase" and mode != "facts"):
+        raise RecallError(f"--probes must be one of {', '.join(PROBES)} (paraphrase: facts mode only)")
     context = getattr(loaded.model.config, "max_position_embeddings", None) or 8192
     distances = sorted(set(distances))
     rng = random.Random(seed)
     scripts = [
-        facts_script(random.Random(rng.random()), t, distractors, prompts)
+        facts_script(random.Random(rng.random()), t, distractors, prompts, probes)
         if mode == "facts"
         else lines_script(random.Random(rng.random()), t, distractors)
         for t in range(trials)
@@ -428,6 +458,7 @@ def run_recall(
     report = {
         "command": "recall",
         "mode": mode,
+        "probes": probes,
         "budgets": budgets,
         "policies": policies,
         "distances": distances,
@@ -537,6 +568,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="facts: personal facts amid chat filler (default); lines: StreamEval register lines",
     )
     add(
+        "--probes",
+        choices=PROBES,
+        default="benchmark",
+        help="facts mode: benchmark (the question names what was said: 'Which city do I live in?') or paraphrase "
+        "(it shares few words with it: 'Which town is home for me?')",
+    )
+    add(
         "--prompts",
         default=None,
         metavar="FILE",
@@ -568,6 +606,7 @@ def main(args: argparse.Namespace) -> int:
             seed,
             prompts,
             args.mode,
+            args.probes,
             args.distractors,
             args.out,
         )

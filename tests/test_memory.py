@@ -1,0 +1,204 @@
+"""Conversation memory (streamchat/conversation_store.py, BoundedCache.replace_recall, ChatSession's recall): evicted
+messages are stored, found again and brought back into the reserved region of the bounded cache."""
+
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from streamchat import persist
+from streamchat.cache import BoundedCache
+from streamchat.config import SettingsError, load_settings
+from streamchat.conversation_store import ConversationStore, Passage, StoreError, query_terms, split_passages
+from streamchat.session import ChatSession
+
+FACT = "My locker code is 4812. Please remember it."
+FILLER = [
+    ("Tell me a story about a dragon.", "The dragon lived in a castle by the sea and was fine."),
+    ("How are you today?", "I am fine, thank you. Hello there!"),
+    ("What is 2+2?", "The answer is 4. Numbers and symbols."),
+]
+
+
+def make(tiny, **changes) -> ChatSession:
+    values = {
+        "sinks": 4,
+        "window": 100,
+        "slack": 4,
+        "temperature": 0,
+        "max_new_tokens": 6,
+        "kv_dtype": "float32",
+        "decode_path": "transformers",
+        "prefill_chunk": 32,
+        "memory": True,
+        "recall_tokens": 96,
+    }
+    return ChatSession(tiny, load_settings(None, {**values, **changes}))
+
+
+def plant_and_evict(session: ChatSession, rounds: int = 4) -> None:
+    session.feed_exchange(*FILLER[0])
+    session.feed_exchange(FACT, "Got it.")
+    for _ in range(rounds):
+        for exchange in FILLER:
+            session.feed_exchange(*exchange)
+
+
+# ----- the store ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fts5", [True, False])
+def test_store_ranks_by_bm25_with_and_without_fts5(tmp_path, fts5):
+    store = ConversationStore(tmp_path / "m.sqlite", use_fts5=fts5)
+    texts = [
+        "the dragon lived by the sea",
+        FACT,
+        "numbers and symbols are fine",
+        "my code was never a locker in the big old school gym hall",
+    ]
+    store.add([Passage(i + 1, "user", text, 8) for i, text in enumerate(texts)])
+    found = store.search("What is my locker code?")
+    assert [p.text for p in found[:2]] == [FACT, "my code was never a locker in the big old school gym hall"]
+    assert all(p.lexical > 0 for p in found) and store.search("what is it") == []
+    assert store.stats()["memory_passages"] == 4 and store.stats()["memory_search"] == ("fts5" if fts5 else "plain")
+    store.clear()
+    assert store.count() == 0 and store.search("locker") == []
+
+
+def test_semantic_vectors_find_a_passage_with_no_word_in_common(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 8))
+    store = ConversationStore(tmp_path / "m.sqlite")
+    store.add([Passage(i, "user", f"passage {i}", 3) for i in range(20)], vectors)
+    found = store.search("nothing shared", vectors[7] + 0.01 * rng.normal(size=8))
+    assert found[0].text == "passage 7" and found[0].semantic >= 2.5 and found[0].lexical == 0
+    saved, kept = store.passages()
+    assert len(saved) == 20 and kept.dtype == np.float16 and np.allclose(kept, vectors, atol=1e-2)
+
+
+def test_a_corrupt_store_file_raises_a_store_error_naming_it(tmp_path):
+    path = tmp_path / "m.sqlite"
+    path.write_bytes(b"this is not a database" * 200)
+    with pytest.raises(StoreError, match="m.sqlite"):
+        ConversationStore(path)
+
+
+def test_passages_and_query_terms():
+    long = " ".join(f"word{i}." if i % 10 == 9 else f"word{i}" for i in range(130))
+    parts = split_passages(long, 48)
+    assert " ".join(parts) == long and all(len(p.split()) <= 48 for p in parts) and parts[0].endswith(".")
+    assert query_terms("What is MY locker code? my code!") == ["locker", "code"]
+    assert query_terms("what is it?") == []  # nothing but function words: no lexical search
+
+
+# ----- recall into the cache -------------------------------------------------------------------------------------
+
+
+def test_a_planted_fact_is_recalled_into_the_reserved_places(tiny):
+    session = make(tiny)
+    fed: list[list[int]] = []
+    forward = session._forward
+    session._forward = lambda ids: fed.append(list(ids)) or forward(ids)
+    plant_and_evict(session)
+    cache = session.cache
+    assert session.memory_store.count() > 0 and cache.window_start() > 0
+    assert FACT not in session.tokenizer.decode([i for ids in fed[-6:] for i in ids])  # long out of the window
+    stream_start = list(fed[:2])
+    fed.clear()
+    reply = "".join(session.send("What is my locker code?"))
+    assert isinstance(reply, str)
+    recalled = session.last_turn.recalled
+    assert any(FACT in p["text"] for p in recalled) and session.last_turn.recall_changed
+    base, count = cache.sink_places, cache.recall_length
+    recall_ids = [i for ids in fed[:3] for i in ids][
+        : cache.recall_length
+    ]  # the first forward of the turn: the recalled region (96 tokens at most: 3 chunks of 32)
+    assert count == len(recall_ids) == len(session._recall_ids(session.recalled)) <= 96
+    assert FACT in session.tokenizer.decode(recall_ids)
+    assert (cache.layers[0].origins[..., base : base + count] == -1).all()
+    assert (cache.layers[0].origins[..., base + count : cache.length] >= 0).all()
+    # The recalled places hold exactly what the model computes for the sinks followed by the recalled tokens.
+    check = BoundedCache(tiny.model, load_settings(None, {"window": 200, "kv_dtype": "float32"}))
+    first = [i for ids in stream_start for i in ids][:base]  # the first turn's tokens: no recall before it
+    with torch.inference_mode():
+        tiny.model(input_ids=torch.tensor([first[:base] + recall_ids]), past_key_values=check, use_cache=True)
+    expected = check.layers[0].raw_keys[..., base : base + count, :]
+    assert torch.allclose(cache.layers[0].raw_keys[..., base : base + count, :], expected, atol=1e-4)
+    assert cache.stats()["recalled_tokens"] == count and cache.length <= cache.capacity
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])
+def test_the_cache_never_exceeds_its_budget(tiny, policy):
+    session = make(tiny, policy=policy, heavy=40, recent=60)
+    capacity = session.cache.capacity
+    assert capacity == session.settings.budget == 4 + 100 + 96
+    plant_and_evict(session, rounds=1)
+    for round_ in range(4):
+        for question in ("What is my locker code?", "Tell me about the dragon by the sea", "2+2?"):
+            "".join(session.send(f"{question} ({round_})"))
+            cache = session.cache
+            assert cache.length <= capacity and cache.recall_length <= 96
+            assert cache.seen_tokens - cache.evicted_tokens + cache.recall_length == cache.length
+            assert session.last_turn.cache["kv_bytes"] == cache.nbytes()
+    assert session.memory_store.count() > 0
+
+
+def test_same_passages_again_means_no_reprefill(tiny):
+    session = make(tiny)
+    plant_and_evict(session)
+    "".join(session.send("What is my locker code?"))
+    assert session.last_turn.recall_changed
+    "".join(session.send("What is my locker code?"))
+    assert not session.last_turn.recall_changed and session.last_turn.recalled
+
+
+def test_a_saved_and_resumed_conversation_recalls_the_same(tiny, tmp_path):
+    session = make(tiny)
+    plant_and_evict(session)
+    "".join(session.send("Tell me about the dragon"))
+    path = persist.save_file(session, tmp_path / "c.streamchat")
+    twin = make(tiny)
+    persist.load_file(twin, path)
+    assert twin.memory_store.count() == session.memory_store.count()
+    assert twin.recalled == session.recalled or [p.text for p in twin.recalled] == [p.text for p in session.recalled]
+    replies = ["".join(s.send("What is my locker code?")) for s in (session, twin)]
+    assert replies[0] == replies[1]
+    assert twin.last_turn.recalled == session.last_turn.recalled and any(
+        FACT in p["text"] for p in twin.last_turn.recalled
+    )
+    for a, b in zip(session.cache.layers, twin.cache.layers):
+        assert torch.equal(a.keys[..., : a.length, :], b.keys[..., : b.length, :])
+
+
+def test_a_corrupt_store_gives_a_note_and_the_chat_goes_on(tiny):
+    session = make(tiny)
+    plant_and_evict(session)
+    path = session.memory_store.path
+    session.memory_store.db.close()
+    path.write_bytes(b"garbage" * 1000)
+    session.memory_store.db = sqlite3.connect(path, check_same_thread=False)
+    reply = "".join(session.send("What is my locker code?"))
+    assert isinstance(reply, str) and session.last_turn.new_tokens > 0
+    assert session.memory_store is None and "the chat goes on without conversation memory" in session.memory_note
+    assert str(path) in session.memory_note
+    assert session.stats()["memory"] is False
+    "".join(session.send("And now?"))  # later turns: no memory, no error
+    assert session.turns >= 2
+
+
+def test_reset_clears_the_memory(tiny):
+    session = make(tiny)
+    plant_and_evict(session)
+    assert session.memory_store.count() > 0
+    session.reset()
+    assert session.memory_store.count() == 0 and session.recalled == [] and session.cache.recall_length == 0
+
+
+def test_memory_settings_are_validated():
+    with pytest.raises(SettingsError, match="recall_tokens"):
+        load_settings(None, {"recall_tokens": 4})
+    with pytest.raises(SettingsError, match="recall_tokens"):
+        load_settings(None, {"memory": True, "window": 60, "recall_tokens": 512})
+    on = load_settings(None, {"memory": "on", "recall_tokens": 128})
+    assert on.memory is True and on.budget == 4 + 1020 + 128
+    assert load_settings(None, {"memory": "off"}).budget == 1024
