@@ -404,7 +404,27 @@ class Engine:
             "seen_tokens": stats["seen_total"],
             "kv_bytes": stats["kv_bytes"],
             "stop_reason": stop_reason,
+            **self._memory_extension(session),
         }
+
+    @staticmethod
+    def _memory_extension(session: ChatSession) -> dict[str, Any]:
+        """Conversation memory's part of the `streamchat` object: the passages in the cache this turn (turn, role,
+        text), the recalled tokens, the store's size, and why memory stopped if it did. Nothing with memory off."""
+        memory = session.memory_stats()
+        if not memory:
+            return {}
+        turn = session.last_turn
+        figures = {
+            "memory": memory["memory"],
+            "recalled": turn.recalled if turn else [],
+            "recalled_tokens": session.cache.recall_length,
+            "recall_changed": bool(turn and turn.recall_changed),
+        }
+        figures.update(
+            {key: memory[key] for key in ("memory_passages", "memory_file_bytes", "memory_note") if key in memory}
+        )
+        return figures
 
     def stats(self) -> dict[str, Any]:
         """Live figures for /metrics (safe from any thread)."""

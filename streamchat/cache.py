@@ -437,6 +437,8 @@ class BoundedCache(Cache):
             "cache_tokens": length,
             "cache_capacity": self.capacity,
             "sink_tokens": min(self.sink_places, length),
+            "pinned_tokens": self.pinned,
+            "sinks": self.sinks,
             "recalled_tokens": self.recall_length,
             "seen_total": self.seen_tokens,
             "evicted_total": self.evicted_tokens,

@@ -88,6 +88,14 @@ def _passage_key(passage: Passage) -> tuple[int, str, str]:
     return passage.turn, passage.role, passage.text
 
 
+def snippet(text: str, width: int = 60) -> str:
+    """`text` on one line, cut to about `width` characters at a word boundary (with an ellipsis when cut)."""
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    return flat[:width].rsplit(" ", 1)[0] + "..."
+
+
 def _placeholder(index: int) -> str:
     return f"\ue000{index}\ue001"
 
@@ -230,6 +238,7 @@ class ChatSession:
         self._frame: tuple[str, str] | None = None  # the recalled region's template text (`_recall_frame`)
         self._embedder: PassageEmbedder | bool | None = False  # False: not made yet; None: the model has no layout
         self._recall_changed = False
+        self._memory_note_new = False  # memory_note not yet told (recall_note tells it once)
         self.reset()
 
     # ----- conversation state -------------------------------------------------------------------------------
@@ -278,6 +287,7 @@ class ChatSession:
 
     def _memory_failed(self, error: StoreError) -> None:
         self.memory_note = f"{error}; the chat goes on without conversation memory"
+        self._memory_note_new = True
         if self.memory_store is not None:
             self.memory_store.close()
         self.memory_store = None
@@ -351,7 +361,10 @@ class ChatSession:
         empty with memory off."""
         if not self.settings.memory:
             return {}
-        figures: dict[str, Any] = {"memory": self.memory_store is not None}
+        figures: dict[str, Any] = {
+            "memory": self.memory_store is not None,
+            "recalled": [{"turn": p.turn, "role": p.role, "text": p.text} for p in self.recalled],
+        }
         if self.memory_store is not None:
             try:
                 figures.update(self.memory_store.stats())
@@ -1044,15 +1057,32 @@ class ChatSession:
         )
         self._recall_changed = False
 
+    def recall_note(self) -> str | None:
+        """A sentence for the user when the last turn brought passages back into the cache (their turns and
+        snippets), or when conversation memory stopped (told once)."""
+        parts = []
+        turn = self.last_turn
+        if turn is not None and turn.recall_changed and turn.recalled:
+            listed = "; ".join(f"turn {p['turn']} ({p['role']}) {snippet(p['text'])!r}" for p in turn.recalled)
+            parts.append(
+                f"recalled from memory into the cache ({turn.cache.get('recalled_tokens', 0)} tokens): {listed}"
+            )
+        if self.memory_note and self._memory_note_new:
+            self._memory_note_new = False
+            parts.append(self.memory_note)
+        return " | ".join(parts) or None
+
     def eviction_note(self) -> str | None:
         """A sentence for the user when the last turn evicted tokens (evictions are never silent)."""
         if not self.last_turn or not self.last_turn.evicted_turn:
             return None
         cache = self.last_turn.cache
-        kept = f"{cache['cache_tokens'] - cache['sink_tokens']} recent"
+        recalled = cache.get("recalled_tokens", 0)
+        kept = f"{cache['cache_tokens'] - cache['sink_tokens'] - recalled} recent"
         if "heavy_tokens" in cache:  # h2o
             kept = f"{cache['heavy_tokens']} heavy-hitter + {cache['recent_tokens']} recent"
         return (
             f"context window full: {self.last_turn.evicted_turn} earlier tokens evicted this turn "
-            f"({cache['evicted_total']} in total); {cache['sink_tokens']} pinned/sink + {kept} kept"
+            f"({cache['evicted_total']} in total); {cache['sink_tokens']} pinned/sink + "
+            f"{f'{recalled} recalled + ' if recalled else ''}{kept} kept"
         )

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from streamchat import reporting
 from streamchat.cli import add_list_argument
-from streamchat.config import MIN_RECALL_TOKENS, Settings
+from streamchat.config import Settings
 from streamchat.model import LoadedModel
 from streamchat.prompts import PromptsError, load_turns
 from streamchat.session import ChatSession
@@ -46,6 +46,7 @@ POLICY_NAMES = (DENSE, "sink_window", "sink_message", "h2o", "tova", MEMORY)
 DEFAULT_POLICIES = POLICY_NAMES
 PROBES = ("benchmark", "paraphrase")
 DEFAULT_BUDGETS = (256,)
+MEMORY_MIN_RECALL = 64  # the memory row recalls into at least this many places (a fact with its frame)
 DEFAULT_DISTANCES = (32, 64, 128, 256, 512)
 MODES = ("facts", "lines")
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "mt_bench.jsonl"
@@ -172,8 +173,8 @@ class RecallError(ValueError):
 
 
 def memory_recall_tokens(settings: Settings, budget: int) -> int:
-    """The recalled region of the `memory` row at `budget`: `recall_tokens`, at most a quarter of the budget."""
-    return max(min(settings.recall_tokens, budget // 4), MIN_RECALL_TOKENS)
+    """The recalled region of the `memory` row at `budget`: `recall_tokens`, at most a quarter of the budget, at least `MEMORY_MIN_RECALL`."""
+    return max(min(settings.recall_tokens, budget // 4), MEMORY_MIN_RECALL)
 
 
 def policy_settings(settings: Settings, name: str, budget: int, context: int) -> Settings:

@@ -157,11 +157,24 @@ def stats_line(stats: dict) -> str:
     """One line after each reply: speed, cache use, evictions, memory."""
     mb = 1024 * 1024
     held = f", {stats['heavy_tokens']} heavy, {stats['recent_tokens']} recent" if "heavy_tokens" in stats else ""
+    if stats.get("recalled_tokens"):
+        held += f", {stats['recalled_tokens']} recalled"
+    memory = ""
+    if stats.get("memory"):
+        turns = sorted({p["turn"] for p in stats.get("recalled", [])})
+        recalled = (
+            f"recalled turn{'s' if len(turns) > 1 else ''} {', '.join(map(str, turns))}"
+            if turns
+            else "nothing recalled"
+        )
+        memory = f" | memory: {recalled}, store {stats['memory_passages']} passages, {stats['memory_file_bytes'] / 1024:.0f} KB"
+    elif "memory" in stats:
+        memory = " | memory: off (store error)"
     return (
         f"[{stats['new_tokens']} tokens, {stats['decode_tokens_per_s']:.1f} tok/s, ttft {stats['ttft_s']:.2f} s"
         f" | {stats['policy']} cache {stats['cache_tokens']}/{stats['cache_capacity']} ({stats['sink_tokens']} sink{held})"
         f" | evicted {stats['evicted_turn']} (total {stats['evicted_total']})"
-        f" | KV {stats['kv_bytes'] / mb:.1f} MB | RSS {stats['rss_bytes'] / mb:.0f} MB]"
+        f"{memory} | KV {stats['kv_bytes'] / mb:.1f} MB | RSS {stats['rss_bytes'] / mb:.0f} MB]"
     )
 
 
@@ -271,9 +284,9 @@ def _chat_loop(session: ChatSession) -> int:
         if turn.stop_reason.startswith("stopped"):
             print("\n(stopped)", end="")
         print("\n" + stats_line(turn.to_dict()))
-        note = session.eviction_note()
-        if note:
-            print(f"note: {note}")
+        for note in (session.eviction_note(), session.recall_note()):
+            if note:
+                print(f"note: {note}")
 
 
 def input_lines(stream) -> Iterator[str]:
@@ -367,9 +380,9 @@ def _scripted(session: ChatSession, lines: Iterable[str]) -> None:
             emit({"user": message, "error": str(error)})
             continue
         record = {"user": message, "reply": reply, **session.last_turn.to_dict()}
-        note = session.eviction_note()
-        if note:
-            record["eviction_note"] = note
+        for key, note in (("eviction_note", session.eviction_note()), ("recall_note", session.recall_note())):
+            if note:
+                record[key] = note
         emit(record)
 
 

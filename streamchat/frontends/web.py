@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import os
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from streamchat.frontends.web_state import UISession
 from streamchat.model import LoadedModel, load_for_chat
 from streamchat.policies import POLICIES
 from streamchat.prompts import PromptsError
-from streamchat.session import SessionError
+from streamchat.session import SessionError, snippet
 
 # Which cache fields each policy reads (the others are hidden); a policy not listed shows them all.
 CACHE_FIELDS = ("sinks", "window", "heavy", "recent")
@@ -73,7 +74,7 @@ CSS = """
 .sc-bar { display: flex; height: 12px; border-radius: 6px; overflow: hidden; background: var(--neutral-200);
   margin: 6px 0 4px; }
 .sc-bar span { display: block; height: 100%; }
-.sc-sink { background: #f59e0b; } .sc-heavy { background: #ef4444; } .sc-recent { background: #6366f1; }
+.sc-sink { background: #f59e0b; } .sc-heavy { background: #ef4444; } .sc-recent { background: #6366f1; } .sc-recall { background: #10b981; }
 .sc-dot { display: inline-block; width: 9px; height: 9px; border-radius: 2px; margin: 0 3px 0 8px; }
 .sc-note { font-size: 12px; color: var(--body-text-color-subdued); margin-top: 6px; }
 """
@@ -95,7 +96,7 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
         )
     capacity = max(stats["cache_capacity"], 1)
     used, sinks = stats["cache_tokens"], stats["sink_tokens"]
-    heavy, recent = stats["heavy_tokens"], stats["recent_tokens"]
+    heavy, recent, recalled = stats["heavy_tokens"], stats["recent_tokens"], stats.get("recalled_tokens", 0)
     if stats["demo_running"]:
         state = '<span class="sc-state demo">● endless demo running</span>'
     elif stats["generating"]:
@@ -104,10 +105,17 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
         state = '<span class="sc-state">idle</span>'
     bar = "".join(
         f'<span class="{css}" style="width:{100 * count / capacity:.2f}%"></span>'
-        for css, count in (("sc-sink", sinks), ("sc-heavy", heavy), ("sc-recent", recent))
+        for css, count in (("sc-sink", sinks), ("sc-recall", recalled), ("sc-heavy", heavy), ("sc-recent", recent))
         if count
     )
-    split = f'<span class="sc-dot sc-sink"></span>{sinks:,} sink/pinned'
+    pinned, attention_sinks = stats.get("pinned_tokens", 0), stats.get("sinks", sinks)
+    if pinned > attention_sinks:  # the pinned system prompt holds the sink places: say which part is which
+        named = f"{sinks:,} pinned (system prompt; its first {attention_sinks} are the attention sinks)"
+    else:
+        named = f"{sinks:,} attention sinks"
+    split = f'<span class="sc-dot sc-sink"></span>{named}'
+    if stats.get("memory"):
+        split += f'<span class="sc-dot sc-recall"></span>{recalled:,} recalled'
     if stats["policy"] != "sink_window" or heavy:
         split += f'<span class="sc-dot sc-heavy"></span>{heavy:,} heavy'
     split += f'<span class="sc-dot sc-recent"></span>{recent:,} recent · {capacity - used:,} free'
@@ -134,21 +142,39 @@ def memory_panel_html(stats: dict[str, Any] | None, live_sessions: int, max_sess
         card("Decode", f"{stats['decode_tokens_per_s']:.1f} tok/s", "live while generating", "decode_tokens_per_s"),
         card("First token", f"{stats['ttft_s']:.2f} s", "time to first token", "ttft_s"),
         card("Sessions", f"{live_sessions} / {max_sessions}", "live browser tabs", "sessions"),
+        *([memory_card(stats, card)] if "memory" in stats else []),
         card("Page", f"{stats['page_messages']:,} msgs", f"{stats['dropped_messages']:,} older ones dropped", "page"),
     ]
     return f'<div class="sc-panel">{state}<div class="sc-grid">{"".join(cards)}</div></div>'
 
 
-def history_frames(session: UISession | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The plots' data: memory in MB and cache tokens, against tokens processed."""
+def memory_card(stats: dict[str, Any], card) -> str:
+    """The conversation memory's card: what this turn recalled (turns and snippets) and the store's size."""
+    if not stats["memory"]:
+        note = html.escape(stats.get("memory_note", "off"))
+        return card("Conversation memory", "off", note, "memory", wide=True)
+    recalled = stats.get("recalled") or []
+    listed = "".join(
+        f"<div>turn {p['turn']} ({html.escape(p['role'])}): {html.escape(snippet(p['text']))}</div>" for p in recalled
+    )
+    kept = f"{stats['memory_passages']:,} passages, {_mb(stats['memory_file_bytes'] / (1 << 20))} on disk"
+    sub = f"{listed or 'nothing recalled yet: evicted messages come back when a new message needs them'}{kept}"
+    value = f"{len(recalled)} recalled" if recalled else "on"
+    return card("Conversation memory", value, sub, "memory", wide=True)
+
+
+def history_frames(session: UISession | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The plots' data against tokens processed: process RSS (MB), the KV cache (MB, its own plot: at 35 MB it
+    would lie flat against RSS's scale) and cache tokens."""
     points = session.history.points() if session else []
-    memory = [(seen, value, name) for seen, kv, rss, _, _ in points for value, name in ((kv, "KV cache"), (rss, "RSS"))]
+    memory = [(seen, rss, "RSS") for seen, _, rss, _, _ in points]
+    kv = [(seen, value, "KV cache") for seen, value, _, _, _ in points]
     tokens = [
         (seen, value, name)
         for seen, _, _, used, capacity in points
         for value, name in ((used, "cache tokens used"), (capacity, "cache capacity"))
     ]
-    return _frame(memory, "MB"), _frame(tokens, "tokens")
+    return _frame(memory, "MB"), _frame(kv, "MB"), _frame(tokens, "tokens")
 
 
 def _frame(rows: list[tuple], value: str) -> pd.DataFrame:
@@ -320,7 +346,8 @@ class ChatApp:
         top_p,
         top_k,
         max_new_tokens,
-        request: gr.Request,
+        memory=None,
+        request: gr.Request = None,
     ) -> tuple[Any, str]:
         """Use the settings boxes; cache settings or a new system prompt start a new conversation (and say so)."""
         session = self.session(request)
@@ -336,6 +363,7 @@ class ChatApp:
                 top_p=top_p,
                 top_k=int(top_k),
                 max_new_tokens=int(max_new_tokens),
+                **({} if memory is None else {"memory": bool(memory)}),
             )
             reset = session.new_conversation(settings)
         except (SettingsError, SessionError) as error:
@@ -438,13 +466,13 @@ class ChatApp:
 
     # ----- memory panel ---------------------------------------------------------------------------------------
 
-    def panel(self, request: gr.Request, create: bool = False) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    def panel(self, request: gr.Request, create: bool = False) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         session = self.session(request) if create else self.sessions.peek(request.session_hash)
         stats = session.stats() if session else None
-        memory, tokens = history_frames(session)
-        return memory_panel_html(stats, len(self.sessions), self.sessions.max_sessions), memory, tokens
+        memory, kv, tokens = history_frames(session)
+        return memory_panel_html(stats, len(self.sessions), self.sessions.max_sessions), memory, kv, tokens
 
-    def opened(self, request: gr.Request) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    def opened(self, request: gr.Request) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """A tab was opened: give it its session and show the panel."""
         return self.panel(request, create=True)
 
@@ -461,7 +489,7 @@ class ChatApp:
                 len(self.sessions),
             )
             if key == session.rendered_key:
-                return gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             session.rendered_key = key
         return self.panel(request)
 
@@ -593,10 +621,10 @@ def build_app(
             with gr.Column(scale=2, min_width=380):
                 panel = gr.HTML(memory_panel_html(None, 0, max_sessions), elem_id="memory-panel", label="Memory")
                 memory_plot = conversation_plot(
-                    "MB",
-                    "Memory: flat while the token count climbs",
-                    {"KV cache": "#6366f1", "RSS": "#64748b"},
-                    "memory-plot",
+                    "MB", "Process memory (RSS): flat while the token count climbs", {"RSS": "#64748b"}, "memory-plot"
+                )
+                kv_plot = conversation_plot(
+                    "MB", "KV cache: allocated once at the budget, then flat", {"KV cache": "#6366f1"}, "kv-plot"
                 )
                 token_plot = conversation_plot(
                     "tokens",
@@ -622,6 +650,11 @@ def build_app(
                 window = gr.Number(s.window, label="Window (recent tokens)", precision=0, visible="window" in shown)
                 heavy = gr.Number(s.heavy, label="Heavy hitters (H2O)", precision=0, visible="heavy" in shown)
                 recent = gr.Number(s.recent, label="Recent tokens (H2O)", precision=0, visible="recent" in shown)
+                memory = gr.Checkbox(
+                    s.memory,
+                    label=f"Conversation memory: recall evicted messages ({s.recall_tokens} more cache places)",
+                    elem_id="memory-setting",
+                )
                 apply = gr.Button("Apply settings", variant="secondary", elem_id="apply")
         stats_timer = gr.Timer(1.0)
         demo_timer = gr.Timer(0.3, active=False)
@@ -639,7 +672,7 @@ def build_app(
         chatbot.clear(app.new_clicked, None, [chatbot, status], **LIGHT)
         apply.click(
             app.apply_settings,
-            [system_prompt, policy, sinks, window, heavy, recent, *sampling],
+            [system_prompt, policy, sinks, window, heavy, recent, *sampling, memory],
             [chatbot, status],
             **LIGHT,
         )
@@ -660,8 +693,8 @@ def build_app(
             show_progress="hidden",
             **generate,
         )
-        stats_timer.tick(app.panel_tick, None, [panel, memory_plot, token_plot], **LIGHT)
-        blocks.load(app.opened, None, [panel, memory_plot, token_plot], **LIGHT)
+        stats_timer.tick(app.panel_tick, None, [panel, memory_plot, kv_plot, token_plot], **LIGHT)
+        blocks.load(app.opened, None, [panel, memory_plot, kv_plot, token_plot], **LIGHT)
         blocks.unload(app.free)
 
         gr.api(app.api_chat, api_name="chat", **generate)

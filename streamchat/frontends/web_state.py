@@ -244,6 +244,22 @@ class UISession:
             reply["content"] = f"{reply['content']} {ending}".strip()
         elif not reply["content"].strip():
             reply["content"] = "*(empty reply)*"
+        recall = self.chat.recall_note()
+        if recall and turn.recalled and turn.recall_changed:
+            self._append(
+                {
+                    "role": "assistant",
+                    "content": f"{recall[0].upper()}{recall[1:]}.",
+                    "metadata": {
+                        "title": f"Memory: {len(turn.recalled)} passages of earlier turns recalled",
+                        "status": "done",
+                    },
+                }
+            )
+        elif recall:  # the store failed: say so, the chat goes on
+            self._append(
+                {"role": "assistant", "content": recall, "metadata": {"title": "Memory off", "status": "done"}}
+            )
         note = self.chat.eviction_note()
         if note:
             self._append(
@@ -280,7 +296,7 @@ class UISession:
             "kv_mb": live["kv_bytes"] / MB,
             "rss_mb": live["rss_bytes"] / MB,
             "heavy_tokens": heavy,
-            "recent_tokens": live["cache_tokens"] - sinks - heavy,
+            "recent_tokens": live["cache_tokens"] - sinks - heavy - live.get("recalled_tokens", 0),
             "ttft_s": ttft,
             "decode_tokens_per_s": decode_rate,
             "evicted_last_turn": turn.evicted_turn if turn else 0,
