@@ -620,26 +620,21 @@ static void ggml_task(void *context, int t) {
     }
 }
 
-typedef struct {
-    const float *x;
-    block_q8_K *q;
-    int K;
-} quantize_k_job;
+static void quantize_q8_K_row(const float *x, void *y, int K) { quantize_q8_K(x, y, K); }
 
-static void quantize_k_task(void *context, int m) {
-    const quantize_k_job *job = context;
-    quantize_q8_K(job->x + (size_t)m * job->K, job->q + (size_t)m * (job->K / QK_K), job->K);
+/* x [M, K] fp32 -> M rows of K / 256 block_q8_K (the caller frees it), or NULL: kernels.c's quantize_into. */
+static block_q8_K *quantize_rows_k(const float *x, int M, int K) {
+    const size_t row_bytes = sizeof(block_q8_K) * (size_t)(K / QK_K);
+    return quantize_into(quantize_q8_K_row, x, M, K, row_bytes, malloc(row_bytes * (size_t)M));
 }
 
 /* x [M, K] fp32 times the GGUF tensor w (N rows of K weights of `type`, row-major blocks) transposed:
  * out[m * ldo + n] for n < N (ldo >= N: a part of a wider output, e.g. q, k and v side by side). Returns 0, or -1
  * for a type it does not take, a K that is not whole blocks (or not a multiple of 8), or memory that ran out. */
-static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
-static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
+static int kx8_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo);
 
 int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (type == 112) return q4_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q4_KX8, below */
-    if (type == 114) return q6_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q6_KX8, below */
+    if (type == 112 || type == 114) return kx8_matmul(type, x, M, K, w, N, out, ldo); /* SC_Q4_KX8, SC_Q6_KX8 */
     row_dot_fn one, four;
     const int bw = block_weights(type);
     if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
@@ -651,13 +646,8 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
                     M, K, N, ldo, per_task};
     void *activations = NULL;
     if (bw == QK_K) {
-        block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * (K / QK_K));
+        block_q8_K *q = quantize_rows_k(x, M, K);
         if (!q) return -1;
-        quantize_k_job qjob = {x, q, K};
-        if (M >= 8)
-            run_tasks(M, quantize_k_task, &qjob);
-        else
-            for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
         activations = q, job.a = q, job.a_row = sizeof(block_q8_K) * (K / QK_K), job.a_stride = K / QK_K;
     } else if (bw == 32) {
         block_q8 *q = quantize_rows(x, M, K);
@@ -767,76 +757,19 @@ ALWAYS_INLINE_G void q4_Kx16_rows(const block_q4_Kx8 *w0, const block_q4_Kx8 *w1
     for (int c = 0; c < C; c++) _mm512_storeu_ps(out + c * ostride, acc[c]);
 }
 
-static void q4_Kx16_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
-    q4_Kx16_rows(w, w + nb, nb, a, stride, 1, out, o);
+static void q4_Kx16_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, 1, out, o);
 }
-static void q4_Kx16_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
-    q4_Kx16_rows(w, w + nb, nb, a, stride, MAX_C, out, o);
+static void q4_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, MAX_C, out, o);
 }
 #endif
 
-static void q4_Kx8_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+static void q4_Kx8_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, 1, out, o);
 }
-static void q4_Kx8_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+static void q4_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
-}
-
-typedef struct {
-    const block_q4_Kx8 *w;
-    const block_q8_K *a;
-    float *out;
-    int M, nb, groups, per_task, ldo;
-} q4_Kx8_job;
-
-static void q4_Kx8_task(void *context, int t) {
-    const q4_Kx8_job *job = context;
-    const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
-    const size_t nb = (size_t)job->nb;
-    for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
-        const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
-        for (int g = g0; g < g1; g++) {
-            const block_q4_Kx8 *w = job->w + g * nb;
-            if (m0 == 0 && g + 2 < g1)
-                for (size_t offset = 0; offset < 2 * nb * sizeof(block_q4_Kx8); offset += 64)
-                    _mm_prefetch((const char *)(w + 2 * nb) + offset, _MM_HINT_T0);
-#ifdef SC_VNNI
-            if (g + 1 < g1) { /* two groups at once: 16 rows */
-                int m = m0;
-                for (; m + MAX_C <= m1; m += MAX_C)
-                    q4_Kx16_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-                for (; m < m1; m++)
-                    q4_Kx16_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-                g++;
-                continue;
-            }
-#endif
-            int m = m0;
-            for (; m + MAX_C <= m1; m += MAX_C)
-                q4_Kx8_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-            for (; m < m1; m++)
-                q4_Kx8_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-        }
-    }
-}
-
-/* As sc_ggml_matmul for a SC_Q4_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q4_Kx8. */
-static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
-    const int nb = K / QK_K, groups = N / 8;
-    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
-    if (!q) return -1;
-    quantize_k_job qjob = {x, q, K};
-    if (M >= 8)
-        run_tasks(M, quantize_k_task, &qjob);
-    else
-        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
-    int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
-    per_task = per_task < 2 ? 2 : per_task + (per_task & 1); /* even: 16-row pairs */
-    const q4_Kx8_job job = {w, q, out, M, nb, groups, per_task, ldo};
-    run_tasks((groups + per_task - 1) / per_task, q4_Kx8_task, (void *)&job);
-    free(q);
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -920,10 +853,31 @@ static void q6_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t str
     q6_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * The 8-row layouts' matmul: one driver over each type's group functions. */
 typedef void (*group_fn)(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t ostride);
 
 typedef struct {
-    group_fn one, four;
+    group_fn one, four;           /* one 8-row group against 1 and MAX_C activation rows */
+    group_fn pair_one, pair_four; /* two adjacent groups (16 rows) at once, or NULL */
+    size_t block_bytes;           /* one 8-row block of 256 inputs */
+    int ahead;                    /* groups prefetched, from two groups ahead of the one multiplied */
+    int even;                     /* tasks of whole 16-row pairs */
+} kx8_type;
+
+static const kx8_type KX8_Q4_K = {
+    q4_Kx8_rows_1, q4_Kx8_rows_4,
+#ifdef SC_VNNI
+    q4_Kx16_rows_1, q4_Kx16_rows_4,
+#else
+    NULL, NULL,
+#endif
+    sizeof(block_q4_Kx8), 2, 1,
+};
+static const kx8_type KX8_Q6_K = {q6_Kx8_rows_1, q6_Kx8_rows_4, NULL, NULL, sizeof(block_q6_Kx8), 1, 0};
+
+typedef struct {
+    const kx8_type *type;
     const uint8_t *w;
     size_t group_bytes;
     const block_q8_K *a;
@@ -933,38 +887,40 @@ typedef struct {
 
 static void kx8_task(void *context, int t) {
     const kx8_job *job = context;
+    const kx8_type *type = job->type;
     const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
-    const size_t nb = (size_t)job->nb;
+    const size_t nb = (size_t)job->nb, ahead = (size_t)type->ahead * job->group_bytes;
     for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int g = g0; g < g1; g++) {
             const uint8_t *w = job->w + (size_t)g * job->group_bytes;
             if (m0 == 0 && g + 2 < g1)
-                for (size_t offset = 0; offset < job->group_bytes; offset += 64)
+                for (size_t offset = 0; offset < ahead; offset += 64)
                     _mm_prefetch((const char *)w + 2 * job->group_bytes + offset, _MM_HINT_T0);
+            const int pair = type->pair_one && g + 1 < g1;
+            const group_fn one = pair ? type->pair_one : type->one, four = pair ? type->pair_four : type->four;
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C)
-                job->four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
             for (; m < m1; m++)
-                job->one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+            g += pair;
         }
     }
 }
 
-/* As sc_ggml_matmul for a SC_Q6_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q6_Kx8. */
-static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
+/* As sc_ggml_matmul for a SC_Q4_KX8 or SC_Q6_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256
+ * block_q4_Kx8 or block_q6_Kx8. */
+static int kx8_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    const kx8_type *kind = type == SC_Q4_KX8 ? &KX8_Q4_K : type == SC_Q6_KX8 ? &KX8_Q6_K : NULL;
+    if (!kind || M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
     const int nb = K / QK_K, groups = N / 8;
-    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
+    block_q8_K *q = quantize_rows_k(x, M, K);
     if (!q) return -1;
-    quantize_k_job qjob = {x, q, K};
-    if (M >= 8)
-        run_tasks(M, quantize_k_task, &qjob);
-    else
-        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
     int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
     per_task = per_task < 2 ? 2 : per_task;
-    const kx8_job job = {q6_Kx8_rows_1, q6_Kx8_rows_4, w, sizeof(block_q6_Kx8) * nb, q, out, M, nb, groups, per_task, ldo};
+    if (kind->even) per_task += per_task & 1;
+    const kx8_job job = {kind, w, kind->block_bytes * nb, q, out, M, nb, groups, per_task, ldo};
     run_tasks((groups + per_task - 1) / per_task, kx8_task, (void *)&job);
     free(q);
     return 0;
