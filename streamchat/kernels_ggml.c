@@ -664,7 +664,7 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
  * 256-input block, the 8 rows' d and dmin, their 6-bit scales and minimums unpacked ([sub-block][row] bytes), and
  * per 32-input sub-block the 8 rows' nibbles in block_q4x8's order (4 chunks of 32 bytes; byte 4r + i of chunk g
  * holds row r's element 4g + i in its low nibble, 4(g + 4) + i in its high one). One activation broadcast then
- * serves 8 rows (group_dot), and a block's scales apply to 8 rows in one vector. ggml_blocks.py, repack_q4_K,
+ * serves 8 rows (group_dot), and a block's scales apply to 8 rows in one vector. ggml_blocks.py, repack,
  * writes it; type number SC_Q4_KX8 (streamchat's own, beside ggml's). */
 #define SC_Q4_KX8 112
 
@@ -778,7 +778,7 @@ static void q4_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t str
  * low 4 bits of each value in block_q4x8's order (4 chunks: byte 4r + i of chunk g holds row r's value 4g + i in
  * its low nibble, 4(g + 4) + i in its high one) and their top 2 bits (2 chunks: byte 4r + i of chunk k holds those
  * of chunk 2k's two values in bits 0-3, chunk 2k + 1's in bits 4-7). Values 4g + i (g < 4) are the sub-block's
- * first 16, with one scale; the others the last 16. ggml_blocks.py, repack_q6_K, writes it. */
+ * first 16, with one scale; the others the last 16. ggml_blocks.py, repack, writes it. */
 #define SC_Q6_KX8 114
 
 typedef struct {
