@@ -327,6 +327,23 @@ static inline int scales_dot(const int8_t *scales, const int16_t *bsums) {
     return _mm_cvtsi128_si32(q);
 }
 
+/* Half n (0, 1) of a Q6_K block: its 128 6-bit values (0..63) as 4 vectors of 32, in ggml's order (vector j holds
+ * values 128n + 32j .. 128n + 32j + 31). */
+ALWAYS_INLINE_G void q6_K_half(const block_q6_K *x, int n, __m256i u[4]) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
+    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low),
+                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low),
+                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                           _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
+    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
+}
+
 #ifdef SC_VNNI
 /* AVX-512: 64 weights a vector (two 32-weight sub-blocks side by side, as their 64 activations lie), one vpdpbusd
  * and one scale multiply each; Q4_K's low and high nibbles of a 32-byte chunk are exactly such a pair. */
@@ -382,24 +399,14 @@ ALWAYS_INLINE_G void dot_q6_K_512(const void *row, int nb, const block_q8_K *a, 
     __m512 acc[MAX_C];
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), offsets[c] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m512i u[4], sc[4];
         for (int n = 0; n < 2; n++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
-            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(l0, low),
-                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
-            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(l1, low),
-                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
-            const __m256i u2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
-                                               _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
-            const __m256i u3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                               _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-            u[2 * n] = pair512(u0, u1), u[2 * n + 1] = pair512(u2, u3);
+            __m256i half[4];
+            q6_K_half(x, n, half);
+            u[2 * n] = pair512(half[0], half[1]), u[2 * n + 1] = pair512(half[2], half[3]);
         }
         /* pair p (64 weights) has 4 scales, 2p*2 .. 2p*2+3, each over 16 weights = 4 int32 lanes */
         const __m512i all = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x->scales));
@@ -474,24 +481,11 @@ ALWAYS_INLINE_G void dot_q6_K(const void *row, int nb, const block_q8_K *a, size
     __m256 acc[MAX_C];
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offsets[c] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m256i u[8];
-        for (int n = 0; n < 2; n++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
-            u[4 * n] = _mm256_or_si256(_mm256_and_si256(l0, low),
-                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
-            u[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(l1, low),
-                                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
-            u[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
-                                           _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
-            u[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-        }
+        for (int n = 0; n < 2; n++) q6_K_half(x, n, u + 4 * n);
         for (int c = 0; c < C; c++) {
             const block_q8_K *ab = a + c * stride + b;
             __m256i sum = _mm256_setzero_si256();
