@@ -10,6 +10,7 @@ MXFP4...) are converted by `convert_tensor` to the nearest native one, tensor by
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,9 +91,9 @@ class BlockTensor:
         """The rows in `order` (a permutation), copied: lossless, since each row is its own blocks."""
         return BlockTensor(self.name, self.kind, len(order), self.columns, self.data[order].contiguous())
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 [rows, columns] (or of the rows in `rows`): the native kernel where it takes the type, else
-        gguf-py's dequantization."""
+    def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """fp32 [rows, columns] (or of the rows `rows` picks: ids, or a slice): the native kernel where it takes
+        the type, else gguf-py's dequantization."""
         data = self.data if rows is None else self.data[rows]
         count = data.shape[0]
         if self.kind in NATIVE and native.library() is not None:
@@ -105,30 +106,16 @@ class BlockTensor:
 _NUMPY_REPACK = False  # tests: the numpy re-layout (the reference) instead of the kernel's
 Q4_KX8 = 112  # kernels_ggml.c's block_q4_Kx8: Q4_K re-laid 8 rows at a time (lossless)
 Q4_KX8_BYTES = 1184  # per 8 rows x 256 inputs
+Q6_KX8 = 114  # kernels_ggml.c's block_q6_Kx8: Q6_K re-laid 8 rows at a time (lossless, the same bytes)
+Q6_KX8_BYTES = 1680
 
 
-def repack_q4_K(tensor: BlockTensor) -> BlockTensor:
-    """A Q4_K tensor (rows a multiple of 8) re-laid for the 8-row kernel (kernels_ggml.c, block_q4_Kx8): the same
-    values, every bit of d, dmin, the 6-bit scales and minimums and the nibbles kept; 2.8% more bytes (the scales
-    unpacked). Done row group by row group in numpy; the copy is what the process holds (the file's pages are then
-    not read again). ValueError for another type or row count."""
-    if tensor.kind != T.Q4_K or tensor.rows % 8:
-        raise ValueError(
-            f"{tensor.name}: repack_q4_K takes Q4_K with rows a multiple of 8, got {tensor.type_name} x{tensor.rows}"
-        )
-    rows, nb = tensor.rows, tensor.columns // 256
-    out = torch.empty(rows // 8, nb * Q4_KX8_BYTES, dtype=torch.uint8)
-    if native.library() is not None and not _NUMPY_REPACK:
-        native.ggml_repack(int(T.Q4_K), tensor.data.contiguous(), rows, nb, out)
-        return BlockTensor(tensor.name, Q4_KX8, tensor.rows, tensor.columns, out)
-    step = 512  # rows per slice: bounds the temporaries
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        out[start // 8 : stop // 8] = torch.from_numpy(_repack_rows(tensor.data[start:stop].numpy(), nb))
-    return BlockTensor(tensor.name, Q4_KX8, tensor.rows, tensor.columns, out)
+def _row_slices(rows: int, step: int) -> Iterator[slice]:
+    """Rows 0..rows as slices of at most `step` rows (work done a row block at a time bounds its temporaries)."""
+    return (slice(start, min(rows, start + step)) for start in range(0, rows, step))
 
 
-def _repack_rows(data: np.ndarray, nb: int) -> np.ndarray:
+def _repack_q4_rows(data: np.ndarray, nb: int) -> np.ndarray:
     n = data.shape[0]
     groups = n // 8
     raw = data.reshape(n, nb, 144)
@@ -157,29 +144,6 @@ def _repack_rows(data: np.ndarray, nb: int) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(groups, nb * Q4_KX8_BYTES)
 
 
-Q6_KX8 = 114  # kernels_ggml.c's block_q6_Kx8: Q6_K re-laid 8 rows at a time (lossless, the same bytes)
-Q6_KX8_BYTES = 1680
-LAYOUTS = {Q4_KX8: ("Q4_K", Q4_KX8_BYTES), Q6_KX8: ("Q6_K", Q6_KX8_BYTES)}  # streamchat's 8-row layouts
-
-
-def repack_q6_K(tensor: BlockTensor) -> BlockTensor:
-    """A Q6_K tensor (rows a multiple of 8) re-laid for the 8-row kernel (kernels_ggml.c, block_q6_Kx8): every bit
-    kept, the same size. ValueError for another type or row count."""
-    if tensor.kind != T.Q6_K or tensor.rows % 8:
-        raise ValueError(
-            f"{tensor.name}: repack_q6_K takes Q6_K with rows a multiple of 8, got {tensor.type_name} x{tensor.rows}"
-        )
-    rows, nb = tensor.rows, tensor.columns // 256
-    out = torch.empty(rows // 8, nb * Q6_KX8_BYTES, dtype=torch.uint8)
-    if native.library() is not None and not _NUMPY_REPACK:
-        native.ggml_repack(int(T.Q6_K), tensor.data.contiguous(), rows, nb, out)
-        return BlockTensor(tensor.name, Q6_KX8, tensor.rows, tensor.columns, out)
-    for start in range(0, rows, 512):
-        stop = min(rows, start + 512)
-        out[start // 8 : stop // 8] = torch.from_numpy(_repack_q6_rows(tensor.data[start:stop].numpy(), nb))
-    return BlockTensor(tensor.name, Q6_KX8, tensor.rows, tensor.columns, out)
-
-
 def _repack_q6_rows(data: np.ndarray, nb: int) -> np.ndarray:
     n = data.shape[0]
     groups = n // 8
@@ -204,6 +168,46 @@ def _repack_q6_rows(data: np.ndarray, nb: int) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(groups, nb * Q6_KX8_BYTES)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One of streamchat's 8-row layouts of a ggml type: its type number (kernels_ggml.c's), the bytes of 8 rows x
+    256 inputs, and the numpy re-layout of whole row groups (uint8 [rows, row bytes], blocks a row -> uint8
+    [rows / 8, blocks x bytes]: the reference the kernel's is tested against)."""
+
+    kind: int
+    block_bytes: int
+    reference: Callable[[np.ndarray, int], np.ndarray]
+
+
+# Q4_K: every bit of d, dmin, the 6-bit scales and minimums and the nibbles kept, 2.8% more bytes (the scales
+# unpacked); Q6_K: every bit kept, the same size
+REPACKED = {
+    T.Q4_K: Layout(Q4_KX8, Q4_KX8_BYTES, _repack_q4_rows),
+    T.Q6_K: Layout(Q6_KX8, Q6_KX8_BYTES, _repack_q6_rows),
+}
+LAYOUTS = {layout.kind: (source.name, layout.block_bytes) for source, layout in REPACKED.items()}  # by layout type
+
+
+def repack(tensor: BlockTensor) -> BlockTensor:
+    """A Q4_K or Q6_K tensor (rows a multiple of 8) re-laid for its 8-row kernel (`REPACKED`'s layout: the same
+    values, every bit kept), by the native kernel, or row group by row group in numpy; the copy is what the process
+    holds (the file's pages are then not read again). ValueError for another type or row count."""
+    layout = REPACKED.get(tensor.kind)
+    if layout is None or tensor.rows % 8:
+        raise ValueError(
+            f"{tensor.name}: repack takes {' or '.join(t.name for t in REPACKED)} with rows a multiple of 8, got "
+            f"{tensor.type_name} x{tensor.rows}"
+        )
+    rows, nb = tensor.rows, tensor.columns // 256
+    out = torch.empty(rows // 8, nb * layout.block_bytes, dtype=torch.uint8)
+    if native.library() is not None and not _NUMPY_REPACK:
+        native.ggml_repack(tensor.kind, tensor.data.contiguous(), rows, nb, out)
+    else:
+        for part in _row_slices(rows, 512):
+            out[part.start // 8 : part.stop // 8] = torch.from_numpy(layout.reference(tensor.data[part].numpy(), nb))
+    return BlockTensor(tensor.name, layout.kind, tensor.rows, tensor.columns, out)
+
+
 def convert_tensor(tensor: BlockTensor) -> BlockTensor:
     """A tensor of a type the kernels do not take, re-encoded as `CONVERT_TO`'s type one row block at a time (never
     the whole tensor in fp32: at most 64 rows at once). BlockTypeError where there is no conversion."""
@@ -217,11 +221,9 @@ def convert_tensor(tensor: BlockTensor) -> BlockTensor:
         )
     quantizable = target if target in (T.F32, T.Q8_0) else T.Q8_0  # what gguf-py can encode
     out = torch.empty(tensor.rows, row_bytes(quantizable, tensor.columns), dtype=torch.uint8)
-    for start in range(0, tensor.rows, 64):
-        stop = min(start + 64, tensor.rows)
-        rows = tensor.dequantize(torch.arange(start, stop)).numpy()
-        encoded = gguf_quantize(rows.astype(np.float32), quantizable)
-        out[start:stop] = torch.from_numpy(np.ascontiguousarray(encoded).view(np.uint8).reshape(stop - start, -1))
+    for part in _row_slices(tensor.rows, 64):
+        encoded = gguf_quantize(tensor.dequantize(part).numpy().astype(np.float32), quantizable)
+        out[part] = torch.from_numpy(np.ascontiguousarray(encoded).view(np.uint8).reshape(part.stop - part.start, -1))
     return BlockTensor(tensor.name, int(quantizable), tensor.rows, tensor.columns, out)
 
 

@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from gguf import GGMLQuantizationType as T
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from streamchat.ggml_blocks import (
     NATIVE,
+    REPACKED,
     BlockEmbedding,
     BlockLinear,
     BlockTensor,
     BlockTypeError,
     convert_tensor,
-    repack_q4_K,
-    repack_q6_K,
+    repack,
 )
 from streamchat.gguf_file import GGUFError, GGUFFile
 from streamchat.packing import PACKED_ATTR, PackedLayer, PackedWeights
@@ -115,8 +114,7 @@ def _native(tensor: BlockTensor, load: GGUFLoad) -> BlockTensor:
 def _for_matmul(tensor: BlockTensor, file: GGUFFile) -> BlockTensor:
     """A linear's tensor in the layout its kernel reads fastest: Q4_K and Q6_K re-laid 8 rows at a time (lossless); the
     file's pages of it are then released (their bytes are not read again)."""
-    repack = {T.Q4_K: repack_q4_K, T.Q6_K: repack_q6_K}.get(T(tensor.kind)) if tensor.kind in (T.Q4_K, T.Q6_K) else None
-    if repack is not None and tensor.rows % 8 == 0:
+    if tensor.kind in REPACKED and tensor.rows % 8 == 0:
         repacked = repack(tensor)
         file.release(tensor.name)
         return repacked

@@ -215,26 +215,40 @@ static void quantize_q8(const float *x, block_q8 *y, int K) {
     }
 }
 
+/* Activation rows quantized, over the pool from 8 rows on: row m of x [M, K] by `quantize` into the `row_bytes`
+ * bytes at q + m * row_bytes. Returns q (NULL where the allocation that made it failed). */
+typedef void (*quantize_fn)(const float *x, void *y, int K);
+
 typedef struct {
+    quantize_fn quantize;
     const float *x;
-    block_q8 *q;
+    uint8_t *q;
+    size_t row_bytes;
     int K;
 } quantize_job;
 
 static void quantize_task(void *context, int m) {
     const quantize_job *job = context;
-    quantize_q8(job->x + (size_t)m * job->K, job->q + (size_t)m * (job->K / QK), job->K);
+    job->quantize(job->x + (size_t)m * job->K, job->q + (size_t)m * job->row_bytes, job->K);
 }
 
-static block_q8 *quantize_rows(const float *x, int M, int K) {
-    block_q8 *q = (block_q8 *)aligned_alloc(64, ((size_t)M * (K / QK) * sizeof(block_q8) + 63) / 64 * 64);
+static void *quantize_into(quantize_fn quantize, const float *x, int M, int K, size_t row_bytes, void *q) {
     if (!q) return NULL;
-    quantize_job job = {x, q, K};
+    quantize_job job = {quantize, x, q, row_bytes, K};
     if (M >= 8)
         run_tasks(M, quantize_task, &job);
     else
         for (int m = 0; m < M; m++) quantize_task(&job, m);
     return q;
+}
+
+static void quantize_q8_row(const float *x, void *y, int K) { quantize_q8(x, y, K); }
+
+/* x [M, K] fp32 -> M rows of K / 32 block_q8 (64-byte aligned; the caller frees it), or NULL. */
+static block_q8 *quantize_rows(const float *x, int M, int K) {
+    const size_t row_bytes = (size_t)(K / QK) * sizeof(block_q8);
+    void *q = aligned_alloc(64, ((size_t)M * row_bytes + 63) / 64 * 64);
+    return quantize_into(quantize_q8_row, x, M, K, row_bytes, q);
 }
 
 /* 4-bit weights, 8 output rows interleaved per 32-input block (llama.cpp's "repacked" x86 layouts do the same):

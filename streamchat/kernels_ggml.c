@@ -327,6 +327,23 @@ static inline int scales_dot(const int8_t *scales, const int16_t *bsums) {
     return _mm_cvtsi128_si32(q);
 }
 
+/* Half n (0, 1) of a Q6_K block: its 128 6-bit values (0..63) as 4 vectors of 32, in ggml's order (vector j holds
+ * values 128n + 32j .. 128n + 32j + 31). */
+ALWAYS_INLINE_G void q6_K_half(const block_q6_K *x, int n, __m256i u[4]) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
+    u[0] = _mm256_or_si256(_mm256_and_si256(l0, low),
+                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+    u[1] = _mm256_or_si256(_mm256_and_si256(l1, low),
+                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+    u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                           _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
+    u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
+}
+
 #ifdef SC_VNNI
 /* AVX-512: 64 weights a vector (two 32-weight sub-blocks side by side, as their 64 activations lie), one vpdpbusd
  * and one scale multiply each; Q4_K's low and high nibbles of a 32-byte chunk are exactly such a pair. */
@@ -382,24 +399,14 @@ ALWAYS_INLINE_G void dot_q6_K_512(const void *row, int nb, const block_q8_K *a, 
     __m512 acc[MAX_C];
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), offsets[c] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m512i u[4], sc[4];
         for (int n = 0; n < 2; n++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
-            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(l0, low),
-                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
-            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(l1, low),
-                                               _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
-            const __m256i u2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
-                                               _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
-            const __m256i u3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                               _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-            u[2 * n] = pair512(u0, u1), u[2 * n + 1] = pair512(u2, u3);
+            __m256i half[4];
+            q6_K_half(x, n, half);
+            u[2 * n] = pair512(half[0], half[1]), u[2 * n + 1] = pair512(half[2], half[3]);
         }
         /* pair p (64 weights) has 4 scales, 2p*2 .. 2p*2+3, each over 16 weights = 4 int32 lanes */
         const __m512i all = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x->scales));
@@ -474,24 +481,11 @@ ALWAYS_INLINE_G void dot_q6_K(const void *row, int nb, const block_q8_K *a, size
     __m256 acc[MAX_C];
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offsets[c] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m256i u[8];
-        for (int n = 0; n < 2; n++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(x->ql + 64 * n + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(x->qh + 32 * n));
-            u[4 * n] = _mm256_or_si256(_mm256_and_si256(l0, low),
-                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
-            u[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(l1, low),
-                                           _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
-            u[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
-                                           _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
-            u[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-        }
+        for (int n = 0; n < 2; n++) q6_K_half(x, n, u + 4 * n);
         for (int c = 0; c < C; c++) {
             const block_q8_K *ab = a + c * stride + b;
             __m256i sum = _mm256_setzero_si256();
@@ -620,26 +614,21 @@ static void ggml_task(void *context, int t) {
     }
 }
 
-typedef struct {
-    const float *x;
-    block_q8_K *q;
-    int K;
-} quantize_k_job;
+static void quantize_q8_K_row(const float *x, void *y, int K) { quantize_q8_K(x, y, K); }
 
-static void quantize_k_task(void *context, int m) {
-    const quantize_k_job *job = context;
-    quantize_q8_K(job->x + (size_t)m * job->K, job->q + (size_t)m * (job->K / QK_K), job->K);
+/* x [M, K] fp32 -> M rows of K / 256 block_q8_K (the caller frees it), or NULL: kernels.c's quantize_into. */
+static block_q8_K *quantize_rows_k(const float *x, int M, int K) {
+    const size_t row_bytes = sizeof(block_q8_K) * (size_t)(K / QK_K);
+    return quantize_into(quantize_q8_K_row, x, M, K, row_bytes, malloc(row_bytes * (size_t)M));
 }
 
 /* x [M, K] fp32 times the GGUF tensor w (N rows of K weights of `type`, row-major blocks) transposed:
  * out[m * ldo + n] for n < N (ldo >= N: a part of a wider output, e.g. q, k and v side by side). Returns 0, or -1
  * for a type it does not take, a K that is not whole blocks (or not a multiple of 8), or memory that ran out. */
-static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
-static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo);
+static int kx8_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo);
 
 int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (type == 112) return q4_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q4_KX8, below */
-    if (type == 114) return q6_Kx8_matmul(x, M, K, w, N, out, ldo); /* SC_Q6_KX8, below */
+    if (type == 112 || type == 114) return kx8_matmul(type, x, M, K, w, N, out, ldo); /* SC_Q4_KX8, SC_Q6_KX8 */
     row_dot_fn one, four;
     const int bw = block_weights(type);
     if (!row_dots(type, &one, &four) || M <= 0 || N <= 0 || K <= 0 || K % bw || K % 32 || ldo < N) return -1;
@@ -651,13 +640,8 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
                     M, K, N, ldo, per_task};
     void *activations = NULL;
     if (bw == QK_K) {
-        block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * (K / QK_K));
+        block_q8_K *q = quantize_rows_k(x, M, K);
         if (!q) return -1;
-        quantize_k_job qjob = {x, q, K};
-        if (M >= 8)
-            run_tasks(M, quantize_k_task, &qjob);
-        else
-            for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
         activations = q, job.a = q, job.a_row = sizeof(block_q8_K) * (K / QK_K), job.a_stride = K / QK_K;
     } else if (bw == 32) {
         block_q8 *q = quantize_rows(x, M, K);
@@ -674,7 +658,7 @@ int sc_ggml_matmul(int type, const float *x, int M, int K, const void *w, int N,
  * 256-input block, the 8 rows' d and dmin, their 6-bit scales and minimums unpacked ([sub-block][row] bytes), and
  * per 32-input sub-block the 8 rows' nibbles in block_q4x8's order (4 chunks of 32 bytes; byte 4r + i of chunk g
  * holds row r's element 4g + i in its low nibble, 4(g + 4) + i in its high one). One activation broadcast then
- * serves 8 rows (group_dot), and a block's scales apply to 8 rows in one vector. ggml_blocks.py, repack_q4_K,
+ * serves 8 rows (group_dot), and a block's scales apply to 8 rows in one vector. ggml_blocks.py, repack,
  * writes it; type number SC_Q4_KX8 (streamchat's own, beside ggml's). */
 #define SC_Q4_KX8 112
 
@@ -767,76 +751,19 @@ ALWAYS_INLINE_G void q4_Kx16_rows(const block_q4_Kx8 *w0, const block_q4_Kx8 *w1
     for (int c = 0; c < C; c++) _mm512_storeu_ps(out + c * ostride, acc[c]);
 }
 
-static void q4_Kx16_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
-    q4_Kx16_rows(w, w + nb, nb, a, stride, 1, out, o);
+static void q4_Kx16_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, 1, out, o);
 }
-static void q4_Kx16_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
-    q4_Kx16_rows(w, w + nb, nb, a, stride, MAX_C, out, o);
+static void q4_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, MAX_C, out, o);
 }
 #endif
 
-static void q4_Kx8_rows_1(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+static void q4_Kx8_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, 1, out, o);
 }
-static void q4_Kx8_rows_4(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+static void q4_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
-}
-
-typedef struct {
-    const block_q4_Kx8 *w;
-    const block_q8_K *a;
-    float *out;
-    int M, nb, groups, per_task, ldo;
-} q4_Kx8_job;
-
-static void q4_Kx8_task(void *context, int t) {
-    const q4_Kx8_job *job = context;
-    const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
-    const size_t nb = (size_t)job->nb;
-    for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
-        const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
-        for (int g = g0; g < g1; g++) {
-            const block_q4_Kx8 *w = job->w + g * nb;
-            if (m0 == 0 && g + 2 < g1)
-                for (size_t offset = 0; offset < 2 * nb * sizeof(block_q4_Kx8); offset += 64)
-                    _mm_prefetch((const char *)(w + 2 * nb) + offset, _MM_HINT_T0);
-#ifdef SC_VNNI
-            if (g + 1 < g1) { /* two groups at once: 16 rows */
-                int m = m0;
-                for (; m + MAX_C <= m1; m += MAX_C)
-                    q4_Kx16_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-                for (; m < m1; m++)
-                    q4_Kx16_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-                g++;
-                continue;
-            }
-#endif
-            int m = m0;
-            for (; m + MAX_C <= m1; m += MAX_C)
-                q4_Kx8_rows_4(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-            for (; m < m1; m++)
-                q4_Kx8_rows_1(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
-        }
-    }
-}
-
-/* As sc_ggml_matmul for a SC_Q4_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q4_Kx8. */
-static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
-    const int nb = K / QK_K, groups = N / 8;
-    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
-    if (!q) return -1;
-    quantize_k_job qjob = {x, q, K};
-    if (M >= 8)
-        run_tasks(M, quantize_k_task, &qjob);
-    else
-        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
-    int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
-    per_task = per_task < 2 ? 2 : per_task + (per_task & 1); /* even: 16-row pairs */
-    const q4_Kx8_job job = {w, q, out, M, nb, groups, per_task, ldo};
-    run_tasks((groups + per_task - 1) / per_task, q4_Kx8_task, (void *)&job);
-    free(q);
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -845,7 +772,7 @@ static int q4_Kx8_matmul(const float *x, int M, int K, const void *w, int N, flo
  * low 4 bits of each value in block_q4x8's order (4 chunks: byte 4r + i of chunk g holds row r's value 4g + i in
  * its low nibble, 4(g + 4) + i in its high one) and their top 2 bits (2 chunks: byte 4r + i of chunk k holds those
  * of chunk 2k's two values in bits 0-3, chunk 2k + 1's in bits 4-7). Values 4g + i (g < 4) are the sub-block's
- * first 16, with one scale; the others the last 16. ggml_blocks.py, repack_q6_K, writes it. */
+ * first 16, with one scale; the others the last 16. ggml_blocks.py, repack, writes it. */
 #define SC_Q6_KX8 114
 
 typedef struct {
@@ -920,10 +847,31 @@ static void q6_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t str
     q6_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * The 8-row layouts' matmul: one driver over each type's group functions. */
 typedef void (*group_fn)(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t ostride);
 
 typedef struct {
-    group_fn one, four;
+    group_fn one, four;           /* one 8-row group against 1 and MAX_C activation rows */
+    group_fn pair_one, pair_four; /* two adjacent groups (16 rows) at once, or NULL */
+    size_t block_bytes;           /* one 8-row block of 256 inputs */
+    int ahead;                    /* groups prefetched, from two groups ahead of the one multiplied */
+    int even;                     /* tasks of whole 16-row pairs */
+} kx8_type;
+
+static const kx8_type KX8_Q4_K = {
+    q4_Kx8_rows_1, q4_Kx8_rows_4,
+#ifdef SC_VNNI
+    q4_Kx16_rows_1, q4_Kx16_rows_4,
+#else
+    NULL, NULL,
+#endif
+    sizeof(block_q4_Kx8), 2, 1,
+};
+static const kx8_type KX8_Q6_K = {q6_Kx8_rows_1, q6_Kx8_rows_4, NULL, NULL, sizeof(block_q6_Kx8), 1, 0};
+
+typedef struct {
+    const kx8_type *type;
     const uint8_t *w;
     size_t group_bytes;
     const block_q8_K *a;
@@ -933,38 +881,40 @@ typedef struct {
 
 static void kx8_task(void *context, int t) {
     const kx8_job *job = context;
+    const kx8_type *type = job->type;
     const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
-    const size_t nb = (size_t)job->nb;
+    const size_t nb = (size_t)job->nb, ahead = (size_t)type->ahead * job->group_bytes;
     for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int g = g0; g < g1; g++) {
             const uint8_t *w = job->w + (size_t)g * job->group_bytes;
             if (m0 == 0 && g + 2 < g1)
-                for (size_t offset = 0; offset < job->group_bytes; offset += 64)
+                for (size_t offset = 0; offset < ahead; offset += 64)
                     _mm_prefetch((const char *)w + 2 * job->group_bytes + offset, _MM_HINT_T0);
+            const int pair = type->pair_one && g + 1 < g1;
+            const group_fn one = pair ? type->pair_one : type->one, four = pair ? type->pair_four : type->four;
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C)
-                job->four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
             for (; m < m1; m++)
-                job->one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+                one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+            g += pair;
         }
     }
 }
 
-/* As sc_ggml_matmul for a SC_Q6_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256 block_q6_Kx8. */
-static int q6_Kx8_matmul(const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
-    if (M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
+/* As sc_ggml_matmul for a SC_Q4_KX8 or SC_Q6_KX8 tensor: N (a multiple of 8) rows as N / 8 groups of K / 256
+ * block_q4_Kx8 or block_q6_Kx8. */
+static int kx8_matmul(int type, const float *x, int M, int K, const void *w, int N, float *out, int ldo) {
+    const kx8_type *kind = type == SC_Q4_KX8 ? &KX8_Q4_K : type == SC_Q6_KX8 ? &KX8_Q6_K : NULL;
+    if (!kind || M <= 0 || N <= 0 || N % 8 || K % QK_K || ldo < N) return -1;
     const int nb = K / QK_K, groups = N / 8;
-    block_q8_K *q = malloc(sizeof(block_q8_K) * (size_t)M * nb);
+    block_q8_K *q = quantize_rows_k(x, M, K);
     if (!q) return -1;
-    quantize_k_job qjob = {x, q, K};
-    if (M >= 8)
-        run_tasks(M, quantize_k_task, &qjob);
-    else
-        for (int m = 0; m < M; m++) quantize_k_task(&qjob, m);
     int per_task = (groups + 8 * thread_count - 1) / (8 * thread_count);
     per_task = per_task < 2 ? 2 : per_task;
-    const kx8_job job = {q6_Kx8_rows_1, q6_Kx8_rows_4, w, sizeof(block_q6_Kx8) * nb, q, out, M, nb, groups, per_task, ldo};
+    if (kind->even) per_task += per_task & 1;
+    const kx8_job job = {kind, w, kind->block_bytes * nb, q, out, M, nb, groups, per_task, ldo};
     run_tasks((groups + per_task - 1) / per_task, kx8_task, (void *)&job);
     free(q);
     return 0;

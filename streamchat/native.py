@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,24 @@ FLAGS = {
 }
 
 ATTENTION_DTYPES = (torch.float32, torch.float16)  # K/V dtypes sc_attention reads
+# kernels.c's entry points that Python calls, and their arguments, a letter each (ARGUMENT_TYPES); each returns an
+# int status (0: done), but those in RETURNS_NOTHING
+ARGUMENT_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_long, "f": ctypes.c_float}
+SIGNATURES = {
+    "sc_q4_matmul": "piipipp",
+    "sc_q8_matmul": "piippip",
+    "sc_attention": "pppiliiiifp",
+    "sc_decode": "iipiiiiiffpppppppippiippp",
+    "sc_compact": "ppppiiiiiiipp",
+    "sc_greedy": "piipifp",
+    "sc_sample": "piipiffifpp",
+    "sc_ggml_matmul": "ipiipipi",
+    "sc_ggml_dequantize": "iplp",
+    "sc_ggml_repack": "ipiip",
+    "sc_linear_matmul": "piipipp",
+    "sc_set_threads": "i",
+}
+RETURNS_NOTHING = {"sc_set_threads"}
 _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
 _REASON: str | None = None
@@ -199,98 +218,10 @@ def library() -> ctypes.CDLL | None:
             print(f"streamchat: {_REASON}; using torch's kernels", file=sys.stderr)
             return None
         _ISA = target
-        pointer, integer = ctypes.c_void_p, ctypes.c_int
-        lib.sc_q4_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
-        lib.sc_q8_matmul.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
-        lib.sc_attention.argtypes = [
-            pointer,
-            pointer,
-            pointer,
-            integer,
-            ctypes.c_long,
-            integer,
-            integer,
-            integer,
-            integer,
-            ctypes.c_float,
-            pointer,
-        ]
-        lib.sc_decode.argtypes = [
-            integer,
-            integer,
-            pointer,
-            integer,
-            integer,
-            integer,
-            integer,
-            integer,
-            ctypes.c_float,
-            ctypes.c_float,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            integer,
-            pointer,
-            pointer,
-            integer,
-            integer,
-            pointer,
-            pointer,
-            pointer,
-        ]
-        lib.sc_compact.argtypes = [
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            integer,
-            integer,
-            integer,
-            integer,
-            integer,
-            integer,
-            integer,
-            pointer,
-            pointer,
-        ]
-        lib.sc_greedy.argtypes = [pointer, integer, integer, pointer, integer, ctypes.c_float, pointer]
-        lib.sc_sample.argtypes = [
-            pointer,
-            integer,
-            integer,
-            pointer,
-            integer,
-            ctypes.c_float,
-            ctypes.c_float,
-            integer,
-            ctypes.c_float,
-            pointer,
-            pointer,
-        ]
-        lib.sc_ggml_matmul.argtypes = [integer, pointer, integer, integer, pointer, integer, pointer, integer]
-        lib.sc_ggml_dequantize.argtypes = [integer, pointer, ctypes.c_long, pointer]
-        lib.sc_ggml_repack.argtypes = [integer, pointer, integer, integer, pointer]
-        lib.sc_linear_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer, pointer]
-        lib.sc_set_threads.argtypes = [integer]
-        lib.sc_set_threads.restype = None
-        for function in (
-            lib.sc_q4_matmul,
-            lib.sc_q8_matmul,
-            lib.sc_attention,
-            lib.sc_decode,
-            lib.sc_compact,
-            lib.sc_greedy,
-            lib.sc_sample,
-            lib.sc_ggml_matmul,
-            lib.sc_ggml_dequantize,
-            lib.sc_ggml_repack,
-            lib.sc_linear_matmul,
-        ):
-            function.restype = integer
+        for name, arguments in SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes = [ARGUMENT_TYPES[code] for code in arguments]
+            function.restype = None if name in RETURNS_NOTHING else ctypes.c_int
         sizes = (lib.sc_layer_bytes(), lib.sc_cache_layer_bytes(), lib.sc_linear_bytes())
         if sizes != (ctypes.sizeof(Layer), ctypes.sizeof(CacheLayer), ctypes.sizeof(Linear)):
             _REASON = "the compiled decode-step structures do not match"
@@ -652,6 +583,59 @@ def sample(
     return out.tolist()
 
 
+def ggml_matmul(
+    kind: int, x: torch.Tensor, weight: torch.Tensor, rows: int, out: torch.Tensor | None = None, column: int = 0
+) -> torch.Tensor:
+    """x [M, K] fp32 contiguous times a GGUF tensor (`rows` rows of K weights of ggml type `kind`, its blocks as
+    uint8 bytes) transposed: [M, rows] fp32, or written into columns column..column+rows of `out` [M, N]. Raises
+    RuntimeError where the kernels do not take the type or sizes."""
+    M, K = x.shape
+    if out is None:
+        out, column = torch.empty(M, rows), 0
+    _ggml_call(
+        "sc_ggml_matmul",
+        lambda: f"type {kind}, x {tuple(x.shape)}, {rows} rows",
+        kind,
+        x.data_ptr(),
+        M,
+        K,
+        weight.data_ptr(),
+        rows,
+        out.data_ptr() + 4 * column,
+        out.shape[1],
+    )
+    return out
+
+
+def ggml_dequantize(kind: int, data: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` weights of ggml type `kind` from their blocks (uint8 bytes) -> fp32 [count]. Raises RuntimeError
+    where the kernels do not take the type, or count is not whole blocks."""
+    out = torch.empty(count)
+    _ggml_call(
+        "sc_ggml_dequantize", lambda: f"type {kind} for {count} weights", kind, data.data_ptr(), count, out.data_ptr()
+    )
+    return out
+
+
+def ggml_repack(kind: int, data: torch.Tensor, rows: int, blocks: int, out: torch.Tensor) -> None:
+    """A Q4_K/Q6_K tensor's rows (uint8 [rows, row bytes], contiguous) re-laid 8 rows at a time into `out`
+    (kernels_ggml.c's block_q4_Kx8 / block_q6_Kx8). RuntimeError for another type or row count."""
+    _ggml_call(
+        "sc_ggml_repack", lambda: f"type {kind} with {rows} rows", kind, data.data_ptr(), rows, blocks, out.data_ptr()
+    )
+
+
+def _ggml_call(function: str, refused: Callable[[], str], *arguments) -> None:
+    """kernels_ggml.c's `function`(*arguments) on this thread's kernel threads (`use_threads`). RuntimeError where
+    the kernels are unavailable, or where it refuses its arguments (a nonzero status): "`function` refused
+    `refused()`"."""
+    if library() is None:
+        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+    use_threads()
+    if getattr(_LIBRARY, function)(*arguments):
+        raise RuntimeError(f"{function} refused {refused()}")
+
+
 if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): build now, say which kernels run
     if library() is not None:
         print(f"streamchat: native CPU kernels ready ({active()}, {torch.backends.cpu.get_cpu_capability()} CPU)")
@@ -660,46 +644,3 @@ if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): 
             f"streamchat: native CPU kernels unavailable ({unavailable_reason()}); decoding uses torch's kernels "
             "(install a C compiler, e.g. `apt-get install gcc`, for 2-3x faster decode)"
         )
-
-
-def ggml_matmul(
-    kind: int, x: torch.Tensor, weight: torch.Tensor, rows: int, out: torch.Tensor | None = None, column: int = 0
-) -> torch.Tensor:
-    """x [M, K] fp32 contiguous times a GGUF tensor (`rows` rows of K weights of ggml type `kind`, its blocks as
-    uint8 bytes) transposed: [M, rows] fp32, or written into columns column..column+rows of `out` [M, N]. Raises
-    RuntimeError where the kernels do not take the type or sizes."""
-    _require()
-    use_threads()
-    M, K = x.shape
-    if out is None:
-        out, column = torch.empty(M, rows), 0
-    status = _LIBRARY.sc_ggml_matmul(
-        kind, x.data_ptr(), M, K, weight.data_ptr(), rows, out.data_ptr() + 4 * column, out.shape[1]
-    )
-    if status:
-        raise RuntimeError(f"sc_ggml_matmul refused type {kind}, x {tuple(x.shape)}, {rows} rows")
-    return out
-
-
-def ggml_dequantize(kind: int, data: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` weights of ggml type `kind` from their blocks (uint8 bytes) -> fp32 [count]. Raises RuntimeError
-    where the kernels do not take the type, or count is not whole blocks."""
-    _require()
-    out = torch.empty(count)
-    if _LIBRARY.sc_ggml_dequantize(kind, data.data_ptr(), count, out.data_ptr()):
-        raise RuntimeError(f"sc_ggml_dequantize refused type {kind} for {count} weights")
-    return out
-
-
-def _require() -> None:
-    if library() is None:
-        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
-
-
-def ggml_repack(kind: int, data: torch.Tensor, rows: int, blocks: int, out: torch.Tensor) -> None:
-    """A Q4_K/Q6_K tensor's rows (uint8 [rows, row bytes], contiguous) re-laid 8 rows at a time into `out`
-    (kernels_ggml.c's block_q4_Kx8 / block_q6_Kx8). RuntimeError for another type or row count."""
-    _require()
-    use_threads()
-    if _LIBRARY.sc_ggml_repack(kind, data.data_ptr(), rows, blocks, out.data_ptr()):
-        raise RuntimeError(f"sc_ggml_repack refused type {kind} with {rows} rows")

@@ -101,7 +101,7 @@ def test_unsupported_type_is_converted_or_named():
 @pytest.mark.parametrize("rows_in", [1, 5])
 def test_q4_K_8_row_layout_equals_the_file_layout(rows_in):
     tensor = random_tensor(T.Q4_K, 48, 512, seed=7)
-    repacked = ggml_blocks.repack_q4_K(tensor)
+    repacked = ggml_blocks.repack(tensor)
     assert repacked.data.numel() == 48 // 8 * 2 * ggml_blocks.Q4_KX8_BYTES
     x = torch.randn(rows_in, 512, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(ggml_blocks.matmul(x, [repacked]), ggml_blocks.matmul(x, [tensor]), rtol=1e-5, atol=1e-4)
@@ -114,7 +114,7 @@ def test_q4_K_8_row_layout_equals_the_file_layout(rows_in):
 @pytest.mark.parametrize("rows_in", [1, 6])
 def test_q6_K_8_row_layout_equals_the_file_layout(rows_in):
     tensor = random_tensor(T.Q6_K, 40, 512, seed=9)
-    repacked = ggml_blocks.repack_q6_K(tensor)
+    repacked = ggml_blocks.repack(tensor)
     assert repacked.data.numel() == tensor.data.numel()
     x = torch.randn(rows_in, 512, generator=torch.Generator().manual_seed(10))
     torch.testing.assert_close(ggml_blocks.matmul(x, [repacked]), ggml_blocks.matmul(x, [tensor]), rtol=1e-4, atol=1e-3)
@@ -129,8 +129,14 @@ def test_q6_K_8_row_layout_equals_the_file_layout(rows_in):
 @pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K], ids=lambda k: k.name)
 def test_native_repack_equals_numpy_repack(kind, monkeypatch):
     tensor = random_tensor(kind, 24, 768, seed=11)
-    repack = ggml_blocks.repack_q4_K if kind == T.Q4_K else ggml_blocks.repack_q6_K
-    fast = repack(tensor)
+    fast = ggml_blocks.repack(tensor)
     monkeypatch.setattr(ggml_blocks, "_NUMPY_REPACK", True)
-    reference = repack(tensor)
+    reference = ggml_blocks.repack(tensor)
     assert torch.equal(fast.data, reference.data)
+
+
+def test_repack_refuses_other_types_and_row_counts():
+    with pytest.raises(ValueError, match="Q4_K or Q6_K with rows a multiple of 8, got Q8_0"):
+        ggml_blocks.repack(random_tensor(T.Q8_0, 8, 256))
+    with pytest.raises(ValueError, match="got Q6_K x12"):
+        ggml_blocks.repack(random_tensor(T.Q6_K, 12, 256))

@@ -148,3 +148,45 @@ def test_speed_measures_the_policy_it_is_given_at_its_budget(policy):
 
     settings = at_budget(load_settings(None, {"policy": policy}), 512)
     assert settings.policy == policy and get_policy_class(policy).budget(settings) == 512
+
+
+def test_chat_memory_child_runs_the_model_measured(tmp_path, monkeypatch):
+    """speed's chat-memory child measured the embedded default model even with `--model FILE` (~495 MB printed for
+    a 1B file) until 2026-12-04: the child's command names the model the run measures, and a run on the default
+    model names none."""
+    import subprocess
+
+    from streamchat.evaluate import footprint
+
+    commands = []
+
+    def child(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout='{"rss_mb": 2.0, "peak_rss_mb": 3.0}\n', stderr="")
+
+    monkeypatch.setattr(footprint.subprocess, "run", child)
+    model = str(tmp_path / "llama-1b.Q4_K_M.gguf")
+    figures = speed.measure_chat_memory(load_settings(None, {"model": model}), 40)
+    assert figures == {"rss_bytes": 2 * 2**20, "peak_rss_bytes": 3 * 2**20}
+    assert commands[0][commands[0].index("--model") + 1] == model
+    speed.measure_chat_memory(load_settings(None, {}), 40)
+    assert "--model" not in commands[1]
+    measured = []
+    monkeypatch.setattr(footprint, "measure", lambda *args: measured.append(args) or {})
+    assert footprint.main(["--prompt-tokens", "40", "--model", model]) == 0
+    assert measured[0][-1] == model
+
+
+def test_a_gguf_blocks_model_has_one_set_of_weights(loaded, monkeypatch):
+    """fast_variants (so build_paths, default_variant and the quality rows alike) measures a GGUF run from its own
+    blocks once per K/V dtype, with the file's weights, whatever --weights asks."""
+    from types import SimpleNamespace
+
+    from streamchat.packing import PACKED_ATTR
+
+    settings = load_settings(None, {})
+    monkeypatch.setattr(loaded.model, PACKED_ATTR, SimpleNamespace(mode="gguf"), raising=False)
+    variants = speed.fast_variants(loaded, settings, ["int4", "int8", "auto"], ["model"])
+    assert [option for option, _ in variants.values()] == ["model"]
+    monkeypatch.undo()
+    assert len(speed.fast_variants(loaded, settings, ["int8", "model"], ["model"])) == 2

@@ -1,9 +1,9 @@
 """A chat process's footprint, measured in a fresh interpreter: time to the first prompt, and resident memory after
 a long prompt and a reply (issue 11's yardstick: a 1,000-token prompt, then 64 new tokens, greedy).
 
-Run as `python -m streamchat.evaluate.footprint [--resident packed|full] [--prompt-tokens N] [--new-tokens N]`
-(prints one JSON line), or through `streamchat bench --only memory`, which runs it once per resident form side by
-side. Its own process, because RSS counts everything the interpreter has ever loaded: a measuring tool that also
+Run as `python -m streamchat.evaluate.footprint [--resident packed|full] [--prompt-tokens N] [--new-tokens N]
+[--model M]` (prints one JSON line), or through `streamchat bench --only memory`, which runs it once per resident form
+side by side (and `streamchat speed`, packed, on the model it measures). Its own process, because RSS counts everything the interpreter has ever loaded: a measuring tool that also
 holds other weight options would report its own footprint, not a chat process's.
 """
 
@@ -67,7 +67,14 @@ def measure_llama_cpp(prompt_tokens: int, new_tokens: int, threads: int | None) 
     }
 
 
-def measure(resident: str, prompt_tokens: int, new_tokens: int, threads: int | None, config: str | None) -> dict:
+def measure(
+    resident: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    threads: int | None,
+    config: str | None,
+    model: str | None = None,
+) -> dict:
     import torch
 
     from streamchat.config import DEFAULT_CONFIG, load_settings
@@ -80,6 +87,8 @@ def measure(resident: str, prompt_tokens: int, new_tokens: int, threads: int | N
     overrides = {"max_new_tokens": new_tokens, "temperature": 0.0}  # the default cache otherwise
     if threads:
         overrides["threads"] = threads
+    if model:
+        overrides["model"] = model
     settings = load_settings(config or DEFAULT_CONFIG, overrides)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -117,8 +126,10 @@ def run_child(
     threads: int | None = None,
     config: str | None = None,
     timeout: float = 1800,
+    model: str | None = None,
 ) -> dict:
-    """`measure` in a fresh interpreter; {"error": ...} when it fails."""
+    """`measure` in a fresh interpreter (of `model`, a path or name; None: the configured one); {"error": ...} when
+    it fails."""
     command = [
         sys.executable,
         "-m",
@@ -134,6 +145,8 @@ def run_child(
         command += ["--threads", str(threads)]
     if config:
         command += ["--config", config]
+    if model:
+        command += ["--model", model]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--config", default=None)
+    parser.add_argument("--model", default=None, help="model path or name (default: the configured one)")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1 or args.new_tokens < 1:
         print("footprint: --prompt-tokens and --new-tokens must be at least 1", file=sys.stderr)
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             result = {"resident": "llama.cpp", "error": "llama-cpp-python is not installed"}
     else:
-        result = measure(args.resident, args.prompt_tokens, args.new_tokens, args.threads, args.config)
+        result = measure(args.resident, args.prompt_tokens, args.new_tokens, args.threads, args.config, args.model)
     print(json.dumps(result), flush=True)
     return 0
 

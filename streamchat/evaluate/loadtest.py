@@ -83,17 +83,16 @@ def run_level(
         process = context.Process(
             target=serve_one,
             daemon=True,
-            args=(
-                child,
-                base_url,
-                model,
-                api_key,
-                PROMPTS[index % len(PROMPTS)],
-                requests,
-                tokens,
-                deadline_s,
-                temperature,
-            ),
+            args=(child, deadline_s),
+            kwargs={
+                "base_url": base_url,
+                "model": model,
+                "api_key": api_key,
+                "prompt": PROMPTS[index % len(PROMPTS)],
+                "requests": requests,
+                "tokens": tokens,
+                "temperature": temperature,
+            },
         )
         process.start()
         workers.append((process, parent))

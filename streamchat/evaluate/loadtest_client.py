@@ -31,7 +31,7 @@ def converse(
 
     cpu = time.process_time()
     api = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=max(deadline - time.time(), 1))
-    result: dict[str, Any] = {"ttfts": [], "gaps": [], "tokens": 0, "failures": [], "cpu_s": 0.0}
+    result = empty_result()
     messages: list[dict[str, str]] = []
     for turn in range(requests):
         if time.time() > deadline:
@@ -66,30 +66,22 @@ def converse(
     return result
 
 
-def serve_one(
-    connection,
-    base_url: str,
-    model: str,
-    api_key: str,
-    prompt: str,
-    requests: int,
-    tokens: int,
-    deadline_s: float,
-    temperature: float = 0.0,
-) -> None:
-    """A client process: import, say ready, wait for the go, converse, send the result back (or the error)."""
+def empty_result(failures: list[str] | None = None) -> dict[str, Any]:
+    """`converse`'s result before any turn (with these failures)."""
+    return {"ttfts": [], "gaps": [], "tokens": 0, "failures": failures or [], "cpu_s": 0.0}
+
+
+def serve_one(connection, deadline_s: float, **conversation: Any) -> None:
+    """A client process: import, say ready, wait for the go, converse (`conversation`: `converse`'s arguments but
+    its deadline, which is `deadline_s` after the go), send the result back (or the error)."""
     try:
         import openai  # noqa: F401 - imported before the go, so start-up is not timed
 
         connection.send("ready")
         if connection.recv() != "go":
             return
-        connection.send(
-            converse(base_url, model, api_key, prompt, requests, tokens, time.time() + deadline_s, temperature)
-        )
+        connection.send(converse(**conversation, deadline=time.time() + deadline_s))
     except Exception as error:
-        connection.send(
-            {"ttfts": [], "gaps": [], "tokens": 0, "failures": [f"{type(error).__name__}: {error}"], "cpu_s": 0.0}
-        )
+        connection.send(empty_result([f"{type(error).__name__}: {error}"]))
     finally:
         connection.close()

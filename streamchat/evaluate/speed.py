@@ -11,8 +11,8 @@ Quality: the NLL of each next token of a long text fed token by token through th
 the second half runs with evictions), for each of those fast path variants in lock step; the fast path with the
 model's own weights and dtype is the reference (it matches transformers within float rounding, tests/test_fast.py).
 
-Memory: the resident memory (RSS, peak) of a process decoding as a chat does by default (`evaluate/footprint.py`: a
-`budget`-token prompt, then 64 tokens), next to llama.cpp's process after its steps.
+Memory: the resident memory (RSS, peak) of a process decoding as a chat does by default on the model measured
+(`evaluate/footprint.py`: a `budget`-token prompt, then 64 tokens), next to llama.cpp's process after its steps.
 
 CPU class (`--isa avx2`): the whole measurement reruns in a child process with ATEN_CPU_CAPABILITY=avx2,
 ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2, so torch, oneDNN and fbgemm use their AVX2 kernels
@@ -206,8 +206,11 @@ def fast_variants(
     loaded: LoadedModel, settings: Settings, weights: list[str], kv_dtypes: list[str]
 ) -> dict[str, tuple]:
     """Each fast path to measure, by name (e.g. `fast_int4_kv_bf16`): (weights, settings with its kv_dtype).
-    Options that resolve alike (auto and int4 on the embedded model) are measured once."""
+    Options that resolve alike (auto and int4 on the embedded model) are measured once; a GGUF run from its own
+    blocks has one set of weights, the file's ("model"), whatever `weights` asks."""
     layers = loaded.model.model.layers
+    if getattr(getattr(loaded.model, PACKED_ATTR, None), "mode", None) == "gguf":
+        weights = ["model"]
     variants = {}
     for option in weights:
         resolved = resolve_weights(layers, option)
@@ -241,8 +244,6 @@ def build_paths(
         REFERENCE: DynamicStepper(model, budget),
         "transformers_bounded": BoundedStepper(model, settings, None),
     }
-    if getattr(getattr(model, PACKED_ATTR, None), "mode", None) == "gguf":
-        weights = ["model"]  # a GGUF run from its own blocks has one set of weights: the file's
     variants = fast_variants(loaded, settings, weights, kv_dtypes)
     for name, (option, path_settings) in variants.items():
         paths[name] = BoundedStepper(model, path_settings, option)
@@ -352,8 +353,9 @@ def forced_avx2() -> bool:
 
 def measure_chat_memory(settings: Settings, budget: int, new_tokens: int = 64) -> dict[str, int]:
     """RSS and peak RSS (bytes) of a fresh chat process (`evaluate/footprint.py`, packed weights as `chat` holds
-    them): a `budget`-token prompt, then `new_tokens` tokens. {} if it fails."""
-    figures = footprint.run_child("packed", budget, new_tokens, settings.threads)
+    them) on the model this run measures (`settings.model`): a `budget`-token prompt, then `new_tokens` tokens. {}
+    if it fails."""
+    figures = footprint.run_child("packed", budget, new_tokens, settings.threads, model=settings.model)
     if "rss_mb" not in figures:
         return {}
     return {"rss_bytes": int(figures["rss_mb"] * 2**20), "peak_rss_bytes": int(figures["peak_rss_mb"] * 2**20)}
