@@ -47,6 +47,10 @@ COMMANDS = {
         "streamchat.evaluate.recall",
         "conversation memory: is a fact planted D tokens back still recalled? accuracy vs D per policy",
     ),
+    "memorycost": (
+        "streamchat.evaluate.memory_cost",
+        "what conversation memory costs: time to first token and decode speed, memory off and on side by side",
+    ),
     "speed": (
         "streamchat.evaluate.speed",
         "decode tokens/s of each decode path side by side (fast path, transformers, llama.cpp) and weight options' perplexity",

@@ -861,10 +861,12 @@ class ChatSession:
         self.messages = messages
         yield from self._decode(logits, limit, stop, started, len(ids), prefill_seconds, settings)
 
-    def feed_exchange(self, user_text: str, reply_text: str) -> None:
+    def feed_exchange(self, user_text: str, reply_text: str, score_user: bool = False) -> tuple[float, int] | None:
         """Add a user turn and a given assistant reply without generating (teacher forcing): the cache then holds
         what the chat template renders for both, as if the model had replied `reply_text`. A scripted benchmark's
-        filler turns (`streamchat.evaluate.recall`) use it; `last_turn` records it with stop_reason "given"."""
+        filler turns (`streamchat.evaluate.recall`) use it; `last_turn` records it with stop_reason "given".
+        `score_user`: also return the negative log-likelihood (natural log, summed) of the user message's content
+        tokens as fed, and their count (a text's perplexity through the chat path: `memorycost --ppl-text`)."""
         for text in (user_text, reply_text):
             if not isinstance(text, str) or not text.strip():
                 raise SessionError("empty message: type something to send")
@@ -883,13 +885,36 @@ class ChatSession:
         self._mark_message_starts(self.cache, pieces, messages, add_generation_prompt=False)
         ids = [*self._pending, *(i for piece_ids, _, _ in pieces for i in piece_ids)]
         chunk = min(self.settings.prefill_chunk, self.cache.room)
-        for start in range(0, len(ids), chunk):
-            self._forward(ids[start : start + chunk])
+        scored = None
+        if score_user:
+            scored = self._feed_scored(ids, pieces, len(messages) - 2, chunk)
+        else:
+            for start in range(0, len(ids), chunk):
+                self._forward(ids[start : start + chunk])
         self._pending = []
         self._fed_template += "".join(text for _, _, text in pieces)
         self._record_messages(pieces, base, messages)
         self.messages = messages
         self._finish(len(ids), len(ids), 0, "given", time.perf_counter() - started, 0.0, 0.0)
+        return scored
+
+    def _feed_scored(self, ids: list[int], pieces, index: int, chunk: int) -> tuple[float, int]:
+        """Feed `ids` keeping every position's logits (`scoring.feed`); the NLL sum and count of the tokens of
+        message `index`'s content piece."""
+        start = len(self._pending)
+        for piece_ids, piece_index, _ in pieces:
+            if piece_index == index:
+                break
+            start += len(piece_ids)
+        count = len(piece_ids) if piece_index == index else 0
+        with torch.inference_mode():
+            logits = feed(self.model, self.cache, ids, chunk)
+        self._recent_ids.extend(ids)
+        if not count or start == 0:
+            return 0.0, 0
+        targets = torch.tensor(ids[start : start + count])
+        logprobs = torch.log_softmax(logits[start - 1 : start + count - 1].double(), dim=-1)
+        return -float(logprobs.gather(-1, targets[:, None]).sum()), count
 
     def exchange_tokens(self, user_text: str, reply_text: str) -> int:
         """Tokens `feed_exchange(user_text, reply_text)` would feed now (tokenization only, nothing fed)."""

@@ -202,3 +202,22 @@ def test_memory_settings_are_validated():
     on = load_settings(None, {"memory": "on", "recall_tokens": 128})
     assert on.memory is True and on.budget == 4 + 1020 + 128
     assert load_settings(None, {"memory": "off"}).budget == 1024
+
+
+def test_scored_exchange_gives_the_user_tokens_nll_of_a_plain_forward(tiny):
+    session = make(tiny, memory=False, window=400)
+    fed: list[int] = []
+    session.feed_exchange(*FILLER[0])
+    fed += list(session._recent_ids)
+    nll, count = session.feed_exchange(FACT, "Got it.", score_user=True)
+    stream = list(session._recent_ids)
+    content = session._tokenize(FACT, True)
+    assert count == len(content) > 0
+    start = max(i for i in range(len(stream) - count + 1) if stream[i : i + count] == content)
+    with torch.inference_mode():
+        logits = tiny.model(input_ids=torch.tensor([stream])).logits[0].double()
+    naive = (
+        -torch.log_softmax(logits[start - 1 : start + count - 1], -1).gather(-1, torch.tensor(content)[:, None]).sum()
+    )
+    assert nll == pytest.approx(float(naive), rel=1e-4)
+    assert session.feed_exchange(*FILLER[1]) is None
