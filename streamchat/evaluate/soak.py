@@ -132,6 +132,17 @@ def _record(session: ChatSession, kind: str, chars: int, error: str | None) -> d
         "kv_bytes": stats["kv_bytes"],
         "rss_bytes": stats["rss_bytes"],
         "error": error,
+        # conversation memory on: the store on disk grows by the text; RAM must not
+        **(
+            {
+                "memory_passages": stats.get("memory_passages", 0),
+                "memory_file_bytes": stats.get("memory_file_bytes", 0),
+                "recalled_tokens": stats.get("recalled_tokens", 0),
+                "recall_changed": turn.get("recall_changed", False),
+            }
+            if "memory" in stats
+            else {}
+        ),
     }
 
 
@@ -215,6 +226,22 @@ def summarize(
         "evicted_total": final["evicted_total"],
         "median_prefill_tokens_per_s": _median([r["prefill_tokens_per_s"] for r in records if r["kind"] == "paste"]),
         "median_decode_tokens_per_s": _median([r["decode_tokens_per_s"] for r in records if r["new_tokens"] > 1]),
+        **_memory_summary(records),
+    }
+
+
+def _memory_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """With conversation memory on: the store's size at the end, its bytes per evicted token, and the turns that
+    rewrote the recalled region."""
+    final = records[-1]
+    if "memory_file_bytes" not in final:
+        return {}
+    evicted = final["evicted_total"]
+    return {
+        "memory_passages": final["memory_passages"],
+        "memory_file_bytes": final["memory_file_bytes"],
+        "memory_bytes_per_evicted_token": round(final["memory_file_bytes"] / evicted, 1) if evicted else None,
+        "recall_rewrites": sum(bool(r.get("recall_changed")) for r in records),
     }
 
 
@@ -278,7 +305,14 @@ def main(args: argparse.Namespace) -> int:
         f"soak {'PASSED' if summary['passed'] else 'FAILED'}: {summary['tokens_processed']:,} tokens in "
         f"{summary['turns']} turns, {report['seconds']:.0f} s | KV {summary['kv_bytes']} bytes "
         f"({'constant' if summary['kv_constant'] else 'CHANGED'}) | RSS +{summary['rss_growth_mb']} MB after fill "
-        f"| errors {summary['errors']} | final reply: {summary['final_reply'][:60]!r} | results in {out}"
+        f"| errors {summary['errors']}"
+        + (
+            f" | memory store {summary['memory_file_bytes']:,} bytes ({summary['memory_bytes_per_evicted_token']} per "
+            f"evicted token), {summary['recall_rewrites']} recalls"
+            if "memory_file_bytes" in summary
+            else ""
+        )
+        + f" | final reply: {summary['final_reply'][:60]!r} | results in {out}"
     )
     if args.json:
         headline = {k: v for k, v in summary.items() if k not in ("first_errors", "final_reply")}
