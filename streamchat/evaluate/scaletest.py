@@ -527,7 +527,13 @@ def _run(
     # 4. the killed replica back (an orchestrator's restart); drain the survivor while replies stream on it
     victim.start(work)
     victim.wait_healthy(min(300, max(deadline - time.monotonic(), 1)))
-    time.sleep(max(0.0, last_failure + fail_timeout_s(conf) + 1 - time.monotonic()))  # nginx tries it again
+    # nginx takes a replica it marked down back after fail_timeout, with the first request that succeeds there;
+    # until then it probes it with one request at a time and counts it out for the others. That request is sent
+    # here (a /health with a key the hash puts on the restarted replica) before the other replica is drained, so
+    # the drain does not fall in the window where nginx knows only one replica and that one answers 503.
+    time.sleep(max(0.0, last_failure + fail_timeout_s(conf) + 1 - time.monotonic()))
+    probe_key = next(iter(victims))
+    httpx.get(front + "/health", headers={"X-Conversation-Id": probe_key}, timeout=30)
     drain_state: dict[str, Any] = {}
     drain_now = threading.Event()
     draining_ids: set[str] = set()
