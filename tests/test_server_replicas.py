@@ -243,3 +243,35 @@ def test_sigterm_drains_then_shuts_down(tiny):
         assert server.should_exit  # then it shuts down
     finally:
         engine.close()
+
+
+def test_the_nginx_template_renders_for_the_scale_test(tmp_path):
+    """deploy/nginx.conf with the scale test's ports: one server line per replica, with the template's passive
+    health parameters; the affinity and streaming directives kept; nginx itself accepts it where installed."""
+    import os
+    import shutil
+    import subprocess
+
+    from streamchat.evaluate.scaletest import TEMPLATE, fail_timeout_s, render_nginx_conf
+
+    template = TEMPLATE.read_text()
+    conf = render_nginx_conf(template, 18000, [18001, 18002, 18003])
+    assert "listen 127.0.0.1:18000;" in conf and "127.0.0.1:8001" not in conf
+    servers = [line.strip() for line in conf.splitlines() if line.strip().startswith("server 127.0.0.1:")]
+    assert servers == [f"server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in (18001, 18002, 18003)]
+    for directive in ("hash $streamchat_affinity consistent;", "proxy_buffering off;", "http_503 non_idempotent"):
+        assert directive in conf
+    assert fail_timeout_s(conf) == 5
+    with pytest.raises(ValueError):
+        render_nginx_conf("events {}", 1, [2])
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (bash setup.sh --dev installs it)")
+    (tmp_path / "nginx.conf").write_text(conf)
+    checked = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr

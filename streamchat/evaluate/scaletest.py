@@ -297,6 +297,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (default 1)")
     parser.add_argument("--nginx", default=None, help="the nginx binary (default: nginx on PATH, or /usr/sbin/nginx)")
+    parser.add_argument(
+        "--nginx-conf",
+        default=str(TEMPLATE),
+        metavar="PATH",
+        help="the config template (default: deploy/nginx.conf of this checkout)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run at most (default 900)")
     parser.add_argument("--out", default="out/scaletest", metavar="DIR", help="output folder (default out/scaletest)")
     parser.add_argument(
@@ -330,6 +336,9 @@ def main(args: argparse.Namespace) -> int:
             "or pass --nginx PATH",
             file=sys.stderr,
         )
+        return 2
+    if not Path(args.nginx_conf).is_file():
+        print(f"streamchat scaletest: no nginx config template at {args.nginx_conf} (--nginx-conf)", file=sys.stderr)
         return 2
     from streamchat.cli import settings_from_args
 
@@ -389,7 +398,7 @@ def _run(
         import pwd
 
         user = pwd.getpwuid(os.geteuid()).pw_name  # workers as the current user, not nobody: the prefix is ours
-    conf = render_nginx_conf(TEMPLATE.read_text(), listen, [r.port for r in replicas], user)
+    conf = render_nginx_conf(Path(args.nginx_conf).read_text(), listen, [r.port for r in replicas], user)
     nginx = running["nginx"] = Nginx(binary, work, conf)
     summary: dict[str, Any] = {}
     front = f"http://127.0.0.1:{listen}"
