@@ -288,6 +288,12 @@ def _parallel(jobs: list, workers: int) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversations", type=int, default=8, help="client conversations (default 8)")
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=2,
+        help="turns per conversation before the moves and the kill (default 2; more: a longer history to re-prefill)",
+    )
     parser.add_argument("--tokens", type=int, default=24, help="max_tokens of an ordinary turn (default 24)")
     parser.add_argument(
         "--long-tokens",
@@ -318,13 +324,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not (
         2 <= args.conversations <= 32
+        and 1 <= args.turns <= 50
         and 1 <= args.tokens <= 1024
         and 1 <= args.long_tokens <= 4096
         and 1 <= args.replica_threads <= 256
         and args.timeout > 0
     ):
         print(
-            "streamchat scaletest: --conversations 2-32, --tokens 1-1024, --long-tokens 1-4096, "
+            "streamchat scaletest: --conversations 2-32, --turns 1-50, --tokens 1-1024, --long-tokens 1-4096, "
             "--replica-threads 1-256, --timeout above 0",
             file=sys.stderr,
         )
@@ -420,8 +427,8 @@ def _run(
                 lost.append(f"{phase} {result['id']}: {result['error']}")
         return results
 
-    # 1. affinity: two turns per conversation through nginx, all conversations at once
-    for round_ in range(2):
+    # 1. affinity: --turns turns per conversation through nginx, all conversations at once
+    for round_ in range(args.turns):
         record(
             _parallel(
                 [
