@@ -111,6 +111,14 @@ def test_the_response_names_the_conversation_in_a_header(pair):
         "mine",
     )
     assert extension["continued"] is True  # the id's conversation went on from its cache
+    # an id a header cannot carry (sent in the body): the reply comes, without the header
+    odd = httpx.post(
+        server.url + "/v1/chat/completions",
+        headers=AUTH,
+        json={"messages": [{"role": "user", "content": "Hi"}], "conversation_id": "naïve\r\nX-Evil: 1"},
+    )
+    assert odd.status_code == 200 and "x-conversation-id" not in odd.headers and "x-evil" not in odd.headers
+    assert odd.json()["streamchat"]["conversation_id"] == "naïve\r\nX-Evil: 1"
 
 
 def test_a_moved_conversation_continues_token_for_token_as_if_unmoved(pair):
@@ -220,7 +228,10 @@ def test_drain_refuses_new_replies_with_503_while_the_one_in_flight_finishes(pai
         stop(server)
 
 
-def test_sigterm_drains_then_shuts_down(tiny):
+@pytest.mark.parametrize("drained_first", [False, True], ids=["sigterm", "drain-then-sigterm"])
+def test_sigterm_drains_then_shuts_down(tiny, drained_first):
+    """SIGTERM (an orchestrator stopping the replica) drains, then exits once no reply is in flight; after POST
+    /admin/drain too (a SIGTERM then still waits for the replies)."""
     import threading
 
     import uvicorn
@@ -230,6 +241,8 @@ def test_sigterm_drains_then_shuts_down(tiny):
     try:
         server = draining_server(uvicorn.Config(create_app(engine, "tiny-llama")), engine, drain_timeout_s=30)
         in_flight = engine.open_turn(TurnRequest([{"role": "user", "content": "Hello"}]))  # admitted, replying
+        if drained_first:
+            engine.drain()
         server.handle_exit(signal.SIGTERM, None)
         with pytest.raises(Overloaded):  # new replies refused from now on
             engine.open_turn(TurnRequest([{"role": "user", "content": "Hi"}]))

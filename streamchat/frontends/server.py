@@ -5,7 +5,8 @@ which keeps the live conversations and batches their decode steps. Endpoints: PO
 (streaming as server-sent events in OpenAI's chunk format, or not), GET /v1/models, GET /health, GET /metrics
 (Prometheus text format); for running replicas (docs/deploy.md): GET /v1/conversations (live ids),
 GET/PUT /v1/conversations/{id} (a conversation as a `.streamchat` file, out and in), POST /admin/drain. Every
-chat response carries the conversation's id in the X-Conversation-Id header (what a load balancer hashes on). Every response carries a `streamchat` object (policy, cache tokens/capacity, evicted
+chat response carries the conversation's id in the X-Conversation-Id header (what a load balancer hashes on).
+Every response carries a `streamchat` object (policy, cache tokens/capacity, evicted
 this turn and in total, pinned tokens); OpenAI clients ignore it. Errors use OpenAI's format
 ({"error": {"message", "type", "param", "code"}}). docs/server.md describes it all.
 """
@@ -295,6 +296,14 @@ def _overloaded(error: Overloaded) -> APIError:
     )
 
 
+def _id_header(conversation_id: str) -> dict[str, str]:
+    """The X-Conversation-Id response header for `conversation_id`: none for an id that is not printable ASCII
+    (one sent in the body may be anything; a header cannot carry it, and must never carry a line break)."""
+    if conversation_id.isascii() and conversation_id.isprintable():
+        return {CONVERSATION_HEADER: conversation_id}
+    return {}
+
+
 def _conversation_id(value: str) -> str:
     if not 0 < len(value) <= 128:
         raise APIError(400, "the conversation id must be 1 to 128 characters", "conversation_id")
@@ -377,7 +386,7 @@ def api_router(
             return error.response()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = _start(turn)
-        pinned = {CONVERSATION_HEADER: turn.conversation.id}  # the id to send back to stay on this conversation
+        pinned = _id_header(turn.conversation.id)  # the id to send back to stay on this conversation
         if stream:
             metrics.requests.labels("200").inc()  # the headers go out now; a later failure is an SSE error event
             return StreamingResponse(
@@ -440,7 +449,7 @@ def api_router(
             data,
             media_type="application/octet-stream",
             headers={
-                CONVERSATION_HEADER: conversation_id,
+                **_id_header(conversation_id),
                 "Content-Disposition": 'attachment; filename="conversation.streamchat"',
             },
         )
@@ -472,7 +481,7 @@ def api_router(
             "cache_capacity": stats["cache_capacity"],
             "seen_tokens": stats["seen_total"],
         }
-        return JSONResponse(body, headers={CONVERSATION_HEADER: conversation_id})
+        return JSONResponse(body, headers=_id_header(conversation_id))
 
     @router.post("/admin/drain")
     async def drain(request: Request):
@@ -697,8 +706,11 @@ def draining_server(config, engine: Engine, drain_timeout_s: float = DRAIN_TIMEO
     import uvicorn
 
     class Server(uvicorn.Server):
+        drain_started = False
+
         def handle_exit(self, sig, frame) -> None:
-            if sig == signal.SIGTERM and not engine.draining:
+            if sig == signal.SIGTERM and not self.drain_started:  # also after POST /admin/drain: wait for replies
+                self.drain_started = True
                 engine.drain()
                 print("streamchat: SIGTERM: draining (in-flight replies finish, new ones get 503)", file=sys.stderr)
                 threading.Thread(target=self._exit_when_idle, name="streamchat-drain", daemon=True).start()
