@@ -288,3 +288,15 @@ def test_the_nginx_template_renders_for_the_scale_test(tmp_path):
         timeout=30,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_file_saved_by_the_terminal_chat_can_be_put_too(pair, tiny):
+    """A `/save` file (no server history in it): PUT under an id, the next message sent alone with that id goes on
+    from its cache."""
+    session = ChatSession(tiny, load_settings(None, SETTINGS))
+    "".join(session.send(TURNS[0]))
+    upload = httpx.put(pair[0].url + "/v1/conversations/from-repl", headers=AUTH, content=persist.dumps(session))
+    assert upload.status_code == 200 and upload.json()["seen_tokens"] == session.cache.stats()["seen_total"]
+    expected = "".join(session.send(TURNS[1]))
+    reply, extension, usage = turn(pair[0], [{"role": "user", "content": TURNS[1]}], "from-repl")
+    assert reply == expected and extension["continued"] is True
