@@ -103,8 +103,8 @@ class Replica:
             f"threads={self.args.replica_threads}",
         ]
         env = {k: v for k, v in os.environ.items() if k != "STREAMCHAT_API_KEY"}
-        log = (log_dir / f"replica-{self.name}.log").open("ab")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        with (log_dir / f"replica-{self.name}.log").open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
     def wait_healthy(self, timeout_s: float) -> None:
         import httpx
@@ -253,8 +253,8 @@ class Nginx:
         check = subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise RuntimeError(f"nginx refused the config: {check.stderr.strip()}")
-        log = (self.prefix / "nginx-stderr.log").open("ab")
-        self.process = subprocess.Popen(self.command("-g", "daemon off;"), stdout=log, stderr=log)
+        with (self.prefix / "nginx-stderr.log").open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(self.command("-g", "daemon off;"), stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
