@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv beside this file and installs what streamchat needs; safe to run again (it skips what is done).
 #   bash setup.sh        runtime packages and the embedded model
-#   bash setup.sh --dev  also the test tools and Chromium (Debian package) for the browser test
+#   bash setup.sh --dev  also the test tools, Chromium (browser test) and nginx (scale test), Debian packages
 set -euo pipefail
 cd "$(dirname "$0")"
 dev=0
@@ -41,11 +41,16 @@ if [ "$dev" = 1 ] && [ ! -f "$dev_stamp" ]; then
   touch "$dev_stamp"
 fi
 
-if [ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ]; then
-  echo "setup: installing Chromium (Debian package) for the browser test"
+# Debian packages of the dev tools: Chromium for the browser test, nginx for `python -m streamchat scaletest`
+# (replicas behind a load balancer, docs/deploy.md).
+debs=()
+[ "$dev" = 1 ] && [ ! -x /usr/bin/chromium ] && debs+=(chromium)
+[ "$dev" = 1 ] && [ ! -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null && debs+=(nginx)
+if [ "${#debs[@]}" -gt 0 ]; then
+  echo "setup: installing ${debs[*]} (Debian packages) for the browser test and the scale test"
   if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
-  "${apt_get[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq chromium >/dev/null \
-    || echo "setup: could not install Chromium; the browser test will be skipped"
+  "${apt_get[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq "${debs[@]}" >/dev/null \
+    || echo "setup: could not install ${debs[*]}; the browser test (chromium) or the scale test (nginx) will not run"
 fi
 
 # streamchat's native CPU kernels (streamchat/kernels.c): built once per machine with the system C compiler (about a

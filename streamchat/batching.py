@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from streamchat import native
+from streamchat import native, persist
 from streamchat.config import Settings
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import feed_batch
@@ -61,6 +61,18 @@ class Overloaded(RuntimeError):
     def __init__(self, message: str, status: int = 429, retry_after: int = 1):
         super().__init__(message)
         self.status, self.retry_after = status, retry_after
+
+
+class ConversationError(SessionError):
+    """A conversation that cannot be exported or imported (unknown id, busy, or a file that does not fit); the
+    engine is unchanged. `status` is the HTTP status a server answers with: 400, 404 or 409."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+DRAIN_RETRY_AFTER = 5  # seconds a client is told to wait when a draining replica refuses it (Retry-After)
 
 
 class _Step:
@@ -259,7 +271,9 @@ class Turn:
             finish_reason="length" if reason == "max_new_tokens" and not ended_by_stop_string else "stop",
             prompt_tokens=turn.prompt_tokens if turn else 0,
             completion_tokens=turn.new_tokens if turn else 0,
-            extension=self.engine.extension(conversation, turn.evicted_turn if turn else 0, reason),
+            extension=self.engine.extension(
+                conversation, turn.evicted_turn if turn else 0, reason, continued=not self.new_conversation
+            ),
         )
         self.engine._release(conversation)
 
@@ -284,6 +298,7 @@ class Engine:
         self._outbox: dict[_Decode, int] = {}  # tokens sampled, handed to their turns when the next step starts
         self._active = 0  # sessions inside a turn (each will submit steps)
         self._running = True
+        self.draining = False  # drain(): no new turns; the ones replying finish
         self.steps = self.batched_steps = self.batched_rows = 0  # scheduler counters (metrics)
         self.mixed_pieces = 0  # prefill pieces that ran in the same native call as decode rows
         self.step_threads = 0  # threads the last step ran on (torch's and the native kernels' count there)
@@ -315,6 +330,8 @@ class Engine:
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
         earlier = messages[1 if system is not None else 0 : -1]
         with self._lock:
+            if self.draining:
+                raise Overloaded("this replica is draining: send the request to another one", 503, DRAIN_RETRY_AFTER)
             if self._active_turns() >= self.max_sessions:
                 raise Overloaded(f"all {self.max_sessions} conversation slots are replying; retry shortly", 429)
             conversation, restart = None, False
@@ -389,8 +406,12 @@ class Engine:
     def _active_turns(self) -> int:
         return sum(c.busy for c in self.conversations.values())
 
-    def extension(self, conversation: Conversation, evicted_turn: int, stop_reason: str) -> dict[str, Any]:
-        """The `streamchat` object of a response: what the bounded cache holds and what it evicted."""
+    def extension(
+        self, conversation: Conversation, evicted_turn: int, stop_reason: str, continued: bool = True
+    ) -> dict[str, Any]:
+        """The `streamchat` object of a response: what the bounded cache holds and what it evicted; `continued`:
+        whether the turn went on from the conversation's cache (False: it started from the messages sent, the
+        history streamed through the cache again, as after a failover to a replica that did not hold it)."""
         session = conversation.session
         stats = session.cache.stats()
         return {
@@ -404,6 +425,7 @@ class Engine:
             "seen_tokens": stats["seen_total"],
             "kv_bytes": stats["kv_bytes"],
             "stop_reason": stop_reason,
+            "continued": continued,
             **self._memory_extension(session),
         }
 
@@ -425,6 +447,91 @@ class Engine:
             {key: memory[key] for key in ("memory_passages", "memory_file_bytes", "memory_note") if key in memory}
         )
         return figures
+
+    # ----- moving conversations between replicas, draining ------------------------------------------------------
+
+    def conversation_ids(self) -> list[str]:
+        """Ids of the live conversations, least recently used first (what a draining replica can hand over)."""
+        with self._lock:
+            return list(self.conversations)
+
+    def export_conversation(self, conversation_id: str) -> bytes:
+        """The conversation as the bytes of a `.streamchat` file (persist.py's format: cache, policy state, sampler,
+        messages), with its id and the message history it answers to, so that `import_conversation` on another
+        engine continues it exactly. ConversationError: 404 unknown id, 409 replying now."""
+        with self._lock:
+            conversation = self.conversations.get(conversation_id)
+            if conversation is None:
+                raise ConversationError(f"no live conversation {conversation_id!r} on this replica", 404)
+            if conversation.busy:
+                raise ConversationError(f"conversation {conversation_id!r} is replying; retry when it is done", 409)
+            extra = {"conversation_id": conversation.id, "history": conversation.history}
+            return persist.dumps(conversation.session, extra=extra)
+
+    def import_conversation(self, conversation_id: str, data: bytes) -> dict[str, Any]:
+        """Take over the conversation in `data` (`export_conversation`'s bytes) under `conversation_id`, replacing
+        a live one of that id: the next request continues on its cache as it would have where it came from.
+        Everything is checked before anything changes: ConversationError naming the problem (400: not a session
+        file, damaged, another model or dtype, malformed history; 409: that id is replying) leaves the engine as
+        it was. A new id may free the least recently used idle conversation (503 Overloaded if none is idle).
+        Returns the conversation's cache figures."""
+        if self.draining:
+            raise Overloaded("this replica is draining: send the conversation to another one", 503, DRAIN_RETRY_AFTER)
+        try:
+            tensors, meta = persist.decode(data, "the upload")
+        except persist.SessionFileError as error:
+            raise ConversationError(str(error)) from None
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        history = extra.get("history")
+        if history is not None and not (
+            isinstance(history, list)
+            and all(
+                isinstance(m, dict) and {*m} == {"role", "content"} and all(isinstance(v, str) for v in m.values())
+                for m in history
+            )
+        ):
+            raise ConversationError("cannot load the upload: its message history is malformed")
+        with self._lock:
+            existing = self.conversations.get(conversation_id)
+            if existing is not None and existing.busy:
+                raise ConversationError(f"conversation {conversation_id!r} is replying; retry when it is done", 409)
+            if existing is not None:
+                session, evict = existing.session, None
+            elif len(self.conversations) < self.max_sessions:
+                session, evict = EngineSession(self, self.settings), None
+            else:
+                evict = next((c for c in self.conversations.values() if not c.busy), None)
+                if evict is None:
+                    raise Overloaded(f"all {self.max_sessions} conversations are replying; retry shortly", 503)
+                session = evict.session
+            try:
+                persist.apply(session, tensors, meta, "the upload")  # checks all first: a refusal changes nothing
+            except persist.SessionFileError as error:
+                raise ConversationError(str(error)) from None
+            if evict is not None:
+                del self.conversations[evict.id]
+            conversation = existing or Conversation(conversation_id, session)
+            conversation.history = history
+            self.conversations[conversation_id] = conversation
+            self.conversations.move_to_end(conversation_id)
+            return session.cache.stats()
+
+    def drain(self) -> None:
+        """Refuse new turns from now on (Overloaded 503 with `DRAIN_RETRY_AFTER`); the ones replying finish, and
+        the conversations can still be exported."""
+        with self._lock:
+            self.draining = True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no turn is replying, at most `timeout_s` seconds; True if none is."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active_turns():
+                    return True
+            time.sleep(0.05)
+        with self._lock:
+            return not self._active_turns()
 
     def stats(self) -> dict[str, Any]:
         """Live figures for /metrics (safe from any thread)."""

@@ -27,6 +27,10 @@ COMMANDS = {
         "streamchat.evaluate.loadtest",
         "load test of serve: N concurrent streaming OpenAI clients, tok/s, TTFT, inter-token latency",
     ),
+    "scaletest": (
+        "streamchat.evaluate.scaletest",
+        "scale-out test: 2 serve replicas behind nginx; affinity, SIGKILL failover, moves (GET/PUT), drain",
+    ),
     "ppl": (
         "streamchat.evaluate.ppl",
         "perplexity of a long text under each cache policy at one budget (StreamingLLM Fig. 3)",

@@ -72,9 +72,13 @@ def _digest(session_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def dumps(session: ChatSession) -> bytes:
-    """The session as the bytes of a `.streamchat` file (for a download, or `save`)."""
+def dumps(session: ChatSession, extra: dict[str, Any] | None = None) -> bytes:
+    """The session as the bytes of a `.streamchat` file (for a download, or `save`). `extra` (JSON-able) rides
+    along in the session record under "extra" (the server keeps a conversation's id and message history there);
+    `loads` ignores it, `decode` returns it."""
     tensors, meta = session.export_state()
+    if extra is not None:
+        meta = {**meta, "extra": extra}
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     session_json = json.dumps(meta, ensure_ascii=False, sort_keys=True)
     digest = _digest(session_json, tensors)
@@ -84,11 +88,13 @@ def dumps(session: ChatSession) -> bytes:
 
 def _read_header(data: bytes) -> dict[str, str]:
     """The safetensors metadata: an 8-byte little-endian length, then that many bytes of JSON."""
-    if len(data) < 8:
-        raise ValueError("the file is empty or truncated")
+    if not data:
+        raise ValueError("the file is empty")
+    if len(data) < 9 or data[8:9] != b"{":
+        raise ValueError("it is not a streamchat session file (no safetensors header)")
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
-        raise ValueError("the file is truncated")
+        raise ValueError("the file is truncated (in its header)")
     try:
         header = json.loads(data[8 : 8 + size])
     except ValueError:
@@ -96,11 +102,21 @@ def _read_header(data: bytes) -> dict[str, str]:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ValueError("it has no streamchat metadata")
+    ends = [
+        entry["data_offsets"][1]
+        for entry in header.values()
+        if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+    ]
+    if ends and all(isinstance(end, int) for end in ends) and 8 + size + max(ends) > len(data):
+        raise ValueError(f"the file is truncated ({len(data)} of {8 + size + max(ends)} bytes)")
     return metadata
 
 
-def loads(session: ChatSession, data: bytes, source: str = "the file") -> None:
-    """Resume the session held in `data` (a `.streamchat` file's bytes); SessionFileError if it cannot be used."""
+def decode(data: bytes, source: str = "the file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The (tensors, session record) a `.streamchat` file's bytes hold, checked (format, version, checksum) but not
+    yet applied to a session; SessionFileError naming the problem if they cannot be used."""
+    if len(data) > MAX_FILE_BYTES:
+        raise SessionFileError(f"cannot load {source}: larger than {MAX_FILE_BYTES >> 30} GiB, not a session file")
     try:
         header = _read_header(data)
         if header.get("format") != FORMAT:
@@ -116,10 +132,23 @@ def loads(session: ChatSession, data: bytes, source: str = "the file") -> None:
             raise ValueError("the session record is not a mapping")
     except (ValueError, RuntimeError, SafetensorError, AttributeError) as error:
         raise SessionFileError(f"cannot load {source}: {error}") from None
+    return tensors, meta
+
+
+def apply(
+    session: ChatSession, tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str = "the file"
+) -> None:
+    """Make `session` the one `decode` returned (SessionFileError if it does not fit; the session is then unchanged)."""
     try:
         session.import_state(tensors, meta)
     except SessionError as error:
         raise SessionFileError(f"cannot load {source}: {error}") from None
+
+
+def loads(session: ChatSession, data: bytes, source: str = "the file") -> None:
+    """Resume the session held in `data` (a `.streamchat` file's bytes); SessionFileError if it cannot be used."""
+    tensors, meta = decode(data, source)
+    apply(session, tensors, meta, source)
 
 
 def save_file(session: ChatSession, path: str | Path) -> Path:

@@ -3,7 +3,10 @@
 The HTTP layer only (FastAPI + uvicorn): requests are validated here and handed to `streamchat.batching.Engine`,
 which keeps the live conversations and batches their decode steps. Endpoints: POST /v1/chat/completions
 (streaming as server-sent events in OpenAI's chunk format, or not), GET /v1/models, GET /health, GET /metrics
-(Prometheus text format). Every response carries a `streamchat` object (policy, cache tokens/capacity, evicted
+(Prometheus text format); for running replicas (docs/deploy.md): GET /v1/conversations (live ids),
+GET/PUT /v1/conversations/{id} (a conversation as a `.streamchat` file, out and in), POST /admin/drain. Every
+chat response carries the conversation's id in the X-Conversation-Id header (what a load balancer hashes on).
+Every response carries a `streamchat` object (policy, cache tokens/capacity, evicted
 this turn and in total, pinned tokens); OpenAI clients ignore it. Errors use OpenAI's format
 ({"error": {"message", "type", "param", "code"}}). docs/server.md describes it all.
 """
@@ -16,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -28,11 +32,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from streamchat.batching import Engine, Overloaded, TurnRequest
+from streamchat.batching import ConversationError, Engine, Overloaded, TurnRequest
 from streamchat.config import MIN_TEMPERATURE
 from streamchat.session import SessionError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far beyond any cache
+MAX_UPLOAD_BYTES = 2 << 30  # a PUT conversation file: 2 GiB, above an 8B model's fp16 cache of 4,096 tokens (0.5 GiB)
+DRAIN_TIMEOUT_S = 60.0  # SIGTERM: how long in-flight replies may take to finish before the server exits anyway
+CONVERSATION_HEADER = "X-Conversation-Id"
 MAX_MESSAGES = 4096
 MAX_TOKENS_LIMIT = 100_000
 REFUSED_FIELDS = {
@@ -215,6 +222,11 @@ class Metrics:
         yield GaugeMetricFamily("streamchat_conversations_live", "Live conversations", value=len(conversations))
         yield GaugeMetricFamily("streamchat_active_turns", "Conversations replying now", value=stats["active_turns"])
         yield GaugeMetricFamily(
+            "streamchat_draining",
+            "1 once asked to drain (new replies refused with 503)",
+            value=int(self.engine.draining),
+        )
+        yield GaugeMetricFamily(
             "streamchat_queue_depth", "Prefill chunks waiting for the scheduler", value=stats["queued_steps"]
         )
         yield GaugeMetricFamily(
@@ -253,7 +265,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def _read_body(request: Request, limit: int) -> Any:
+async def _read_bytes(request: Request, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes (else APIError 413, before reading it where Content-Length says so)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is over {limit} bytes", kind="request_too_large")
@@ -263,16 +276,49 @@ async def _read_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise APIError(413, f"the request body is over {limit} bytes", kind="request_too_large")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_body(request: Request, limit: int) -> Any:
+    data = await _read_bytes(request, limit)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"could not parse the JSON body: {error}") from None
 
 
+def _overloaded(error: Overloaded) -> APIError:
+    return APIError(
+        error.status,
+        str(error),
+        kind="rate_limit_error" if error.status == 429 else "server_overloaded",
+        headers={"Retry-After": str(error.retry_after)},
+    )
+
+
+def _id_header(conversation_id: str) -> dict[str, str]:
+    """The X-Conversation-Id response header for `conversation_id`: none for an id that is not printable ASCII
+    (one sent in the body may be anything; a header cannot carry it, and must never carry a line break)."""
+    if conversation_id.isascii() and conversation_id.isprintable():
+        return {CONVERSATION_HEADER: conversation_id}
+    return {}
+
+
+def _conversation_id(value: str) -> str:
+    if not 0 < len(value) <= 128:
+        raise APIError(400, "the conversation id must be 1 to 128 characters", "conversation_id")
+    return value
+
+
 def api_router(
-    engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[APIRouter, Metrics]:
-    """The API's routes over `engine` (for `serve`, and for mounting beside the web UI in one process)."""
+    """The API's routes over `engine` (for `serve`, and for mounting beside the web UI in one process).
+    `max_body_bytes`: largest chat request; `max_upload_bytes`: largest conversation file a PUT may send."""
     router = APIRouter()
     metrics = Metrics(engine)
     model_names = (model_name, "streamchat")
@@ -291,14 +337,15 @@ def api_router(
             )
 
     @router.get("/health")
-    async def health() -> dict:
+    async def health():
         stats = engine.stats()
-        return {
-            "status": "ok",
+        body = {
+            "status": "draining" if engine.draining else "ok",
             "model": model_name,
             "conversations": len(stats["conversations"]),
             "active_turns": stats["active_turns"],
         }
+        return JSONResponse(body, status_code=503 if engine.draining else 200)  # draining: out of rotation
 
     @router.get("/v1/models")
     async def models(request: Request):
@@ -331,12 +378,7 @@ def api_router(
             try:
                 turn = engine.open_turn(turn_request)
             except Overloaded as error:
-                raise APIError(
-                    error.status,
-                    str(error),
-                    kind="rate_limit_error" if error.status == 429 else "server_overloaded",
-                    headers={"Retry-After": str(error.retry_after)},
-                ) from None
+                raise _overloaded(error) from None
             except SessionError as error:
                 raise APIError(400, str(error), "messages") from None
         except APIError as error:
@@ -344,12 +386,13 @@ def api_router(
             return error.response()
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         events = _start(turn)
+        pinned = _id_header(turn.conversation.id)  # the id to send back to stay on this conversation
         if stream:
             metrics.requests.labels("200").inc()  # the headers go out now; a later failure is an SSE error event
             return StreamingResponse(
                 _sse(request, turn, events, completion_id, model_name, include_usage, metrics),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **pinned},
             )
         try:
             text = await _collect(request, turn, events, metrics)
@@ -360,7 +403,7 @@ def api_router(
         if text is None:
             return Response(status_code=499)
         result = turn.result
-        return {
+        body = {
             "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -376,6 +419,80 @@ def api_router(
             "usage": _usage(result),
             "streamchat": result.extension,
         }
+        return JSONResponse(body, headers=pinned)
+
+    @router.get("/v1/conversations")
+    async def list_conversations(request: Request):
+        """The live conversations' ids, least recently used first (what a draining replica can hand over)."""
+        try:
+            check_key(request)
+        except APIError as error:
+            return error.response()
+        ids = engine.conversation_ids()
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "conversation"} for i in ids],
+            "draining": engine.draining,
+        }
+
+    @router.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str, request: Request):
+        """The conversation as a `.streamchat` file (application/octet-stream). 404 unknown, 409 replying now."""
+        try:
+            check_key(request)
+            data = await asyncio.to_thread(engine.export_conversation, _conversation_id(conversation_id))
+        except ConversationError as error:
+            return APIError(error.status, str(error), "conversation_id").response()
+        except APIError as error:
+            return error.response()
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={
+                **_id_header(conversation_id),
+                "Content-Disposition": 'attachment; filename="conversation.streamchat"',
+            },
+        )
+
+    @router.put("/v1/conversations/{conversation_id}")
+    async def put_conversation(conversation_id: str, request: Request):
+        """Take over a `.streamchat` file's conversation under this id, exactly: 200 with its cache figures;
+        400 naming the problem (not a session file, damaged, another model...), 409 replying now, 503 draining.
+        A refused upload changes nothing."""
+        try:
+            check_key(request)
+            conversation_id = _conversation_id(conversation_id)
+            data = await _read_bytes(request, max_upload_bytes)
+            if not data:
+                raise APIError(400, "the body is empty: send a .streamchat file (GET /v1/conversations/{id} gives one)")
+            try:
+                stats = await asyncio.to_thread(engine.import_conversation, conversation_id, data)
+            except Overloaded as error:
+                raise _overloaded(error) from None
+            except ConversationError as error:
+                raise APIError(error.status, str(error), "body" if error.status == 400 else "conversation_id") from None
+        except APIError as error:
+            return error.response()
+        body = {
+            "id": conversation_id,
+            "object": "conversation",
+            "policy": stats["policy"],
+            "cache_tokens": stats["cache_tokens"],
+            "cache_capacity": stats["cache_capacity"],
+            "seen_tokens": stats["seen_total"],
+        }
+        return JSONResponse(body, headers=_id_header(conversation_id))
+
+    @router.post("/admin/drain")
+    async def drain(request: Request):
+        """Stop taking new replies (503 + Retry-After from now on, /health too); in-flight ones finish."""
+        try:
+            check_key(request)
+        except APIError as error:
+            return error.response()
+        engine.drain()
+        stats = engine.stats()
+        return {"status": "draining", "active_turns": stats["active_turns"], "conversations": engine.conversation_ids()}
 
     return router, metrics
 
@@ -518,11 +635,15 @@ async def _sse(request, turn, events: _Events, completion_id, model_name, includ
 
 
 def create_app(
-    engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> FastAPI:
     """The API as a FastAPI app of its own (`serve`); `app.state.metrics` holds its metrics."""
     app = FastAPI(title="streamchat", docs_url=None, redoc_url=None, openapi_url=None)
-    router, metrics = api_router(engine, model_name, api_key, max_body_bytes)
+    router, metrics = api_router(engine, model_name, api_key, max_body_bytes, max_upload_bytes)
     app.include_router(router)
     app.state.metrics, app.state.engine = metrics, engine
     return app
@@ -578,6 +699,37 @@ class BackgroundServer:
         self.socket.close()
 
 
+def draining_server(config, engine: Engine, drain_timeout_s: float = DRAIN_TIMEOUT_S):
+    """A uvicorn Server for `config` where SIGTERM drains first (`Engine.drain`: new replies get 503 + Retry-After,
+    in-flight ones finish, for at most `drain_timeout_s` seconds) and then shuts down; a second SIGTERM, or SIGINT,
+    stops at once (uvicorn's own handling)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        drain_started = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and not self.drain_started:  # also after POST /admin/drain: wait for replies
+                self.drain_started = True
+                engine.drain()
+                print("streamchat: SIGTERM: draining (in-flight replies finish, new ones get 503)", file=sys.stderr)
+                threading.Thread(target=self._exit_when_idle, name="streamchat-drain", daemon=True).start()
+                return
+            super().handle_exit(sig, frame)
+
+        def _exit_when_idle(self) -> None:
+            idle = engine.wait_idle(drain_timeout_s)
+            print(
+                "streamchat: drained, shutting down"
+                if idle
+                else f"streamchat: replies still running after {drain_timeout_s:g} s; shutting down anyway",
+                file=sys.stderr,
+            )
+            self.should_exit = True
+
+    return Server(config)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -598,6 +750,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="prefill tokens per scheduler step between batched decode steps (default: 32)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DRAIN_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"on SIGTERM, how long in-flight replies may take before the server exits (default: {DRAIN_TIMEOUT_S:g})",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -607,8 +766,12 @@ def main(args: argparse.Namespace) -> int:
     from streamchat.model import load_for_chat
 
     settings = settings_from_args(args)
-    if args.max_sessions < 1 or args.prefill_piece < 1 or not 0 <= args.port <= 65535:
-        print("streamchat serve: --max-sessions and --prefill-piece must be 1 or more, --port 0-65535", file=sys.stderr)
+    if args.max_sessions < 1 or args.prefill_piece < 1 or not 0 <= args.port <= 65535 or not args.drain_timeout >= 0:
+        print(
+            "streamchat serve: --max-sessions and --prefill-piece must be 1 or more, --port 0-65535, "
+            "--drain-timeout 0 or more",
+            file=sys.stderr,
+        )
         return 2
     api_key = api_key_for(args)
     loaded = load_for_chat(settings)
@@ -619,8 +782,9 @@ def main(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/v1 (model {loaded.identity!r})",
         file=sys.stderr,
     )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        draining_server(config, engine, args.drain_timeout).run()
     finally:
         engine.close()
     return 0
