@@ -127,9 +127,11 @@ def test_a_planted_fact_is_recalled_into_the_reserved_places(tiny):
     assert cache.stats()["recalled_tokens"] == count and cache.length <= cache.capacity
 
 
-@pytest.mark.parametrize("policy", ["sink_window", "h2o", "tova"])
-def test_the_cache_never_exceeds_its_budget(tiny, policy):
-    session = make(tiny, policy=policy, heavy=40, recent=60)
+@pytest.mark.parametrize(
+    ("policy", "unit"), [("sink_window", "token"), ("sink_window", "message"), ("h2o", "token"), ("tova", "token")]
+)
+def test_the_cache_never_exceeds_its_budget(tiny, policy, unit):
+    session = make(tiny, policy=policy, heavy=40, recent=60, evict_unit=unit)
     capacity = session.cache.capacity
     assert capacity == session.settings.budget == 4 + 100 + 96
     plant_and_evict(session, rounds=1)
