@@ -29,8 +29,15 @@ import numpy as np
 PASSAGE_WORDS = 48  # a long message is stored (and recalled) as passages of about this many words
 SEARCH_CANDIDATES = 32  # passages ranked per query, by each score
 RRF_K = 60  # reciprocal rank fusion of the two rankings (Cormack et al., 2009): 1 / (60 + rank) each
-LEXICAL_MIN_SHARE = 0.5  # a lexical match counts at this share of the best BM25 score or more
-SEMANTIC_MIN_Z = 2.5  # a semantic match counts this many standard deviations above the store's mean cosine
+# A lexical match counts when the passage holds this share of the query's terms, weighted by their IDF: "Which city
+# do I live in?" -> {city, live} is covered 0.5 by "I live in Lisbon"; a chat turn sharing a common word or two with
+# an old one ("Write a short poem" / "Write a function") much less. An absolute bar, so that most turns recall
+# nothing and pay nothing (memorycost: a rewrite of the recalled region is a re-prefill of it).
+LEXICAL_MIN_COVERAGE = 0.45
+# A passage with no search term counts when its cosine is this many standard deviations above the store's mean.
+# Measured on SmolLM2-135M (docs/recall.md): the answer to a paraphrased question sits near 1.8, the best match of
+# an unrelated chat turn reaches 2.5: semantic-only recall is rare by design.
+SEMANTIC_MIN_Z = 3.0
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's own bm25() defaults, also used by the fallback
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Function words a question is mostly made of ("what is my ..."): left out of the query so that a passage is
@@ -61,6 +68,7 @@ class Passage:
     id: int = 0
     score: float = 0.0  # fused relevance to the last query (higher is more relevant)
     lexical: float = 0.0  # its BM25 score (0: no search term in it)
+    coverage: float = 0.0  # share of the query's terms it holds, weighted by their IDF
     semantic: float = 0.0  # its cosine's z-score among the store's passages (0: no vector)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +129,9 @@ class ConversationStore:
                     "CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(text, content='passages', "
                     "content_rowid='id', tokenize='unicode61')"
                 )
+                self.db.execute(
+                    "CREATE VIRTUAL TABLE IF NOT EXISTS passages_terms USING fts5vocab(passages_fts, 'row')"
+                )
             self.db.commit()
         except sqlite3.Error as error:
             raise StoreError(f"conversation memory {self.path}: {error}") from None
@@ -176,23 +187,28 @@ class ConversationStore:
 
         Two rankings of `limit` passages each: lexical, BM25 (Robertson et al.; FTS5's bm25(), k1 1.2, b 0.75) over
         the query's words less function words; semantic, the cosine of the passages' vectors with `vector`, both
-        centred on the store's mean vector. A passage counts as relevant when its BM25 is at least
-        `LEXICAL_MIN_SHARE` of the best one's, or its cosine at least `SEMANTIC_MIN_Z` standard deviations above
-        the mean cosine; the relevant ones are ordered by reciprocal rank fusion (`score`). Raises StoreError if
-        the file cannot be read."""
+        centred on the store's mean vector. A passage counts as relevant when it holds at least
+        `LEXICAL_MIN_COVERAGE` of the query's terms weighted by IDF (`coverage`), or, holding none, when its cosine
+        is at least `SEMANTIC_MIN_Z` standard deviations above the mean cosine; the relevant ones are ordered by
+        reciprocal rank fusion (`score`). Raises StoreError if the file cannot be read."""
+        terms = query_terms(query)
         try:
-            lexical = self._bm25(query_terms(query), limit)
+            lexical = self._bm25(terms, limit)
+            idf = self._idf(terms) if lexical else {}
             semantic = self._nearest(vector, limit) if vector is not None and self.has_vectors else []
         except sqlite3.Error as error:
             raise StoreError(f"conversation memory {self.path}: {error}") from None
         found: dict[int, Passage] = {}
         fused: dict[int, float] = {}
-        best = lexical[0].lexical if lexical else 0.0
+        total = sum(idf.values()) or 1.0
         for rank, passage in enumerate(lexical):
-            if passage.lexical >= best * LEXICAL_MIN_SHARE:
-                found[passage.id], fused[passage.id] = passage, 1 / (RRF_K + rank + 1)
+            words = {w.lower() for w in _WORD.findall(passage.text)}
+            coverage = sum(weight for term, weight in idf.items() if term in words) / total
+            if coverage >= LEXICAL_MIN_COVERAGE:
+                found[passage.id] = Passage(**{**asdict(passage), "coverage": coverage})
+                fused[passage.id] = 1 / (RRF_K + rank + 1)
         for rank, (passage, z) in enumerate(semantic):
-            if z >= SEMANTIC_MIN_Z:
+            if passage.id in found or z >= SEMANTIC_MIN_Z:
                 kept = found.get(passage.id, passage)
                 found[passage.id] = Passage(**{**asdict(kept), "semantic": z})
                 fused[passage.id] = fused.get(passage.id, 0.0) + 1 / (RRF_K + rank + 1)
@@ -224,6 +240,20 @@ class ConversationStore:
         return [
             (Passage(row[1], row[2], row[3], row[4], row[0]), (cosine - average) / spread) for cosine, _, row in ranked
         ]
+
+    def _idf(self, terms: list[str]) -> dict[str, float]:
+        """BM25's inverse document frequency of each term over the stored passages (FTS5's formula)."""
+        count = self.count()
+        if self.fts5:
+            marks = ",".join("?" * len(terms))
+            rows = self.db.execute(f"SELECT term, doc FROM passages_terms WHERE term IN ({marks})", terms).fetchall()
+            frequency = {**dict.fromkeys(terms, 0), **dict(rows)}
+        else:
+            frequency = dict.fromkeys(terms, 0)
+            for (text,) in self.db.execute("SELECT text FROM passages"):
+                for word in set(terms).intersection(w.lower() for w in _WORD.findall(text)):
+                    frequency[word] += 1
+        return {t: math.log((count - n + 0.5) / (n + 0.5) + 1) for t, n in frequency.items()}
 
     def _bm25(self, terms: list[str], limit: int) -> list[Passage]:
         """The `limit` best passages by BM25 over `terms`, best first (`lexical` set); none sharing no term."""

@@ -223,3 +223,12 @@ def test_scored_exchange_gives_the_user_tokens_nll_of_a_plain_forward(tiny):
     )
     assert nll == pytest.approx(float(naive), rel=1e-4)
     assert session.feed_exchange(*FILLER[1]) is None
+
+
+def test_a_turn_sharing_only_a_word_with_the_store_recalls_nothing(tmp_path):
+    store = ConversationStore(tmp_path / "m.sqlite")
+    texts = [FACT, "the dragon lived by the sea", "numbers and symbols are fine", "write a poem about the night"]
+    store.add([Passage(i + 1, "user", text, 8) for i, text in enumerate(texts)])
+    assert store.search("Write a function that sorts numbers quickly in Python") == []
+    found = store.search("What is my locker code?")
+    assert [p.text for p in found] == [FACT] and found[0].coverage == pytest.approx(1.0)
