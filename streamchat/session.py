@@ -530,7 +530,10 @@ class ChatSession:
         self.memory_store.add(passages, self._embed(ids) if self._passage_embedder() else None)
 
     def _passage_embedder(self) -> PassageEmbedder | None:
-        """The semantic score's embedder over this model (`streamchat.passage_embedding`); None: lexical only."""
+        """The semantic score's embedder over this model (`streamchat.passage_embedding`); None: lexical only
+        (`recall_semantic` off, the default, or a model without the layout it reads)."""
+        if not self.settings.recall_semantic:
+            return None
         if self._embedder is False:
             try:
                 self._embedder = PassageEmbedder(self.model)

@@ -32,6 +32,7 @@ def make(tiny, **changes) -> ChatSession:
         "prefill_chunk": 32,
         "memory": True,
         "recall_tokens": 96,
+        "recall_semantic": True,  # the vectors' path too (they travel with a saved session)
     }
     return ChatSession(tiny, load_settings(None, {**values, **changes}))
 
@@ -232,3 +233,11 @@ def test_a_turn_sharing_only_a_word_with_the_store_recalls_nothing(tmp_path):
     assert store.search("Write a function that sorts numbers quickly in Python") == []
     found = store.search("What is my locker code?")
     assert [p.text for p in found] == [FACT] and found[0].coverage == pytest.approx(1.0)
+
+
+def test_lexical_only_memory_computes_no_vectors(tiny):
+    session = make(tiny, recall_semantic=False)
+    plant_and_evict(session)
+    "".join(session.send("What is my locker code?"))
+    assert any(FACT in p["text"] for p in session.last_turn.recalled)
+    assert session.memory_store.stats()["memory_vector_bytes"] == 0 and session._embedder is False
