@@ -33,7 +33,8 @@ from streamchat.session import ChatSession, SessionError
 DEFAULT_TURNS = 50
 DEFAULT_BUDGET = 1024
 DEFAULT_REPLY_TOKENS = 64
-FACT_EVERY = 10  # a fact is planted every this many turns, and asked about FACT_EVERY // 2 turns later
+FACT_EVERY = 10  # a fact is planted every this many turns, and asked about ASK_AFTER turns later
+ASK_AFTER = 8  # about 900 tokens later with 64-token replies: past a 1,024-token window, so it must be recalled
 FACTS = (
     ("By the way, my name is Greta. Please remember it.", "What is my name?"),
     ("By the way, I live in Lisbon. Please remember it.", "Which city do I live in?"),
@@ -45,13 +46,13 @@ FACTS = (
 
 def script(prompts: list[str], turns: int) -> list[str]:
     """`turns` user messages: the prompts in order (cycled), a fact planted every FACT_EVERY turns, its question
-    FACT_EVERY // 2 turns after."""
+    ASK_AFTER turns after."""
     messages, facts, prompt = [], 0, 0
     for turn in range(turns):
         if turn % FACT_EVERY == 1:
             messages.append(FACTS[facts % len(FACTS)][0])
             facts += 1
-        elif turn % FACT_EVERY == 1 + FACT_EVERY // 2 and facts:
+        elif turn % FACT_EVERY == (1 + ASK_AFTER) % FACT_EVERY and facts:
             messages.append(FACTS[(facts - 1) % len(FACTS)][1])
         else:
             messages.append(prompts[prompt % len(prompts)])
