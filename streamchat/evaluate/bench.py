@@ -418,10 +418,12 @@ def measure_load_time(settings: Settings) -> dict[str, Any]:
 def measure_memory(settings: Settings, long_tokens: int, new_tokens: int = 64) -> list[dict[str, Any]]:
     """A chat process's time to the first prompt and RSS after a `long_tokens` prompt and `new_tokens` new tokens,
     each resident form in a fresh process of its own, one after the other (evaluate/footprint.py): packed (what
-    `streamchat chat` holds), full (the model as loaded, beside the decode weights) and llama.cpp when installed."""
+    `streamchat chat` holds), full (the model as loaded, beside the decode weights) and llama.cpp when installed;
+    all of the model the run measures (`settings.model`)."""
     rows = []
     for resident in footprint.RESIDENT:
-        result = footprint.run_child(resident, long_tokens, new_tokens, settings.threads or torch.get_num_threads())
+        threads = settings.threads or torch.get_num_threads()
+        result = footprint.run_child(resident, long_tokens, new_tokens, threads, model=settings.model)
         rows.append({"measure": "memory", "path": resident, **{k: v for k, v in result.items() if k != "resident"}})
     return rows
 
