@@ -241,3 +241,14 @@ def test_lexical_only_memory_computes_no_vectors(tiny):
     "".join(session.send("What is my locker code?"))
     assert any(FACT in p["text"] for p in session.last_turn.recalled)
     assert session.memory_store.stats()["memory_vector_bytes"] == 0 and session._embedder is False
+
+
+def test_memorycost_runs_both_sides_alike(tiny):
+    from streamchat.evaluate import memory_cost
+
+    messages = memory_cost.script(["prompt one", "prompt two"], 50)
+    assert messages[1] == memory_cost.FACTS[0][0] and messages[30] == memory_cost.FACTS[0][1]
+    settings = load_settings(None, {"kv_dtype": "float32", "decode_path": "transformers", "prefill_chunk": 32})
+    report = memory_cost.run(tiny, settings, ["Tell me a story about a dragon."], 4, 200, 4)
+    assert len(report["turn_rows"]["off"]) == len(report["turn_rows"]["on"]) == 4
+    assert report["recall_tokens"] == 50 and report["ttft_ratio"] > 0

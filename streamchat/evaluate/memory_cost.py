@@ -3,7 +3,7 @@
 Two sessions on one loaded model, at the same total cache budget (memory off: sinks + window; on: sinks + a
 smaller window + the recalled region), get the same scripted chat turn by turn, interleaved, so the machine's
 noise falls on both alike: user turns from a prompts file (MT-Bench by default when ../shared is there), with a
-personal fact planted every few turns and asked about later. Replies are generated (greedy, `--reply-tokens`).
+personal facts told in the first turns and asked about some 2,000 tokens later. Replies are generated (greedy, `--reply-tokens`).
 Reported: median time to first token and decode tokens/s of each, their ratios, how many turns rewrote the
 recalled region (a re-prefill), and the store's size per evicted token.
 
@@ -33,8 +33,8 @@ from streamchat.session import ChatSession, SessionError
 DEFAULT_TURNS = 50
 DEFAULT_BUDGET = 1024
 DEFAULT_REPLY_TOKENS = 64
-FACT_EVERY = 10  # a fact is planted every this many turns, and asked about ASK_AFTER turns later
-ASK_AFTER = 8  # about 900 tokens later with 64-token replies: past a 1,024-token window, so it must be recalled
+PLANT_AT = (1, 3, 5, 7, 9)  # turns where the facts are told (of a 50-turn chat)...
+ASK_AT = (30, 35, 40, 45, 49)  # ...and asked: some 2,000 tokens later, past a 1,024-token cache, so recalled
 FACTS = (
     ("By the way, my name is Greta. Please remember it.", "What is my name?"),
     ("By the way, I live in Lisbon. Please remember it.", "Which city do I live in?"),
@@ -45,15 +45,17 @@ FACTS = (
 
 
 def script(prompts: list[str], turns: int) -> list[str]:
-    """`turns` user messages: the prompts in order (cycled), a fact planted every FACT_EVERY turns, its question
-    ASK_AFTER turns after."""
-    messages, facts, prompt = [], 0, 0
+    """`turns` user messages: the prompts in order (cycled), the facts told at PLANT_AT and asked at ASK_AT (each
+    scaled to `turns` / 50)."""
+    scale = turns / 50
+    plant = {round(t * scale): i for i, t in enumerate(PLANT_AT)}
+    ask = {round(t * scale): i for i, t in enumerate(ASK_AT)}
+    messages, prompt = [], 0
     for turn in range(turns):
-        if turn % FACT_EVERY == 1:
-            messages.append(FACTS[facts % len(FACTS)][0])
-            facts += 1
-        elif turn % FACT_EVERY == (1 + ASK_AFTER) % FACT_EVERY and facts:
-            messages.append(FACTS[(facts - 1) % len(FACTS)][1])
+        if turn in plant:
+            messages.append(FACTS[plant[turn]][0])
+        elif turn in ask:
+            messages.append(FACTS[ask[turn]][1])
         else:
             messages.append(prompts[prompt % len(prompts)])
             prompt += 1
