@@ -233,8 +233,9 @@ class BoundedCache(Cache):
     def replace_recall(self, count: int, feed) -> int:
         """Make the recalled region `count` new places, written by `feed()`, which must run the model forward over
         exactly `count` tokens into this cache (positions right after the sinks/pinned part). The window moves
-        behind them: set aside (raw keys, values, origins, the policy's per-place state), then put back at its
-        new places and re-rotated there, so positions stay 0..length-1 in cache order. The window tokens are not
+        first, in place and one layer at a time, to where it will sit behind them (raw keys, values, origins; keys
+        re-rotated there; the policy's per-place state taken and put back), and waits past the layers' length
+        while the feed writes the region, so positions stay 0..length-1 in cache order. The window tokens are not
         recomputed, as StreamingLLM keeps them after any eviction. Recalled places are no stream tokens: their
         origins are -1 and `seen_tokens` does not count them. Evicts first (by the policy) if the new region
         needs room; returns the tokens so evicted. `count` 0 just removes the region. Raises ValueError if
@@ -245,7 +246,9 @@ class BoundedCache(Cache):
         if self.length < base:
             raise ValueError("nothing to recall into: the sinks/pinned part is not cached yet")
         evicted = self.make_room(count - self.recall_length) if count > self.recall_length else 0
-        saved, seen = self._set_window_aside(base), self.seen_tokens
+        seen, start = self.seen_tokens, base + self.recall_length
+        window = self.length - start
+        scores = self._move_window(start, base + count, window, truncate_to=base)
         self.recall_length = 0
         try:
             if count:
@@ -258,41 +261,45 @@ class BoundedCache(Cache):
                 for layer_idx, layer in enumerate(self.layers):
                     layer.length = base
                     self.policy.on_compact(layer_idx, torch.arange(base, device=layer.device))
-                self._put_window_back(saved, base, 0)
+            self._move_window(base + count, base, window)
+            self._end_move(scores, base, window)
             raise
         self.seen_tokens = seen
-        self._put_window_back(saved, base, count)
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.origins[:, :, base : base + count] = -1
+        self._end_move(scores, base + count, window)
         self.recall_length = count
         return evicted
 
     @torch.inference_mode()
-    def _set_window_aside(self, base: int) -> list:
-        """Copies of every layer's window (places after the recalled region) and its policy state; each layer is
-        then cut back to its first `base` places."""
-        start, length = base + self.recall_length, self.length
-        kept = torch.arange(base)
-        saved = []
+    def _move_window(self, start: int, at: int, count: int, truncate_to: int | None = None) -> list:
+        """Move every layer's places start..start+count-1 to at.. (raw keys, values, origins; keys re-rotated at
+        their new places), one layer at a time (a copy of one layer's window at most). With `truncate_to`, the
+        layers are then cut back to that many places, the policy told (`on_compact`) after its per-place state of
+        the window was taken (returned, for `_end_move`); the moved window waits beyond the cut."""
+        taken = []
         for layer_idx, layer in enumerate(self.layers):
-            window = tuple(
-                getattr(layer, name)[:, :, start:length].clone() for name in ("raw_keys", "values", "origins")
-            )
-            saved.append((window, self.policy.take_places(layer_idx, start, length)))
-            layer.length = base
-            self.policy.on_compact(layer_idx, kept.to(layer.device))
-        return saved
+            if truncate_to is not None:
+                taken.append(self.policy.take_places(layer_idx, start, start + count))
+            if count and start != at:
+                for name in ("raw_keys", "values", "origins"):
+                    buffer = getattr(layer, name)
+                    buffer[:, :, at : at + count] = buffer[:, :, start : start + count].clone()
+                layer.keys[:, :, at : at + count] = layer.rope.rotate_at(
+                    layer.raw_keys[:, :, at : at + count], at, at + count
+                )
+            if truncate_to is not None:
+                layer.length = truncate_to
+                self.policy.on_compact(layer_idx, torch.arange(truncate_to, device=layer.device))
+        return taken
 
     @torch.inference_mode()
-    def _put_window_back(self, saved: list, base: int, count: int) -> None:
-        """`_set_window_aside`'s window, after `count` recalled places at `base`, re-rotated at its new places."""
-        for layer_idx, (layer, ((raw_keys, values, origins), policy_state)) in enumerate(zip(self.layers, saved)):
-            layer.origins[:, :, base : base + count] = -1
-            at, end = base + count, base + count + raw_keys.shape[2]
-            layer.raw_keys[:, :, at:end] = raw_keys
-            layer.values[:, :, at:end] = values
-            layer.origins[:, :, at:end] = origins
-            layer.keys[:, :, at:end] = layer.rope.rotate_at(raw_keys, at, end)
-            layer.length = end
-            self.policy.put_places(layer_idx, policy_state, at)
+    def _end_move(self, taken: list, at: int, count: int) -> None:
+        """Make the moved window (at..at+count-1) cached again, with the policy's per-place state put back there."""
+        for layer_idx, (layer, state) in enumerate(zip(self.layers, taken)):
+            layer.length = at + count
+            self.policy.put_places(layer_idx, state, at)
 
     def _forget_evicted_starts(self) -> None:
         """Drop marks of messages whose start is no longer cached (bounded bookkeeping for an endless chat)."""
