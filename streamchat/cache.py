@@ -282,7 +282,7 @@ class BoundedCache(Cache):
         for layer_idx, layer in enumerate(self.layers):
             if truncate_to is not None:
                 taken.append(self.policy.take_places(layer_idx, start, start + count))
-            if count and start != at:
+            if count and start != at and not native.compact(layer, start, at, count):  # kernels.c: in place
                 for name in ("raw_keys", "values", "origins"):
                     buffer = getattr(layer, name)
                     buffer[:, :, at : at + count] = buffer[:, :, start : start + count].clone()

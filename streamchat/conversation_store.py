@@ -121,6 +121,10 @@ class ConversationStore:
         self.fts5 = fts5_available() if use_fts5 is None else use_fts5
         try:
             self.db = sqlite3.connect(self.path, check_same_thread=False)
+            # The store is the conversation's text, rebuilt from a saved session if need be: no fsync per turn
+            # (a commit's fsync took ~10 ms of every turn's time to first token), the journal kept in memory.
+            self.db.execute("PRAGMA synchronous=OFF")
+            self.db.execute("PRAGMA journal_mode=MEMORY")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS passages (id INTEGER PRIMARY KEY, turn INTEGER NOT NULL, role TEXT NOT NULL, "
                 "text TEXT NOT NULL, tokens INTEGER NOT NULL, vector BLOB)"
@@ -134,6 +138,12 @@ class ConversationStore:
                     "CREATE VIRTUAL TABLE IF NOT EXISTS passages_terms USING fts5vocab(passages_fts, 'row')"
                 )
             self.db.commit()
+            self._totals = list(  # passages, tokens, text bytes, vector bytes: kept here, not summed every turn
+                self.db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
+                    "COALESCE(SUM(LENGTH(vector)), 0) FROM passages"
+                ).fetchone()
+            )
         except sqlite3.Error as error:
             raise StoreError(f"conversation memory {self.path}: {error}") from None
 
@@ -158,7 +168,11 @@ class ConversationStore:
                             None if vector is None else vector.tobytes(),
                         ),
                     )
+                    self._totals[0] += 1
+                    self._totals[1] += passage.tokens
+                    self._totals[2] += len(passage.text.encode("utf-8", "surrogatepass"))
                     if vector is not None:
+                        self._totals[3] += vector.nbytes
                         if self._vector_sum is None:
                             self._vector_sum = np.zeros(vector.shape, np.float64)
                         self._vector_sum += vector
@@ -176,6 +190,7 @@ class ConversationStore:
             with self.db:
                 self.db.execute("DELETE FROM passages")
                 self._vector_sum, self._vectors = None, 0
+                self._totals = [0, 0, 0, 0]
                 if self.fts5:
                     self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('delete-all')")
         except sqlite3.Error as error:
@@ -244,7 +259,7 @@ class ConversationStore:
 
     def _idf(self, terms: list[str]) -> dict[str, float]:
         """BM25's inverse document frequency of each term over the stored passages (FTS5's formula)."""
-        count = self.count()
+        count = self._totals[0]
         if self.fts5:
             marks = ",".join("?" * len(terms))
             rows = self.db.execute(f"SELECT term, doc FROM passages_terms WHERE term IN ({marks})", terms).fetchall()
@@ -322,13 +337,9 @@ class ConversationStore:
 
     def stats(self) -> dict[str, Any]:
         """Passages, tokens and text bytes stored, and the file's size on disk (bytes, with its journal)."""
-        try:
-            passages, tokens, text, vectors = self.db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
-                "COALESCE(SUM(LENGTH(vector)), 0) FROM passages"
-            ).fetchone()
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
+        passages, tokens, text, vectors = self._totals
+        if not self.path.exists():
+            raise StoreError(f"conversation memory {self.path}: the file is gone")
         size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-journal")) if os.path.exists(p))
         return {
             "memory_passages": passages,

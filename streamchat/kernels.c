@@ -11,7 +11,8 @@
  * 3. sc_attention / sc_attention_many: one query per sequence over a cache of keys and values (fp32 or fp16),
  *    grouped-query heads.
  * 4. sc_decode: a whole decode step (or prefill chunk) of a Llama-layout model for B rows, no Python between layers.
- * 5. sc_compact: sink_window's eviction, the kept run moved down and its keys re-rotated.
+ * 5. sc_compact: sink_window's eviction, the kept run moved down and its keys re-rotated (also up: the window
+ *    making room for conversation memory's recalled region).
  * 6. sc_greedy / sc_sample: the next token from the logits, as transformers' logits processors choose it.
  *
  * Compiled twice: AVX2+FMA+F16C (vpmaddubsw) and AVX-512 VNNI (vpdpbusd; the matmuls take 16 output rows per
@@ -1105,10 +1106,11 @@ static void rotate_task(void *context, int t) {
 
 int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int half, int kv_heads, int capacity,
                int D, int src, int dst, int count, const float *cos, const float *sin) {
-    if (D % 8 || D > MAX_DIM || dst < 0 || src < dst || count < 0 || src + count > capacity) return -1;
+    if (D % 8 || D > MAX_DIM || dst < 0 || src < 0 || count < 0 || src + count > capacity || dst + count > capacity)
+        return -1;
     if (count == 0) return 0;
     const size_t row = (size_t)D * (half ? 2 : 4);
-    for (int h = 0; h < kv_heads; h++) { /* one run per head and buffer: memmove copies overlapping runs right */
+    for (int h = 0; h < kv_heads; h++) { /* one run per head and buffer: memmove copies overlapping runs either way */
         const size_t from = (size_t)h * capacity + src, to = (size_t)h * capacity + dst;
         memmove((char *)raw_keys + to * row, (char *)raw_keys + from * row, (size_t)count * row);
         memmove((char *)values + to * row, (char *)values + from * row, (size_t)count * row);

@@ -239,7 +239,8 @@ def active() -> str | None:
 
 
 def compact(layer, src: int, dst: int, count: int) -> bool:
-    """Move places src..src+count-1 of a `BoundedLayer` (batch 1, fp32/fp16 buffers on the CPU) down to dst.., keys
+    """Move places src..src+count-1 of a `BoundedLayer` (batch 1, fp32/fp16 buffers on the CPU) to dst.. (down, as an
+    eviction compacts, or up; the runs may overlap), keys
     re-rotated at their new places (kernels.c `sc_compact`). Returns False, having done nothing, where the kernel
     does not apply (no kernels, another layout or dtype); the caller then compacts with torch."""
     lib = library()

@@ -252,3 +252,41 @@ def test_memorycost_runs_both_sides_alike(tiny):
     report = memory_cost.run(tiny, settings, ["Tell me a story about a dragon."], 4, 200, 4)
     assert len(report["turn_rows"]["off"]) == len(report["turn_rows"]["on"]) == 4
     assert report["recall_tokens"] == 50 and report["ttft_ratio"] > 0
+
+
+@pytest.mark.parametrize("native_move", [True, False])
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_replace_recall_moves_the_window_intact(tiny, monkeypatch, native_move, kv_dtype):
+    from streamchat import native
+
+    if not native_move:
+        monkeypatch.setattr(native, "compact", lambda *args: False)
+    settings = load_settings(None, {"window": 100, "memory": True, "recall_tokens": 64, "kv_dtype": kv_dtype})
+    cache = BoundedCache(tiny.model, settings, getattr(torch, kv_dtype))
+    model = tiny.model
+
+    def run(ids):
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+
+    run(list(range(10, 90)))
+    base = cache.sink_places
+    for count in (20, 40, 8, 0):  # the region grows, grows, shrinks, goes
+        before = [
+            (
+                layer.raw_keys[..., base + cache.recall_length : layer.length, :].clone(),
+                layer.values[..., base + cache.recall_length : layer.length, :].clone(),
+                layer.origins[..., base + cache.recall_length : layer.length].clone(),
+            )
+            for layer in cache.layers
+        ]
+        cache.replace_recall(count, lambda: run(list(range(100, 100 + count))))
+        assert cache.recall_length == count and cache.length == base + count + before[0][0].shape[2]
+        for layer, (raw, values, origins) in zip(cache.layers, before):
+            at = base + count
+            assert torch.equal(layer.raw_keys[..., at : layer.length, :], raw)
+            assert torch.equal(layer.values[..., at : layer.length, :], values)
+            assert torch.equal(layer.origins[..., at : layer.length], origins)
+            rotated = layer.rope.rotate_at(raw, at, layer.length)
+            assert torch.allclose(layer.keys[..., at : layer.length, :].float(), rotated.float(), atol=2e-3)
+            assert (layer.origins[..., base:at] == -1).all()
