@@ -31,11 +31,23 @@ def output_dir(path: str | Path) -> Path:
     return folder
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, as `lscpu | grep 'Model name'` shows it); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def machine_info() -> dict[str, Any]:
-    """What the figures were measured on, to be written beside them."""
+    """What the figures were measured on, to be written beside them: date, CPU model and torch's CPU capability
+    (AVX512, AVX2...), cores, torch."""
     import os
 
     return {
+        "cpu_model": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),

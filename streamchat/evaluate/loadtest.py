@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from streamchat.reporting import machine_info, output_dir, print_json_line, write_csv, write_json
+from streamchat.reporting import cpu_model, machine_info, output_dir, print_json_line, write_csv, write_json
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -49,14 +49,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 def run_level(

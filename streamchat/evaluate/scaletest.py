@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from streamchat.evaluate.loadtest import PROMPTS, _free_loopback_port, _settings_argv, cpu_model
-from streamchat.reporting import machine_info, output_dir, print_json_line, write_json
+from streamchat.evaluate.loadtest import PROMPTS, _free_loopback_port, _settings_argv
+from streamchat.reporting import cpu_model, machine_info, output_dir, print_json_line, write_json
 
 TEMPLATE = Path(__file__).resolve().parent.parent.parent / "deploy" / "nginx.conf"
 KEY = "scaletest"
