@@ -1,0 +1,387 @@
+"""A Hugging Face model folder (config.json + *.safetensors in bf16/fp16/fp32) packed once into a GGUF file of
+native block types, cached, then run from its blocks like any GGUF file (gguf_model.py).
+
+Packing streams the checkpoint tensor by tensor, and a large tensor a row block at a time (`ROW_BLOCK_WEIGHTS`
+weights: 16 Mi, 64 MB as fp32): each block is read from its safetensors file, converted to fp32, encoded with
+gguf-py's quantizers (`gguf.quants.quantize`) and written, so the process never holds more than one tensor's
+encoded bytes plus one fp32 row block; never the model in fp32 (or in any precision) at once.
+
+What goes into which type (`pack` is the `hf_pack` setting; default `DEFAULT`, Q8_0):
+
+- the layers' linears (q, k, v, o, gate, up, down): `pack` (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0: the types gguf-py can
+  encode that the native kernels run; BF16 or F16: a 16-bit copy, lossless for a checkpoint of that dtype);
+  a linear whose inputs are not whole blocks of 32 goes to F16;
+- the token embedding and an untied output head: `pack` for Q8_0/BF16/F16, Q8_0 under a 4/5-bit `pack` (as
+  llama.cpp keeps its output head at 6+ bits; gguf-py has no Q6_K encoder);
+- norms, biases, RoPE factors: F32.
+
+The file is the GGUF llama.cpp's converter would write, with two differences: no tokenizer in its metadata (the
+tokenizer and chat template are read from the HF folder itself), and a llama model's q/k rows stay in the HF
+checkpoint's rotate-half order, marked by `ROPE_ROWS_KEY` = "rotate_half" (llama.cpp's converter permutes them for
+its interleaved RoPE, and gguf_model.py undoes that permutation for files without the mark: a copy of q and k at
+every load that an HF-origin file does not need).
+
+Cache: `cache_root()/hf/<folder name>-<pack>-<key>.gguf`, `key` a hash of `FORMAT`, the folder's resolved path,
+config.json's bytes and each safetensors file's name, size and mtime (hashing gigabytes at every start would cost
+more than a second of the start). The file is written under a `.partial` staging name in the same folder and
+renamed into place only once complete and flushed, so a pack interrupted part way is never read as a cached one;
+a cached file that does not read back whole (`GGUFFile` checks every tensor's extent) is packed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
+from gguf.quants import quantize as gguf_quantize
+from safetensors import safe_open
+
+from streamchat.ggml_blocks import block_size, row_bytes
+from streamchat.paths import CACHE_ENV, cache_root
+
+T = GGMLQuantizationType
+PACK_TYPES = {
+    "Q8_0": T.Q8_0,
+    "Q5_1": T.Q5_1,
+    "Q5_0": T.Q5_0,
+    "Q4_1": T.Q4_1,
+    "Q4_0": T.Q4_0,
+    "BF16": T.BF16,
+    "F16": T.F16,
+}
+DEFAULT = "Q8_0"
+TRANSFORMERS = "transformers"  # the `hf_pack` value that keeps transformers' own fp32 load
+CHOICES = (*PACK_TYPES, TRANSFORMERS)
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",  # llama.cpp's converter writes Mistral as llama; without a sliding window only
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+DTYPES = ("BF16", "F16", "F32")  # safetensors dtype names of the checkpoints packed
+ROPE_ROWS_KEY = "streamchat.rope_rows"  # "rotate_half": q/k rows in HF order (the module's note)
+SOURCE_KEY = "streamchat.hf_source"
+FORMAT = 1  # bumped whenever what is written changes: older cached files are then packed again
+ROW_BLOCK_WEIGHTS = 1 << 24  # weights converted to fp32 at once (64 MB)
+LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+
+
+class HFPackError(ValueError):
+    """The folder cannot be packed (architecture, dtype, a tensor streamchat does not know); the message names it."""
+
+
+@dataclass
+class Packed:
+    """A packed folder: the cached GGUF `path`, whether this call wrote it, the seconds it took, a start-up note."""
+
+    path: Path
+    packed: bool
+    seconds: float
+    note: str
+
+
+@dataclass
+class _Tensor:
+    hf_name: str
+    name: str  # GGUF name
+    file: Path
+    shape: tuple[int, ...]  # HF shape: [rows, columns] or [n]
+    kind: T
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise HFPackError(f"{folder}/config.json cannot be read: {error}") from error
+
+
+def cache_key(folder: Path, pack: str) -> str:
+    """The cache file's key: changes when the folder's config or any weight file changes (size, mtime)."""
+    parts = [f"format {FORMAT}", pack, str(folder.resolve()), (folder / "config.json").read_text()]
+    for file in sorted(folder.glob("*.safetensors")):
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def cached_path(folder: Path, pack: str) -> Path:
+    """Where the pack of `folder` as `pack` is (or will be) cached."""
+    return cache_root() / "hf" / f"{folder.resolve().name}-{pack}-{cache_key(folder, pack)}.gguf"
+
+
+def architecture(folder: Path) -> str:
+    """The GGUF architecture of the folder's model ("llama", "qwen2", "qwen3"); HFPackError naming any other, or a
+    variant the native step does not run (a sliding window, MLP biases, a quantized checkpoint)."""
+    config = _config(folder)
+    names = config.get("architectures") or [config.get("model_type", "?")]
+    name = names[0]
+    if name not in ARCHITECTURES:
+        raise HFPackError(
+            f"{folder}: architecture {name!r} cannot be packed for streamchat's native step (it packs "
+            f"{', '.join(ARCHITECTURES)}); `--set hf_pack={TRANSFORMERS}` loads it through transformers in fp32"
+        )
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise HFPackError(f"{folder}: a quantized checkpoint ({method}) cannot be packed; give its bf16/fp16/fp32 one")
+    if config.get("hidden_act", "silu") != "silu":
+        raise HFPackError(f"{folder}: {name} with activation {config['hidden_act']!r} (the native step runs silu)")
+    if config.get("mlp_bias"):
+        raise HFPackError(f"{folder}: {name} with MLP biases does not run on the native step")
+    window = config.get("sliding_window") if name == "MistralForCausalLM" else None
+    if name.startswith("Qwen") and config.get("use_sliding_window"):
+        window = config.get("sliding_window")
+    if window:
+        raise HFPackError(
+            f"{folder}: {name} with a sliding attention window ({window}) does not run on the native step"
+        )
+    try:
+        _rope_factors(config, 2)
+    except HFPackError as error:
+        raise HFPackError(f"{folder}: {error}") from None
+    return ARCHITECTURES[name]
+
+
+def _gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of an HF checkpoint tensor; None for one to skip (old checkpoints' rotary tables);
+    HFPackError for one streamchat does not know (it would be silently dropped otherwise)."""
+    if hf_name in TOP_NAMES:
+        return TOP_NAMES[hf_name]
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    match = LAYER.fullmatch(hf_name)
+    if match and match.group(2).endswith("rotary_emb.inv_freq"):
+        return None
+    if match and match.group(2) in LAYER_NAMES:
+        return f"blk.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    raise HFPackError(f"tensor {hf_name!r} has no place on streamchat's native step")
+
+
+def _kind(name: str, shape: tuple[int, ...], pack: T) -> T:
+    """The ggml type tensor `name` is written in (the module's note)."""
+    if len(shape) == 1:
+        return T.F32
+    if name in ("token_embd.weight", "output.weight") and pack not in (T.Q8_0, T.BF16, T.F16):
+        pack = T.Q8_0
+    if shape[1] % block_size(pack)[0]:
+        return T.F16
+    return pack
+
+
+def plan(folder: Path, pack: str) -> tuple[str, dict, list[_Tensor]]:
+    """(architecture, config.json, the tensors to write and their types), read from the safetensors headers only.
+    HFPackError for an architecture, dtype or tensor that cannot be packed, or a folder without safetensors."""
+    arch = architecture(folder)
+    config = _config(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise HFPackError(f"{folder}: no *.safetensors files (a .bin checkpoint cannot be packed; convert it first)")
+    tied = bool(config.get("tie_word_embeddings", False))
+    tensors = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names = handle.keys()  # a safetensors handle is not iterable
+            for hf_name in names:
+                piece = handle.get_slice(hf_name)
+                dtype = piece.get_dtype()
+                if dtype not in DTYPES:
+                    raise HFPackError(
+                        f"{file}: tensor {hf_name!r} is {dtype}; packing takes {', '.join(DTYPES)} checkpoints"
+                    )
+                try:
+                    name = _gguf_name(hf_name)
+                except HFPackError as error:
+                    raise HFPackError(f"{file}: {error}") from None
+                if name is None or (name == "output.weight" and tied):
+                    continue
+                shape = tuple(int(n) for n in piece.get_shape())
+                tensors.append(_Tensor(hf_name, name, file, shape, _kind(name, shape, PACK_TYPES[pack])))
+    return arch, config, tensors
+
+
+def _rope(config: dict) -> tuple[float, str, dict]:
+    """(theta, scaling type, scaling parameters) from a config.json of either transformers generation: v4's
+    `rope_theta` + `rope_scaling`, or v5's `rope_parameters` (which holds both)."""
+    parameters = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or parameters
+    theta = float(config.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+    return theta, str(scaling.get("rope_type", scaling.get("type", "default"))), scaling
+
+
+def _rope_factors(config: dict, head_dim: int) -> np.ndarray | None:
+    """Llama 3.x's RoPE frequency factors [head_dim / 2] (what llama.cpp's converter writes as rope_freqs), or None
+    for plain RoPE; HFPackError for a scaling the native step does not run."""
+    base, kind, scaling = _rope(config)
+    if kind in ("default", "linear"):
+        return None
+    if kind != "llama3":
+        raise HFPackError(f"RoPE scaling {kind!r} does not run on the native step (default, linear, llama3)")
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < old / high:
+            factors.append(1.0)
+        elif wavelength > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _metadata(writer: GGUFWriter, arch: str, config: dict, folder: Path, pack: str) -> int:
+    """The architecture metadata gguf_model.config_from reads; returns the head dimension."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    writer.add_name(folder.resolve().name)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    theta, kind, scaling = _rope(config)
+    writer.add_rope_freq_base(theta)
+    writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+        if isinstance(config.get(key), int):
+            add(config[key])
+    writer.add_string(ROPE_ROWS_KEY, "rotate_half")
+    writer.add_string(SOURCE_KEY, f"{folder.resolve()} ({pack})")
+    return head_dim
+
+
+def rows_fp32(file: Path, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of checkpoint tensor `name` as fp32 (a 1-D tensor: all of it): the only fp32 the packing
+    holds, `ROW_BLOCK_WEIGHTS` weights at most. The file is opened for this read only (its pages leave the
+    process's resident memory when it closes)."""
+    with safe_open(str(file), framework="pt") as handle:
+        piece = handle.get_slice(name)
+        part = piece[start:stop] if len(piece.get_shape()) > 1 else piece[:]
+        return part.to(torch.float32).numpy()
+
+
+def _encode(values: np.ndarray, kind: T) -> np.ndarray:
+    """fp32 [rows, columns] (or [n]) -> the type's bytes, uint8 [rows, row bytes] (or [n bytes])."""
+    if kind == T.F32:
+        encoded = np.ascontiguousarray(values, dtype=np.float32)
+    else:
+        encoded = gguf_quantize(np.ascontiguousarray(values, dtype=np.float32), kind)
+    return np.ascontiguousarray(encoded).view(np.uint8)
+
+
+def _write(folder: Path, staging: Path, pack: str) -> list[_Tensor]:
+    """Write the pack of `folder` to `staging`, tensor by tensor (header first: every tensor's type and size is
+    known from the safetensors headers), flushed to disk. Returns what it wrote."""
+    arch, config, tensors = plan(folder, pack)
+    writer = GGUFWriter(str(staging), arch)
+    head_dim = _metadata(writer, arch, config, folder, pack)
+    factors = _rope_factors(config, head_dim)
+    for tensor in tensors:
+        columns = tensor.shape[-1]
+        rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
+        size = row_bytes(tensor.kind, columns) * rows
+        shape = (rows, size // rows) if len(tensor.shape) > 1 else (size,)
+        writer.add_tensor_info(tensor.name, shape, np.dtype(np.uint8), size, raw_dtype=tensor.kind)
+    if factors is not None:
+        writer.add_tensor_info("rope_freqs.weight", (factors.nbytes,), np.dtype(np.uint8), factors.nbytes, T.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in tensors:
+        columns = tensor.shape[-1]
+        rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
+        out = np.empty((rows, row_bytes(tensor.kind, columns)), np.uint8)
+        step = max(1, ROW_BLOCK_WEIGHTS // columns)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            out[start:stop] = _encode(rows_fp32(tensor.file, tensor.hf_name, start, stop), tensor.kind).reshape(
+                stop - start, -1
+            )
+        writer.write_tensor_data(out.reshape(-1) if len(tensor.shape) == 1 else out)
+        del out
+    if factors is not None:
+        writer.write_tensor_data(factors.view(np.uint8))
+    writer.flush()
+    for handle in writer.fout or []:
+        os.fsync(handle.fileno())
+    writer.close()
+    return tensors
+
+
+def _complete(path: Path) -> bool:
+    """True when the cached file reads back whole, written by this `FORMAT` (gguf_file checks every extent)."""
+    from streamchat.gguf_file import GGUFError, GGUFFile
+
+    try:
+        file = GGUFFile(path)
+    except GGUFError:
+        return False
+    return file.metadata.get(ROPE_ROWS_KEY) == "rotate_half"
+
+
+def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
+    """The cached GGUF of HF folder `folder` packed as `pack` (a `PACK_TYPES` name), packed now where the cache has
+    no complete one. HFPackError for a folder that cannot be packed; OSError when the model cache cannot be written
+    (the message names it and the variable that moves it)."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    if pack not in PACK_TYPES:
+        raise HFPackError(f"hf_pack {pack!r}: one of {', '.join(CHOICES)}")
+    architecture(folder)  # before anything is hashed or written
+    path = cached_path(folder, pack)
+    if path.is_file() and _complete(path):
+        seconds = time.perf_counter() - started
+        return Packed(path, False, seconds, f"{folder.name} as {pack}, packed before: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tensors = _write(folder, staging, pack)
+        os.replace(staging, path)
+    except OSError as error:
+        raise OSError(f"cannot write the packed model to {path.parent} ({error}); set {CACHE_ENV} elsewhere") from error
+    finally:
+        staging.unlink(missing_ok=True)
+    for old in path.parent.glob(f"{folder.resolve().name}-{pack}-*.gguf"):  # packs of earlier versions
+        if old != path:
+            old.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    counts: dict[str, int] = {}
+    for tensor in tensors:
+        counts[tensor.kind.name] = counts.get(tensor.kind.name, 0) + 1
+    types = ", ".join(f"{name} x{count}" for name, count in counts.items())
+    note = f"{folder.name} packed as {pack} ({types}) in {seconds:.1f} s, {path.stat().st_size / 1e6:,.1f} MB: {path}"
+    return Packed(path, True, seconds, note)
