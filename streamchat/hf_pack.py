@@ -122,10 +122,29 @@ def _config(folder: Path) -> dict:
         raise HFPackError(f"{folder}/config.json cannot be read: {error}") from error
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those model.safetensors.index.json names (a sharded checkpoint), else
+    model.safetensors, else every *.safetensors (a folder may also hold other formats' files, such as Mistral's
+    consolidated.safetensors, which the index or model.safetensors leaves out)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise HFPackError(f"{index} cannot be read: {error}") from error
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise HFPackError(f"{folder}: the checkpoint's index names files that are missing: {', '.join(missing)}")
+        return [folder / name for name in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def cache_key(folder: Path, pack: str) -> str:
     """The cache file's key: changes when the folder's config or any weight file changes (size, mtime)."""
     parts = [f"format {FORMAT}", pack, str(folder.resolve()), (folder / "config.json").read_text()]
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in weight_files(folder):
         stat = file.stat()
         parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
@@ -199,7 +218,7 @@ def plan(folder: Path, pack: str) -> tuple[str, dict, list[_Tensor]]:
     HFPackError for an architecture, dtype or tensor that cannot be packed, or a folder without safetensors."""
     arch = architecture(folder)
     config = _config(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise HFPackError(f"{folder}: no *.safetensors files (a .bin checkpoint cannot be packed; convert it first)")
     tied = bool(config.get("tie_word_embeddings", False))

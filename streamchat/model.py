@@ -409,6 +409,8 @@ def _load_hf_packed(folder: Path, source: str, started: float, pack: str) -> Loa
         raise ModelError(str(error)) from error
     except OSError as error:
         raise ModelError(f"cannot pack {folder}: {error}") from error
+    except (KeyError, ValueError, TypeError) as error:  # a config.json or checkpoint of an unexpected shape
+        raise ModelError(f"cannot pack {folder}: {type(error).__name__}: {error}") from error
     loaded = _load_gguf_blocks(packed.path, source, started, folder)
     loaded.converted = packed.packed
     loaded.packing = PackResult(

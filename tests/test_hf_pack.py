@@ -212,3 +212,15 @@ def test_setting_is_validated():
     assert Settings().hf_pack == hf_pack.DEFAULT
     with pytest.raises(SettingsError, match="hf_pack"):
         load_settings(None, {"hf_pack": "Q4_K"})
+
+
+def test_sharded_checkpoint_packs_as_one(tokenizer, tmp_path):
+    model = build("qwen2", len(tokenizer))
+    whole = save(model, tokenizer, tmp_path / "whole")
+    sharded = tmp_path / "sharded"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 64)}, str(sharded / "consolidated.safetensors"))
+    expected = logits(load_model(str(whole), hf_pack="Q8_0").model)
+    assert torch.equal(logits(load_model(str(sharded), hf_pack="Q8_0").model), expected)  # the stray file ignored
