@@ -2,9 +2,11 @@
 native block types, cached, then run from its blocks like any GGUF file (gguf_model.py).
 
 Packing streams the checkpoint tensor by tensor, and a large tensor a row block at a time (`ROW_BLOCK_WEIGHTS`
-weights: 16 Mi, 64 MB as fp32): each block is read from its safetensors file, converted to fp32, encoded with
-gguf-py's quantizers (`gguf.quants.quantize`) and written, so the process never holds more than one tensor's
-encoded bytes plus one fp32 row block; never the model in fp32 (or in any precision) at once.
+weights: 16 Mi, 64 MB as fp32): each block is read from its safetensors file (the header parsed here, then a
+positioned read of the block's bytes: no memory map, so the checkpoint's pages never count in the process's
+memory), converted to fp32, encoded with gguf-py's quantizers (`gguf.quants.quantize`) and written, so the process
+never holds more than one tensor's encoded bytes plus one fp32 row block; never the model in fp32 (or in any
+precision) at once.
 
 What goes into which type (`pack` is the `hf_pack` setting; default `DEFAULT`, Q8_0):
 
@@ -40,10 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
 from gguf.quants import quantize as gguf_quantize
-from safetensors import safe_open
 
 from streamchat.ggml_blocks import block_size, row_bytes
 from streamchat.paths import CACHE_ENV, cache_root
@@ -67,7 +67,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-DTYPES = ("BF16", "F16", "F32")  # safetensors dtype names of the checkpoints packed
+DTYPES = {"BF16": 2, "F16": 2, "F32": 4}  # safetensors dtypes packed, and their bytes a weight
 ROPE_ROWS_KEY = "streamchat.rope_rows"  # "rotate_half": q/k rows in HF order (the module's note)
 SOURCE_KEY = "streamchat.hf_source"
 FORMAT = 1  # bumped whenever what is written changes: older cached files are then packed again
@@ -112,7 +112,33 @@ class _Tensor:
     name: str  # GGUF name
     file: Path
     shape: tuple[int, ...]  # HF shape: [rows, columns] or [n]
-    kind: T
+    kind: T  # the ggml type written
+    dtype: str  # the checkpoint's: BF16, F16, F32
+    offset: int  # of its first byte in `file`
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> {"dtype", "shape", "data_offsets"}) and where its data starts; HFPackError
+    for a file that is not safetensors or is shorter than its tensors (an interrupted download).
+    Format: https://huggingface.co/docs/safetensors/index (an 8-byte little-endian length, then that much JSON)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100_000_000):
+                raise ValueError(f"a header of {length:,} bytes in a file of {size:,}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise HFPackError(f"{file} is not a readable safetensors file ({error})") from error
+    header.pop("__metadata__", None)
+    start = 8 + length
+    for name, entry in header.items():
+        end = start + int(entry["data_offsets"][1])
+        if end > size:
+            raise HFPackError(
+                f"{file} is truncated: tensor {name!r} ends at byte {end:,} but the file has {size:,}; download it again"
+            )
+    return header, start
 
 
 def _config(folder: Path) -> dict:
@@ -224,23 +250,24 @@ def plan(folder: Path, pack: str) -> tuple[str, dict, list[_Tensor]]:
     tied = bool(config.get("tie_word_embeddings", False))
     tensors = []
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            names = handle.keys()  # a safetensors handle is not iterable
-            for hf_name in names:
-                piece = handle.get_slice(hf_name)
-                dtype = piece.get_dtype()
-                if dtype not in DTYPES:
-                    raise HFPackError(
-                        f"{file}: tensor {hf_name!r} is {dtype}; packing takes {', '.join(DTYPES)} checkpoints"
-                    )
-                try:
-                    name = _gguf_name(hf_name)
-                except HFPackError as error:
-                    raise HFPackError(f"{file}: {error}") from None
-                if name is None or (name == "output.weight" and tied):
-                    continue
-                shape = tuple(int(n) for n in piece.get_shape())
-                tensors.append(_Tensor(hf_name, name, file, shape, _kind(name, shape, PACK_TYPES[pack])))
+        header, data = read_header(file)
+        for hf_name, entry in header.items():
+            dtype, shape = entry["dtype"], tuple(int(n) for n in entry["shape"])
+            if dtype not in DTYPES:
+                raise HFPackError(
+                    f"{file}: tensor {hf_name!r} is {dtype}; packing takes {', '.join(DTYPES)} checkpoints"
+                )
+            try:
+                name = _gguf_name(hf_name)
+            except HFPackError as error:
+                raise HFPackError(f"{file}: {error}") from None
+            if name is None or (name == "output.weight" and tied):
+                continue
+            begin, end = (int(n) for n in entry["data_offsets"])
+            if len(shape) not in (1, 2) or end - begin != math.prod(shape) * DTYPES[dtype]:
+                raise HFPackError(f"{file}: tensor {hf_name!r} of shape {list(shape)} holds {end - begin:,} bytes")
+            kind = _kind(name, shape, PACK_TYPES[pack])
+            tensors.append(_Tensor(hf_name, name, file, shape, kind, dtype, data + begin))
     return arch, config, tensors
 
 
@@ -303,14 +330,24 @@ def _metadata(writer: GGUFWriter, arch: str, config: dict, folder: Path, pack: s
     return head_dim
 
 
-def rows_fp32(file: Path, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of checkpoint tensor `name` as fp32 (a 1-D tensor: all of it): the only fp32 the packing
-    holds, `ROW_BLOCK_WEIGHTS` weights at most. The file is opened for this read only (its pages leave the
-    process's resident memory when it closes)."""
-    with safe_open(str(file), framework="pt") as handle:
-        piece = handle.get_slice(name)
-        part = piece[start:stop] if len(piece.get_shape()) > 1 else piece[:]
-        return part.to(torch.float32).numpy()
+def rows_fp32(tensor: _Tensor, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of checkpoint tensor `tensor` as fp32 [stop - start, columns] (a 1-D tensor: [n], all of
+    it): the only fp32 the packing holds, `ROW_BLOCK_WEIGHTS` weights at most. A positioned read of just those
+    bytes (no memory map: the checkpoint's pages never count in the process's resident memory); bf16 widened
+    exactly (its 16 bits are an fp32's top half)."""
+    columns = tensor.shape[-1]
+    count = (stop - start) * columns if len(tensor.shape) > 1 else columns
+    width = DTYPES[tensor.dtype]
+    with tensor.file.open("rb") as handle:
+        handle.seek(tensor.offset + start * columns * width)
+        raw = handle.read(count * width)
+    if len(raw) != count * width:
+        raise HFPackError(f"{tensor.file}: tensor {tensor.hf_name!r} could not be read whole (the file changed?)")
+    if tensor.dtype == "BF16":
+        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, "<f2" if tensor.dtype == "F16" else "<f4").astype(np.float32)
+    return values.reshape(-1, columns) if len(tensor.shape) > 1 else values
 
 
 def _encode(values: np.ndarray, kind: T) -> np.ndarray:
@@ -347,9 +384,7 @@ def _write(folder: Path, staging: Path, pack: str) -> list[_Tensor]:
         step = max(1, ROW_BLOCK_WEIGHTS // columns)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            out[start:stop] = _encode(rows_fp32(tensor.file, tensor.hf_name, start, stop), tensor.kind).reshape(
-                stop - start, -1
-            )
+            out[start:stop] = _encode(rows_fp32(tensor, start, stop), tensor.kind).reshape(stop - start, -1)
         writer.write_tensor_data(out.reshape(-1) if len(tensor.shape) == 1 else out)
         del out
     if factors is not None:

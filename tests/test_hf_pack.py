@@ -193,6 +193,10 @@ def test_what_cannot_be_packed_is_a_clear_error(tokenizer, tmp_path, cache):
     save_file({"model.extra.weight": torch.zeros(4, 64)}, str(folder / "model.safetensors"))
     with pytest.raises(ModelError, match="'model.extra.weight' has no place"):
         load_model(str(folder), hf_pack="Q8_0")
+    weights = save(build("llama", len(tokenizer)), tokenizer, folder) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted download
+    with pytest.raises(ModelError, match=r"model.safetensors is truncated: tensor '.*' ends at byte"):
+        load_model(str(folder), hf_pack="Q8_0")
     assert not [p for p in cache.rglob("*") if p.is_file()]  # refused before anything was written
 
 
