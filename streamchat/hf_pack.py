@@ -433,9 +433,6 @@ def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
         if old != path:
             old.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    counts: dict[str, int] = {}
-    for tensor in tensors:
-        counts[tensor.kind.name] = counts.get(tensor.kind.name, 0) + 1
-    types = ", ".join(f"{name} x{count}" for name, count in counts.items())
-    note = f"{folder.name} packed as {pack} ({types}) in {seconds:.1f} s, {path.stat().st_size / 1e6:,.1f} MB: {path}"
+    size = path.stat().st_size / 1e6
+    note = f"{folder.name} packed as {pack} ({len(tensors)} tensors) in {seconds:.1f} s, {size:,.1f} MB: {path}"
     return Packed(path, True, seconds, note)
