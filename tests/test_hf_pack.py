@@ -18,7 +18,7 @@ from streamchat.config import HF_PACKS, Settings, SettingsError, load_settings
 from streamchat.gguf_file import GGUFFile
 from streamchat.model import ModelError, load_for_chat, load_model
 from streamchat.session import ChatSession
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from tiny import tiny_model, tiny_qwen, tiny_tokenizer
 
@@ -49,6 +49,12 @@ def build(name: str, vocab: int):
         return tiny_model(vocab, seed=5)
     if name == "llama3-rope":
         return tiny_model(vocab, seed=6, rope_scaling=LLAMA3_ROPE)
+    if name == "mistral":  # without a sliding window (Mistral v0.2 on): llama in GGUF
+        model = tiny_model(vocab, seed=8)
+        config = MistralConfig(**{**model.config.to_dict(), "sliding_window": None, "head_dim": 16})
+        mistral = MistralForCausalLM(config).eval()
+        mistral.load_state_dict(model.state_dict())
+        return mistral
     return tiny_qwen(int(name[-1]), vocab, seed=7)
 
 
@@ -73,6 +79,7 @@ def relative(ours: torch.Tensor, expected: torch.Tensor) -> float:
         ("llama", torch.bfloat16),
         ("llama", torch.float32),
         ("llama3-rope", torch.bfloat16),
+        ("mistral", torch.bfloat16),
         ("qwen2", torch.bfloat16),
         ("qwen3", torch.float32),
     ],
@@ -106,7 +113,7 @@ def test_packed_logits_match_transformers(tokenizer, tmp_path, name, dtype):
     assert (ours.argmax(-1) == rounded_logits.argmax(-1)).float().mean() >= 0.9
     assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
     file = GGUFFile(packed.model.streamchat_gguf.path)
-    assert file.architecture == ("llama" if name.startswith("llama") else name)
+    assert file.architecture == ("llama" if name.startswith(("llama", "mistral")) else name)
     assert ("rope_freqs.weight" in file.tensors) == (name == "llama3-rope")
     assert ("output.weight" in file.tensors) == (name == "qwen2")  # the untied head
 
@@ -185,6 +192,10 @@ def test_what_cannot_be_packed_is_a_clear_error(tokenizer, tmp_path, cache):
     yarn = {**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}
     (folder / "config.json").write_text(json.dumps(yarn))
     with pytest.raises(ModelError, match="RoPE scaling 'yarn'"):
+        load_model(str(folder), hf_pack="Q8_0")
+    windowed = {**config, "architectures": ["MistralForCausalLM"], "sliding_window": 4096}
+    (folder / "config.json").write_text(json.dumps(windowed))
+    with pytest.raises(ModelError, match=r"MistralForCausalLM with a sliding attention window \(4096\)"):
         load_model(str(folder), hf_pack="Q8_0")
     (folder / "config.json").write_text(json.dumps(config))
     save_file({"model.embed_tokens.weight": torch.zeros(4, 64, dtype=torch.int8)}, str(folder / "model.safetensors"))
