@@ -32,6 +32,7 @@ a cached file that does not read back whole (`GGUFFile` checks every tensor's ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -420,15 +421,16 @@ def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
     if path.is_file() and _complete(path):
         seconds = time.perf_counter() - started
         return Packed(path, False, seconds, f"{folder.name} as {pack}, packed before: {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = _write(folder, staging, pack)
         os.replace(staging, path)
     except OSError as error:
         raise OSError(f"cannot write the packed model to {path.parent} ({error}); set {CACHE_ENV} elsewhere") from error
     finally:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove where the folder could not be made
+            staging.unlink(missing_ok=True)
     for old in path.parent.glob(f"{folder.resolve().name}-{pack}-*.gguf"):  # packs of earlier versions
         if old != path:
             old.unlink(missing_ok=True)

@@ -211,6 +211,14 @@ def test_what_cannot_be_packed_is_a_clear_error(tokenizer, tmp_path, cache):
     assert not [p for p in cache.rglob("*") if p.is_file()]  # refused before anything was written
 
 
+def test_unwritable_cache_names_the_variable(tokenizer, tmp_path, monkeypatch):
+    folder = save(build("llama", len(tokenizer)), tokenizer, tmp_path / "llama")
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("STREAMCHAT_CACHE", str(tmp_path / "not-a-folder"))
+    with pytest.raises(ModelError, match=r"cannot write the packed model to .*not-a-folder/hf.*STREAMCHAT_CACHE"):
+        load_model(str(folder), hf_pack="Q8_0")
+
+
 def test_chat_on_the_packed_model_by_default(tokenizer, tmp_path):
     folder = save(build("llama", len(tokenizer)), tokenizer, tmp_path / "llama")
     settings = load_settings(None, {"model": str(folder), "max_new_tokens": 3, "temperature": 0.0, "window": 64})
