@@ -23,7 +23,7 @@ checkpoint's rotate-half order, marked by `ROPE_ROWS_KEY` = "rotate_half" (llama
 its interleaved RoPE, and gguf_model.py undoes that permutation for files without the mark: a copy of q and k at
 every load that an HF-origin file does not need).
 
-Cache: `cache_root()/hf/<folder name>-<pack>-<key>.gguf`, `key` a hash of `FORMAT`, the folder's resolved path,
+Cache: `cache_root()/hf/<folder name>-<pack>-<path hash>-<key>.gguf`, `key` a hash of `FORMAT`, the folder's path,
 config.json's bytes and each safetensors file's name, size and mtime (hashing gigabytes at every start would cost
 more than a second of the start). The file is written under a `.partial` staging name in the same folder and
 renamed into place only once complete and flushed, so a pack interrupted part way is never read as a cached one;
@@ -177,9 +177,16 @@ def cache_key(folder: Path, pack: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
+def _stem(folder: Path, pack: str) -> str:
+    """The cache file names' part shared by every version of this folder's pack as `pack`: its name, the type, and
+    a hash of its resolved path (two folders of one name elsewhere are two entries)."""
+    resolved = folder.resolve()
+    return f"{resolved.name}-{pack}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
 def cached_path(folder: Path, pack: str) -> Path:
     """Where the pack of `folder` as `pack` is (or will be) cached."""
-    return cache_root() / "hf" / f"{folder.resolve().name}-{pack}-{cache_key(folder, pack)}.gguf"
+    return cache_root() / "hf" / f"{_stem(folder, pack)}-{cache_key(folder, pack)}.gguf"
 
 
 def architecture(folder: Path) -> str:
@@ -431,7 +438,7 @@ def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
     finally:
         with contextlib.suppress(OSError):  # nothing to remove where the folder could not be made
             staging.unlink(missing_ok=True)
-    for old in path.parent.glob(f"{folder.resolve().name}-{pack}-*.gguf"):  # packs of earlier versions
+    for old in path.parent.glob(f"{_stem(folder, pack)}-*.gguf"):  # packs of this folder's earlier versions
         if old != path:
             old.unlink(missing_ok=True)
     seconds = time.perf_counter() - started

@@ -137,9 +137,12 @@ def test_second_load_reads_the_cache_without_packing(tokenizer, tmp_path, monkey
     assert second.identity == first.identity == path.stem
     # another pack type is another cache file; a changed checkpoint is packed again
     assert load_model(str(folder), hf_pack="Q4_0").model.streamchat_gguf.path != path
+    save(build("qwen3", len(tokenizer)), tokenizer, tmp_path / "elsewhere" / "llama")
     save(build("llama", len(tokenizer)), tokenizer, folder, torch.float32)
+    namesake = load_model(str(tmp_path / "elsewhere" / "llama"), hf_pack="Q8_0").model.streamchat_gguf.path
     again = load_model(str(folder), hf_pack="Q8_0")
     assert again.converted and not path.exists()  # the stale pack replaced
+    assert namesake.exists()  # another folder of the same name keeps its own
 
 
 def test_partial_or_truncated_cache_file_is_never_used(tokenizer, tmp_path):
