@@ -415,6 +415,18 @@ def _complete(path: Path) -> bool:
     return file.metadata.get(ROPE_ROWS_KEY) == "rotate_half"
 
 
+def _alive(partial: Path) -> bool:
+    """Whether the process that named staging file `partial` (`.<name>.<pid>.partial`) is still running."""
+    try:
+        pid = int(partial.name.split(".")[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
     """The cached GGUF of HF folder `folder` packed as `pack` (a `PACK_TYPES` name), packed now where the cache has
     no complete one. HFPackError for a folder that cannot be packed; OSError when the model cache cannot be written
@@ -441,6 +453,9 @@ def pack_folder(folder: str | Path, pack: str = DEFAULT) -> Packed:
     for old in path.parent.glob(f"{_stem(folder, pack)}-*.gguf"):  # packs of this folder's earlier versions
         if old != path:
             old.unlink(missing_ok=True)
+    for partial in path.parent.glob(f".{_stem(folder, pack)}-*.partial"):  # left by packs killed part way
+        if not _alive(partial):
+            partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     size = path.stat().st_size / 1e6
     note = f"{folder.name} packed as {pack} ({len(tensors)} tensors) in {seconds:.1f} s, {size:,.1f} MB: {path}"

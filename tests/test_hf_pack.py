@@ -149,9 +149,13 @@ def test_partial_or_truncated_cache_file_is_never_used(tokenizer, tmp_path):
     folder = save(build("qwen3", len(tokenizer)), tokenizer, tmp_path / "qwen3")
     path = hf_pack.cached_path(folder, "Q8_0")
     path.parent.mkdir(parents=True)
-    (path.parent / f".{path.name}.123.partial").write_bytes(b"GGUF")  # another process's pack, cut short
+    dead = path.parent / f".{path.name}.{2**22 + 1}.partial"  # a pack killed part way (no such pid)
+    dead.write_bytes(b"GGUF")
+    live = path.parent / f".{path.name}.{os.getppid()}.partial"  # another process's pack under way
+    live.write_bytes(b"GGUF")
     first = load_model(str(folder), hf_pack="Q8_0")
     assert first.converted and first.model.streamchat_gguf.path == path
+    assert not dead.exists() and live.exists()  # the dead one's leftovers removed, never read
     expected, whole = logits(first.model), path.read_bytes()
     del first  # its map of the file (a file cut under a live map faults its reader)
     path.unlink()
