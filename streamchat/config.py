@@ -33,6 +33,7 @@ DECODE_PATHS = ("fast", "transformers")
 DECODE_WEIGHTS = ("auto", "model", "bf16", "int8", "int4", "int8_dynamic")  # see streamchat/quant.py
 KV_DTYPES = ("auto", "model", *DTYPES)  # see streamchat/fastpath: kv_dtype_for
 EVICT_UNITS = ("token", "message")  # see streamchat/policies/sink_window.py
+HF_PACKS = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "transformers")  # streamchat/hf_pack.py's CHOICES
 
 
 class SettingsError(ValueError):
@@ -65,6 +66,8 @@ class Settings:
     decode_path: str = "fast"  # fast (falls back to transformers where it cannot run) | transformers
     decode_weights: str = "auto"  # auto (int4 for 4-bit GGUF weights, else model) | model | bf16 | int8 | int4 | ...
     # ... int8_dynamic (see streamchat/quant.py)
+    # HF folders (config.json + *.safetensors) on the native kernels: packed once into a cached GGUF of this ggml type
+    hf_pack: str = "Q8_0"  # Q8_0 | Q5_1 | Q5_0 | Q4_1 | Q4_0 | BF16 | F16 | transformers (fp32 load, as before)
     decode_compile: bool = False  # torch.compile the fast step (paid once on the first reply; minutes on 2 cores)
     # Conversation
     system_prompt: str | None = None  # None: the chat template's own default
@@ -193,6 +196,7 @@ def _check_ranges(s: Settings) -> None:
         "decode_weights",
         f"must be one of {', '.join(DECODE_WEIGHTS)}, got {s.decode_weights!r}",
     )
+    need(s.hf_pack in HF_PACKS, "hf_pack", f"must be one of {', '.join(HF_PACKS)}, got {s.hf_pack!r}")
     need(
         MIN_RECALL_TOKENS <= s.recall_tokens <= MAX_RECALL_TOKENS,
         "recall_tokens",

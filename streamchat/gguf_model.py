@@ -9,7 +9,8 @@ the layers' linears under `PACKED_ATTR`) then read the same bytes.
 Two re-layouts, both lossless and row-wise: llama.cpp's converter permutes the rows of a llama model's q and k
 projections for its interleaved RoPE (`LlamaModel.permute` in convert_hf_to_gguf.py); streamchat's RoPE is
 transformers' rotate-half, so those rows are put back (a copy of q and k: about 12% of a layer's weights, in
-their own blocks). And a tensor type the kernels do not take is re-encoded (`ggml_blocks.convert_tensor`).
+their own blocks; a file streamchat packed from an HF folder, marked `hf_pack.ROPE_ROWS_KEY`, keeps HF's order and
+is read as it is). And a tensor type the kernels do not take is re-encoded (`ggml_blocks.convert_tensor`).
 A `rope_freqs` tensor (Llama 3.x's frequency factors) divides the RoPE frequencies, as llama.cpp applies it.
 """
 
@@ -33,6 +34,7 @@ from streamchat.ggml_blocks import (
     repack,
 )
 from streamchat.gguf_file import GGUFError, GGUFFile
+from streamchat.hf_pack import ROPE_ROWS_KEY
 from streamchat.packing import PACKED_ATTR, PackedLayer, PackedWeights
 from streamchat.quant import QuantLinear
 
@@ -145,6 +147,8 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
     load = GGUFLoad(file.type_counts())
     hidden, heads, kv, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     ffn, arch = config.intermediate_size, file.architecture
+    # llama.cpp's files hold llama's q/k rows permuted; streamchat's packs of HF folders (hf_pack.py) do not
+    permuted = arch == "llama" and file.metadata.get(ROPE_ROWS_KEY) != "rotate_half"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
@@ -156,7 +160,7 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
         p = f"blk.{i}."
         q, k, v = linear(p + "attn_q.weight", heads * D, hidden), linear(p + "attn_k.weight", kv * D, hidden), None
         v = linear(p + "attn_v.weight", kv * D, hidden)
-        if arch == "llama":  # back to rotate-half order (the module's note)
+        if permuted:  # back to rotate-half order (the module's note)
             q, k = q.gather_rows(_rope_rows(heads, D)), k.gather_rows(_rope_rows(kv, D))
         q, k, v = _for_matmul(q, file), _for_matmul(k, file), _for_matmul(v, file)
         bias = None
@@ -164,7 +168,7 @@ def build_model(path: str | Path) -> tuple[torch.nn.Module, GGUFLoad]:
             biases = [
                 file.vector(p + f"attn_{n}.bias", rows) for n, rows in (("q", heads * D), ("k", kv * D), ("v", kv * D))
             ]
-            if arch == "llama":
+            if permuted:
                 biases[0], biases[1] = biases[0][_rope_rows(heads, D)], biases[1][_rope_rows(kv, D)]
             bias = torch.cat(biases)
         qkv = BlockLinear([q, k, v], bias)

@@ -21,7 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from streamchat.memory import freeze_startup_objects
@@ -245,10 +245,19 @@ def _packing_cache(folder: Path, gguf: Path | None) -> tuple[Path | None, str]:
 
 
 def load_model(
-    path: str | None = None, device: str = "cpu", dtype: str = "float32", decode_weights: str | None = None
+    path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    decode_weights: str | None = None,
+    hf_pack: str = "transformers",
 ) -> LoadedModel:
     """Load the embedded model (path None), a .gguf file, or a local HF model folder.
 
+    `hf_pack` (an HF folder on the native kernels: CPU, fp32): a ggml type (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16,
+    F16) packs the folder once into a cached GGUF file of that type and runs it from its blocks as a .gguf file
+    runs (hf_pack.py; ModelError naming an architecture or dtype that cannot be packed); "transformers" (the
+    default here; chat processes pass the `hf_pack` setting, Q8_0 by default) loads it in full through
+    transformers as before.
     `decode_weights` (int8, int4, auto; None or other values: keep the model's own weights): hold the weights
     packed in that form only, for prefill and decode alike, with no full-precision copy (streamchat/packing.py;
     cached on disk beside the converted model). For a process that runs one configuration (chat, web UI); the
@@ -275,6 +284,8 @@ def load_model(
             )
     if gguf is not None and path is not None and _native_gguf(device, torch_dtype):
         return _load_gguf_blocks(gguf, source, started)
+    if gguf is None and hf_pack != "transformers" and _native_gguf(device, torch_dtype):
+        return _load_hf_packed(Path(path).expanduser(), source, started, hf_pack)
     if gguf is not None:
         folder = cache_root() / _gguf_key(gguf)
         identity = folder.name
@@ -359,9 +370,10 @@ def _made(folder: Path) -> Path:
     return folder
 
 
-def _load_gguf_blocks(gguf: Path, source: str, started: float) -> LoadedModel:
+def _load_gguf_blocks(gguf: Path, source: str, started: float, folder: Path | None = None) -> LoadedModel:
     """A GGUF file's model over its own blocks (gguf_model.py): nothing converted, nothing written but the
-    tokenizer."""
+    tokenizer. `folder`: the HF folder a packed file was made from (hf_pack.py), whose own tokenizer, chat
+    template and generation config are used instead of the file's metadata (it has none)."""
     from streamchat.gguf_file import GGUFError
     from streamchat.gguf_model import build_model
 
@@ -370,14 +382,41 @@ def _load_gguf_blocks(gguf: Path, source: str, started: float) -> LoadedModel:
     except GGUFError as error:
         raise ModelError(str(error)) from error
     try:
-        tokenizer = gguf_tokenizer(gguf)
+        if folder is None:
+            tokenizer = gguf_tokenizer(gguf)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            if (folder / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     except Exception as error:
-        raise ModelError(f"cannot read the tokenizer of {gguf}: {error}") from error
+        raise ModelError(f"cannot read the tokenizer of {folder or gguf}: {error}") from error
     if tokenizer.chat_template is None:
         raise ModelError(f"the tokenizer of {source} has no chat template; streamchat needs an instruct model")
     seconds = time.perf_counter() - started
     packing = PackResult("gguf", built.seconds, True, built.note())
-    return LoadedModel(model, tokenizer, _gguf_key(gguf), source, seconds, False, packing)
+    identity = _gguf_key(gguf) if folder is None else gguf.stem
+    return LoadedModel(model, tokenizer, identity, source, seconds, False, packing)
+
+
+def _load_hf_packed(folder: Path, source: str, started: float, pack: str) -> LoadedModel:
+    """An HF folder packed into a cached GGUF of type `pack` (hf_pack.py: once; later starts read the cached file),
+    run from its blocks. ModelError for a folder that cannot be packed or a model cache that cannot be written."""
+    from streamchat.hf_pack import HFPackError, pack_folder
+
+    try:
+        packed = pack_folder(folder, pack)
+    except HFPackError as error:
+        raise ModelError(str(error)) from error
+    except OSError as error:
+        raise ModelError(f"cannot pack {folder}: {error}") from error
+    except (KeyError, ValueError, TypeError) as error:  # a config.json or checkpoint of an unexpected shape
+        raise ModelError(f"cannot pack {folder}: {type(error).__name__}: {error}") from error
+    loaded = _load_gguf_blocks(packed.path, source, started, folder)
+    loaded.converted = packed.packed
+    loaded.packing = PackResult(
+        "gguf", loaded.packing.seconds, not packed.packed, f"{packed.note}; {loaded.packing.note}"
+    )
+    return loaded
 
 
 def load_for_chat(settings) -> LoadedModel:
@@ -385,7 +424,9 @@ def load_for_chat(settings) -> LoadedModel:
     on, its weights are held once, packed as `decode_weights` says (prefill included); with the transformers
     path, as loaded. Says on stderr what it did with the weights."""
     weights = settings.decode_weights if settings.decode_path == "fast" else None
-    loaded = load_model(settings.model, settings.device, settings.dtype, decode_weights=weights)
+    loaded = load_model(
+        settings.model, settings.device, settings.dtype, decode_weights=weights, hf_pack=settings.hf_pack
+    )
     if loaded.packing is not None:
         print(f"streamchat: {loaded.packing.note}", file=sys.stderr)
     freeze_startup_objects()  # no full garbage collection of the libraries' objects mid-reply

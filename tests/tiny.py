@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from streamchat.model import LoadedModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -59,6 +66,35 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0, 0.25)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def tiny_qwen(version: int, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random Qwen2 (q/k/v biases, untied head) or Qwen3 (per-head q/k RMSNorm, tied) with tiny_model's
+    shapes; biases and norm weights random too, so a misplaced one shows in the logits."""
+    torch.manual_seed(seed)
+    config_class = {2: Qwen2Config, 3: Qwen3Config}[version]
+    options = {"tie_word_embeddings": version == 3, **overrides}
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+        **options,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 or name.endswith("bias"):
+                parameter.normal_(0, 0.25)
+            else:  # norm weights
+                parameter.normal_(1, 0.2)
     model.generation_config.eos_token_id = None
     return model
 
