@@ -280,7 +280,7 @@ def test_replace_recall_moves_the_window_intact(tiny, monkeypatch, native_move, 
             )
             for layer in cache.layers
         ]
-        cache.replace_recall(count, lambda: run(list(range(100, 100 + count))))
+        cache.replace_recall(count, lambda n=count: run(list(range(100, 100 + n))))
         assert cache.recall_length == count and cache.length == base + count + before[0][0].shape[2]
         for layer, (raw, values, origins) in zip(cache.layers, before):
             at = base + count
