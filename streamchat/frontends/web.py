@@ -346,8 +346,8 @@ class ChatApp:
         top_p,
         top_k,
         max_new_tokens,
-        memory=None,
-        request: gr.Request = None,
+        request: gr.Request,
+        memory=None,  # the memory checkbox (last, after the request gradio fills in: older callers pass none)
     ) -> tuple[Any, str]:
         """Use the settings boxes; cache settings or a new system prompt start a new conversation (and say so)."""
         session = self.session(request)
