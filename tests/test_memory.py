@@ -290,3 +290,22 @@ def test_replace_recall_moves_the_window_intact(tiny, monkeypatch, native_move, 
             rotated = layer.rope.rotate_at(raw, at, layer.length)
             assert torch.allclose(layer.keys[..., at : layer.length, :].float(), rotated.float(), atol=2e-3)
             assert (layer.origins[..., base:at] == -1).all()
+
+
+def test_memory_in_the_batching_engine_recalls_as_a_plain_session(tiny):
+    from streamchat.batching import Engine
+
+    settings = make(tiny).settings  # memory on, semantic vectors on: they run on the engine's scheduler thread
+    plain = ChatSession(tiny, settings)
+    engine = Engine(tiny, settings, max_sessions=2, prefill_piece=32)  # pieces as long as the plain chunks
+    try:
+        sessions = [plain, engine.new_session()]
+        for session in sessions:
+            plant_and_evict(session)
+        replies = ["".join(s.send("What is my locker code?")) for s in sessions]
+        assert replies[0] == replies[1]
+        assert sessions[1].last_turn.recalled == plain.last_turn.recalled
+        assert any(FACT in p["text"] for p in plain.last_turn.recalled)
+        assert sessions[1].memory_store.stats()["memory_vector_bytes"] > 0
+    finally:
+        engine.close()
