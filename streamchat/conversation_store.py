@@ -14,6 +14,7 @@ K/V in RAM; this store keeps only text, so memory stays constant.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import os
@@ -119,7 +120,7 @@ class ConversationStore:
             path = Path(self._owned_dir) / "memory.sqlite"
         self.path = Path(path)
         self.fts5 = fts5_available() if use_fts5 is None else use_fts5
-        try:
+        with self._sqlite():
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             # The store is the conversation's text, rebuilt from a saved session if need be: no fsync per turn
             # (a commit's fsync took ~10 ms of every turn's time to first token), the journal kept in memory.
@@ -144,6 +145,12 @@ class ConversationStore:
                     "COALESCE(SUM(LENGTH(vector)), 0) FROM passages"
                 ).fetchone()
             )
+
+    @contextlib.contextmanager
+    def _sqlite(self):
+        """Any SQLite error inside, as a StoreError naming the file (a corrupt or vanished store)."""
+        try:
+            yield
         except sqlite3.Error as error:
             raise StoreError(f"conversation memory {self.path}: {error}") from None
 
@@ -154,47 +161,41 @@ class ConversationStore:
         float16; None: lexical search only). Raises StoreError if the file cannot be written."""
         if vectors is not None and len(vectors) != len(passages):
             raise ValueError(f"{len(vectors)} vectors for {len(passages)} passages")
-        try:
-            with self.db:
-                for index, passage in enumerate(passages):
-                    vector = None if vectors is None else np.asarray(vectors[index], np.float16)
-                    cursor = self.db.execute(
-                        "INSERT INTO passages (turn, role, text, tokens, vector) VALUES (?, ?, ?, ?, ?)",
-                        (
-                            passage.turn,
-                            passage.role,
-                            passage.text,
-                            passage.tokens,
-                            None if vector is None else vector.tobytes(),
-                        ),
+        with self._sqlite(), self.db:
+            for index, passage in enumerate(passages):
+                vector = None if vectors is None else np.asarray(vectors[index], np.float16)
+                cursor = self.db.execute(
+                    "INSERT INTO passages (turn, role, text, tokens, vector) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        passage.turn,
+                        passage.role,
+                        passage.text,
+                        passage.tokens,
+                        None if vector is None else vector.tobytes(),
+                    ),
+                )
+                self._totals[0] += 1
+                self._totals[1] += passage.tokens
+                self._totals[2] += len(passage.text.encode("utf-8", "surrogatepass"))
+                if vector is not None:
+                    self._totals[3] += vector.nbytes
+                    if self._vector_sum is None:
+                        self._vector_sum = np.zeros(vector.shape, np.float64)
+                    self._vector_sum += vector
+                    self._vectors += 1
+                if self.fts5:
+                    self.db.execute(
+                        "INSERT INTO passages_fts (rowid, text) VALUES (?, ?)", (cursor.lastrowid, passage.text)
                     )
-                    self._totals[0] += 1
-                    self._totals[1] += passage.tokens
-                    self._totals[2] += len(passage.text.encode("utf-8", "surrogatepass"))
-                    if vector is not None:
-                        self._totals[3] += vector.nbytes
-                        if self._vector_sum is None:
-                            self._vector_sum = np.zeros(vector.shape, np.float64)
-                        self._vector_sum += vector
-                        self._vectors += 1
-                    if self.fts5:
-                        self.db.execute(
-                            "INSERT INTO passages_fts (rowid, text) VALUES (?, ?)", (cursor.lastrowid, passage.text)
-                        )
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
 
     def clear(self) -> None:
         """Forget everything (a new conversation)."""
-        try:
-            with self.db:
-                self.db.execute("DELETE FROM passages")
-                self._vector_sum, self._vectors = None, 0
-                self._totals = [0, 0, 0, 0]
-                if self.fts5:
-                    self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('delete-all')")
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
+        with self._sqlite(), self.db:
+            self.db.execute("DELETE FROM passages")
+            self._vector_sum, self._vectors = None, 0
+            self._totals = [0, 0, 0, 0]
+            if self.fts5:
+                self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('delete-all')")
 
     # ----- reading ------------------------------------------------------------------------------------------
 
@@ -208,12 +209,10 @@ class ConversationStore:
         is at least `SEMANTIC_MIN_Z` standard deviations above the mean cosine; the relevant ones are ordered by
         reciprocal rank fusion (`score`). Raises StoreError if the file cannot be read."""
         terms = query_terms(query)
-        try:
+        with self._sqlite():
             lexical = self._bm25(terms, limit)
             idf = self._idf(terms) if lexical else {}
             semantic = self._nearest(vector, limit) if vector is not None and self.has_vectors else []
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
         found: dict[int, Passage] = {}
         fused: dict[int, float] = {}
         total = sum(idf.values()) or 1.0
@@ -315,10 +314,8 @@ class ConversationStore:
     def passages(self) -> tuple[list[Passage], np.ndarray | None]:
         """Every stored passage in order, and their vectors (float16 [n, dim]; None when some passage has none):
         for saving a session, as the store travels with it."""
-        try:
+        with self._sqlite():
             rows = self.db.execute("SELECT id, turn, role, text, tokens, vector FROM passages ORDER BY id").fetchall()
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
         passages = [Passage(turn, role, text, tokens, id_) for id_, turn, role, text, tokens, _ in rows]
         if not rows or any(row[5] is None for row in rows):
             return passages, None
@@ -330,10 +327,8 @@ class ConversationStore:
         return self._vectors > 1
 
     def count(self) -> int:
-        try:
+        with self._sqlite():
             return self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
-        except sqlite3.Error as error:
-            raise StoreError(f"conversation memory {self.path}: {error}") from None
 
     def stats(self) -> dict[str, Any]:
         """Passages, tokens and text bytes stored, and the file's size on disk (bytes, with its journal)."""
