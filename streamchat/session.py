@@ -363,7 +363,7 @@ class ChatSession:
             return {}
         figures: dict[str, Any] = {
             "memory": self.memory_store is not None,
-            "recalled": [{"turn": p.turn, "role": p.role, "text": p.text} for p in self.recalled],
+            "recalled": self._recalled_records(),
         }
         if self.memory_store is not None:
             try:
@@ -502,19 +502,24 @@ class ChatSession:
 
     # ----- conversation memory (streamchat/conversation_store.py) -----------------------------------------------
 
+    def _recalled_records(self) -> list[dict[str, Any]]:
+        """What the recalled region holds, for the front ends: turn, role and text of each passage."""
+        return [{"turn": p.turn, "role": p.role, "text": p.text} for p in self.recalled]
+
+    def _note_message(self, role: str, text: str, end: int) -> None:
+        """Memory on: keep a message said this turn, whose content ends at stream index `end`, until the window has
+        passed it (`_store_evicted`)."""
+        if self.memory_store is not None and text.strip():
+            self._unstored.append({"turn": self.turns + 1, "role": role, "text": text, "end": end})
+
     def _record_messages(self, pieces, base: int, messages: list[dict[str, str]]) -> None:
         """Memory on: note the messages whose contents `pieces` fed (from stream index `base` on) with the stream
         index their content ends at; each goes into the store once the window has passed it (`_store_evicted`)."""
-        if self.memory_store is None:
-            return
         end = base
         for ids, index, _ in pieces:
             end += len(ids)
-            if index is not None and messages[index]["role"] != "system" and messages[index]["content"].strip():
-                message = messages[index]
-                self._unstored.append(
-                    {"turn": self.turns + 1, "role": message["role"], "text": message["content"], "end": end}
-                )
+            if index is not None and messages[index]["role"] != "system":
+                self._note_message(messages[index]["role"], messages[index]["content"], end)
 
     def _store_evicted(self, cache: BoundedCache) -> None:
         """Move the noted messages that ended before the cache's window (`BoundedCache.window_start`) into the
@@ -572,9 +577,9 @@ class ChatSession:
         return self._tokenize(before, False) + self._tokenize("\n".join(lines), True) + self._tokenize(after, False)
 
     def _choose_recall(self, query: str) -> list[Passage]:
-        """The stored passages to recall for `query`: the best BM25 matches (at least `RECALL_MIN_SHARE` of the
-        best's score) that fit `recall_tokens` with their frame, in conversation order. A best passage too long
-        for the budget alone is cut to fit."""
+        """The stored passages to recall for `query`: the relevant ones (`ConversationStore.search`), best first, that
+        fit `recall_tokens` with their frame, in conversation order. A best passage too long for the budget alone is
+        cut to fit."""
         vector = None
         if self._passage_embedder() is not None and self.memory_store.has_vectors:
             vector = self._embed([self._tokenize(query, True)])[0]
@@ -1013,9 +1018,7 @@ class ChatSession:
             decode_seconds = time.perf_counter() - decode_started
             index = len(self.messages)
             self.messages.append({"role": "assistant", "content": "".join(reply)})
-            if self.memory_store is not None and "".join(reply).strip():
-                end = self.cache.seen_tokens + len(self._pending)
-                self._unstored.append({"turn": self.turns + 1, "role": "assistant", "text": "".join(reply), "end": end})
+            self._note_message("assistant", self.messages[-1]["content"], self.cache.seen_tokens + len(self._pending))
             self._fed_template += _placeholder(index)
             if reason == "eos":
                 self._fed_template += self.tokenizer.decode(self._pending)
@@ -1080,7 +1083,7 @@ class ChatSession:
             evicted_turn=self.evicted_last_turn,
             cache={**self.cache.stats(), **self.memory_stats()},
             rss_bytes=rss_bytes(),
-            recalled=[{"turn": p.turn, "role": p.role, "text": p.text} for p in self.recalled],
+            recalled=self._recalled_records(),
             recall_changed=self._recall_changed,
         )
         self._recall_changed = False
