@@ -257,10 +257,8 @@ class BoundedCache(Cache):
                 raise RuntimeError(f"the recall feed wrote {self.length - base} tokens, expected {count}")
         except BaseException:  # the window goes back behind no recalled region: the conversation is kept
             self.seen_tokens = seen
-            with torch.inference_mode():
-                for layer_idx, layer in enumerate(self.layers):
-                    layer.length = base
-                    self.policy.on_compact(layer_idx, torch.arange(base, device=layer.device))
+            for layer_idx, layer in enumerate(self.layers):
+                self._truncate(layer_idx, layer, base)
             self._move_window(base + count, base, window)
             self._end_move(scores, base, window)
             raise
@@ -290,9 +288,14 @@ class BoundedCache(Cache):
                     layer.raw_keys[:, :, at : at + count], at, at + count
                 )
             if truncate_to is not None:
-                layer.length = truncate_to
-                self.policy.on_compact(layer_idx, torch.arange(truncate_to, device=layer.device))
+                self._truncate(layer_idx, layer, truncate_to)
         return taken
+
+    @torch.inference_mode()
+    def _truncate(self, layer_idx: int, layer: BoundedLayer, length: int) -> None:
+        """Cut one layer back to its first `length` places (the policy told, as after a compaction)."""
+        layer.length = length
+        self.policy.on_compact(layer_idx, torch.arange(length, device=layer.device))
 
     @torch.inference_mode()
     def _end_move(self, taken: list, at: int, count: int) -> None:

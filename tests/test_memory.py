@@ -309,3 +309,20 @@ def test_memory_in_the_batching_engine_recalls_as_a_plain_session(tiny):
         assert sessions[1].memory_store.stats()["memory_vector_bytes"] > 0
     finally:
         engine.close()
+
+
+def test_a_failed_recall_feed_puts_the_window_back(tiny):
+    settings = load_settings(None, {"window": 100, "memory": True, "recall_tokens": 64, "kv_dtype": "float32"})
+    cache = BoundedCache(tiny.model, settings, torch.float32)
+    with torch.inference_mode():
+        tiny.model(input_ids=torch.tensor([list(range(10, 90))]), past_key_values=cache, use_cache=True)
+    before = [layer.raw_keys[..., : layer.length, :].clone() for layer in cache.layers]
+    length, seen = cache.length, cache.seen_tokens
+
+    def broken():
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        cache.replace_recall(20, broken)
+    assert (cache.length, cache.seen_tokens, cache.recall_length) == (length, seen, 0)
+    assert all(torch.equal(layer.raw_keys[..., : layer.length, :], b) for layer, b in zip(cache.layers, before))
