@@ -27,7 +27,7 @@ from tqdm import tqdm
 from streamchat import reporting
 from streamchat.config import Settings
 from streamchat.model import ModelError, load_for_chat
-from streamchat.prompts import PromptsError, load_turns
+from streamchat.prompts import PromptsError
 from streamchat.session import ChatSession, SessionError
 
 DEFAULT_TURNS = 50
@@ -62,19 +62,21 @@ def script(prompts: list[str], turns: int) -> list[str]:
     return messages
 
 
-def pair_settings(settings: Settings, budget: int) -> tuple[Settings, Settings]:
-    """Memory off and on at the same total `budget` (sink_window; the recalled region comes out of the window)."""
-    off = settings.replace(policy="sink_window", memory=False, window=budget - settings.sinks)
+def paired_sessions(loaded, settings: Settings, budget: int) -> dict[str, ChatSession]:
+    """Memory off and on at the same total `budget` (sink_window; the recalled region comes out of the window),
+    greedy, on one loaded model."""
+    base = settings.replace(policy="sink_window", temperature=0)
     recall = min(settings.recall_tokens, budget // 4)
-    on = settings.replace(
-        policy="sink_window", memory=True, recall_tokens=recall, window=budget - settings.sinks - recall
-    )
-    return off, on
+    return {
+        "off": ChatSession(loaded, base.replace(memory=False, window=budget - settings.sinks)),
+        "on": ChatSession(
+            loaded, base.replace(memory=True, recall_tokens=recall, window=budget - settings.sinks - recall)
+        ),
+    }
 
 
 def run(loaded, settings: Settings, prompts: list[str], turns: int, budget: int, reply_tokens: int) -> dict[str, Any]:
-    off_settings, on_settings = pair_settings(settings.replace(max_new_tokens=reply_tokens, temperature=0), budget)
-    sessions = {"off": ChatSession(loaded, off_settings), "on": ChatSession(loaded, on_settings)}
+    sessions = paired_sessions(loaded, settings.replace(max_new_tokens=reply_tokens), budget)
     rows: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     started = time.perf_counter()
     for message in tqdm(script(prompts, turns), desc="memorycost", file=sys.stderr):
@@ -98,7 +100,7 @@ def run(loaded, settings: Settings, prompts: list[str], turns: int, budget: int,
         "command": "memorycost",
         "turns": turns,
         "budget": budget,
-        "recall_tokens": on_settings.recall_tokens,
+        "recall_tokens": sessions["on"].settings.recall_tokens,
         "reply_tokens": reply_tokens,
         "ttft_median_s": ttft,
         "ttft_ratio": round(ttft["on"] / ttft["off"], 3) if ttft["off"] else None,
@@ -129,8 +131,7 @@ def paragraphs(text: str, max_words: int = 200) -> list[str]:
 
 def text_perplexity(loaded, settings: Settings, text: str, tokens: int, budget: int) -> dict[str, Any]:
     """Perplexity of `text`'s pasted tokens through the chat path, memory off and on at the same budget."""
-    off_settings, on_settings = pair_settings(settings.replace(temperature=0), budget)
-    sessions = {"off": ChatSession(loaded, off_settings), "on": ChatSession(loaded, on_settings)}
+    sessions = paired_sessions(loaded, settings, budget)
     totals = {name: [0.0, 0] for name in sessions}
     progress = tqdm(total=tokens, desc="memorycost ppl", file=sys.stderr)
     for paragraph in paragraphs(text):
@@ -179,14 +180,13 @@ def print_chat_figures(report: dict[str, Any], args: argparse.Namespace) -> None
 
 def main(args: argparse.Namespace) -> int:
     from streamchat.cli import settings_from_args
-    from streamchat.evaluate.recall import BUILTIN_PROMPTS, DEFAULT_PROMPTS
+    from streamchat.evaluate.recall import chat_prompts
 
     settings = settings_from_args(args)
     try:
         if args.turns == 1 or args.turns < 0 or args.reply_tokens < 1 or (not args.turns and not args.ppl_text):
             raise SessionError("--turns must be 0 (with --ppl-text) or at least 2, --reply-tokens at least 1")
-        prompts_path = args.prompts or (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
-        prompts = load_turns(prompts_path) if prompts_path else list(BUILTIN_PROMPTS)
+        prompts, _ = chat_prompts(args.prompts)
         loaded = load_for_chat(settings)
         report = {"command": "memorycost", "budget": args.budget, "machine": reporting.machine_info()}
         if args.turns:

@@ -165,6 +165,13 @@ FACT_KINDS = (
 )
 
 
+def chat_prompts(path: str | Path | None) -> tuple[list[str], Path | None]:
+    """The user filler turns: those of `path`, else ../shared/data/mt_bench.jsonl when present, else the built-in
+    list; and the file they came from (None: built-in). Raises PromptsError for a file that cannot be used."""
+    chosen = Path(path) if path else (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
+    return (load_turns(chosen) if chosen else list(BUILTIN_PROMPTS)), chosen
+
+
 class RecallError(ValueError):
     """Arguments the benchmark cannot use; the message says what to change."""
 
@@ -594,8 +601,7 @@ def main(args: argparse.Namespace) -> int:
     args.seed = None
     settings = settings_from_args(args)
     try:
-        prompts_path = args.prompts or (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
-        prompts = load_turns(prompts_path) if prompts_path else list(BUILTIN_PROMPTS)
+        prompts, prompts_path = chat_prompts(args.prompts)
         loaded = load_model(settings.model, settings.device, settings.dtype)
         report = run_recall(
             loaded,
