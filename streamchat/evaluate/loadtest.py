@@ -257,13 +257,9 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, max_sessions: int, timeout_s: float = 300.0):
-    """`python -m streamchat serve` on 127.0.0.1 in a child process (its own interpreter: the clients' Python
-    work does not share its GIL); returns (process, base URL, model id) once /health answers."""
-    import httpx
-
-    port = _free_loopback_port()
-    command = [
+def serve_command(port: int, max_sessions: int, *extra: str) -> list[str]:
+    """The command line of `python -m streamchat serve` on 127.0.0.1:`port` in this interpreter, `extra` appended."""
+    return [
         sys.executable,
         "-m",
         "streamchat",
@@ -274,22 +270,42 @@ def start_server(args: argparse.Namespace, max_sessions: int, timeout_s: float =
         str(port),
         "--max-sessions",
         str(max_sessions),
-        *_settings_argv(args),
+        *extra,
     ]
-    env = {k: v for k, v in os.environ.items() if k != "STREAMCHAT_API_KEY"}
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
+
+
+def wait_for_health(process: subprocess.Popen, url: str, timeout_s: float, name: str) -> dict:
+    """/health's JSON once the server at `url` answers it with 200; RuntimeError naming `name` if the process
+    exits first or `timeout_s` passes."""
+    import httpx
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}")
+            raise RuntimeError(f"{name} exited with status {process.returncode}")
         try:
-            health = httpx.get(url + "/health", timeout=2).json()
-            return process, url + "/v1", health["model"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"the server did not answer within {timeout_s:.0f} s")
+            response = httpx.get(url + "/health", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not answer within {timeout_s:.0f} s")
+
+
+def start_server(args: argparse.Namespace, max_sessions: int, timeout_s: float = 300.0):
+    """`python -m streamchat serve` on 127.0.0.1 in a child process (its own interpreter: the clients' Python
+    work does not share its GIL); returns (process, base URL, model id) once /health answers."""
+    port = _free_loopback_port()
+    env = {k: v for k, v in os.environ.items() if k != "STREAMCHAT_API_KEY"}
+    process = subprocess.Popen(serve_command(port, max_sessions, *_settings_argv(args)), env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_for_health(process, url, timeout_s, "the server")
+    except RuntimeError:
+        process.terminate()
+        raise
+    return process, url + "/v1", health["model"]
 
 
 def main(args: argparse.Namespace) -> int:

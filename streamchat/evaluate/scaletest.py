@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from streamchat.evaluate.loadtest import PROMPTS, _free_loopback_port, _settings_argv
+from streamchat.evaluate.loadtest import PROMPTS, _free_loopback_port, _settings_argv, serve_command, wait_for_health
 from streamchat.reporting import cpu_model, machine_info, output_dir, print_json_line, write_json
 
 TEMPLATE = Path(__file__).resolve().parent.parent.parent / "deploy" / "nginx.conf"
@@ -85,41 +85,21 @@ class Replica:
         self.process: subprocess.Popen | None = None
 
     def start(self, log_dir: Path) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "streamchat",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--max-sessions",
-            str(2 * self.args.conversations + 4),
+        command = serve_command(
+            self.port,
+            2 * self.args.conversations + 4,
             "--api-key",
             KEY,
             *_settings_argv(self.args),
             "--set",
             f"threads={self.args.replica_threads}",
-        ]
+        )
         env = {k: v for k, v in os.environ.items() if k != "STREAMCHAT_API_KEY"}
         with (log_dir / f"replica-{self.name}.log").open("ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
 
     def wait_healthy(self, timeout_s: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited with status {self.process.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"replica {self.name} did not answer within {timeout_s:.0f} s")
+        wait_for_health(self.process, self.url, timeout_s, f"replica {self.name}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
