@@ -34,6 +34,24 @@ def embedded():
     return load_model()
 
 
+@pytest.fixture
+def footprint_children(monkeypatch):
+    """The command lines of the memory-measuring children (evaluate/footprint.py) a test starts, none run: each
+    answers 2 MB RSS, 3 MB peak."""
+    import subprocess
+
+    from streamchat.evaluate import footprint
+
+    commands = []
+
+    def child(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout='{"rss_mb": 2.0, "peak_rss_mb": 3.0}\n', stderr="")
+
+    monkeypatch.setattr(footprint.subprocess, "run", child)
+    return commands
+
+
 @pytest.fixture(params=["native", "torch"])
 def kernel(request):
     """Run a test once per int4/int8 kernel family: streamchat's native kernels (streamchat/native.py) and torch's

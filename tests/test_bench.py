@@ -159,20 +159,12 @@ def test_command_refuses_bad_lists(tmp_path, capsys):
     assert "unknown nope" in capsys.readouterr().err
 
 
-def test_bench_memory_children_measure_the_model_the_run_measures(tmp_path, monkeypatch):
+def test_bench_memory_children_measure_the_model_the_run_measures(tmp_path, footprint_children):
     """bench's memory rows ran the default model whatever --model said (until 2026-12-04)."""
-    import subprocess
-
     from streamchat.config import load_settings
-    from streamchat.evaluate import bench, footprint
+    from streamchat.evaluate import bench
 
-    commands = []
-
-    def child(command, **kwargs):
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 0, stdout='{"rss_mb": 2.0, "peak_rss_mb": 3.0}\n', stderr="")
-
-    monkeypatch.setattr(footprint.subprocess, "run", child)
+    commands = footprint_children
     model = str(tmp_path / "llama-1b.Q4_K_M.gguf")
     rows = bench.measure_memory(load_settings(None, {"model": model}), 40)
     assert rows and len(commands) == len(rows)

@@ -20,14 +20,8 @@ from streamchat.frontends.server import BackgroundServer, create_app, draining_s
 from streamchat.model import LoadedModel
 from streamchat.session import ChatSession
 
-SETTINGS = {  # as test_server.py's: a 64-token cache the turns overflow, greedy, bit-exact batched or alone
-    "sinks": 4,
-    "window": 60,
-    "temperature": 0,
-    "max_new_tokens": 12,
-    "prefill_chunk": 16,
-    "decode_weights": "int8",
-}
+from test_server import SETTINGS  # a 64-token cache the turns overflow, greedy, bit-exact batched or alone
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TURNS = ["Hello there! How are you today?", "Tell me a story about a dragon.", "What is 2+2?", "Go on."]

@@ -150,21 +150,13 @@ def test_speed_measures_the_policy_it_is_given_at_its_budget(policy):
     assert settings.policy == policy and get_policy_class(policy).budget(settings) == 512
 
 
-def test_chat_memory_child_runs_the_model_measured(tmp_path, monkeypatch):
+def test_chat_memory_child_runs_the_model_measured(tmp_path, monkeypatch, footprint_children):
     """speed's chat-memory child measured the embedded default model even with `--model FILE` (~495 MB printed for
     a 1B file) until 2026-12-04: the child's command names the model the run measures, and a run on the default
     model names none."""
-    import subprocess
-
     from streamchat.evaluate import footprint
 
-    commands = []
-
-    def child(command, **kwargs):
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 0, stdout='{"rss_mb": 2.0, "peak_rss_mb": 3.0}\n', stderr="")
-
-    monkeypatch.setattr(footprint.subprocess, "run", child)
+    commands = footprint_children
     model = str(tmp_path / "llama-1b.Q4_K_M.gguf")
     figures = speed.measure_chat_memory(load_settings(None, {"model": model}), 40)
     assert figures == {"rss_bytes": 2 * 2**20, "peak_rss_bytes": 3 * 2**20}

@@ -44,22 +44,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# The tiny models' shape: 2 layers, GQA (4 query heads, 2 KV heads), head_dim 16, SDPA.
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "attn_implementation": "sdpa",
+}
+
+
 def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """2 layers, GQA (4 query heads, 2 KV heads), head_dim 16, fp32, SDPA."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-        **overrides,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, **TINY_SHAPE, rope_theta=10000.0, tie_word_embeddings=True, **overrides)
     model = LlamaForCausalLM(config).eval()
     # Larger-than-default weights give peaked attention and logits, so tests can see differences.
     with torch.no_grad():
@@ -76,18 +76,7 @@ def tiny_qwen(version: int, vocab_size: int, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config_class = {2: Qwen2Config, 3: Qwen3Config}[version]
     options = {"tie_word_embeddings": version == 3, **overrides}
-    config = config_class(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        attn_implementation="sdpa",
-        **options,
-    )
+    config = config_class(vocab_size=vocab_size, **TINY_SHAPE, head_dim=16, **options)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
