@@ -11,7 +11,7 @@ from gguf import GGUFWriter
 from gguf.quants import quantize
 from streamchat import native
 from streamchat.config import Settings
-from streamchat.evaluate.kl import ReferenceError, chat_path_logits, compare, read_reference
+from streamchat.evaluate.kl import ReferenceError, chat_path_logits, compare, read_reference, top1_agreement
 from streamchat.gguf_file import GGUFError, GGUFFile
 from streamchat.gguf_model import build_model
 from streamchat.model import ModelError, load_model
@@ -141,6 +141,14 @@ def test_qwen3_native_step_equals_its_forward():
     # activation blocks can round a value near a level boundary the other way: a logit moves by about 1%
     assert (stepped - whole).abs().max() <= 0.02 * whole.abs().max()
     assert compare(stepped, whole, tokens)["kl_mean"] <= 1e-3
+
+
+def test_top1_agreement_counts_stored_ties_alike():
+    reference = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 0.0, 1.0, 0.0]])
+    # position 0: the reference's best two are equal as stored, either is its top 1; position 1: ours is wrong
+    assert top1_agreement(torch.tensor([[0.0, 0.1, 0.2, 0.0], [0.0, 0.0, 1.0, 0.0]]), reference) == 0.5
+    assert top1_agreement(torch.tensor([[0.0, 0.2, 0.1, 0.0], [1.0, 0.0, 0.0, 0.0]]), reference) == 1.0
+    assert top1_agreement(torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]), reference) == 0.5
 
 
 def test_not_gguf(tmp_path):

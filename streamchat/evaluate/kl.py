@@ -4,8 +4,9 @@ The check GGUF users know from llama.cpp's `llama-perplexity --kl-divergence`: R
 and `logits` (float16/32 [P, vocab]), another engine's logits at each position, teacher-forced from an empty cache.
 streamchat feeds the same tokens one at a time through its chat path (the weights as a chat process holds them,
 the bounded cache, the native step where it runs) and compares: KL(reference || streamchat) per position (nats;
-mean and 99th percentile), the share of positions whose most likely next token agrees, and both perplexities of
-the tokens themselves.
+mean and 99th percentile), the share of positions whose most likely next token agrees (where the reference's best
+logits are equal as stored, in float16 say, any of them counts as its top 1: the stored logits cannot tell them
+apart), and both perplexities of the tokens themselves.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def chat_path_logits(model: torch.nn.Module, settings: Settings, tokens: list[in
     return torch.stack(rows)
 
 
+def top1_agreement(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of positions [P] where our most likely token is one of the reference's (ties as stored count alike)."""
+    best = reference.gather(-1, ours.argmax(-1, keepdim=True))[:, 0]
+    return float((best == reference.max(-1).values).double().mean())
+
+
 def compare(ours: torch.Tensor, reference: torch.Tensor, tokens: list[int]) -> dict[str, float]:
     """KL and agreement of logits [P, vocab] against the reference's (see the module's note)."""
     log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(ours.double(), -1)
@@ -76,7 +83,7 @@ def compare(ours: torch.Tensor, reference: torch.Tensor, tokens: list[int]) -> d
         "kl_mean": float(kl.mean()),
         "kl_p99": float(torch.quantile(kl, 0.99)),
         "kl_max": float(kl.max()),
-        "top1_agreement": float((ours.argmax(-1) == reference.argmax(-1)).double().mean()),
+        "top1_agreement": top1_agreement(ours, reference),
         "ppl": float(nll_ours.mean().exp()),
         "ppl_reference": float(nll_reference.mean().exp()),
     }
