@@ -346,15 +346,18 @@ def _native_gguf(device: str, dtype: torch.dtype) -> bool:
 
 
 def gguf_tokenizer(gguf: Path):
-    """The file's tokenizer and chat template (transformers' GGUF conversion), cached beside the model cache
-    (a few MB) so later starts skip the conversion."""
+    """The file's tokenizer and chat template (transformers' GGUF conversion, its header read made fast), cached
+    beside the model cache (a few MB) so later starts skip the conversion."""
     folder = cache_root() / "tokenizers" / _gguf_key(gguf)
     if (folder / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError):
             shutil.rmtree(folder, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from streamchat.gguf_file import fast_header_reads
+
+    with fast_header_reads():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_made(folder.parent)))
         tokenizer.save_pretrained(staging)
