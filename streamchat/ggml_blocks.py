@@ -229,7 +229,10 @@ def convert_tensor(tensor: BlockTensor) -> BlockTensor:
 
 def matmul(x: torch.Tensor, parts: list[BlockTensor], bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32 times the parts' rows side by side, transposed: [..., sum of rows] fp32 (+ bias).
-    The native kernels for every type in `NATIVE`; RuntimeError without them."""
+    The native kernels for every type in `NATIVE`; RuntimeError without them; ValueError where K is not the parts'
+    width (the kernels would read other rows' bytes)."""
+    if any(part.columns != x.shape[-1] for part in parts):
+        raise ValueError(f"input of width {x.shape[-1]} for weights of width {parts[0].columns}")
     leading = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     total = sum(part.rows for part in parts)

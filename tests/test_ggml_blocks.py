@@ -81,6 +81,8 @@ def test_parts_side_by_side_and_bias():
 
 def test_refused_sizes_raise():
     tensor = random_tensor(T.Q4_K, 4, 256)
+    with pytest.raises(ValueError, match="width 512 for weights of width 256"):
+        ggml_blocks.matmul(torch.randn(1, 512), [tensor])  # whole blocks, but not this tensor's width
     with pytest.raises(RuntimeError):
         native.ggml_matmul(int(T.Q4_K), torch.randn(1, 128), tensor.data, 4)  # K not whole blocks
     with pytest.raises(ggml_blocks.BlockTypeError, match="whole blocks"):
