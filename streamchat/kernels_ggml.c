@@ -719,6 +719,17 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
 }
 
 #ifdef SC_VNNI
+/* The 16-row kernels read the next pair's block b while they multiply this pair's (1/8 of it per sub-block s):
+ * the loads overlap the arithmetic instead of stalling in one burst. Past a task's or tensor's end the hint reads
+ * a few lines that are not used (prefetches never fault). */
+#define PREFETCH_SPREAD(next0, next1, s, bytes)                                                             \
+    do {                                                                                                   \
+        for (size_t o_ = (size_t)(s) * ((bytes) / 8); o_ < (size_t)((s) + 1) * ((bytes) / 8) + 64; o_ += 64) { \
+            _mm_prefetch((next0) + o_, _MM_HINT_T0);                                                       \
+            _mm_prefetch((next1) + o_, _MM_HINT_T0);                                                       \
+        }                                                                                                  \
+    } while (0)
+
 static inline __m128i two_halves(const void *lo, const void *hi) {
     return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)lo), _mm_loadl_epi64((const __m128i *)hi));
 }
@@ -737,7 +748,9 @@ ALWAYS_INLINE_G void q4_Kx16_rows(const block_q4_Kx8 *w0, const block_q4_Kx8 *w1
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->dmin)), _mm_loadu_si128((const __m128i *)b1->dmin), 1));
         __m512 sums[MAX_C], mins[MAX_C];
         for (int c = 0; c < C; c++) sums[c] = _mm512_setzero_ps(), mins[c] = _mm512_setzero_ps();
+        const char *next0 = (const char *)(w0 + 2 * (size_t)nb + b), *next1 = (const char *)(w1 + 2 * (size_t)nb + b);
         for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD(next0, next1, s, sizeof(block_q4_Kx8));
             __m512i wg[8];
             for (int j = 0; j < 4; j++) {
                 const __m512i raw = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b0->qs[s][j])),
@@ -876,7 +889,9 @@ ALWAYS_INLINE_G void q6_Kx16_rows(const block_q6_Kx8 *w0, const block_q6_Kx8 *w1
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0->d)), _mm_loadu_si128((const __m128i *)b1->d), 1));
         __m512 sums[MAX_C], offsets[MAX_C];
         for (int c = 0; c < C; c++) sums[c] = _mm512_setzero_ps(), offsets[c] = _mm512_setzero_ps();
+        const char *next0 = (const char *)(w0 + 2 * (size_t)nb + b), *next1 = (const char *)(w1 + 2 * (size_t)nb + b);
         for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD(next0, next1, s, sizeof(block_q6_Kx8));
             __m512i first[4], last[4];
             const __m512i h0 = two_chunks(b0->qh[s][0], b1->qh[s][0]), h1 = two_chunks(b0->qh[s][1], b1->qh[s][1]);
             for (int g = 0; g < 4; g++) {
@@ -935,16 +950,15 @@ typedef struct {
 static const kx8_type KX8_Q4_K = {
     q4_Kx8_rows_1, q4_Kx8_rows_4,
 #ifdef SC_VNNI
-    q4_Kx16_rows_1, q4_Kx16_rows_4,
+    q4_Kx16_rows_1, q4_Kx16_rows_4, sizeof(block_q4_Kx8), 0, 1, /* the pairs prefetch as they go */
 #else
-    NULL, NULL,
+    NULL, NULL, sizeof(block_q4_Kx8), 2, 1,
 #endif
-    sizeof(block_q4_Kx8), 2, 1,
 };
 static const kx8_type KX8_Q6_K = {
     q6_Kx8_rows_1, q6_Kx8_rows_4,
 #ifdef SC_VNNI
-    q6_Kx16_rows_1, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 2, 1,
+    q6_Kx16_rows_1, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 0, 1,
 #else
     NULL, NULL, sizeof(block_q6_Kx8), 1, 0,
 #endif
