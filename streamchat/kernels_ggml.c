@@ -253,6 +253,15 @@ static inline __m256i bits_to_bytes(uint32_t x) {
 
 #define ALWAYS_INLINE_G static inline __attribute__((always_inline))
 #define MAX_C 4 /* activation rows per pass over a weight row */
+#define PREFETCH_AHEAD 4 /* weight rows read ahead: their bytes are on the way while a row is multiplied */
+
+/* The row kernels read block b of the row PREFETCH_AHEAD rows on (`row_bytes` apart) while they multiply block b
+ * of this one: the loads overlap the arithmetic (a burst of a whole row stalls on full fill buffers). Past a
+ * task's or tensor's end the hint reads lines that are not used (prefetches never fault). */
+ALWAYS_INLINE_G void prefetch_ahead(const void *row, size_t row_bytes, size_t offset, size_t bytes) {
+    const char *ahead = (const char *)row + PREFETCH_AHEAD * row_bytes + offset;
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+}
 
 /* One weight row of nb 32-input blocks against C activation rows (block_q8, `stride` blocks apart): out[c]. The
  * unpacked weights of a block serve all C rows. */
@@ -262,7 +271,11 @@ ALWAYS_INLINE_G void dot_legacy(int type, const void *row, int nb, const block_q
     float offset[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offset[c] = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const size_t bytes = type == SC_Q8_0 ? sizeof(block_q8_0) : type == SC_Q4_0 ? sizeof(block_q4_0)
+                         : type == SC_Q4_1 ? sizeof(block_q4_1) : type == SC_Q5_0 ? sizeof(block_q5_0)
+                                                                  : sizeof(block_q5_1);
     for (int b = 0; b < nb; b++) {
+        if ((b * bytes) % 64 < bytes) prefetch_ahead(row, nb * bytes, b * bytes, 1); /* a new line begins here */
         __m256i u;
         float d, m; /* w = d * u + m, u unsigned; Q8_0: w = d * u signed */
         if (type == SC_Q8_0) {
@@ -355,7 +368,9 @@ ALWAYS_INLINE_G void dot_q45_K_512(int type, const void *row, int nb, const bloc
     float mins[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), mins[c] = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const size_t bytes = type == SC_Q5_K ? sizeof(block_q5_K) : sizeof(block_q4_K);
     for (int b = 0; b < nb; b++) {
+        prefetch_ahead(row, nb * bytes, b * bytes, bytes);
         const int five = type == SC_Q5_K;
         const block_q4_K *x4 = (const block_q4_K *)row + b;
         const block_q5_K *x5 = (const block_q5_K *)row + b;
@@ -400,6 +415,7 @@ ALWAYS_INLINE_G void dot_q6_K_512(const void *row, int nb, const block_q8_K *a, 
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps(), offsets[c] = 0.0f;
     for (int b = 0; b < nb; b++) {
+        prefetch_ahead(row, nb * sizeof(block_q6_K), b * sizeof(block_q6_K), sizeof(block_q6_K));
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m512i u[4], sc[4];
@@ -438,7 +454,9 @@ ALWAYS_INLINE_G void dot_q45_K(int type, const void *row, int nb, const block_q8
     float mins[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), mins[c] = 0.0f;
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const size_t bytes = type == SC_Q5_K ? sizeof(block_q5_K) : sizeof(block_q4_K);
     for (int b = 0; b < nb; b++) {
+        prefetch_ahead(row, nb * bytes, b * bytes, bytes);
         const int five = type == SC_Q5_K;
         const block_q4_K *x4 = (const block_q4_K *)row + b;
         const block_q5_K *x5 = (const block_q5_K *)row + b;
@@ -482,6 +500,7 @@ ALWAYS_INLINE_G void dot_q6_K(const void *row, int nb, const block_q8_K *a, size
     float offsets[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), offsets[c] = 0.0f;
     for (int b = 0; b < nb; b++) {
+        prefetch_ahead(row, nb * sizeof(block_q6_K), b * sizeof(block_q6_K), sizeof(block_q6_K));
         const block_q6_K *x = (const block_q6_K *)row + b;
         const float d = fp16(x->d);
         __m256i u[8];
@@ -514,7 +533,9 @@ ALWAYS_INLINE_G __m256 load_float8(int type, const void *row, int i) {
 ALWAYS_INLINE_G void dot_float(int type, const void *row, int K, const float *x, size_t stride, int C, float *out) {
     if (C == 1) { /* four sums (K is a multiple of 32): one FMA chain would wait on its own latency, ~12 GB/s */
         __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+        const size_t size = type == SC_F32 ? 4 : 2;
         for (int i = 0; i < K; i += 32) {
+            prefetch_ahead(row, K * size, i * size, 32 * size);
             s0 = _mm256_fmadd_ps(load_float8(type, row, i), _mm256_loadu_ps(x + i), s0);
             s1 = _mm256_fmadd_ps(load_float8(type, row, i + 8), _mm256_loadu_ps(x + i + 8), s1);
             s2 = _mm256_fmadd_ps(load_float8(type, row, i + 16), _mm256_loadu_ps(x + i + 16), s2);
@@ -525,7 +546,9 @@ ALWAYS_INLINE_G void dot_float(int type, const void *row, int K, const float *x,
     }
     __m256 acc[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const size_t size = type == SC_F32 ? 4 : 2;
     for (int i = 0; i < K; i += 8) {
+        if (i % 32 == 0) prefetch_ahead(row, K * size, i * size, 32 * size);
         const __m256 w = load_float8(type, row, i);
         for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + c * stride + i), acc[c]);
     }
@@ -597,8 +620,6 @@ typedef struct {
     int M, K, N, ldo, per_task;
 } ggml_job;
 
-#define PREFETCH_AHEAD 4 /* weight rows read ahead: their bytes are on the way while a row is multiplied */
-
 static void ggml_task(void *context, int t) {
     const ggml_job *job = context;
     const int n0 = t * job->per_task, n1 = n0 + job->per_task < job->N ? n0 + job->per_task : job->N;
@@ -607,11 +628,6 @@ static void ggml_task(void *context, int t) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int n = n0; n < n1; n++) {
             const uint8_t *row = job->w + (size_t)n * job->row_bytes;
-            if (m0 == 0 && n + PREFETCH_AHEAD < n1) {
-                const uint8_t *ahead = row + PREFETCH_AHEAD * job->row_bytes;
-                for (size_t offset = 0; offset < job->row_bytes; offset += 64)
-                    _mm_prefetch((const char *)ahead + offset, _MM_HINT_T0);
-            }
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C) {
                 job->four(row, job->K, (const uint8_t *)job->a + (size_t)m * job->a_row, job->a_stride, results);
