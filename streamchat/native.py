@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +83,7 @@ SIGNATURES = {
     "sc_ggml_repack": "ipiip",
     "sc_linear_matmul": "piipipp",
     "sc_set_threads": "i",
+    "sc_read_bandwidth": "plp",
 }
 RETURNS_NOTHING = {"sc_set_threads"}
 _LOCK = threading.Lock()
@@ -635,6 +637,24 @@ def _ggml_call(function: str, refused: Callable[[], str], *arguments) -> None:
     use_threads()
     if getattr(_LIBRARY, function)(*arguments):
         raise RuntimeError(f"{function} refused {refused()}")
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float | None:
+    """This machine's streaming read on this thread's kernel threads (`use_threads`), in GB/s (1e9 bytes): the best
+    of `repeats` passes over a `megabytes` buffer (much larger than the caches), read as the decode step reads its
+    weights (kernels.c's sc_read_bandwidth). None without the native kernels. The yardstick for a decode step's
+    reads (weights + K/V bytes per token x tokens/s), which memory bandwidth bounds at real model sizes."""
+    if library() is None:
+        return None
+    buffer = torch.ones(megabytes * 2**20, dtype=torch.uint8)  # touched: its pages are resident before timing
+    total, times = ctypes.c_uint64(), []
+    use_threads()
+    for _ in range(repeats + 1):  # the first pass warms the threads and the TLB
+        started = time.perf_counter()
+        if _LIBRARY.sc_read_bandwidth(buffer.data_ptr(), buffer.numel(), ctypes.byref(total)):
+            raise RuntimeError(f"sc_read_bandwidth refused {buffer.numel()} bytes")
+        times.append(time.perf_counter() - started)
+    return buffer.numel() / min(times[1:]) / 1e9
 
 
 if __name__ == "__main__":  # `python -m streamchat.native` (setup.sh runs it): build now, say which kernels run

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from streamchat import cli
+from streamchat import cli, native
 from streamchat.config import load_settings
 from streamchat.evaluate import speed
 from streamchat.fastpath.choice import auto_kv_dtype
@@ -78,6 +78,41 @@ def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys)
     assert quality["fast_model_kv_fp32"]["change_pct"] == 0  # the reference
     assert all(np.isfinite(row["perplexity"]) and row["perplexity"] > 1 for row in quality.values())
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())["speed"]["rows"] == figures["rows"]
+
+
+def test_the_default_path_reads_are_set_against_the_machine(loaded, text):
+    settings = load_settings("configs/default.yaml", {"window": 36, "slack": 4})
+    figures = speed.measure_speed(
+        loaded, settings, text.read_text(), 5, ["auto"], ["auto"], llama_cpp=False, show_progress=False
+    )
+    reads, config = figures["reads"], loaded.model.config
+    if native.library() is None:
+        assert reads is None  # no streaming-read yardstick without the kernels
+        return
+    # the default path's bytes a token: every weight matrix it multiplies, and the K/V of its full cache
+    matrices = sum(p.numel() * p.element_size() for n, p in loaded.model.named_parameters() if "norm" not in n)
+    embedding = loaded.model.get_input_embeddings().weight
+    if loaded.model.get_output_embeddings().weight.data_ptr() != embedding.data_ptr():
+        matrices -= embedding.numel() * embedding.element_size()  # rows looked up, not multiplied
+    assert reads["weights_bytes"] == matrices
+    head_dim = config.hidden_size // config.num_attention_heads
+    element = 2 if figures["default_path"].endswith(("fp16", "bf16")) else 4
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+    assert reads["kv_bytes"] % per_token == 0 and 30 <= reads["kv_bytes"] // per_token <= settings.budget
+    default_row = next(row for row in figures["rows"] if row["path"] == figures["default_path"])
+    assert reads["gb_s"] == pytest.approx(
+        (reads["weights_bytes"] + reads["kv_bytes"]) * default_row["tokens_per_s"] / 1e9, rel=0.01, abs=0.01
+    )
+    assert reads["machine_read_gb_s"] > 0
+    assert reads["share"] == pytest.approx(reads["gb_s"] / reads["machine_read_gb_s"], rel=0.01, abs=0.002)
+    assert "of this machine's streaming read" in speed.format_report({"speed": figures})
+
+
+def test_read_bandwidth_is_measured_or_refused():
+    if native.library() is None:
+        assert native.read_bandwidth() is None
+        return
+    assert native.read_bandwidth(megabytes=64, repeats=2) > 0.1  # GB/s: any machine reads faster than this
 
 
 def test_bad_text_and_counts_are_refused(loaded, text, tmp_path, capsys, monkeypatch):

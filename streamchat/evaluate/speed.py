@@ -316,6 +316,8 @@ def measure_speed(
                 turn(name, block)
     finally:
         llama_memory = getattr(paths.get(LLAMA_CPP), "memory", {})
+        default_name = default_variant(loaded, settings)
+        per_token = step_reads(paths.get(default_name))
         for path in paths.values():
             path.close()
     names = list(paths)
@@ -339,10 +341,39 @@ def measure_speed(
         "threads": torch.get_num_threads(),
         "rows": rows,
         "notes": notes,
-        "default_path": default_variant(loaded, settings),
+        "default_path": default_name,
         "cpu_class": cpu_class(),
         "auto_choice": decode_summary(loaded.model, settings.replace(decode_path="fast")),
         "llama_cpp_memory": llama_memory,
+        "reads": reads_report(per_token, next((r for r in rows if r["path"] == default_name), None)),
+    }
+
+
+def step_reads(stepper: Stepper | None) -> dict[str, int] | None:
+    """Bytes one decode step of a fast path reads from memory: its decoder's weights and the K/V of its cache's
+    tokens (both read whole every step). None for a path without a decoder of its own."""
+    decoder = getattr(stepper, "decoder", None)
+    if decoder is None or not hasattr(decoder, "nbytes"):
+        return None
+    kv = sum(
+        layer.keys.narrow(2, 0, layer.length).nbytes + layer.values.narrow(2, 0, layer.length).nbytes
+        for layer in stepper.cache.layers
+    )
+    return {"weights_bytes": decoder.nbytes(), "kv_bytes": kv}
+
+
+def reads_report(per_token: dict[str, int] | None, row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The default path's bytes per token x tokens/s against this machine's streaming read, measured now
+    (native.read_bandwidth, after the other paths' processes are gone): what bounds decode at real sizes."""
+    machine = native.read_bandwidth() if per_token else None
+    if not per_token or not row or not machine:
+        return None
+    gb_s = (per_token["weights_bytes"] + per_token["kv_bytes"]) * row["tokens_per_s"] / 1e9
+    return {
+        **per_token,
+        "gb_s": round(gb_s, 2),
+        "machine_read_gb_s": round(machine, 2),
+        "share": round(gb_s / machine, 3),
     }
 
 
@@ -423,6 +454,14 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(
                     f"  default vs llama.cpp: {default['tokens_per_s'] / by_name[LLAMA_CPP]['tokens_per_s']:.2f}x"
                 )
+        reads = speed.get("reads")
+        if reads:
+            lines.append(
+                f"  default reads {(reads['weights_bytes'] + reads['kv_bytes']) / 1e9:.3f} GB a token (weights "
+                f"{reads['weights_bytes'] / 1e9:.3f} + K/V {reads['kv_bytes'] / 1e9:.3f}): {reads['gb_s']:.1f} GB/s, "
+                f"{100 * reads['share']:.0f}% of this machine's streaming read ({reads['machine_read_gb_s']:.1f} GB/s, "
+                f"{speed['threads']} threads, measured after the run)"
+            )
     memory = report.get("memory")
     if memory:
         mb = 1024 * 1024
