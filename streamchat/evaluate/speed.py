@@ -110,9 +110,13 @@ class BoundedStepper(Stepper):
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> None:
+        """As a chat's prefill: a fast path whose native step takes the chunk feeds it there, else the forward."""
         for start in range(0, len(ids), self.cache.room):
             chunk = ids[start : start + self.cache.room]
             self.cache.make_room(len(chunk))
+            if self.decoder is not None and self.decoder.native_ready([self.cache], prefill=True):
+                self.decoder.prefill(chunk, self.cache)
+                continue
             self.model(
                 input_ids=torch.tensor([chunk], device=self.model.device),
                 past_key_values=self.cache,
@@ -286,19 +290,23 @@ def measure_speed(
     to plain transformers. Paths take turns in blocks of `BLOCK` tokens (order reversed every round); the first
     step of each block is not counted: it pays for the previous path's threads winding down (llama.cpp's OpenMP
     threads in its own process spin on the same cores for a while after each eval, as torch's do). The warm-up
-    step (first-call allocations; a compiled path's compilation) is timed apart."""
+    step (first-call allocations; a compiled path's compilation) is timed apart, and so is each path's prefill of
+    the `budget` tokens from an empty cache (a chat's prefill: the native step's chunks where it takes them)."""
     budget = settings.budget
     paths, notes = build_paths(loaded, settings, weights, kv_dtypes, compile, llama_cpp, llama_cpp_dir)
     llama_memory: dict[str, int] = {}
     rounds = -(-tokens // (BLOCK - 1))
     ids = text_ids(loaded.tokenizer, text, budget + 1 + rounds * BLOCK)
     warmup: dict[str, float] = {}
+    prefill: dict[str, float] = {}  # seconds of each path's `budget`-token prefill from an empty cache
     times: dict[str, list[float]] = {name: [] for name in paths}
 
     def turn(name: str, block: list[int]) -> None:
         try:
             if name not in warmup:
+                started = time.perf_counter()
                 paths[name].prefill(ids[:budget])
+                prefill[name] = time.perf_counter() - started
                 warmup[name] = paths[name].timed_step(ids[budget])
             else:
                 times[name] += [paths[name].timed_step(token) for token in block][1:]
@@ -332,6 +340,7 @@ def measure_speed(
                 "tokens_per_s": round(1 / median, 2),
                 "speedup_vs_transformers": round(reference / median, 2),
                 "first_step_s": round(warmup[name], 2),
+                "prefill_tokens_per_s": round(budget / prefill[name], 1),
             }
         )
     return {
@@ -439,7 +448,8 @@ def format_report(report: dict[str, Any]) -> str:
         for row in speed["rows"]:
             lines.append(
                 f"  {row['path']:<28} {row['ms_per_token']:>8.2f} ms/token {row['tokens_per_s']:>7.1f} tok/s "
-                f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s)"
+                f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s"
+                + (f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s)" if "prefill_tokens_per_s" in row else ")")
             )
         lines += [f"  note: {note}" for note in speed["notes"]]
         lines.append(f"  default configuration: {speed['default_path']} ({speed['auto_choice']})")
