@@ -697,6 +697,23 @@ typedef struct {
 
 int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
 
+/* The 8-row kernels read block b of the group two groups on (the 16-row kernels: of the next pair) while they
+ * multiply this one's, 1/8 of it per sub-block s: the loads overlap the arithmetic instead of stalling in one
+ * burst (AVX2, 2 threads, EPYC: Q4_K 15-17 -> 21-25 GB/s, Q6_K 14 -> 22-25 against a 24-28 GB/s read; the
+ * driver's burst of whole groups ahead before). Past a task's or tensor's end the hint reads a few lines that are
+ * not used (prefetches never fault). */
+#define KX8_AHEAD 2
+#define PREFETCH_SPREAD1(next, s, bytes)                                                                    \
+    do {                                                                                                   \
+        for (size_t o_ = (size_t)(s) * ((bytes) / 8); o_ < (size_t)((s) + 1) * ((bytes) / 8) + 64; o_ += 64) \
+            _mm_prefetch((next) + o_, _MM_HINT_T0);                                                        \
+    } while (0)
+#define PREFETCH_SPREAD(next0, next1, s, bytes)                                                             \
+    do {                                                                                                   \
+        PREFETCH_SPREAD1(next0, s, bytes);                                                                 \
+        PREFETCH_SPREAD1(next1, s, bytes);                                                                 \
+    } while (0)
+
 /* One 8-row group of nb blocks against C activation rows (block_q8_K, `stride` blocks apart): out[c * ostride + r]. */
 ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
                                  float *out, size_t ostride) {
@@ -709,7 +726,9 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->dmin));
         __m256 sums[MAX_C], mins[MAX_C];
         for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_ps(), mins[c] = _mm256_setzero_ps();
+        const char *next = (const char *)(w + KX8_AHEAD * (size_t)nb + b);
         for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD1(next, s, sizeof(block_q4_Kx8));
             __m256i wg[8];
             for (int j = 0; j < 4; j++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[s][j]);
@@ -735,17 +754,6 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
 }
 
 #ifdef SC_VNNI
-/* The 16-row kernels read the next pair's block b while they multiply this pair's (1/8 of it per sub-block s):
- * the loads overlap the arithmetic instead of stalling in one burst. Past a task's or tensor's end the hint reads
- * a few lines that are not used (prefetches never fault). */
-#define PREFETCH_SPREAD(next0, next1, s, bytes)                                                             \
-    do {                                                                                                   \
-        for (size_t o_ = (size_t)(s) * ((bytes) / 8); o_ < (size_t)((s) + 1) * ((bytes) / 8) + 64; o_ += 64) { \
-            _mm_prefetch((next0) + o_, _MM_HINT_T0);                                                       \
-            _mm_prefetch((next1) + o_, _MM_HINT_T0);                                                       \
-        }                                                                                                  \
-    } while (0)
-
 static inline __m128i two_halves(const void *lo, const void *hi) {
     return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)lo), _mm_loadl_epi64((const __m128i *)hi));
 }
@@ -850,7 +858,9 @@ ALWAYS_INLINE_G void q6_Kx8_rows(const block_q6_Kx8 *w, int nb, const block_q8_K
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
         __m256 sums[MAX_C], offsets[MAX_C];
         for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_ps(), offsets[c] = _mm256_setzero_ps();
+        const char *next = (const char *)(w + KX8_AHEAD * (size_t)nb + b);
         for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD1(next, s, sizeof(block_q6_Kx8));
             __m256i first[4], last[4];
             const __m256i h0 = _mm256_loadu_si256((const __m256i *)block->qh[s][0]);
             const __m256i h1 = _mm256_loadu_si256((const __m256i *)block->qh[s][1]);
@@ -959,24 +969,23 @@ typedef struct {
     group_fn one, four;           /* one 8-row group against 1 and MAX_C activation rows */
     group_fn pair_one, pair_four; /* two adjacent groups (16 rows) at once, or NULL */
     size_t block_bytes;           /* one 8-row block of 256 inputs */
-    int ahead;                    /* groups prefetched, from two groups ahead of the one multiplied */
     int even;                     /* tasks of whole 16-row pairs */
 } kx8_type;
 
 static const kx8_type KX8_Q4_K = {
     q4_Kx8_rows_1, q4_Kx8_rows_4,
 #ifdef SC_VNNI
-    q4_Kx16_rows_1, q4_Kx16_rows_4, sizeof(block_q4_Kx8), 0, 1, /* the pairs prefetch as they go */
+    q4_Kx16_rows_1, q4_Kx16_rows_4, sizeof(block_q4_Kx8), 1,
 #else
-    NULL, NULL, sizeof(block_q4_Kx8), 2, 1,
+    NULL, NULL, sizeof(block_q4_Kx8), 1,
 #endif
 };
 static const kx8_type KX8_Q6_K = {
     q6_Kx8_rows_1, q6_Kx8_rows_4,
 #ifdef SC_VNNI
-    q6_Kx16_rows_1, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 0, 1,
+    q6_Kx16_rows_1, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 1,
 #else
-    NULL, NULL, sizeof(block_q6_Kx8), 1, 0,
+    NULL, NULL, sizeof(block_q6_Kx8), 0,
 #endif
 };
 
@@ -993,14 +1002,11 @@ static void kx8_task(void *context, int t) {
     const kx8_job *job = context;
     const kx8_type *type = job->type;
     const int g0 = t * job->per_task, g1 = g0 + job->per_task < job->groups ? g0 + job->per_task : job->groups;
-    const size_t nb = (size_t)job->nb, ahead = (size_t)type->ahead * job->group_bytes;
+    const size_t nb = (size_t)job->nb; /* the group kernels prefetch as they go */
     for (int m0 = 0; m0 < job->M; m0 += GGML_M_TILE) {
         const int m1 = m0 + GGML_M_TILE < job->M ? m0 + GGML_M_TILE : job->M;
         for (int g = g0; g < g1; g++) {
             const uint8_t *w = job->w + (size_t)g * job->group_bytes;
-            if (m0 == 0 && g + 2 < g1)
-                for (size_t offset = 0; offset < ahead; offset += 64)
-                    _mm_prefetch((const char *)w + 2 * job->group_bytes + offset, _MM_HINT_T0);
             const int pair = type->pair_one && g + 1 < g1;
             const group_fn one = pair ? type->pair_one : type->one, four = pair ? type->pair_four : type->four;
             int m = m0;
