@@ -699,7 +699,7 @@ int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
 
 /* The 8-row kernels read block b of the group two groups on (the 16-row kernels: of the next pair) while they
  * multiply this one's, 1/8 of it per sub-block s: the loads overlap the arithmetic instead of stalling in one
- * burst (AVX2, 2 threads, EPYC: Q4_K 15-17 -> 21-25 GB/s, Q6_K 14 -> 22-25 against a 24-28 GB/s read; the
+ * burst (AVX2, 2 threads, EPYC: Q4_K 15-17 -> 18-25 GB/s, Q6_K 14 -> 21-25 against a 24-28 GB/s read; the
  * driver's burst of whole groups ahead before). Past a task's or tensor's end the hint reads a few lines that are
  * not used (prefetches never fault). */
 #define KX8_AHEAD 2

@@ -448,8 +448,8 @@ def format_report(report: dict[str, Any]) -> str:
         for row in speed["rows"]:
             lines.append(
                 f"  {row['path']:<28} {row['ms_per_token']:>8.2f} ms/token {row['tokens_per_s']:>7.1f} tok/s "
-                f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s"
-                + (f"; prefill {row['prefill_tokens_per_s']:.0f} tok/s)" if "prefill_tokens_per_s" in row else ")")
+                f"{row['speedup_vs_transformers']:>5.2f}x  (first step {row['first_step_s']:.1f} s; "
+                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s)"
             )
         lines += [f"  note: {note}" for note in speed["notes"]]
         lines.append(f"  default configuration: {speed['default_path']} ({speed['auto_choice']})")
