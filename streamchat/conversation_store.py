@@ -36,10 +36,13 @@ RRF_K = 60  # reciprocal rank fusion of the two rankings (Cormack et al., 2009):
 # poem" / "Write a function") much less. An absolute bar, so that most turns recall nothing and pay nothing
 # (memorycost: a rewrite of the recalled region is a re-prefill of it).
 LEXICAL_MIN_COVERAGE = 0.34
-# A passage with no search term counts when its cosine is this many standard deviations above the store's mean.
-# Measured on SmolLM2-135M (docs/recall.md): the answer to a paraphrased question sits near 1.8, the best match of
-# an unrelated chat turn reaches 2.5: semantic-only recall is rare by design.
-SEMANTIC_MIN_Z = 3.0
+# A passage with no search term counts when the cosine of its sentence vector with the query's is at least this
+# (all-MiniLM-L6-v2, `streamchat.sentence_embedding`; docs/recall.md). Measured over MT-Bench's questions and the
+# recall benchmark's facts: a paraphrased question and the fact it asks for, 0.39-0.71 ("Who am I? Tell me how I am
+# called." / "my name is Greta" 0.39; "Which town is home for me?" / "I live in Lisbon" 0.27, below); an unrelated
+# question and the facts, at most 0.35; an MT-Bench question's best match among the others' turns, 0.36 at the
+# median (they share topics: such turns are recalled, which is what a topic's return asks for).
+SEMANTIC_MIN_COSINE = 0.38
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's own bm25() defaults, also used by the fallback
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Function words a question is mostly made of ("what is my ..."): left out of the query so that a passage is
@@ -71,7 +74,7 @@ class Passage:
     score: float = 0.0  # fused relevance to the last query (higher is more relevant)
     lexical: float = 0.0  # its BM25 score (0: no search term in it)
     coverage: float = 0.0  # share of the query's terms it holds, weighted by their IDF
-    semantic: float = 0.0  # its cosine's z-score among the store's passages (0: no vector)
+    semantic: float = 0.0  # cosine of its sentence vector with the query's (0: no vector)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k in ("turn", "role", "text", "tokens")}
@@ -99,6 +102,17 @@ def split_passages(text: str, words: int = PASSAGE_WORDS) -> list[str]:
     return passages
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def passage_texts(passage: str) -> list[str]:
+    """What a passage's sentence vectors are computed from: the passage itself, and each of its sentences when it
+    has more than one (a fact said in passing, "By the way, I live in Lisbon. Please remember it.", is closer to a
+    question about it alone than together with the rest: cosine 0.27 -> 0.35 for "Which town is home for me?")."""
+    sentences = [part for part in _SENTENCE_END.split(passage.strip()) if part]
+    return [passage] if len(sentences) < 2 else [passage, *sentences]
+
+
 def query_terms(text: str) -> list[str]:
     """The words of `text` a search uses: lowercased, function words (`STOPWORDS`) left out, each once, in order.
     A message made only of function words ("what is it?") searches nothing lexically."""
@@ -113,8 +127,6 @@ class ConversationStore:
 
     def __init__(self, path: str | Path | None = None, use_fts5: bool | None = None):
         self._owned_dir = None
-        self._vector_sum: np.ndarray | None = None  # of the stored vectors (float64), for centering
-        self._vectors = 0
         if path is None:
             self._owned_dir = tempfile.mkdtemp(prefix="streamchat-memory-")
             path = Path(self._owned_dir) / "memory.sqlite"
@@ -128,7 +140,7 @@ class ConversationStore:
             self.db.execute("PRAGMA journal_mode=MEMORY")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS passages (id INTEGER PRIMARY KEY, turn INTEGER NOT NULL, role TEXT NOT NULL, "
-                "text TEXT NOT NULL, tokens INTEGER NOT NULL, vector BLOB)"
+                "text TEXT NOT NULL, tokens INTEGER NOT NULL, vector BLOB, vectors INTEGER NOT NULL DEFAULT 0)"
             )
             if self.fts5:
                 self.db.execute(
@@ -139,11 +151,13 @@ class ConversationStore:
                     "CREATE VIRTUAL TABLE IF NOT EXISTS passages_terms USING fts5vocab(passages_fts, 'row')"
                 )
             self.db.commit()
-            self._totals = list(  # passages, tokens, text bytes, vector bytes: kept here, not summed every turn
-                self.db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
-                    "COALESCE(SUM(LENGTH(vector)), 0) FROM passages"
-                ).fetchone()
+            self._totals = (
+                list(  # passages, tokens, text bytes, vector bytes, vectors: kept here, not summed every turn
+                    self.db.execute(
+                        "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
+                        "COALESCE(SUM(LENGTH(vector)), 0), COUNT(vector) FROM passages"
+                    ).fetchone()
+                )
             )
 
     @contextlib.contextmanager
@@ -156,22 +170,26 @@ class ConversationStore:
 
     # ----- writing ------------------------------------------------------------------------------------------
 
-    def add(self, passages: list[Passage], vectors: np.ndarray | None = None) -> None:
-        """Store passages (one transaction), with their semantic vectors (float [len(passages), dim], kept as
-        float16; None: lexical search only). Raises StoreError if the file cannot be written."""
-        if vectors is not None and len(vectors) != len(passages):
-            raise ValueError(f"{len(vectors)} vectors for {len(passages)} passages")
+    def add(self, passages: list[Passage], vectors: list[np.ndarray] | None = None) -> None:
+        """Store passages (one transaction), each with its sentence vectors (`vectors[i]`: unit vectors, float
+        [k, dim], k >= 1: the passage's and its sentences', `passage_texts`; kept as float16; None: found by words
+        only). Raises StoreError if the file cannot be written, ValueError for vectors that do not fit."""
+        if vectors is not None and (
+            len(vectors) != len(passages) or any(np.ndim(v) != 2 or not len(v) for v in vectors)
+        ):
+            raise ValueError(f"expected [k, dim] vectors for each of {len(passages)} passages")
         with self._sqlite(), self.db:
             for index, passage in enumerate(passages):
                 vector = None if vectors is None else np.asarray(vectors[index], np.float16)
                 cursor = self.db.execute(
-                    "INSERT INTO passages (turn, role, text, tokens, vector) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO passages (turn, role, text, tokens, vector, vectors) VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         passage.turn,
                         passage.role,
                         passage.text,
                         passage.tokens,
                         None if vector is None else vector.tobytes(),
+                        0 if vector is None else len(vector),
                     ),
                 )
                 self._totals[0] += 1
@@ -179,10 +197,7 @@ class ConversationStore:
                 self._totals[2] += len(passage.text.encode("utf-8", "surrogatepass"))
                 if vector is not None:
                     self._totals[3] += vector.nbytes
-                    if self._vector_sum is None:
-                        self._vector_sum = np.zeros(vector.shape, np.float64)
-                    self._vector_sum += vector
-                    self._vectors += 1
+                    self._totals[4] += 1
                 if self.fts5:
                     self.db.execute(
                         "INSERT INTO passages_fts (rowid, text) VALUES (?, ?)", (cursor.lastrowid, passage.text)
@@ -192,8 +207,7 @@ class ConversationStore:
         """Forget everything (a new conversation)."""
         with self._sqlite(), self.db:
             self.db.execute("DELETE FROM passages")
-            self._vector_sum, self._vectors = None, 0
-            self._totals = [0, 0, 0, 0]
+            self._totals = [0, 0, 0, 0, 0]
             if self.fts5:
                 self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('delete-all')")
 
@@ -203,11 +217,11 @@ class ConversationStore:
         """The passages relevant to `query` (and its semantic `vector`, if any), best first.
 
         Two rankings of `limit` passages each: lexical, BM25 (Robertson et al.; FTS5's bm25(), k1 1.2, b 0.75) over
-        the query's words less function words; semantic, the cosine of the passages' vectors with `vector`, both
-        centred on the store's mean vector. A passage counts as relevant when it holds at least
-        `LEXICAL_MIN_COVERAGE` of the query's terms weighted by IDF (`coverage`), or, holding none, when its cosine
-        is at least `SEMANTIC_MIN_Z` standard deviations above the mean cosine; the relevant ones are ordered by
-        reciprocal rank fusion (`score`). Raises StoreError if the file cannot be read."""
+        the query's words less function words; semantic, the cosine of the passages' sentence vectors with the
+        query's `vector` (unit vectors). A passage counts as relevant when it holds at least `LEXICAL_MIN_COVERAGE`
+        of the query's terms weighted by IDF (`coverage`), or when its cosine is at least `SEMANTIC_MIN_COSINE`;
+        the relevant ones are ordered by reciprocal rank fusion (`score`). Raises StoreError if the file cannot be
+        read."""
         terms = query_terms(query)
         with self._sqlite():
             lexical = self._bm25(terms, limit)
@@ -222,38 +236,36 @@ class ConversationStore:
             if coverage >= LEXICAL_MIN_COVERAGE:
                 found[passage.id] = Passage(**{**asdict(passage), "coverage": coverage})
                 fused[passage.id] = 1 / (RRF_K + rank + 1)
-        for rank, (passage, z) in enumerate(semantic):
-            if passage.id in found or z >= SEMANTIC_MIN_Z:
+        for rank, (passage, cosine) in enumerate(semantic):
+            if passage.id in found or cosine >= SEMANTIC_MIN_COSINE:
                 kept = found.get(passage.id, passage)
-                found[passage.id] = Passage(**{**asdict(kept), "semantic": z})
+                found[passage.id] = Passage(**{**asdict(kept), "semantic": cosine})
                 fused[passage.id] = fused.get(passage.id, 0.0) + 1 / (RRF_K + rank + 1)
         order = sorted(found, key=lambda i: (-fused[i], -found[i].lexical))  # a tie: the lexical match first
         return [Passage(**{**asdict(found[i]), "score": fused[i]}) for i in order]
 
     def _nearest(self, vector: np.ndarray, limit: int) -> list[tuple[Passage, float]]:
-        """The `limit` passages whose centred vectors have the highest cosine with the centred `vector`, with
-        each one's z-score among all stored passages' cosines. One pass through a cursor, in batches: RAM holds a
-        batch and the best `limit`."""
-        mean = self._vector_sum / self._vectors
-        query = np.asarray(vector, np.float64) - mean
-        query /= np.linalg.norm(query) or 1.0
+        """The `limit` passages most similar to `vector` (a unit vector), best first, each with its similarity: the
+        highest cosine among its vectors (the passage's own and its sentences'). One pass through a cursor, in
+        batches: RAM holds a batch and the best `limit`, whatever the store's size."""
+        query = np.asarray(vector, np.float32)
+        width = len(query) * 2  # bytes of one float16 vector
         best: list[tuple[float, int, tuple]] = []
-        total = total_sq = 0.0
-        count = 0
-        cursor = self.db.execute("SELECT id, turn, role, text, tokens, vector FROM passages WHERE vector IS NOT NULL")
+        cursor = self.db.execute(
+            "SELECT id, turn, role, text, tokens, vector, vectors FROM passages WHERE vector IS NOT NULL"
+        )
         while rows := cursor.fetchmany(256):
-            matrix = np.stack([np.frombuffer(row[5], np.float16) for row in rows]).astype(np.float64) - mean
-            cosines = matrix @ query / np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
-            total, total_sq, count = total + cosines.sum(), total_sq + (cosines**2).sum(), count + len(rows)
-            for cosine, row in zip(cosines, rows):
+            rows = [row for row in rows if len(row[5]) == row[6] * width]  # another width: found by words only
+            if not rows:
+                continue
+            matrix = np.frombuffer(b"".join(row[5] for row in rows), np.float16).reshape(-1, len(query))
+            starts = np.cumsum([0] + [row[6] for row in rows[:-1]])
+            for cosine, row in zip(np.maximum.reduceat(matrix.astype(np.float32) @ query, starts), rows):
                 heapq.heappush(best, (float(cosine), row[0], row[:5]))
                 if len(best) > limit:
                     heapq.heappop(best)
-        average = total / count
-        spread = math.sqrt(max(total_sq / count - average**2, 1e-12))
-        ranked = sorted(best, reverse=True)
         return [
-            (Passage(row[1], row[2], row[3], row[4], row[0]), (cosine - average) / spread) for cosine, _, row in ranked
+            (Passage(row[1], row[2], row[3], row[4], row[0]), cosine) for cosine, _, row in sorted(best, reverse=True)
         ]
 
     def _idf(self, terms: list[str]) -> dict[str, float]:
@@ -311,20 +323,22 @@ class ConversationStore:
                 best = sorted(best, key=lambda p: -p.lexical)[:limit]
         return best
 
-    def passages(self) -> tuple[list[Passage], np.ndarray | None]:
-        """Every stored passage in order, and their vectors (float16 [n, dim]; None when some passage has none):
-        for saving a session, as the store travels with it."""
+    def passages(self) -> tuple[list[Passage], list[np.ndarray] | None]:
+        """Every stored passage in order, and each one's vectors (float16 [k, dim]; None when some passage has
+        none): for saving a session, as the store travels with it."""
         with self._sqlite():
-            rows = self.db.execute("SELECT id, turn, role, text, tokens, vector FROM passages ORDER BY id").fetchall()
-        passages = [Passage(turn, role, text, tokens, id_) for id_, turn, role, text, tokens, _ in rows]
+            rows = self.db.execute(
+                "SELECT id, turn, role, text, tokens, vector, vectors FROM passages ORDER BY id"
+            ).fetchall()
+        passages = [Passage(turn, role, text, tokens, id_) for id_, turn, role, text, tokens, _, _ in rows]
         if not rows or any(row[5] is None for row in rows):
             return passages, None
-        return passages, np.stack([np.frombuffer(row[5], np.float16) for row in rows])
+        return passages, [np.frombuffer(row[5], np.float16).reshape(row[6], -1) for row in rows]
 
     @property
     def has_vectors(self) -> bool:
-        """Whether a semantic search can rank anything (two stored vectors at least: one has no spread)."""
-        return self._vectors > 1
+        """Whether a semantic search can find anything (some passage has a vector)."""
+        return self._totals[4] > 0
 
     def count(self) -> int:
         with self._sqlite():
@@ -332,7 +346,7 @@ class ConversationStore:
 
     def stats(self) -> dict[str, Any]:
         """Passages, tokens and text bytes stored, and the file's size on disk (bytes, with its journal)."""
-        passages, tokens, text, vectors = self._totals
+        passages, tokens, text, vectors, _ = self._totals
         if not self.path.exists():
             raise StoreError(f"conversation memory {self.path}: the file is gone")
         size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-journal")) if os.path.exists(p))

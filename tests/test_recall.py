@@ -202,3 +202,13 @@ def test_ppl_paragraph_starts_mark_the_first_token_after_a_blank_line(tiny):
     starts = sorted(paragraph_starts(tiny.tokenizer, text, len(ids)))
     assert [tiny.tokenizer.decode(ids[i:]).startswith(("Tell", "What")) for i in starts] == [True, True]
     assert paragraph_starts(tiny.tokenizer, text, starts[0]) == frozenset()  # only among the first `count` tokens
+
+
+def test_the_memory_row_reports_whether_the_probe_brought_the_fact_back(tiny, tmp_path):
+    settings = load_settings(None, {"sinks": 4, "kv_dtype": "float32"})
+    report = recall.run_recall(
+        tiny, settings, [128], ["memory"], [400], 2, 0, PROMPTS, out=tmp_path, show_progress=False
+    )
+    records = [r for r in report["records"] if r["policy"] == "memory"]
+    assert records and all(r["fact_recalled"] for r in records)  # the benchmark's probes name the fact's words
+    assert report["rows"][0]["recalled"] == 1.0 and report["rows"][0]["retained"] == 0

@@ -363,6 +363,9 @@ def run_trial(
                 "cache_tokens": session.cache.length,
             }
         )
+        if session.settings.memory:  # was the planted message among the passages the probe brought back?
+            planted = script.plant[0]
+            records[-1]["fact_recalled"] = any(p.text in planted for p in session.would_recall(script.question))
     return records
 
 
@@ -391,6 +394,8 @@ def summarize(records: list[dict[str, Any]], chance: float) -> list[dict[str, An
                 "realized_distance": round(sum(r["realized_distance"] for r in group) / n, 1),
             }
         )
+        if all("fact_recalled" in r for r in group):  # memory: the share of probes that brought the fact back
+            rows[-1]["recalled"] = round(sum(r["fact_recalled"] for r in group) / n, 4)
     return rows
 
 
@@ -625,7 +630,9 @@ def main(args: argparse.Namespace) -> int:
         f"prompts {prompts_path or 'built-in'}"
     )
     columns = ("policy", "budget", "distance", "accuracy", "mean_margin", "retained", "realized_distance")
-    print(format_table(report["rows"], columns))
+    if any("recalled" in row for row in report["rows"]):
+        columns += ("recalled",)
+    print(format_table([{"recalled": "", **row} for row in report["rows"]], columns))
     print("memory ends (first distance not clearly above chance):", report["memory_ends"])
     print(f"results: {report['out']}/recall.csv, recall.json, recall.png")
     if args.json:

@@ -157,8 +157,10 @@ def memory_card(stats: dict[str, Any], card) -> str:
     listed = "".join(
         f"<div>turn {p['turn']} ({html.escape(p['role'])}): {html.escape(snippet(p['text']))}</div>" for p in recalled
     )
-    kept = f"{stats['memory_passages']:,} passages, {_mb(stats['memory_file_bytes'] / (1 << 20))} on disk"
-    sub = f"{listed or 'nothing recalled yet: evicted messages come back when a new message needs them'}{kept}"
+    found_by = "words and meaning" if stats.get("memory_semantic") else "words"
+    kept = f"{stats['memory_passages']:,} passages, {_mb(stats['memory_file_bytes'] / (1 << 20))} on disk, found by {found_by}"
+    note = f"<div>{html.escape(stats['memory_note'])}</div>" if stats.get("memory_note") else ""
+    sub = f"{listed or 'nothing recalled yet: evicted messages come back when a new message needs them'}{kept}{note}"
     value = f"{len(recalled)} recalled" if recalled else "on"
     return card("Conversation memory", value, sub, "memory", wide=True)
 

