@@ -237,6 +237,7 @@ class ChatSession:
         self.memory_note: str | None = None  # why conversation memory stopped (a store error), for the front ends
         self._frame: tuple[str, str] | None = None  # the recalled region's template text (`_recall_frame`)
         self._embedder: SentenceEmbedder | bool | None = False  # False: not loaded yet; None: unavailable
+        self._embedder_error = ""  # why it is unavailable
         self._recall_changed = False
         self._memory_note_new = False  # memory_note not yet told (recall_note tells it once)
         self.reset()
@@ -284,6 +285,7 @@ class ChatSession:
             self.memory_store.add(list(passages), vectors)
         except StoreError as error:
             self._memory_failed(error)
+        self._passage_embedder()  # loaded now (once a process), not mid-conversation at the first eviction
 
     def _memory_failed(self, error: StoreError) -> None:
         self.memory_note = f"{error}; the chat goes on without conversation memory"
@@ -569,10 +571,11 @@ class ChatSession:
             try:
                 self._embedder = load_embedder()
             except EmbedderUnavailable as error:
-                self._embedder = None
-                self.memory_note = f"semantic recall is off: {error}; recall goes on by words alone"
-                self._memory_note_new = True
-        return self._embedder or None
+                self._embedder, self._embedder_error = None, str(error)
+        if self._embedder is None and self.memory_store is not None and self.memory_note is None:
+            self.memory_note = f"semantic recall is off: {self._embedder_error}; recall goes on by words alone"
+            self._memory_note_new = True
+        return self._embedder
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         """Unit sentence vectors of `texts`, float32 [n, EMBED_DIM] (a subclass may run it elsewhere: the
