@@ -47,6 +47,7 @@ from streamchat.config import Settings
 from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_decoder
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
+from streamchat.sentence_embedding import MAX_TOKENS
 from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text, native_sampling
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
@@ -154,9 +155,9 @@ class EngineSession(ChatSession):
     def _forward(self, ids: list[int]) -> torch.Tensor:
         return self.engine._submit(self, ids)
 
-    def _embed(self, texts: list[str]):
+    def _embed(self, texts: list[str], max_tokens: int = MAX_TOKENS):
         """Conversation memory's sentence vectors, computed on the scheduler thread (which owns the cores)."""
-        return self.engine._submit(self, [], call=lambda: ChatSession._embed(self, texts))
+        return self.engine._submit(self, [], call=lambda: ChatSession._embed(self, texts, max_tokens))
 
     def _reply_tokens(self, logits, limit, stop, processors, settings) -> Iterator[int]:
         """ChatSession's reply tokens, decoded by the engine's scheduler (see the module's docstring)."""

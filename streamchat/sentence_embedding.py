@@ -106,12 +106,25 @@ class SentenceEmbedder:
             )
         return F.normalize(x.mean(0), dim=-1)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit vectors of `texts` (each cut at MAX_TOKENS tokens), float32 [len(texts), EMBED_DIM]."""
+    def embed(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
+        """Unit vectors of `texts`, each cut at `max_tokens` tokens (its first ones), float32 [len(texts), EMBED_DIM].
+
+        Runs on one thread: its matmuls are small (a few dozen rows), and torch's second OpenMP worker, left
+        spinning after them, took a core from the chat model's prefill that follows (measured: a turn's time to
+        first token grew by twice the embedding's own time)."""
         if not texts:
             return np.zeros((0, EMBED_DIM), np.float32)
+        threads = torch.get_num_threads()
         with self._lock:
-            return torch.stack([self._encode(encoding.ids) for encoding in self.tokenizer.encode_batch(texts)]).numpy()
+            torch.set_num_threads(1)
+            try:
+                ids = [
+                    e.ids if len(e.ids) <= max_tokens else e.ids[: max_tokens - 1] + e.ids[-1:]  # [SEP] kept
+                    for e in self.tokenizer.encode_batch(texts)
+                ]
+                return torch.stack([self._encode(i) for i in ids]).numpy()
+            finally:
+                torch.set_num_threads(threads)
 
 
 _LOAD_LOCK = threading.Lock()

@@ -35,7 +35,7 @@ from streamchat.fastpath import decoder_for_prefill, decoder_for_step, kv_dtype_
 from streamchat.memory import release_free_memory, rss_bytes
 from streamchat.model import LoadedModel
 from streamchat.scoring import continuation_logprobs, feed
-from streamchat.sentence_embedding import EMBED_DIM, EmbedderUnavailable, SentenceEmbedder, load_embedder
+from streamchat.sentence_embedding import EMBED_DIM, MAX_TOKENS, EmbedderUnavailable, SentenceEmbedder, load_embedder
 
 CACHE_KEYS = (
     "policy",
@@ -67,6 +67,10 @@ _TOKENIZE_LOCK = threading.Lock()
 
 RECALL_HEADER = "Recalled from earlier in this conversation:"
 RECALL_LINE_TOKENS = 10  # "(turn 12, assistant) " and the line break, counted before tokenizing the whole frame
+# A user message is searched by meaning with its first this many tokens (of the sentence model's tokenizer): the
+# query's vector is computed in the turn's time to first token, about 0.5 ms a token on one core; a question about
+# something said earlier is short, and a long message's opening says what it is about (docs/recall.md).
+QUERY_TOKENS = 32
 
 
 def _passages(value: Any, name: str) -> list[Passage]:
@@ -577,10 +581,10 @@ class ChatSession:
             self._memory_note_new = True
         return self._embedder
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        """Unit sentence vectors of `texts`, float32 [n, EMBED_DIM] (a subclass may run it elsewhere: the
-        batching engine runs it on its scheduler thread, which owns the cores)."""
-        return self._passage_embedder().embed(texts)
+    def _embed(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
+        """Unit sentence vectors of `texts` (each cut at `max_tokens`), float32 [n, EMBED_DIM] (a subclass may run
+        it elsewhere: the batching engine runs it on its scheduler thread, which owns the cores)."""
+        return self._passage_embedder().embed(texts, max_tokens)
 
     def _recall_frame(self) -> tuple[str, str]:
         """Template text before and after a recalled region's content: that of a system message in the middle of
@@ -623,7 +627,7 @@ class ChatSession:
         cut to fit."""
         vector = None
         if self.memory_store.has_vectors and self._passage_embedder() is not None:
-            vector = self._embed([query])[0]
+            vector = self._embed([query], QUERY_TOKENS)[0]
         found = self.memory_store.search(query, vector)
         if not found:
             return []
