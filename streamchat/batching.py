@@ -48,7 +48,14 @@ from streamchat.fastpath import decoder_for_prefill, decoder_for_step, prepare_d
 from streamchat.fastpath.batched import feed_batch
 from streamchat.model import LoadedModel
 from streamchat.sentence_embedding import MAX_TOKENS
-from streamchat.session import ChatSession, SessionError, candidate_probabilities, clean_text, native_sampling
+from streamchat.session import (
+    ChatSession,
+    SessionError,
+    candidate_probabilities,
+    clean_text,
+    native_greedy,
+    native_sampling,
+)
 
 SWITCH_INTERVAL = 0.0005  # seconds a Python thread may hold the GIL while another waits (see Engine.__init__)
 GATHER_SECONDS = 0.003  # how long the scheduler waits for every active turn's next step before running a batch
@@ -836,7 +843,7 @@ def sample_rows(jobs: list[_Decode], logits: torch.Tensor) -> list[int]:
     for (penalty, temperature, top_k, top_p), indices in groups.items():
         rows = logits[indices] if len(indices) < len(jobs) else logits
         histories = torch.stack([jobs[i].session._recent_ids.padded for i in indices])  # [rows, capacity]
-        if temperature == 0 and native.library() is not None and rows.is_contiguous() and rows.dtype == torch.float32:
+        if native_greedy(jobs[indices[0]].processors, rows, jobs[indices[0]].settings):  # as ChatSession._sample
             chosen = native.greedy(rows, histories, penalty)
         elif native_sampling(jobs[indices[0]].processors, rows, jobs[indices[0]].settings):  # as ChatSession._sample
             uniforms = torch.cat([torch.rand(1, generator=jobs[i].session.generator) for i in indices])

@@ -178,6 +178,19 @@ def candidate_probabilities(logits: torch.Tensor, top_k: int, top_p: float) -> t
     return torch.softmax(logits, dim=-1), indices
 
 
+def native_greedy(processors: LogitsProcessorList, logits: torch.Tensor, settings: Settings) -> bool:
+    """Whether `native.greedy` chooses these rows under `settings` (greedy, contiguous fp32 CPU logits, the kernels
+    built) and computes these processors itself: the repetition penalty (any other processor: torch's path)."""
+    return (
+        settings.temperature == 0
+        and logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.is_contiguous()
+        and native.library() is not None
+        and all(isinstance(p, RepetitionPenaltyLogitsProcessor) for p in processors)
+    )
+
+
 def native_sampling(processors: LogitsProcessorList, logits: torch.Tensor, settings: Settings) -> bool:
     """Whether `native.sample` draws these rows under `settings` (`native.can_sample`: sampled, top-k on, the
     kernels built) and computes these processors itself: the repetition penalty and temperature that
@@ -837,6 +850,8 @@ class ChatSession:
     def _sample(self, logits: torch.Tensor, processors: LogitsProcessorList, settings: Settings) -> int:
         """The next token: greedy at temperature 0, else drawn after top-k and top-p (in one native pass where the
         kernels run: `native.sample`, the same processors' arithmetic; `logits` may be changed in place)."""
+        if native_greedy(processors, logits, settings):  # one pass: torch's penalty and argmax took ~1 ms a token
+            return native.greedy(logits, self._recent_ids.padded.unsqueeze(0), settings.repetition_penalty)[0]
         if native_sampling(processors, logits, settings):
             uniform = torch.rand(1, generator=self.generator)
             return native.sample(

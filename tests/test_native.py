@@ -340,3 +340,34 @@ def test_native_sampling_at_the_edges():
         with pytest.raises(ValueError, match="infinite or NaN"):
             native.sample(bad, history, 1.0, 0.7, 3, 0.9, torch.zeros(1))
     assert not native.can_sample(logits, 1e-46, 5, 0.9)  # 0 as a float32: torch's path (the settings refuse it)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.5])
+def test_a_greedy_turn_chooses_natively_what_the_processors_choose(tiny, penalty):
+    """ChatSession._sample at temperature 0 takes `native.greedy` (one pass) where the kernels run: the token
+    transformers' repetition penalty then torch.argmax gives, ties to the lower id, and the processors' path is not
+    run."""
+    from streamchat.config import load_settings
+    from streamchat.session import ChatSession, native_greedy
+
+    session = ChatSession(tiny, load_settings(None, {"temperature": 0, "repetition_penalty": penalty}))
+    settings = session.settings
+    processors = session._logits_processors(settings)
+    generator = torch.Generator().manual_seed(int(penalty * 10))
+    vocab = tiny.model.config.vocab_size
+    session._recent_ids.extend(torch.randint(0, vocab, (60,), generator=generator).tolist())
+    history = session._recent_ids.padded.unsqueeze(0)
+
+    class NotRun(RepetitionPenaltyLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            raise AssertionError("the processors' torch path ran")
+
+    guarded = [NotRun(p.penalty) for p in processors]
+    for _ in range(20):
+        logits = torch.randn(1, vocab, generator=generator) * 4
+        logits[0, 7] = logits[0, 3] = logits.max() + 1  # a tie: the lower id wins, as torch.argmax
+        expected = logits.clone()
+        for processor in processors:
+            expected = processor(history, expected)
+        assert native_greedy(processors, logits, settings)
+        assert session._sample(logits.clone(), guarded, settings) == int(expected.argmax(dim=-1))
