@@ -151,13 +151,12 @@ class ConversationStore:
                     "CREATE VIRTUAL TABLE IF NOT EXISTS passages_terms USING fts5vocab(passages_fts, 'row')"
                 )
             self.db.commit()
-            self._totals = (
-                list(  # passages, tokens, text bytes, vector bytes, vectors: kept here, not summed every turn
-                    self.db.execute(
-                        "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
-                        "COALESCE(SUM(LENGTH(vector)), 0), COUNT(vector) FROM passages"
-                    ).fetchone()
-                )
+            # passages, tokens, text bytes, vector bytes, passages with vectors: kept here, not summed every turn
+            self._totals = list(
+                self.db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0), "
+                    "COALESCE(SUM(LENGTH(vector)), 0), COUNT(vector) FROM passages"
+                ).fetchone()
             )
 
     @contextlib.contextmanager
