@@ -230,31 +230,34 @@ class BoundedCache(Cache):
         breaks = torch.nonzero(origins[1:] - origins[:-1] != 1).flatten()
         return int(origins[int(breaks[-1]) + 1] if breaks.numel() else origins[0])
 
-    def replace_recall(self, count: int, feed) -> int:
-        """Make the recalled region `count` new places, written by `feed()`, which must run the model forward over
-        exactly `count` tokens into this cache (positions right after the sinks/pinned part). The window moves
-        first, in place and one layer at a time, to where it will sit behind them (raw keys, values, origins; keys
-        re-rotated there; the policy's per-place state taken and put back), and waits past the layers' length
-        while the feed writes the region, so positions stay 0..length-1 in cache order. The window tokens are not
+    def replace_recall(self, count: int, feed, keep: int = 0) -> int:
+        """Make the recalled region `count` places: the current region's first `keep` places stay (the new region
+        begins with the same tokens: its frame, a passage recalled again), the rest written by `feed()`, which must
+        run the model forward over exactly `count - keep` tokens into this cache (positions right after the kept
+        places). The window moves first, in place and one layer at a time, to where it will sit behind them (raw
+        keys, values, origins; keys re-rotated there; the policy's per-place state taken and put back), and waits
+        past the layers' length while the feed writes the region, so positions stay 0..length-1 in cache order. The window tokens are not
         recomputed, as StreamingLLM keeps them after any eviction. Recalled places are no stream tokens: their
         origins are -1 and `seen_tokens` does not count them. Evicts first (by the policy) if the new region
         needs room; returns the tokens so evicted. `count` 0 just removes the region. Raises ValueError if
-        `count` exceeds the reserved `recall_budget`."""
+        `count` exceeds the reserved `recall_budget`, or `keep` the current region or `count`."""
         if count > self.settings.recall_budget:
             raise ValueError(f"{count} recalled tokens exceed the {self.settings.recall_budget} reserved for them")
+        if not 0 <= keep <= min(count, self.recall_length):
+            raise ValueError(f"cannot keep {keep} places of a recalled region of {self.recall_length} ({count} new)")
         base = self.sink_places
         if self.length < base:
             raise ValueError("nothing to recall into: the sinks/pinned part is not cached yet")
         evicted = self.make_room(count - self.recall_length) if count > self.recall_length else 0
         seen, start = self.seen_tokens, base + self.recall_length
         window = self.length - start
-        scores = self._move_window(start, base + count, window, truncate_to=base)
+        scores = self._move_window(start, base + count, window, truncate_to=base + keep)
         self.recall_length = 0
         try:
-            if count:
+            if count > keep:
                 feed()  # outside inference mode: the caller's own forward decides (its tensors may outlive this call)
             if self.length - base != count:
-                raise RuntimeError(f"the recall feed wrote {self.length - base} tokens, expected {count}")
+                raise RuntimeError(f"the recall feed wrote {self.length - base - keep} tokens, expected {count - keep}")
         except BaseException:  # the window goes back behind no recalled region: the conversation is kept
             self.seen_tokens = seen
             for layer_idx, layer in enumerate(self.layers):
@@ -265,7 +268,7 @@ class BoundedCache(Cache):
         self.seen_tokens = seen
         with torch.inference_mode():
             for layer in self.layers:
-                layer.origins[:, :, base : base + count] = -1
+                layer.origins[:, :, base + keep : base + count] = -1
         self._end_move(scores, base + count, window)
         self.recall_length = count
         return evicted

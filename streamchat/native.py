@@ -381,6 +381,11 @@ def kernel_threads() -> int:
     return getattr(_PINNED, "threads", None) or torch.get_num_threads()
 
 
+def pinned_threads() -> int | None:
+    """This thread's `pin_threads` count, or None where it follows torch's."""
+    return getattr(_PINNED, "threads", None)
+
+
 def use_threads() -> None:
     """The kernels called from this thread use `kernel_threads()` threads (this one included) from now on."""
     _LIBRARY.sc_set_threads(kernel_threads())
