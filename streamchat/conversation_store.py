@@ -153,7 +153,7 @@ class ConversationStore:
             # (a commit's fsync took ~10 ms of every turn's time to first token), the journal kept in memory.
             self.db.execute("PRAGMA synchronous=OFF")
             self.db.execute("PRAGMA journal_mode=MEMORY")
-            self.db.execute("PRAGMA page_size=65536")  # a new file's: a search reads every vector, 16 a page
+            self.db.execute("PRAGMA page_size=16384")  # a new file's: a row with its vectors fills 4 KB pages by half
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS passages (id INTEGER PRIMARY KEY, turn INTEGER NOT NULL, role TEXT NOT NULL, "
                 "text TEXT NOT NULL, tokens INTEGER NOT NULL, vector BLOB, vectors INTEGER NOT NULL DEFAULT 0)"
