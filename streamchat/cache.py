@@ -236,8 +236,8 @@ class BoundedCache(Cache):
         run the model forward over exactly `count - keep` tokens into this cache (positions right after the kept
         places). The window moves first, in place and one layer at a time, to where it will sit behind them (raw
         keys, values, origins; keys re-rotated there; the policy's per-place state taken and put back), and waits
-        past the layers' length while the feed writes the region, so positions stay 0..length-1 in cache order. The window tokens are not
-        recomputed, as StreamingLLM keeps them after any eviction. Recalled places are no stream tokens: their
+        past the layers' length while the feed writes the region, so positions stay 0..length-1 in cache order.
+        The window tokens are not recomputed, as StreamingLLM keeps them after any eviction. Recalled places are no stream tokens: their
         origins are -1 and `seen_tokens` does not count them. Evicts first (by the policy) if the new region
         needs room; returns the tokens so evicted. `count` 0 just removes the region. Raises ValueError if
         `count` exceeds the reserved `recall_budget`, or `keep` the current region or `count`."""

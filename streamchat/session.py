@@ -655,10 +655,11 @@ class ChatSession:
         found = self.memory_store.search(query, vector)
         if not found:
             return []
-        if found[0].id in {p.id for p in self.recalled}:
+        best = found[0]
+        if any(p.id == best.id or _passage_key(p) == _passage_key(best) for p in self.recalled):
             return list(self.recalled)  # the best match is recalled already: the region stays, no re-prefill
         if vector is not None:  # past the best, a passage found by words must be close in meaning too
-            found = [found[0], *(p for p in found[1:] if p.semantic >= SEMANTIC_MIN_COSINE)]
+            found = [best, *(p for p in found[1:] if p.semantic >= SEMANTIC_MIN_COSINE)]
         room = self.settings.recall_tokens - len(self._recall_ids([]))
         chosen, used = [], 0
         for passage in found:
@@ -666,7 +667,6 @@ class ChatSession:
                 chosen.append(passage)
                 used += passage.tokens + RECALL_LINE_TOKENS
         if not chosen:
-            best = found[0]
             ids = self._tokenize(best.text, True)[: max(room - RECALL_LINE_TOKENS, 1)]
             text = _whole_characters(self.tokenizer.decode(ids), best.text)
             chosen = [Passage(best.turn, best.role, text, len(ids), best.id, best.score)]
