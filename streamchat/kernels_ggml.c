@@ -204,21 +204,45 @@ int sc_ggml_dequantize(int type, const void *src, long n, float *out) {
  * Activations for the K-quants: x [K] fp32 -> K / 256 `block_q8_K` (scale max|x| / 127, round to nearest, and the
  * sums of each 16 values). */
 static void quantize_q8_K(const float *x, block_q8_K *y, int K) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
     for (int b = 0; b < K / QK_K; b++) {
         const float *xb = x + (size_t)b * QK_K;
-        float amax = 0.0f, max = 0.0f; /* the value of largest magnitude, with its sign, as llama.cpp takes it */
-        for (int i = 0; i < QK_K; i++)
-            if (fabsf(xb[i]) > amax) amax = fabsf(xb[i]), max = xb[i];
-        const float id = amax != 0.0f ? -127.0f / max : 0.0f; /* llama.cpp's quantize_row_q8_K: same roundings */
-        y[b].d = amax != 0.0f ? 1.0f / id : 0.0f;
-        for (int g = 0; g < QK_K / 16; g++) {
-            int sum = 0;
-            for (int i = 16 * g; i < 16 * g + 16; i++) {
-                const int q = (int)lrintf(xb[i] * id);
-                y[b].qs[i] = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
-                sum += y[b].qs[i];
+        __m256 peak = _mm256_setzero_ps();
+        for (int i = 0; i < QK_K; i += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+        const float amax = hmax(peak);
+        if (amax == 0.0f) {
+            memset(&y[b], 0, sizeof(block_q8_K));
+            continue;
+        }
+        float max = amax; /* the first value of that magnitude, with its sign, as llama.cpp's scan takes it */
+        for (int i = 0; i < QK_K; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xb + i);
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(amax), _CMP_EQ_OQ));
+            if (hit) {
+                max = xb[i + __builtin_ctz((unsigned)hit)];
+                break;
             }
-            y[b].bsums[g] = (int16_t)sum;
+        }
+        const float id = -127.0f / max; /* llama.cpp's quantize_row_q8_K: same roundings (nearest, ties to even) */
+        y[b].d = 1.0f / id;
+        const __m256 scale = _mm256_set1_ps(id);
+        for (int j = 0; j < QK_K / 32; j++) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * j + 8 * i), scale));
+                q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], top), bottom);
+            }
+            __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* element order */
+            _mm256_storeu_si256((__m256i *)(y[b].qs + 32 * j), p8);
+            /* the two 16-value sums: each 128-bit lane holds one group's bytes */
+            __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, p8), ones16);
+            sums = _mm256_hadd_epi32(sums, sums);
+            sums = _mm256_hadd_epi32(sums, sums);
+            y[b].bsums[2 * j] = (int16_t)_mm256_extract_epi32(sums, 0);
+            y[b].bsums[2 * j + 1] = (int16_t)_mm256_extract_epi32(sums, 4);
         }
     }
 }
@@ -704,9 +728,9 @@ int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
  * not used (prefetches never fault). */
 #define KX8_AHEAD 2
 #define PREFETCH_SPREAD1(next, s, bytes)                                                                    \
-    do {                                                                                                   \
-        for (size_t o_ = (size_t)(s) * ((bytes) / 8); o_ < (size_t)((s) + 1) * ((bytes) / 8) + 64; o_ += 64) \
-            _mm_prefetch((next) + o_, _MM_HINT_T0);                                                        \
+    do { /* a constant count of lines (unrolled): every line of the eighth, wherever it starts */          \
+        for (int k_ = 0; k_ < ((bytes) / 8 + 127) / 64; k_++)                                              \
+            _mm_prefetch((next) + (size_t)(s) * ((bytes) / 8) + 64 * k_, _MM_HINT_T0);                     \
     } while (0)
 #define PREFETCH_SPREAD(next0, next1, s, bytes)                                                             \
     do {                                                                                                   \
@@ -714,6 +738,16 @@ int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
         PREFETCH_SPREAD1(next1, s, bytes);                                                                 \
     } while (0)
 
+/* GCC otherwise computes all of a sub-block's products before summing any and spills them (16 registers). */
+#define KEEP_IN_REGISTER(v) (void)0
+
+/* Lane r (int32) of two 8-byte rows p and q: the int16 pair (p[r], q[r]), sign-extended; with p == q the
+ * multiplier of vpmaddwd that scales a lane's two int16 sums by p[r]. */
+static inline __m256i pairs16(const void *p, const void *q) {
+    return _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)p), _mm_loadl_epi64((const __m128i *)q)));
+}
+
+#ifdef SC_VNNI
 /* One 8-row group of nb blocks against C activation rows (block_q8_K, `stride` blocks apart): out[c * ostride + r]. */
 ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
                                  float *out, size_t ostride) {
@@ -752,6 +786,57 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
 }
+
+#else
+/* AVX2 (16 vector registers, no vpdpbusd): a sub-block's products stay int16 per activation row (8 pair sums of
+ * <= 15 x 127, within int16), one vpmaddwd applies the 8 rows' scales and the block's sums stay int32 (exact) until
+ * one conversion per block; the minimums' term is an integer dot with the activations' 16-input sums. The fp32
+ * accumulation per sub-block of the VNNI kernel above spills registers here once C > 1. */
+ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
+                                 float *out, size_t ostride) {
+    __m256 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8 *block = w + b;
+        __m256i sums[MAX_C];
+        for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_si256();
+        const char *next = (const char *)(w + KX8_AHEAD * (size_t)nb + b);
+        for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD1(next, s, sizeof(block_q4_Kx8));
+            __m256i wg[8]; /* chunk j's low nibbles (inputs 4j..) and high ones (16 + 4j..): group_dot's order */
+            for (int j = 0; j < 4; j++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[s][j]);
+                wg[j] = _mm256_and_si256(raw, low);
+                wg[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            }
+            const __m256i scale = pairs16(block->scales[s], block->scales[s]);
+            for (int c = 0; c < C; c++) {
+                const int8_t *aq = a[c * stride + b].qs + 32 * s;
+                __m256i p[4];
+                for (int g = 0; g < 4; g++)
+                    p[g] = _mm256_add_epi16(_mm256_maddubs_epi16(wg[2 * g], _mm256_set1_epi32(*(const int32_t *)(aq + 8 * g))),
+                                            _mm256_maddubs_epi16(wg[2 * g + 1], _mm256_set1_epi32(*(const int32_t *)(aq + 8 * g + 4))));
+                const __m256i pairs = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+                sums[c] = _mm256_add_epi32(sums[c], _mm256_madd_epi16(pairs, scale));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->dmin));
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m256i mins = _mm256_setzero_si256(); /* per row: sum over s of mins[s] x (bsums[2s] + bsums[2s + 1]) */
+            for (int s = 0; s < 8; s++)
+                mins = _mm256_add_epi32(mins, _mm256_madd_epi16(pairs16(block->mins[s], block->mins[s]),
+                                                                _mm256_set1_epi32(*(const int32_t *)(ab->bsums + 2 * s))));
+            const __m256 dx = _mm256_set1_ps(ab->d);
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(sums[c]), acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(mins), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
+}
+#endif
 
 #ifdef SC_VNNI
 static inline __m128i two_halves(const void *lo, const void *hi) {
@@ -802,6 +887,9 @@ ALWAYS_INLINE_G void q4_Kx16_rows(const block_q4_Kx8 *w0, const block_q4_Kx8 *w1
 static void q4_Kx16_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, 1, out, o);
 }
+static void q4_Kx16_rows_2(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, 2, out, o);
+}
 static void q4_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx16_rows(w, (const block_q4_Kx8 *)w + nb, nb, a, stride, MAX_C, out, o);
 }
@@ -809,6 +897,9 @@ static void q4_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t st
 
 static void q4_Kx8_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, 1, out, o);
+}
+static void q4_Kx8_rows_2(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q4_Kx8_rows(w, nb, a, stride, 2, out, o);
 }
 static void q4_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q4_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
@@ -832,20 +923,12 @@ typedef struct {
 
 int sc_block_q6_Kx8_bytes(void) { return (int)sizeof(block_q6_Kx8); }
 
+#ifdef SC_VNNI
 /* int32 per row lane: 4 weight chunks (values 0..63) times 16 activation bytes broadcast 4 at a time. */
 static inline __m256i half_dot(const __m256i wg[4], const int8_t *aq) {
-#ifdef SC_VNNI
     __m256i acc = _mm256_setzero_si256();
     for (int g = 0; g < 4; g++) acc = _mm256_dpbusd_epi32(acc, wg[g], _mm256_set1_epi32(*(const int32_t *)(aq + 4 * g)));
     return acc;
-#else /* two pair sums of 63 x 127 products fit int16 (2 x 16002); four would not */
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i p01 = _mm256_add_epi16(_mm256_maddubs_epi16(wg[0], _mm256_set1_epi32(*(const int32_t *)aq)),
-                                         _mm256_maddubs_epi16(wg[1], _mm256_set1_epi32(*(const int32_t *)(aq + 4))));
-    const __m256i p23 = _mm256_add_epi16(_mm256_maddubs_epi16(wg[2], _mm256_set1_epi32(*(const int32_t *)(aq + 8))),
-                                         _mm256_maddubs_epi16(wg[3], _mm256_set1_epi32(*(const int32_t *)(aq + 12))));
-    return _mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones));
-#endif
 }
 
 ALWAYS_INLINE_G void q6_Kx8_rows(const block_q6_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
@@ -889,6 +972,59 @@ ALWAYS_INLINE_G void q6_Kx8_rows(const block_q6_Kx8 *w, int nb, const block_q8_K
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
 }
+
+#else
+/* AVX2: as q4_Kx8_rows's AVX2 kernel, int16 products of two chunks (<= 2 x 63 x 127 each) scaled by vpmaddwd and
+ * summed in int32 for the block; the offset of 32 is the integer dot of the scales with the 16-input sums. */
+ALWAYS_INLINE_G void q6_Kx8_rows(const block_q6_Kx8 *w, int nb, const block_q8_K *a, size_t stride, int C,
+                                 float *out, size_t ostride) {
+    __m256 acc[MAX_C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    for (int b = 0; b < nb; b++) {
+        const block_q6_Kx8 *block = w + b;
+        __m256i sums[MAX_C];
+        for (int c = 0; c < C; c++) sums[c] = _mm256_setzero_si256();
+        const char *next = (const char *)(w + KX8_AHEAD * (size_t)nb + b);
+        for (int s = 0; s < 8; s++) {
+            PREFETCH_SPREAD1(next, s, sizeof(block_q6_Kx8));
+            const __m256i s0 = pairs16(block->scales[2 * s], block->scales[2 * s]);
+            const __m256i s1 = pairs16(block->scales[2 * s + 1], block->scales[2 * s + 1]);
+            for (int p = 0; p < 2; p++) { /* chunks 2p and 2p + 1, whose top bits are qh chunk p's */
+                const __m256i h = _mm256_loadu_si256((const __m256i *)block->qh[s][p]);
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)block->ql[s][2 * p]);
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)block->ql[s][2 * p + 1]);
+                const __m256i f0 = _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_slli_epi16(_mm256_and_si256(h, two), 4));
+                const __m256i f1 = _mm256_or_si256(_mm256_and_si256(l1, low),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), two), 4));
+                const __m256i g0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), two), 4));
+                const __m256i g1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), two), 4));
+                for (int c = 0; c < C; c++) {
+                    const int8_t *aq = a[c * stride + b].qs + 32 * s + 8 * p;
+                    const __m256i first = _mm256_add_epi16(_mm256_maddubs_epi16(f0, _mm256_set1_epi32(*(const int32_t *)aq)),
+                                                           _mm256_maddubs_epi16(f1, _mm256_set1_epi32(*(const int32_t *)(aq + 4))));
+                    const __m256i last = _mm256_add_epi16(_mm256_maddubs_epi16(g0, _mm256_set1_epi32(*(const int32_t *)(aq + 16))),
+                                                          _mm256_maddubs_epi16(g1, _mm256_set1_epi32(*(const int32_t *)(aq + 20))));
+                    sums[c] = _mm256_add_epi32(sums[c], _mm256_add_epi32(_mm256_madd_epi16(first, s0), _mm256_madd_epi16(last, s1)));
+                }
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
+        for (int c = 0; c < C; c++) {
+            const block_q8_K *ab = a + c * stride + b;
+            __m256i offsets = _mm256_setzero_si256(); /* per row: sum over k of scales[k] x bsums[k] */
+            for (int k = 0; k < 8; k++)
+                offsets = _mm256_add_epi32(offsets, _mm256_madd_epi16(pairs16(block->scales[2 * k], block->scales[2 * k + 1]),
+                                                                      _mm256_set1_epi32(*(const int32_t *)(ab->bsums + 2 * k))));
+            const __m256i total = _mm256_sub_epi32(sums[c], _mm256_slli_epi32(offsets, 5));
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ab->d)), _mm256_cvtepi32_ps(total), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * ostride, acc[c]);
+}
+#endif
 
 #ifdef SC_VNNI
 /* int32 per row lane of two 8-row groups: 4 weight chunks (values 0..63) times 16 activation bytes, 4 at a time. */
@@ -949,6 +1085,9 @@ ALWAYS_INLINE_G void q6_Kx16_rows(const block_q6_Kx8 *w0, const block_q6_Kx8 *w1
 static void q6_Kx16_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q6_Kx16_rows(w, (const block_q6_Kx8 *)w + nb, nb, a, stride, 1, out, o);
 }
+static void q6_Kx16_rows_2(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q6_Kx16_rows(w, (const block_q6_Kx8 *)w + nb, nb, a, stride, 2, out, o);
+}
 static void q6_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q6_Kx16_rows(w, (const block_q6_Kx8 *)w + nb, nb, a, stride, MAX_C, out, o);
 }
@@ -956,6 +1095,9 @@ static void q6_Kx16_rows_4(const void *w, int nb, const block_q8_K *a, size_t st
 
 static void q6_Kx8_rows_1(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q6_Kx8_rows(w, nb, a, stride, 1, out, o);
+}
+static void q6_Kx8_rows_2(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
+    q6_Kx8_rows(w, nb, a, stride, 2, out, o);
 }
 static void q6_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t o) {
     q6_Kx8_rows(w, nb, a, stride, MAX_C, out, o);
@@ -966,26 +1108,26 @@ static void q6_Kx8_rows_4(const void *w, int nb, const block_q8_K *a, size_t str
 typedef void (*group_fn)(const void *w, int nb, const block_q8_K *a, size_t stride, float *out, size_t ostride);
 
 typedef struct {
-    group_fn one, four;           /* one 8-row group against 1 and MAX_C activation rows */
-    group_fn pair_one, pair_four; /* two adjacent groups (16 rows) at once, or NULL */
+    group_fn one, two, four;                /* one 8-row group against 1, 2 and MAX_C activation rows */
+    group_fn pair_one, pair_two, pair_four; /* two adjacent groups (16 rows) at once, or NULL */
     size_t block_bytes;           /* one 8-row block of 256 inputs */
     int even;                     /* tasks of whole 16-row pairs */
 } kx8_type;
 
 static const kx8_type KX8_Q4_K = {
-    q4_Kx8_rows_1, q4_Kx8_rows_4,
+    q4_Kx8_rows_1, q4_Kx8_rows_2, q4_Kx8_rows_4,
 #ifdef SC_VNNI
-    q4_Kx16_rows_1, q4_Kx16_rows_4, sizeof(block_q4_Kx8), 1,
+    q4_Kx16_rows_1, q4_Kx16_rows_2, q4_Kx16_rows_4, sizeof(block_q4_Kx8), 1,
 #else
-    NULL, NULL, sizeof(block_q4_Kx8), 1,
+    NULL, NULL, NULL, sizeof(block_q4_Kx8), 1,
 #endif
 };
 static const kx8_type KX8_Q6_K = {
-    q6_Kx8_rows_1, q6_Kx8_rows_4,
+    q6_Kx8_rows_1, q6_Kx8_rows_2, q6_Kx8_rows_4,
 #ifdef SC_VNNI
-    q6_Kx16_rows_1, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 1,
+    q6_Kx16_rows_1, q6_Kx16_rows_2, q6_Kx16_rows_4, sizeof(block_q6_Kx8), 1,
 #else
-    NULL, NULL, sizeof(block_q6_Kx8), 0,
+    NULL, NULL, NULL, sizeof(block_q6_Kx8), 0,
 #endif
 };
 
@@ -1009,9 +1151,12 @@ static void kx8_task(void *context, int t) {
             const uint8_t *w = job->w + (size_t)g * job->group_bytes;
             const int pair = type->pair_one && g + 1 < g1;
             const group_fn one = pair ? type->pair_one : type->one, four = pair ? type->pair_four : type->four;
+            const group_fn two = pair ? type->pair_two : type->two;
             int m = m0;
             for (; m + MAX_C <= m1; m += MAX_C)
                 four(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
+            for (; m + 2 <= m1; m += 2)
+                two(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
             for (; m < m1; m++)
                 one(w, job->nb, job->a + m * nb, nb, job->out + (size_t)m * job->ldo + 8 * g, job->ldo);
             g += pair;
