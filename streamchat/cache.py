@@ -32,6 +32,22 @@ def stored_dtype(model: torch.nn.Module, settings: Settings) -> torch.dtype:
     return getattr(torch, settings.kv_dtype)
 
 
+def one_run(kept: torch.Tensor, fixed: int) -> tuple[int, int] | None:
+    """(start, count) where `kept` [k] (the same places for every head) is 0..fixed-1 followed by one run of
+    places start..start+count-1 (start >= fixed, count >= 1), as sink_window keeps; else None."""
+    if kept.dim() != 1 or kept.numel() <= fixed:
+        return None
+    moved = kept[fixed:]
+    start, count = int(moved[0]), moved.numel()
+    if (
+        start < fixed
+        or int(moved[-1]) != start + count - 1
+        or not torch.equal(moved, torch.arange(start, start + count))
+    ):
+        return None
+    return start, count
+
+
 class BoundedLayer(CacheLayerMixin):
     """One layer's buffers: rotated keys (what attention reads), raw keys (for exact re-rotation), values, and the
     stream index each cached place came from. All are [batch, kv_heads, capacity, ...]: GQA heads are never
@@ -93,12 +109,10 @@ class BoundedLayer(CacheLayerMixin):
         """
         length = self.length
         moved = kept[..., fixed:]
-        if moved.dim() == 1 and moved.numel() and self.device.type == "cpu":  # one run of places (sink_window)
-            start, count = int(moved[0]), moved.numel()
-            if start >= fixed and torch.equal(moved, torch.arange(start, start + count)):
-                if native.compact(self, start, fixed, count):  # streamchat/kernels.c: copy and re-rotate in place
-                    self.length = fixed + count
-                    return
+        run = one_run(kept, fixed) if self.device.type == "cpu" else None
+        if run is not None and native.compact(self, run[0], fixed, run[1]):  # kernels.c: copy, re-rotate in place
+            self.length = fixed + run[1]
+            return
         if moved.dim() == 1:
             gather = lambda buffer: buffer[:, :, :length].index_select(2, moved)
         else:
@@ -344,10 +358,17 @@ class BoundedCache(Cache):
         fixed = min(self.protected, length)
         by_message = self.settings.evict_unit == "message"
         self.policy.message_starts = self.message_places() if by_message else None
-        for layer_idx, layer in enumerate(self.layers):
-            kept = self.policy.keep_indices(layer_idx, length, keep, fixed).to(layer.device)
-            layer.compact(kept, fixed)
-            self.policy.on_compact(layer_idx, kept)
+        kept = self.policy.keep_indices(0, length, keep, fixed) if self.policy.same_places_every_layer else None
+        run = one_run(kept, fixed) if kept is not None and self.layers[0].device.type == "cpu" else None
+        if run is not None and native.compact_layers(self.layers, run[0], fixed, run[1]):  # one call, all layers
+            for layer_idx, layer in enumerate(self.layers):
+                layer.length = fixed + run[1]
+                self.policy.on_compact(layer_idx, kept)
+        else:
+            for layer_idx, layer in enumerate(self.layers):
+                kept = self.policy.keep_indices(layer_idx, length, keep, fixed).to(layer.device)
+                layer.compact(kept, fixed)
+                self.policy.on_compact(layer_idx, kept)
         evicted = length - self.length
         self.evicted_tokens += evicted
         if by_message:

@@ -1115,53 +1115,55 @@ int sc_decode(int B, int n_layers, const sc_layer *layers, int hidden, int heads
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Eviction's compaction of one layer (streamchat/cache.py, BoundedLayer.compact) when the kept places after the
- * protected prefix are one contiguous run, as sink_window's are: places src..src+count-1 move down to
- * dst..dst+count-1 for every kv head. Raw keys, values and stream indices are copied; keys become the raw keys
- * rotated at their new places (`rotate`, rope.py's formula x cos + rotate_half(x) sin, in fp32 and without fused
- * multiply-adds: -ffp-contract=off, so the result equals torch's bit for bit). Buffers [kv_heads, capacity, D]
- * (fp32, or fp16 when half), origins [kv_heads, capacity]; cos/sin [capacity, D] fp32. Returns 0, or -1 on sizes
- * it does not take (D a multiple of 8 up to 256). Each kv head's runs move in one memmove per buffer; the keys are
- * rotated in tasks of ROTATE_ROWS rows over the pool (a full 1,024-token cache of 30 layers: 7 ms per compaction
- * when row by row on one thread, a decode step's worth every `slack` + 1 tokens). */
-#define ROTATE_ROWS 64 /* keys re-rotated per compaction task */
-
+ * Eviction's compaction (streamchat/cache.py, BoundedLayer.compact and BoundedCache.make_room) when the kept places
+ * after the protected prefix are one contiguous run, as sink_window's are: places src..src+count-1 move down to
+ * dst..dst+count-1 (or up) for every kv head of every layer given. Raw keys, values and stream indices are copied;
+ * keys become the raw keys rotated at their new places (`rotate`, rope.py's formula x cos + rotate_half(x) sin, in
+ * fp32 and without fused multiply-adds: -ffp-contract=off, so the result equals torch's bit for bit). Buffers
+ * [kv_heads, capacity, D] (fp32, or fp16 when half), origins [kv_heads, capacity]; cos/sin [capacity, D] fp32.
+ * Returns 0, or -1 on sizes it does not take (D a multiple of 8 up to 256). One task per layer and kv head over the
+ * pool: its runs move in one memmove per buffer (overlapping runs either way), then its keys are re-rotated (a full
+ * 1,024-token cache of 30 layers: 7 ms per compaction row by row on one thread, a decode step's worth every
+ * `slack` + 1 tokens; all layers in one call, both threads: about 2 ms). */
 typedef struct {
-    void *keys;
-    const void *raw_keys;
-    int half, capacity, D, dst, count, chunks;
+    const sc_cache_layer *layers;
+    int half, kv_heads, capacity, D, src, dst, count;
     const float *cos, *sin;
-} rotate_job;
+} compact_job;
 
-static void rotate_task(void *context, int t) {
-    const rotate_job *job = context;
-    const int D = job->D, h = t / job->chunks, j0 = t % job->chunks * ROTATE_ROWS;
-    const int j1 = j0 + ROTATE_ROWS < job->count ? j0 + ROTATE_ROWS : job->count;
+static void compact_task(void *context, int t) {
+    const compact_job *job = context;
+    const sc_cache_layer *layer = job->layers + t / job->kv_heads;
+    const int D = job->D, h = t % job->kv_heads;
+    const size_t row = (size_t)D * (job->half ? 2 : 4), count = (size_t)job->count;
+    const size_t from = (size_t)h * job->capacity + job->src, to = (size_t)h * job->capacity + job->dst;
+    memmove((char *)layer->raw_keys + to * row, (char *)layer->raw_keys + from * row, count * row);
+    memmove((char *)layer->values + to * row, (char *)layer->values + from * row, count * row);
+    memmove((int64_t *)layer->origins + to, (int64_t *)layer->origins + from, sizeof(int64_t) * count);
     float key[MAX_DIM];
-    for (int j = j0; j < j1; j++) {
-        const size_t to = (size_t)h * job->capacity + job->dst + j;
-        for (int i = 0; i < D; i += 8) _mm256_storeu_ps(key + i, load8(job->raw_keys, to * D + i, job->half));
-        rotate(key, job->cos + (size_t)(job->dst + j) * D, job->sin + (size_t)(job->dst + j) * D, D); /* the step's RoPE */
-        store(job->keys, job->half, to * D, key, D);
+    for (size_t j = 0; j < count; j++) {
+        for (int i = 0; i < D; i += 8) _mm256_storeu_ps(key + i, load8(layer->raw_keys, (to + j) * D + i, job->half));
+        const size_t place = (size_t)job->dst + j;
+        rotate(key, job->cos + place * D, job->sin + place * D, D); /* the step's RoPE */
+        store(layer->keys, job->half, (to + j) * D, key, D);
     }
+}
+
+int sc_compact_layers(const sc_cache_layer *layers, int n_layers, int half, int kv_heads, int capacity, int D, int src,
+                      int dst, int count, const float *cos, const float *sin) {
+    if (D % 8 || D > MAX_DIM || dst < 0 || src < 0 || count < 0 || src + count > capacity || dst + count > capacity ||
+        n_layers < 0 || kv_heads <= 0)
+        return -1;
+    if (count == 0 || n_layers == 0) return 0;
+    const compact_job job = {layers, half, kv_heads, capacity, D, src, dst, count, cos, sin};
+    run_tasks(n_layers * kv_heads, compact_task, (void *)&job);
+    return 0;
 }
 
 int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int half, int kv_heads, int capacity,
                int D, int src, int dst, int count, const float *cos, const float *sin) {
-    if (D % 8 || D > MAX_DIM || dst < 0 || src < 0 || count < 0 || src + count > capacity || dst + count > capacity)
-        return -1;
-    if (count == 0) return 0;
-    const size_t row = (size_t)D * (half ? 2 : 4);
-    for (int h = 0; h < kv_heads; h++) { /* one run per head and buffer: memmove copies overlapping runs either way */
-        const size_t from = (size_t)h * capacity + src, to = (size_t)h * capacity + dst;
-        memmove((char *)raw_keys + to * row, (char *)raw_keys + from * row, (size_t)count * row);
-        memmove((char *)values + to * row, (char *)values + from * row, (size_t)count * row);
-        memmove(origins + to, origins + from, sizeof(int64_t) * (size_t)count);
-    }
-    const int chunks = (count + ROTATE_ROWS - 1) / ROTATE_ROWS;
-    const rotate_job job = {keys, raw_keys, half, capacity, D, dst, count, chunks, cos, sin};
-    run_tasks(kv_heads * chunks, rotate_task, (void *)&job);
-    return 0;
+    const sc_cache_layer layer = {keys, raw_keys, values, origins};
+    return sc_compact_layers(&layer, 1, half, kv_heads, capacity, D, src, dst, count, cos, sin);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------

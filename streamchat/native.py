@@ -76,6 +76,7 @@ SIGNATURES = {
     "sc_attention": "pppiliiiifp",
     "sc_decode": "iipiiiiiffpppppppippiippp",
     "sc_compact": "ppppiiiiiiipp",
+    "sc_compact_layers": "piiiiiiiipp",
     "sc_greedy": "piipifp",
     "sc_sample": "piipiffifpp",
     "sc_ggml_matmul": "ipiipipi",
@@ -240,24 +241,64 @@ def active() -> str | None:
     return _ISA if library() is not None else None
 
 
+def _compactable(layer) -> bool:
+    """Whether sc_compact takes this `BoundedLayer`: batch 1, fp32/fp16 CPU buffers, contiguous, an fp32 RoPE table."""
+    buffers = (layer.keys, layer.raw_keys, layer.values, layer.origins)
+    return (
+        layer.keys.shape[0] == 1
+        and layer.keys.dtype in ATTENTION_DTYPES
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in buffers)
+        and layer.values.shape == layer.keys.shape
+        and layer.rope.cos.dtype == torch.float32
+        and layer.rope.cos.is_contiguous()
+        and layer.rope.sin.is_contiguous()
+    )
+
+
+def compact_layers(layers: list, src: int, dst: int, count: int) -> bool:
+    """`compact` for every layer of a cache at once (the same run in each, as sink_window keeps), one call of
+    kernels.c `sc_compact_layers` with a task per layer and kv head over the pool. Returns False, having done
+    nothing, where the kernel does not apply to every layer (the layers differ in shape, dtype or RoPE table)."""
+    lib = library()
+    if lib is None or not layers or not all(_compactable(layer) for layer in layers):
+        return False
+    first = layers[0]
+    if any(
+        layer.keys.shape != first.keys.shape or layer.keys.dtype != first.keys.dtype or layer.rope is not first.rope
+        for layer in layers
+    ):
+        return False
+    array = (CacheLayer * len(layers))()
+    for structure, layer in zip(array, layers):
+        structure.keys, structure.raw_keys = layer.keys.data_ptr(), layer.raw_keys.data_ptr()
+        structure.values, structure.origins = layer.values.data_ptr(), layer.origins.data_ptr()
+    _, heads, capacity, dim = first.keys.shape
+    use_threads()
+    status = lib.sc_compact_layers(
+        array,
+        len(layers),
+        int(first.keys.dtype == torch.float16),
+        heads,
+        capacity,
+        dim,
+        src,
+        dst,
+        count,
+        first.rope.cos.data_ptr(),
+        first.rope.sin.data_ptr(),
+    )
+    return status == 0
+
+
 def compact(layer, src: int, dst: int, count: int) -> bool:
     """Move places src..src+count-1 of a `BoundedLayer` (batch 1, fp32/fp16 buffers on the CPU) to dst.. (down, as an
     eviction compacts, or up; the runs may overlap), keys
     re-rotated at their new places (kernels.c `sc_compact`). Returns False, having done nothing, where the kernel
     does not apply (no kernels, another layout or dtype); the caller then compacts with torch."""
     lib = library()
-    buffers = (layer.keys, layer.raw_keys, layer.values)
-    if (
-        lib is None
-        or layer.keys.shape[0] != 1
-        or layer.keys.dtype not in ATTENTION_DTYPES
-        or any(t.device.type != "cpu" or not t.is_contiguous() for t in (*buffers, layer.origins))
-        or layer.values.shape != layer.keys.shape
-    ):
+    if lib is None or not _compactable(layer):
         return False
     cos, sin = layer.rope.cos, layer.rope.sin
-    if cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous()):
-        return False
     _, heads, capacity, dim = layer.keys.shape
     use_threads()
     status = lib.sc_compact(

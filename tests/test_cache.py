@@ -229,16 +229,16 @@ def test_reference_is_sensitive_to_positions(model):
 
 @pytest.mark.parametrize(("kv_dtype", "window"), [("model", 60), ("float16", 60), ("float16", 150)])
 def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, window, monkeypatch):
-    """sink_window's compaction (one contiguous run of places moved down, keys re-rotated) through kernels.c equals
-    the torch path exactly, in fp32 and in fp16, over many evictions (a window of 150: keys re-rotated in several
-    tasks per head)."""
+    """sink_window's compaction (one contiguous run of places moved down, keys re-rotated) through kernels.c, all
+    layers in one call, equals the torch path exactly, in fp32 and in fp16, over many evictions."""
     from streamchat import native
 
     if native.library() is None:
         pytest.skip(f"native kernels: {native.unavailable_reason()}")
-    calls = []  # what each native.compact call returned
-    original = native.compact
-    monkeypatch.setattr(native, "compact", lambda *args: calls.append(original(*args)) or calls[-1])
+    calls = []  # what each native.compact_layers / native.compact call returned
+    for name in ("compact", "compact_layers"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *args, f=original: calls.append(f(*args)) or calls[-1])
     dtype = model.dtype if kv_dtype == "model" else torch.float16
     native_cache = BoundedCache(model, settings(sinks=4, window=window, slack=8), dtype)
     stream_random_keys(model, native_cache, 400, 7)
@@ -247,7 +247,7 @@ def test_native_compaction_equals_torch_bit_for_bit(model, kv_dtype, window, mon
         torch_cache = BoundedCache(model, settings(sinks=4, window=window, slack=8), dtype)
         stream_random_keys(model, torch_cache, 400, 7)
     assert native_cache.evicted_tokens == torch_cache.evicted_tokens > 400 - window - 20
-    assert len(done) > 20 and all(done)  # every compaction of the first cache went through the kernel
+    assert len(done) > 10 and all(done)  # every compaction of the first cache went through the kernel
     assert calls[len(done) :] and not any(calls[len(done) :])  # and none of the second's
     for a, b in zip(native_cache.layers, torch_cache.layers):
         assert a.length == b.length

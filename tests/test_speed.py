@@ -65,6 +65,7 @@ def test_command_reports_every_path_side_by_side(loaded, text, tmp_path, capsys)
         "fast_model_kv_bf16",
         "fast_int8_kv_fp32",
         "fast_int8_kv_bf16",
+        "chat_session",  # ChatStepper: a ChatSession's reply, the REPL's and the server's work per token
     ]
     auto_kv = speed.KV_NAMES[auto_kv_dtype(loaded.model.dtype)[0]]  # fp32, bf16 on AMX CPUs
     assert figures["default_path"] == f"fast_model_kv_{auto_kv}"
@@ -156,6 +157,7 @@ def test_a_dying_llama_cpp_costs_its_row_only(loaded, text, tmp_path, monkeypatc
         "transformers_dynamic",
         "transformers_bounded",
         "fast_model_kv_fp32",
+        "chat_session",
     ]
     assert any(note.startswith("llama.cpp dropped: its process exited with code") for note in figures["notes"])
 
@@ -217,3 +219,20 @@ def test_a_gguf_blocks_model_has_one_set_of_weights(loaded, monkeypatch):
     assert [option for option, _ in variants.values()] == ["model"]
     monkeypatch.undo()
     assert len(speed.fast_variants(loaded, settings, ["int8", "model"], ["model"])) == 2
+
+
+def test_chat_stepper_times_a_chat_reply_token_by_token(loaded):
+    """The chat row runs a ChatSession's greedy reply: each timed step feeds the session's cache, evicting as a
+    chat does (a 40-token cache, so the reply runs at a full cache)."""
+    settings = load_settings(None, {"window": 36, "slack": 4})
+    stepper = speed.ChatStepper(loaded, settings)
+    ids = loaded.tokenizer("It was a dark and stormy night; the rain fell in torrents.")["input_ids"]
+    stepper.prefill(ids)
+    session = stepper.session
+    assert session.settings.temperature == 0.0 and session.cache.seen_tokens >= len(ids)
+    seen = session.cache.seen_tokens
+    times = [stepper.timed_step(0) for _ in range(12)]
+    assert all(t > 0 for t in times)
+    assert session.cache.seen_tokens > seen + 8  # the reply's tokens went through the cache
+    assert session.cache.evicted_tokens > 0 and session.cache.length <= 40
+    stepper.close()

@@ -57,6 +57,7 @@ SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "data" / "frankenstein-openi
 LLAMA_CPP_ENV = "STREAMCHAT_LLAMA_CPP"  # folder holding the llama_cpp package to compare with (any ISA)
 REFERENCE = "transformers_dynamic"
 LLAMA_CPP = "llama_cpp"
+CHAT = "chat_session"  # ChatStepper: the REPL's and the server's per-token work around the default step
 BLOCK = 8  # tokens a path decodes per turn in the speed measurement
 
 
@@ -134,6 +135,47 @@ class BoundedStepper(Stepper):
             **attention_kwargs(self.cache),
         )
         return out.logits[:, -1].float()
+
+
+class ChatStepper(Stepper):
+    """What the REPL and the server run per generated token, in this process: a `ChatSession` reply (the greedy
+    choice with the repetition penalty, detokenizing, eviction and the default decode step), timed per token as the
+    chat counts its decode speed, so that its figure sits beside the step's. The `budget`-token prompt goes in as a
+    user message; a reply that ends starts another turn ("Go on."), whose prefill is not timed."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        from streamchat.session import ChatSession
+
+        self.session = ChatSession(loaded, settings.replace(temperature=0.0))
+        self.reply: Any = None
+
+    def prefill(self, ids: list[int]) -> None:
+        self._start(self.session.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _start(self, text: str) -> None:
+        if self.reply is not None:
+            self.reply.close()
+        self.reply = self.session.send(text, max_new_tokens=1_000_000)
+        next(self.reply, None)  # the prefill and the first token (from the prefill's logits)
+
+    def step(self, token_id: int) -> None:
+        self.timed_step(token_id)
+
+    def timed_step(self, token_id: int) -> float:
+        """Seconds per token of the reply's next piece (a piece may take several tokens, e.g. a split character)."""
+        cache = self.session.cache
+        seen = cache.seen_tokens
+        started = time.perf_counter()
+        piece = next(self.reply, None)
+        elapsed = time.perf_counter() - started
+        fed = cache.seen_tokens - seen
+        if piece is None:
+            self._start("Go on.")
+        return elapsed / max(fed, 1)
+
+    def close(self) -> None:
+        if self.reply is not None:
+            self.reply.close()
 
 
 class LlamaCppFailed(RuntimeError):
@@ -257,6 +299,7 @@ def build_paths(
     if native.active() and int4:  # the same step on torch's int4 kernels and SDPA, for the side-by-side record
         with native.torch_kernels():
             paths[TORCH_KERNELS] = BoundedStepper(model, int4[0].replace(kv_dtype="model"), "int4")
+    paths[CHAT] = ChatStepper(loaded, settings)
     notes = []
     if llama_cpp:
         gguf = embedded_gguf_path() if settings.model is None else Path(settings.model)
@@ -463,6 +506,11 @@ def format_report(report: dict[str, Any]) -> str:
             if LLAMA_CPP in by_name:
                 lines.append(
                     f"  default vs llama.cpp: {default['tokens_per_s'] / by_name[LLAMA_CPP]['tokens_per_s']:.2f}x"
+                )
+            if CHAT in by_name:
+                lines.append(
+                    f"  chat session (what the REPL and the server decode, greedy) vs the default step: "
+                    f"{by_name[CHAT]['tokens_per_s'] / default['tokens_per_s']:.2f}x"
                 )
         reads = speed.get("reads")
         if reads:

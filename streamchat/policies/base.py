@@ -43,6 +43,8 @@ class EvictionPolicy:
 
     name: str = ""
     needs_attention_scores: bool = False
+    # keep_indices returns the same places for every layer (the cache may then compact all layers in one call)
+    same_places_every_layer: bool = False
     settings_keys: tuple[str, ...] = ("sinks",)  # the size settings this policy reads (front ends show these)
     # Places [n] (ascending, within 0..length; `length` when the next token begins a message) where a message's
     # role header begins; set by the cache before `keep_indices` under `evict_unit: message`, else None.

@@ -16,6 +16,7 @@ from streamchat.policies.base import EvictionPolicy, PolicySettings
 class SinkWindowPolicy(EvictionPolicy):
     name = "sink_window"
     settings_keys = ("sinks", "window")
+    same_places_every_layer = True
 
     @classmethod
     def budget(cls, settings: PolicySettings) -> int:
