@@ -471,50 +471,58 @@ ALWAYS_INLINE_G void dot_q6_K_512(const void *row, int nb, const block_q8_K *a, 
 }
 #endif
 
-/* One Q4_K or Q5_K row of nb 256-input blocks against C activation rows (block_q8_K). */
+/* One Q4_K or Q5_K row of nb 256-input blocks against C activation rows (block_q8_K). Per block: the 8 scales and
+ * minimums unpacked at once (scales_mins_k4), Q5_K's fifth bits moved to bit 4 by a shift per sub-block, each
+ * sub-block's products scaled in vpmaddwd and summed in int32; the minimums' term is one vpmaddwd of the minimums
+ * (each twice) with the activations' 16 sums. */
 ALWAYS_INLINE_G void dot_q45_K(int type, const void *row, int nb, const block_q8_K *a, size_t stride, int C,
                                float *out) {
     __m256 acc[MAX_C];
-    float mins[MAX_C];
-    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps(), mins[c] = 0.0f;
-    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
     const size_t bytes = type == SC_Q5_K ? sizeof(block_q5_K) : sizeof(block_q4_K);
     for (int b = 0; b < nb; b++) {
         prefetch_ahead(row, nb * bytes, b * bytes, bytes);
         const int five = type == SC_Q5_K;
         const block_q4_K *x4 = (const block_q4_K *)row + b;
         const block_q5_K *x5 = (const block_q5_K *)row + b;
-        const uint8_t *scales = five ? x5->scales : x4->scales, *qs = five ? x5->qs : x4->qs;
+        const uint8_t *qs = five ? x5->qs : x4->qs;
         const float d = fp16(five ? x5->d : x4->d), dmin = fp16(five ? x5->dmin : x4->dmin);
-        uint8_t sc[8], mn[8];
-        for (int j = 0; j < 8; j++) scale_min_k4(j, scales, sc + j, mn + j);
+        uint8_t sm[16]; /* scales 0-7, minimums 8-15 */
+        scales_mins_k4(five ? x5->scales : x4->scales, sm);
         __m256i u[8];
-        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)x5->qh) : _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
             u[2 * j] = _mm256_and_si256(raw, low);
             u[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
         }
-        if (five)
-            for (int j = 0; j < 8; j++) {
-                const __m256i bit = _mm256_set1_epi8((char)(1 << j));
-                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                u[j] = _mm256_or_si256(u[j], _mm256_and_si256(set, _mm256_set1_epi8(16)));
-            }
+        if (five) { /* bit j of each qh byte is the fifth bit of sub-block j's weight: shifted to bit 4 */
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)x5->qh);
+            u[0] = _mm256_or_si256(u[0], _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
+            u[1] = _mm256_or_si256(u[1], _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
+            u[2] = _mm256_or_si256(u[2], _mm256_and_si256(_mm256_slli_epi16(qh, 2), bit4));
+            u[3] = _mm256_or_si256(u[3], _mm256_and_si256(_mm256_slli_epi16(qh, 1), bit4));
+            u[4] = _mm256_or_si256(u[4], _mm256_and_si256(qh, bit4));
+            u[5] = _mm256_or_si256(u[5], _mm256_and_si256(_mm256_srli_epi16(qh, 1), bit4));
+            u[6] = _mm256_or_si256(u[6], _mm256_and_si256(_mm256_srli_epi16(qh, 2), bit4));
+            u[7] = _mm256_or_si256(u[7], _mm256_and_si256(_mm256_srli_epi16(qh, 3), bit4));
+        }
+        /* the minimums, each twice (int16): lane k pairs with bsums[k] */
+        const __m256i minimums = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(sm + 8)),
+                                                                        _mm_loadl_epi64((const __m128i *)(sm + 8))));
         for (int c = 0; c < C; c++) {
             const block_q8_K *ab = a + c * stride + b;
             __m256i sum = _mm256_setzero_si256();
-            int msum = 0;
             for (int j = 0; j < 8; j++) {
                 const __m256i s = _mm256_loadu_si256((const __m256i *)(ab->qs + 32 * j));
-                sum = _mm256_add_epi32(sum, dot_u8_scaled(u[j], s, sc[j], sc[j]));
-                msum += mn[j] * (ab->bsums[2 * j] + ab->bsums[2 * j + 1]);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u[j], s), _mm256_set1_epi16(sm[j])));
             }
+            const __m256i msum = _mm256_madd_epi16(minimums, _mm256_loadu_si256((const __m256i *)ab->bsums));
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * ab->d), acc[c]);
-            mins[c] += dmin * ab->d * (float)msum;
+            acc[c] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin * ab->d), acc[c]);
         }
     }
-    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]) - mins[c];
+    for (int c = 0; c < C; c++) out[c] = hsum(acc[c]);
 }
 
 /* One Q6_K row against C activation rows (block_q8_K): 6-bit values u in 0..63 (w = d * scale * (u - 32)), 16

@@ -413,6 +413,20 @@ def test_loadtest_level_against_a_tiny_server(served):
     )
     assert sampled["failures"] == 0 and 1 <= sampled["completion_tokens"] <= 4
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
+    pasted = run_level(
+        served.url + "/v1", "tiny-llama", clients=1, requests=1, tokens=4, deadline_s=60, api_key=KEY, paste_words=60
+    )
+    assert pasted["failures"] == 0 and 1 <= pasted["completion_tokens"] <= 4
+
+
+def test_loadtest_paste_puts_prose_before_each_clients_request():
+    """--paste-words: each client's request after that many words of the shipped prose, from its own place."""
+    from streamchat.evaluate.loadtest import PROMPTS, prompt_for
+
+    assert prompt_for(2) == PROMPTS[2]
+    first, second = prompt_for(0, 120), prompt_for(1, 120)
+    assert first.endswith("\n\n" + PROMPTS[0]) and second.endswith("\n\n" + PROMPTS[1])
+    assert len(first.split("\n\n")[0].split()) == 120 and first.split()[:5] != second.split()[:5]
 
 
 def test_ui_tabs_reply_through_the_engine(tiny):

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,21 @@ PROMPTS = [
 ]
 
 
+PASTE = Path(__file__).resolve().parents[1] / "data" / "frankenstein-opening.txt"  # ~5,000 tokens of prose
+
+
+def prompt_for(index: int, paste_words: int = 0) -> str:
+    """Client `index`'s request: one of PROMPTS, after `paste_words` words of the shipped Frankenstein opening
+    (each client from its own place) when asked, so that its reply decodes at a full cache as a chat about a long
+    paste does."""
+    prompt = PROMPTS[index % len(PROMPTS)]
+    if paste_words <= 0:
+        return prompt
+    words = PASTE.read_text(encoding="utf-8").split()
+    start = (index * 97) % max(len(words) - paste_words, 1)
+    return " ".join(words[start : start + paste_words]) + "\n\n" + prompt
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -60,6 +76,7 @@ def run_level(
     deadline_s: float,
     api_key: str = "loadtest",
     temperature: float = 0.0,
+    paste_words: int = 0,
 ) -> dict[str, Any]:
     """One load level: `clients` client processes (`loadtest_client`), each `requests` streamed turns in one
     conversation at `temperature` (0: greedy), started together once all have imported the openai package. Also
@@ -80,7 +97,7 @@ def run_level(
                 "base_url": base_url,
                 "model": model,
                 "api_key": api_key,
-                "prompt": PROMPTS[index % len(PROMPTS)],
+                "prompt": prompt_for(index, paste_words),
                 "requests": requests,
                 "tokens": tokens,
                 "temperature": temperature,
@@ -217,6 +234,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=2, help="streamed turns per client per level (default 2)")
     parser.add_argument("--tokens", type=int, default=96, help="max_tokens of each request (default 96)")
     parser.add_argument(
+        "--paste-words",
+        type=int,
+        default=0,
+        metavar="N",
+        help="put N words of prose before each client's first request (e.g. 800: about 1,000 tokens, so replies "
+        "decode at a full cache, as `speed` measures; default 0)",
+    )
+    parser.add_argument(
         "--request-temperature",
         type=float,
         default=0.0,
@@ -325,10 +350,11 @@ def main(args: argparse.Namespace) -> int:
         or not 1 <= args.tokens <= 4096
         or args.level_timeout <= 0
         or not 1 <= args.repeat <= 10
+        or not 0 <= args.paste_words <= 4000
     ):
         print(
             "streamchat loadtest: --clients 1-64, --requests 1-100, --tokens 1-4096, --repeat 1-10, "
-            "--level-timeout above 0",
+            "--paste-words 0-4000, --level-timeout above 0",
             file=sys.stderr,
         )
         return 2
@@ -368,6 +394,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"streamchat loadtest: {error}", file=sys.stderr)
         return 1
     info["model"], info["request_temperature"] = model, args.request_temperature
+    info["paste_words"] = args.paste_words
     try:
         run_level(base, model, 1, 1, 8, args.level_timeout)  # warm-up: weights prepared, first cache made
         for repeat in range(args.repeat):
@@ -384,6 +411,7 @@ def main(args: argparse.Namespace) -> int:
                         args.tokens,
                         args.level_timeout,
                         temperature=args.request_temperature,
+                        paste_words=args.paste_words,
                     ),
                 }
                 # CPU seconds per generated token: the server's, and the clients' (they share the cores)
