@@ -11,7 +11,7 @@
  * 3. sc_attention / sc_attention_many: one query per sequence over a cache of keys and values (fp32 or fp16),
  *    grouped-query heads.
  * 4. sc_decode: a whole decode step (or prefill chunk) of a Llama-layout model for B rows, no Python between layers.
- * 5. sc_compact: sink_window's eviction, the kept run moved down and its keys re-rotated (also up: the window
+ * 5. sc_compact_layers: sink_window's eviction, the kept run moved down and its keys re-rotated (also up: the window
  *    making room for conversation memory's recalled region).
  * 6. sc_greedy / sc_sample: the next token from the logits, as transformers' logits processors choose it.
  *
@@ -1160,11 +1160,6 @@ int sc_compact_layers(const sc_cache_layer *layers, int n_layers, int half, int 
     return 0;
 }
 
-int sc_compact(void *keys, void *raw_keys, void *values, int64_t *origins, int half, int kv_heads, int capacity,
-               int D, int src, int dst, int count, const float *cos, const float *sin) {
-    const sc_cache_layer layer = {keys, raw_keys, values, origins};
-    return sc_compact_layers(&layer, 1, half, kv_heads, capacity, D, src, dst, count, cos, sin);
-}
 
 /* ---------------------------------------------------------------------------------------------------------------
  * Sampling the next token: transformers' logits processors as ChatSession applies them (session.py), one pass per

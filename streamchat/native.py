@@ -75,7 +75,6 @@ SIGNATURES = {
     "sc_q8_matmul": "piippip",
     "sc_attention": "pppiliiiifp",
     "sc_decode": "iipiiiiiffpppppppippiippp",
-    "sc_compact": "ppppiiiiiiipp",
     "sc_compact_layers": "piiiiiiiipp",
     "sc_greedy": "piipifp",
     "sc_sample": "piipiffifpp",
@@ -242,7 +241,7 @@ def active() -> str | None:
 
 
 def _compactable(layer) -> bool:
-    """Whether sc_compact takes this `BoundedLayer`: batch 1, fp32/fp16 CPU buffers, contiguous, an fp32 RoPE table."""
+    """Whether sc_compact_layers takes this `BoundedLayer`: batch 1, fp32/fp16 CPU buffers, contiguous, an fp32 RoPE table."""
     buffers = (layer.keys, layer.raw_keys, layer.values, layer.origins)
     return (
         layer.keys.shape[0] == 1
@@ -292,31 +291,10 @@ def compact_layers(layers: list, src: int, dst: int, count: int) -> bool:
 
 def compact(layer, src: int, dst: int, count: int) -> bool:
     """Move places src..src+count-1 of a `BoundedLayer` (batch 1, fp32/fp16 buffers on the CPU) to dst.. (down, as an
-    eviction compacts, or up; the runs may overlap), keys
-    re-rotated at their new places (kernels.c `sc_compact`). Returns False, having done nothing, where the kernel
-    does not apply (no kernels, another layout or dtype); the caller then compacts with torch."""
-    lib = library()
-    if lib is None or not _compactable(layer):
-        return False
-    cos, sin = layer.rope.cos, layer.rope.sin
-    _, heads, capacity, dim = layer.keys.shape
-    use_threads()
-    status = lib.sc_compact(
-        layer.keys.data_ptr(),
-        layer.raw_keys.data_ptr(),
-        layer.values.data_ptr(),
-        layer.origins.data_ptr(),
-        int(layer.keys.dtype == torch.float16),
-        heads,
-        capacity,
-        dim,
-        src,
-        dst,
-        count,
-        cos.data_ptr(),
-        sin.data_ptr(),
-    )
-    return status == 0
+    eviction compacts, or up; the runs may overlap), keys re-rotated at their new places (`compact_layers` for one
+    layer). Returns False, having done nothing, where the kernel does not apply (no kernels, another layout or
+    dtype); the caller then compacts with torch."""
+    return compact_layers([layer], src, dst, count)
 
 
 Q4X8, Q8X8 = 100, 101  # kernels.c's own layouts (pack_q4, pack_q8) beside ggml's type numbers (ggml_blocks.py)
