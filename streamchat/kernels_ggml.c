@@ -737,7 +737,7 @@ int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
 #define KX8_AHEAD 2
 #define PREFETCH_SPREAD1(next, s, bytes)                                                                    \
     do { /* a constant count of lines (unrolled): every line of the eighth, wherever it starts */          \
-        for (int k_ = 0; k_ < ((bytes) / 8 + 127) / 64; k_++)                                              \
+        for (int k_ = 0; k_ < (int)(((bytes) / 8 + 127) / 64); k_++)                                       \
             _mm_prefetch((next) + (size_t)(s) * ((bytes) / 8) + 64 * k_, _MM_HINT_T0);                     \
     } while (0)
 #define PREFETCH_SPREAD(next0, next1, s, bytes)                                                             \
