@@ -746,9 +746,6 @@ int sc_block_q4_Kx8_bytes(void) { return (int)sizeof(block_q4_Kx8); }
         PREFETCH_SPREAD1(next1, s, bytes);                                                                 \
     } while (0)
 
-/* GCC otherwise computes all of a sub-block's products before summing any and spills them (16 registers). */
-#define KEEP_IN_REGISTER(v) (void)0
-
 /* Lane r (int32) of two 8-byte rows p and q: the int16 pair (p[r], q[r]), sign-extended; with p == q the
  * multiplier of vpmaddwd that scales a lane's two int16 sums by p[r]. */
 static inline __m256i pairs16(const void *p, const void *q) {
