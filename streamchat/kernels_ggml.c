@@ -234,8 +234,7 @@ static void quantize_q8_K(const float *x, block_q8_K *y, int K) {
                 q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * j + 8 * i), scale));
                 q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], top), bottom);
             }
-            __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* element order */
+            const __m256i p8 = packs_in_order(q);
             _mm256_storeu_si256((__m256i *)(y[b].qs + 32 * j), p8);
             /* the two 16-value sums: each 128-bit lane holds one group's bytes */
             __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, p8), ones16);
@@ -758,7 +757,6 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
                                  float *out, size_t ostride) {
     __m256 acc[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q4_Kx8 *block = w + b;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)block->d));
@@ -769,11 +767,7 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
         for (int s = 0; s < 8; s++) {
             PREFETCH_SPREAD1(next, s, sizeof(block_q4_Kx8));
             __m256i wg[8];
-            for (int j = 0; j < 4; j++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[s][j]);
-                wg[j] = _mm256_and_si256(raw, low);
-                wg[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-            }
+            q4x8_nibbles(block->qs[s], wg);
             const __m256 scale = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)block->scales[s])));
             const __m256 minimum = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)block->mins[s])));
             for (int c = 0; c < C; c++) {
@@ -801,7 +795,6 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
                                  float *out, size_t ostride) {
     __m256 acc[MAX_C];
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const block_q4_Kx8 *block = w + b;
         __m256i sums[MAX_C];
@@ -810,11 +803,7 @@ ALWAYS_INLINE_G void q4_Kx8_rows(const block_q4_Kx8 *w, int nb, const block_q8_K
         for (int s = 0; s < 8; s++) {
             PREFETCH_SPREAD1(next, s, sizeof(block_q4_Kx8));
             __m256i wg[8]; /* chunk j's low nibbles (inputs 4j..) and high ones (16 + 4j..): group_dot's order */
-            for (int j = 0; j < 4; j++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)block->qs[s][j]);
-                wg[j] = _mm256_and_si256(raw, low);
-                wg[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-            }
+            q4x8_nibbles(block->qs[s], wg);
             const __m256i scale = pairs16(block->scales[s], block->scales[s]);
             for (int c = 0; c < C; c++) {
                 const int8_t *aq = a[c * stride + b].qs + 32 * s;

@@ -267,14 +267,10 @@ def compact_layers(layers: list, src: int, dst: int, count: int) -> bool:
         for layer in layers
     ):
         return False
-    array = (CacheLayer * len(layers))()
-    for structure, layer in zip(array, layers):
-        structure.keys, structure.raw_keys = layer.keys.data_ptr(), layer.raw_keys.data_ptr()
-        structure.values, structure.origins = layer.values.data_ptr(), layer.origins.data_ptr()
     _, heads, capacity, dim = first.keys.shape
     use_threads()
     status = lib.sc_compact_layers(
-        array,
+        cache_layers(layers),
         len(layers),
         int(first.keys.dtype == torch.float16),
         heads,
@@ -333,6 +329,15 @@ class CacheLayer(ctypes.Structure):
     """kernels.c's `sc_cache_layer`: one layer's cache buffers of one sequence (addresses)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("keys", "raw_keys", "values", "origins")]
+
+
+def cache_layers(layers: list) -> ctypes.Array:
+    """`BoundedLayer`s' buffers (contiguous, on the CPU: the caller checks) as an array of `CacheLayer`."""
+    array = (CacheLayer * len(layers))()
+    for structure, layer in zip(array, layers):
+        structure.keys, structure.raw_keys = layer.keys.data_ptr(), layer.raw_keys.data_ptr()
+        structure.values, structure.origins = layer.values.data_ptr(), layer.origins.data_ptr()
+    return array
 
 
 def unavailable_reason() -> str | None:

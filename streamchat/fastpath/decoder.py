@@ -420,12 +420,11 @@ def _cache_pointers(cache: BoundedCache):
     found = _POINTERS.get(cache)
     if found is not None and found[0] == key:
         return found[1]
-    array = (native.CacheLayer * len(cache.layers))()
-    for structure, layer in zip(array, cache.layers):
+    for layer in cache.layers:
         buffers = (layer.keys, layer.raw_keys, layer.values, layer.origins)
         if not all(tensor.is_contiguous() and tensor.device.type == "cpu" for tensor in buffers):
             raise RuntimeError("the native decode step needs contiguous CPU cache buffers")
-        structure.keys, structure.raw_keys, structure.values, structure.origins = (t.data_ptr() for t in buffers)
+    array = native.cache_layers(cache.layers)
     _POINTERS[cache] = (key, array)
     return array
 
